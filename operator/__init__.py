@@ -1,0 +1,1 @@
+"""modeldeploy operator: ModelDeployment spec, rendering, status and the kopf handlers."""

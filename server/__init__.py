@@ -1,0 +1,1 @@
+"""modeldeploy inference server and router (data plane)."""

@@ -1,0 +1,91 @@
+"""Names and labels of the objects a ModelDeployment owns: one place, so render, prune and the
+child watch always agree on them."""
+
+from __future__ import annotations
+
+FIELD_MANAGER = "modeldeploy-operator"
+PART_OF = "modeldeploy"
+
+# Labels on every object the operator owns; prune and the child watch select on the first two.
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MODEL_DEPLOYMENT = "modeldeploy.dev/model-deployment"
+INSTANCE = "app.kubernetes.io/instance"
+NAME = "app.kubernetes.io/name"
+COMPONENT = "app.kubernetes.io/component"
+PART_OF_LABEL = "app.kubernetes.io/part-of"
+VARIANT = "modeldeploy.dev/variant"
+MODEL_DIGEST = "modeldeploy.dev/model-digest"
+
+COMPONENT_VARIANT = "variant"
+COMPONENT_ROUTER = "router"
+
+# Users may add pod labels (spec.pod.labels) but not ones the selectors and prune rely on.
+RESERVED_LABELS = frozenset(
+    {MANAGED_BY, MODEL_DEPLOYMENT, INSTANCE, NAME, COMPONENT, PART_OF_LABEL, VARIANT, MODEL_DIGEST}
+)
+
+MAX_NAME_LENGTH = 63  # DNS-1035 label, the limit for Service names
+SERVER_PORT = 8080
+ROUTER_SERVICE_PORT = 80
+ROUTES_KEY = "routes.json"
+ROUTES_DIR = "/etc/modeldeploy"
+
+
+def variant_object_name(md_name: str, variant: str) -> str:
+    """Deployment, Service, PodDisruptionBudget and HPA of one variant."""
+    return f"{md_name}-{variant}"
+
+
+def router_object_name(md_name: str) -> str:
+    """The router's Deployment and Service, and the HTTPRoute: the ModelDeployment's own name."""
+    return md_name
+
+
+def routes_config_map_name(md_name: str) -> str:
+    return f"{md_name}-routes"
+
+
+def variant_service_url(md_name: str, variant: str, namespace: str) -> str:
+    return f"http://{variant_object_name(md_name, variant)}.{namespace}.svc:{SERVER_PORT}"
+
+
+def router_url(md_name: str, namespace: str) -> str:
+    return f"http://{router_object_name(md_name)}.{namespace}.svc"
+
+
+def owned_selector(md_name: str) -> str:
+    """Label selector for everything this operator owns for one ModelDeployment."""
+    return f"{MANAGED_BY}={FIELD_MANAGER},{MODEL_DEPLOYMENT}={md_name}"
+
+
+def common_labels(md_name: str, component: str) -> dict[str, str]:
+    return {
+        NAME: "modeldeploy-server",
+        INSTANCE: md_name,
+        COMPONENT: component,
+        PART_OF_LABEL: PART_OF,
+        MANAGED_BY: FIELD_MANAGER,
+        MODEL_DEPLOYMENT: md_name,
+    }
+
+
+def variant_selector(md_name: str, variant: str) -> dict[str, str]:
+    """Immutable Deployment selector of a variant (never includes the model digest)."""
+    return {MODEL_DEPLOYMENT: md_name, COMPONENT: COMPONENT_VARIANT, VARIANT: variant}
+
+
+def router_selector(md_name: str) -> dict[str, str]:
+    return {MODEL_DEPLOYMENT: md_name, COMPONENT: COMPONENT_ROUTER}
+
+
+def variant_labels(md_name: str, variant: str, sha256: str) -> dict[str, str]:
+    return {
+        **common_labels(md_name, COMPONENT_VARIANT),
+        VARIANT: variant,
+        MODEL_DIGEST: model_digest_label(sha256),
+    }
+
+
+def model_digest_label(sha256: str) -> str:
+    """A label value holds at most 63 characters; 63 hex digits still identify the model."""
+    return sha256[:63]

@@ -1,0 +1,428 @@
+"""Every object a ModelDeployment wants, as plain dicts: the one rendering path, shared by the
+operator and `modeldeploy render`.
+
+Rendering is deterministic (same input, same dicts, same order) so that server-side apply of an
+unchanged ModelDeployment is a no-op: no new generation, no pod restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Collection
+from typing import Any
+
+from modeldeploy_operator import naming
+from modeldeploy_operator.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    ModelDeployment,
+    ServerSettings,
+    Variant,
+)
+from modeldeploy_operator.traffic import compute_effective_weights
+
+Manifest = dict[str, Any]
+
+MODEL_DIR = "/models"
+MODEL_PATH = f"{MODEL_DIR}/model.onnx"
+MODEL_SOURCE_DIR = "/model-source"
+ROUTER_REPLICAS = 2
+# The server image runs as this numeric user; numeric so `runAsNonRoot` can be verified.
+RUN_AS_USER = 65532
+ROUTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+
+# ServerSettings field -> `modeldeploy-server serve` env var, in rendering order.
+SERVER_ENV: tuple[tuple[str, str], ...] = (
+    ("max_batch_size", "MODELDEPLOY_MAX_BATCH_SIZE"),
+    ("max_batch_delay_ms", "MODELDEPLOY_MAX_BATCH_DELAY_MS"),
+    ("intra_op_threads", "MODELDEPLOY_INTRA_OP_THREADS"),
+    ("max_request_bytes", "MODELDEPLOY_MAX_REQUEST_BYTES"),
+    ("max_rows", "MODELDEPLOY_MAX_ROWS"),
+    ("request_timeout_seconds", "MODELDEPLOY_REQUEST_TIMEOUT_S"),
+)
+
+
+def render_objects(
+    md: ModelDeployment, *, server_image: str, ready_variants: Collection[str] | None = None
+) -> list[Manifest]:
+    """All desired objects, variant by variant, then routing.
+
+    `ready_variants` are the variants observed Ready; traffic goes only to them. None (offline
+    rendering, no cluster to observe) renders the spec's split as if every variant were Ready.
+    """
+    image = md.pod.image or server_image
+    objects: list[Manifest] = []
+    for variant in md.variants:
+        objects.append(render_variant_deployment(md, variant, image))
+        objects.append(
+            _service(
+                md,
+                naming.variant_object_name(md.name, variant.name),
+                naming.variant_selector(md.name, variant.name),
+                naming.variant_labels(md.name, variant.name, variant.model.sha256),
+                naming.SERVER_PORT,
+            )
+        )
+        if variant.min_replicas > 1:
+            objects.append(
+                _pod_disruption_budget(
+                    md,
+                    naming.variant_object_name(md.name, variant.name),
+                    naming.variant_selector(md.name, variant.name),
+                    naming.variant_labels(md.name, variant.name, variant.model.sha256),
+                )
+            )
+        if variant.autoscaling is not None:
+            objects.append(_horizontal_pod_autoscaler(md, variant))
+    ready = [v.name for v in md.variants] if ready_variants is None else ready_variants
+    weights = compute_effective_weights(md.spec_weights, ready)
+    if md.routing.mode == "router":
+        objects.extend(_router_objects(md, image, weights))
+    elif md.routing.mode == "gateway":
+        objects.append(_http_route(md, weights))
+    return objects
+
+
+def render_routes_config(md: ModelDeployment, weights: dict[str, int]) -> dict[str, Any]:
+    """The router's routes.json (the contract in the team brief), with effective weights."""
+    return {
+        "model": md.name,
+        "headerOverride": md.routing.header_override,
+        "variants": [
+            {
+                "name": v.name,
+                "url": naming.variant_service_url(md.name, v.name, md.namespace),
+                "weight": weights[v.name],
+            }
+            for v in md.variants
+        ],
+    }
+
+
+def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str) -> Manifest:
+    labels = naming.variant_labels(md.name, variant.name, variant.model.sha256)
+    volumes: list[Manifest] = [
+        {"name": "models", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    fetch_mounts: list[Manifest] = [
+        {"name": "models", "mountPath": MODEL_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    source = variant.model.uri
+    if variant.model.scheme == "pvc":
+        claim, path = variant.model.pvc_claim_and_path
+        claim_source = {"claimName": claim, "readOnly": True}
+        volumes.append({"name": "model-source", "persistentVolumeClaim": claim_source})
+        fetch_mounts.append(
+            {"name": "model-source", "mountPath": MODEL_SOURCE_DIR, "readOnly": True}
+        )
+        source = f"{MODEL_SOURCE_DIR}/{path}"
+    fetch = {
+        "name": "fetch-model",
+        "image": image,
+        "command": ["modeldeploy-server"],
+        "args": ["fetch", source, MODEL_PATH, "--sha256", variant.model.sha256],
+        # Same resources as the server: a pod's request is the max of init and main, so this
+        # costs nothing extra and satisfies quotas that demand limits on every container.
+        **({"resources": copy.deepcopy(variant.resources)} if variant.resources else {}),
+        "securityContext": _container_security_context(),
+        "volumeMounts": fetch_mounts,
+    }
+    server = {
+        "name": "server",
+        "image": image,
+        "command": ["modeldeploy-server"],
+        "args": ["serve"],
+        "env": _server_env(md, variant),
+        "ports": [{"name": "http", "containerPort": naming.SERVER_PORT, "protocol": "TCP"}],
+        **_probes(),
+        **({"resources": copy.deepcopy(variant.resources)} if variant.resources else {}),
+        "securityContext": _container_security_context(),
+        "volumeMounts": [
+            {"name": "models", "mountPath": MODEL_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    spec: Manifest = {}
+    if variant.autoscaling is None:
+        # With autoscaling the HPA owns `replicas`; leaving it out means we never fight it.
+        spec["replicas"] = variant.replicas
+    spec["selector"] = {"matchLabels": naming.variant_selector(md.name, variant.name)}
+    spec["template"] = {
+        "metadata": {
+            "labels": {**(md.pod.labels or {}), **labels},
+            "annotations": _pod_annotations(md),
+        },
+        "spec": _pod_spec(md, init_containers=[fetch], containers=[server], volumes=volumes),
+    }
+    return _object(
+        md, "apps/v1", "Deployment", naming.variant_object_name(md.name, variant.name), labels, spec
+    )
+
+
+def _server_env(md: ModelDeployment, variant: Variant) -> list[Manifest]:
+    env = [
+        ("MODELDEPLOY_MODEL_PATH", MODEL_PATH),
+        ("MODELDEPLOY_MODEL_NAME", md.name),
+        ("MODELDEPLOY_MODEL_VERSION", variant.name),
+        ("MODELDEPLOY_MODEL_SHA256", variant.model.sha256),
+        ("MODELDEPLOY_HOST", "0.0.0.0"),
+        ("MODELDEPLOY_PORT", str(naming.SERVER_PORT)),
+    ]
+    env.extend(render_server_settings_env(variant.server).items())
+    return [{"name": name, "value": value} for name, value in env]
+
+
+def _env_value(value: float) -> str:
+    # 2.0 -> "2", 0.5 -> "0.5": the same text whether the spec said 2 or 2.0, so no churn.
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) -> list[Manifest]:
+    labels = naming.common_labels(md.name, naming.COMPONENT_ROUTER)
+    name = naming.router_object_name(md.name)
+    config_map_name = naming.routes_config_map_name(md.name)
+    config_map = _object(md, "v1", "ConfigMap", config_map_name, labels, None)
+    config_map["data"] = {
+        naming.ROUTES_KEY: json.dumps(render_routes_config(md, weights), indent=2) + "\n"
+    }
+    router = {
+        "name": "router",
+        "image": image,
+        "command": ["modeldeploy-server"],
+        "args": ["route", "--config", f"{naming.ROUTES_DIR}/{naming.ROUTES_KEY}"],
+        "ports": [{"name": "http", "containerPort": naming.SERVER_PORT, "protocol": "TCP"}],
+        **_probes(),
+        "resources": copy.deepcopy(ROUTER_RESOURCES),
+        "securityContext": _container_security_context(),
+        # A whole-directory ConfigMap mount (no subPath) is updated in place by the kubelet, and
+        # the router reloads it: weight changes never restart a pod, so no config-hash annotation.
+        "volumeMounts": [
+            {"name": "routes", "mountPath": naming.ROUTES_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    volumes = [
+        {"name": "routes", "configMap": {"name": naming.routes_config_map_name(md.name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    selector = naming.router_selector(md.name)
+    deployment_spec = {
+        "replicas": ROUTER_REPLICAS,
+        "selector": {"matchLabels": selector},
+        "template": {
+            "metadata": {
+                "labels": {**(md.pod.labels or {}), **labels},
+                "annotations": _pod_annotations(md),
+            },
+            "spec": _pod_spec(md, init_containers=[], containers=[router], volumes=volumes),
+        },
+    }
+    return [
+        config_map,
+        _object(md, "apps/v1", "Deployment", name, labels, deployment_spec),
+        _service(md, name, selector, labels, naming.ROUTER_SERVICE_PORT),
+        _pod_disruption_budget(md, name, selector, labels),
+    ]
+
+
+def _http_route(md: ModelDeployment, weights: dict[str, int]) -> Manifest:
+    gateway = md.routing.gateway
+    assert gateway is not None  # parse_model_deployment guarantees it in gateway mode
+
+    def path() -> Manifest:
+        return {"type": "PathPrefix", "value": gateway.path_prefix}
+
+    def backend(variant: Variant, weight: int) -> Manifest:
+        return {
+            "name": naming.variant_object_name(md.name, variant.name),
+            "port": naming.SERVER_PORT,
+            "weight": weight,
+        }
+
+    # A header match is more specific than a path-only match, so Gateway API precedence makes
+    # these pinning rules win over the weighted split; they work for weight-0 variants too.
+    pinned = [
+        {
+            "matches": [
+                {
+                    "path": path(),
+                    "headers": [
+                        {"type": "Exact", "name": md.routing.header_override, "value": v.name}
+                    ],
+                }
+            ],
+            "backendRefs": [backend(v, 1)],
+        }
+        for v in md.variants
+    ]
+    split = {
+        "matches": [{"path": path()}],
+        "backendRefs": [backend(v, weights[v.name]) for v in md.variants],
+    }
+    spec: Manifest = {"parentRefs": copy.deepcopy(list(gateway.parent_refs))}
+    if gateway.hostnames:
+        spec["hostnames"] = list(gateway.hostnames)
+    spec["rules"] = [*pinned, split]
+    labels = naming.common_labels(md.name, naming.COMPONENT_ROUTER)
+    return _object(
+        md,
+        "gateway.networking.k8s.io/v1",
+        "HTTPRoute",
+        naming.router_object_name(md.name),
+        labels,
+        spec,
+    )
+
+
+def _service(
+    md: ModelDeployment, name: str, selector: dict[str, str], labels: dict[str, str], port: int
+) -> Manifest:
+    spec = {
+        "type": "ClusterIP",
+        "selector": selector,
+        "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+    }
+    return _object(md, "v1", "Service", name, labels, spec)
+
+
+def _pod_disruption_budget(
+    md: ModelDeployment, name: str, selector: dict[str, str], labels: dict[str, str]
+) -> Manifest:
+    spec = {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    return _object(md, "policy/v1", "PodDisruptionBudget", name, labels, spec)
+
+
+def _horizontal_pod_autoscaler(md: ModelDeployment, variant: Variant) -> Manifest:
+    scaling = variant.autoscaling
+    assert scaling is not None
+    name = naming.variant_object_name(md.name, variant.name)
+    spec = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        "minReplicas": scaling.min_replicas,
+        "maxReplicas": scaling.max_replicas,
+        "metrics": [
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {
+                        "type": "Utilization",
+                        "averageUtilization": scaling.target_cpu_utilization_percentage,
+                    },
+                },
+            }
+        ],
+    }
+    labels = naming.variant_labels(md.name, variant.name, variant.model.sha256)
+    return _object(md, "autoscaling/v2", "HorizontalPodAutoscaler", name, labels, spec)
+
+
+def _pod_spec(
+    md: ModelDeployment,
+    *,
+    init_containers: list[Manifest],
+    containers: list[Manifest],
+    volumes: list[Manifest],
+) -> Manifest:
+    pod = md.pod
+    spec: Manifest = {}
+    if pod.service_account_name:
+        spec["serviceAccountName"] = pod.service_account_name
+    # Neither the server nor the router talks to the API server.
+    spec["automountServiceAccountToken"] = False
+    # Service links inject `<SERVICE>_PORT` variables; a Service named `modeldeploy` would
+    # otherwise collide with MODELDEPLOY_PORT.
+    spec["enableServiceLinks"] = False
+    spec["securityContext"] = {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if pod.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in pod.image_pull_secrets]
+    if pod.node_selector:
+        spec["nodeSelector"] = dict(pod.node_selector)
+    if pod.tolerations:
+        spec["tolerations"] = copy.deepcopy(list(pod.tolerations))
+    if pod.affinity:
+        spec["affinity"] = copy.deepcopy(pod.affinity)
+    if init_containers:
+        spec["initContainers"] = init_containers
+    spec["containers"] = containers
+    spec["volumes"] = volumes
+    return spec
+
+
+def _pod_annotations(md: ModelDeployment) -> dict[str, str]:
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(naming.SERVER_PORT),
+        "prometheus.io/path": "/metrics",
+        **(md.pod.annotations or {}),
+    }
+
+
+def _probes() -> Manifest:
+    def probe(path: str, period: int, failures: int) -> Manifest:
+        return {
+            "httpGet": {"path": path, "port": "http"},
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+            "failureThreshold": failures,
+        }
+
+    return {
+        # Loading a large model can take a while: the startup probe holds liveness off until then.
+        "startupProbe": probe("/v2/health/live", 2, 60),
+        "readinessProbe": probe("/v2/health/ready", 5, 3),
+        "livenessProbe": probe("/v2/health/live", 10, 3),
+    }
+
+
+def _container_security_context() -> Manifest:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _object(
+    md: ModelDeployment,
+    api_version: str,
+    kind: str,
+    name: str,
+    labels: dict[str, str],
+    spec: Manifest | None,
+) -> Manifest:
+    metadata: Manifest = {"name": name, "namespace": md.namespace, "labels": labels}
+    if md.uid is not None:
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": KIND,
+                "name": md.name,
+                "uid": md.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    obj: Manifest = {"apiVersion": api_version, "kind": kind, "metadata": metadata}
+    if spec is not None:
+        obj["spec"] = spec
+    return obj
+
+
+def render_server_settings_env(settings: ServerSettings) -> dict[str, str]:
+    """The `modeldeploy-server serve` env for a variant's `server:` settings (also local mode)."""
+    return {
+        var: _env_value(getattr(settings, field))
+        for field, var in SERVER_ENV
+        if getattr(settings, field) is not None
+    }

@@ -1,0 +1,331 @@
+"""The ModelDeployment spec as frozen data, parsed once from the custom resource's plain dict.
+
+The CRD's schema and CEL rules refuse most mistakes at admission; `parse_model_deployment` re-checks
+the few invariants the rest of the code relies on (so offline `modeldeploy render` is safe too) and
+the ones admission cannot see, such as names that would not fit the objects derived from them.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, cast
+
+from modeldeploy_operator.naming import MAX_NAME_LENGTH, RESERVED_LABELS, variant_object_name
+
+API_GROUP = "modeldeploy.dev"
+API_VERSION = "v1alpha1"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+
+DEFAULT_HEADER_OVERRIDE = "x-model-variant"
+DEFAULT_NAMESPACE = "default"
+URI_SCHEMES = ("https", "http", "file", "pvc")
+RoutingMode = Literal["router", "gateway", "none"]
+ROUTING_MODES: tuple[RoutingMode, ...] = ("router", "gateway", "none")
+
+# Kubernetes object names derived from the ModelDeployment: Services need DNS-1035 labels.
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+T = TypeVar("T")
+D = TypeVar("D")
+N = TypeVar("N", int, float)
+
+
+class InvalidSpecError(ValueError):
+    """A ModelDeployment that cannot be turned into objects; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    uri: str
+    sha256: str
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0]
+
+    @property
+    def pvc_claim_and_path(self) -> tuple[str, str]:
+        """`pvc://claim/dir/model.onnx` -> ("claim", "dir/model.onnx")."""
+        claim, _, path = self.uri.removeprefix("pvc://").partition("/")
+        return claim, path
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    min_replicas: int
+    max_replicas: int
+    target_cpu_utilization_percentage: int
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Optional `modeldeploy-server serve` settings; None leaves the server's own default."""
+
+    max_batch_size: int | None = None
+    max_batch_delay_ms: float | None = None
+    intra_op_threads: int | None = None
+    max_request_bytes: int | None = None
+    max_rows: int | None = None
+    request_timeout_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model: ModelSource
+    weight: int
+    replicas: int
+    autoscaling: Autoscaling | None
+    resources: Mapping[str, Any]
+    server: ServerSettings
+
+    @property
+    def min_replicas(self) -> int:
+        """The replica count the variant never goes below (what a PodDisruptionBudget protects)."""
+        return self.autoscaling.min_replicas if self.autoscaling else self.replicas
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    parent_refs: tuple[Mapping[str, Any], ...]
+    hostnames: tuple[str, ...]
+    path_prefix: str
+
+
+@dataclass(frozen=True)
+class Routing:
+    mode: RoutingMode
+    header_override: str
+    gateway: GatewaySettings | None
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    image: str | None = None
+    image_pull_secrets: tuple[str, ...] = ()
+    service_account_name: str | None = None
+    node_selector: Mapping[str, str] | None = None
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] | None = None
+    labels: Mapping[str, str] | None = None
+    annotations: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ModelDeployment:
+    name: str
+    namespace: str
+    uid: str | None  # None when rendered offline, before the object exists in a cluster
+    generation: int
+    variants: tuple[Variant, ...]
+    routing: Routing
+    pod: PodSettings
+
+    @property
+    def spec_weights(self) -> tuple[tuple[str, int], ...]:
+        return tuple((v.name, v.weight) for v in self.variants)
+
+
+def parse_model_deployment(obj: Mapping[str, Any]) -> ModelDeployment:
+    """Parse a ModelDeployment (a plain dict, as the API server stores it), applying defaults."""
+    obj = copy.deepcopy(dict(obj))  # the frozen result must not share mutable parts with the input
+    metadata = _optional(obj, "metadata", "", dict, {})
+    spec = _required(obj, "spec", "", dict)
+    name = _required(metadata, "name", "metadata", str)
+    if not _DNS1035_LABEL.match(name):
+        raise InvalidSpecError(
+            f"metadata.name: {name!r} must be a DNS-1035 label (lowercase letters, digits and '-', "
+            "starting with a letter) because it names the router Service"
+        )
+    raw_variants = _required(spec, "variants", "spec", list)
+    if not raw_variants:
+        raise InvalidSpecError("spec.variants: at least one variant is required")
+    variants = tuple(
+        _parse_variant(_as(raw, f"spec.variants[{i}]", dict), f"spec.variants[{i}]", name)
+        for i, raw in enumerate(raw_variants)
+    )
+    _check_variants(variants)
+    return ModelDeployment(
+        name=name,
+        namespace=_optional(metadata, "namespace", "metadata", str, DEFAULT_NAMESPACE),
+        uid=_optional(metadata, "uid", "metadata", str, None),
+        generation=_optional(metadata, "generation", "metadata", int, 1),
+        variants=variants,
+        routing=_parse_routing(_optional(spec, "routing", "spec", dict, {})),
+        pod=_parse_pod(_optional(spec, "pod", "spec", dict, {})),
+    )
+
+
+def _parse_variant(raw: Mapping[str, Any], path: str, md_name: str) -> Variant:
+    name = _required(raw, "name", path, str)
+    if not _DNS1035_LABEL.match(name):
+        raise InvalidSpecError(f"{path}.name: {name!r} must be a DNS-1035 label")
+    object_name = variant_object_name(md_name, name)
+    if len(object_name) > MAX_NAME_LENGTH:
+        raise InvalidSpecError(
+            f"{path}.name: the Service name {object_name!r} (<name>-<variant>) is "
+            f"{len(object_name)} characters; the limit is {MAX_NAME_LENGTH}"
+        )
+    model = _required(raw, "model", path, dict)
+    source = ModelSource(
+        uri=_required(model, "uri", f"{path}.model", str),
+        sha256=_required(model, "sha256", f"{path}.model", str),
+    )
+    _check_model(source, f"{path}.model")
+    weight = _required(raw, "weight", path, int)
+    if not 0 <= weight <= 100:
+        raise InvalidSpecError(f"{path}.weight: {weight} is outside 0..100")
+    replicas = _optional(raw, "replicas", path, int, 1)
+    if replicas < 0:
+        raise InvalidSpecError(f"{path}.replicas: {replicas} must not be negative")
+    return Variant(
+        name=name,
+        model=source,
+        weight=weight,
+        replicas=replicas,
+        autoscaling=_parse_autoscaling(raw, path),
+        resources=_optional(raw, "resources", path, dict, {}),
+        server=_parse_server(_optional(raw, "server", path, dict, {}), f"{path}.server"),
+    )
+
+
+def _check_model(model: ModelSource, path: str) -> None:
+    if not _SHA256.match(model.sha256):
+        raise InvalidSpecError(f"{path}.sha256: must be 64 lowercase hex characters")
+    if model.scheme not in URI_SCHEMES or "://" not in model.uri:
+        raise InvalidSpecError(
+            f"{path}.uri: {model.uri!r} must start with one of "
+            + ", ".join(f"{s}://" for s in URI_SCHEMES)
+        )
+    if model.scheme == "file" and not model.uri.startswith("file:///"):
+        raise InvalidSpecError(f"{path}.uri: a file:// URI needs an absolute path (file:///...)")
+    if model.scheme == "pvc":
+        claim, file_path = model.pvc_claim_and_path
+        if not _DNS1123_SUBDOMAIN.match(claim) or not file_path or file_path.endswith("/"):
+            raise InvalidSpecError(
+                f"{path}.uri: {model.uri!r} must be pvc://<claim>/<path to the model file>"
+            )
+        if ".." in file_path.split("/"):
+            raise InvalidSpecError(f"{path}.uri: the path inside the claim must not contain '..'")
+
+
+def _parse_autoscaling(raw: Mapping[str, Any], path: str) -> Autoscaling | None:
+    if raw.get("autoscaling") is None:
+        return None
+    scaling = _required(raw, "autoscaling", path, dict)
+    sub = f"{path}.autoscaling"
+    result = Autoscaling(
+        min_replicas=_optional(scaling, "minReplicas", sub, int, 1),
+        max_replicas=_required(scaling, "maxReplicas", sub, int),
+        target_cpu_utilization_percentage=_optional(
+            scaling, "targetCPUUtilizationPercentage", sub, int, 80
+        ),
+    )
+    if not 1 <= result.min_replicas <= result.max_replicas:
+        raise InvalidSpecError(f"{sub}: need 1 <= minReplicas <= maxReplicas")
+    return result
+
+
+def _parse_server(raw: Mapping[str, Any], path: str) -> ServerSettings:
+    return ServerSettings(
+        max_batch_size=_non_negative(raw, "maxBatchSize", path, int),
+        max_batch_delay_ms=_non_negative(raw, "maxBatchDelayMs", path, float),
+        intra_op_threads=_non_negative(raw, "intraOpThreads", path, int),
+        max_request_bytes=_non_negative(raw, "maxRequestBytes", path, int),
+        max_rows=_non_negative(raw, "maxRows", path, int),
+        request_timeout_seconds=_non_negative(raw, "requestTimeoutSeconds", path, float),
+    )
+
+
+def _non_negative(raw: Mapping[str, Any], key: str, path: str, kind: type[N]) -> N | None:
+    value = _optional(raw, key, path, kind, None)
+    if value is not None and value < 0:
+        raise InvalidSpecError(f"{path}.{key}: {value} must not be negative")
+    return value
+
+
+def _parse_routing(raw: Mapping[str, Any]) -> Routing:
+    mode = _optional(raw, "mode", "spec.routing", str, "router")
+    if mode not in ROUTING_MODES:
+        raise InvalidSpecError(f"spec.routing.mode: {mode!r} must be one of {ROUTING_MODES}")
+    header = _optional(raw, "headerOverride", "spec.routing", str, DEFAULT_HEADER_OVERRIDE)
+    if not _HEADER_NAME.match(header):
+        raise InvalidSpecError(f"spec.routing.headerOverride: {header!r} is not a header name")
+    gateway = None
+    if mode == "gateway":
+        raw_gateway = _optional(raw, "gateway", "spec.routing", dict, {})
+        sub = "spec.routing.gateway"
+        parent_refs = tuple(_optional(raw_gateway, "parentRefs", sub, list, ()))
+        if not parent_refs:
+            raise InvalidSpecError("spec.routing.gateway.parentRefs: gateway mode needs a Gateway")
+        gateway = GatewaySettings(
+            parent_refs=parent_refs,
+            hostnames=tuple(_optional(raw_gateway, "hostnames", sub, list, ())),
+            path_prefix=_optional(raw_gateway, "pathPrefix", sub, str, "/"),
+        )
+    return Routing(mode=mode, header_override=header.lower(), gateway=gateway)
+
+
+def _parse_pod(raw: Mapping[str, Any]) -> PodSettings:
+    path = "spec.pod"
+    labels = _optional(raw, "labels", path, dict, None)
+    reserved = sorted(set(labels or {}) & RESERVED_LABELS)
+    if reserved:
+        raise InvalidSpecError(f"{path}.labels: {reserved} are set by the operator itself")
+    return PodSettings(
+        image=_optional(raw, "image", path, str, None),
+        image_pull_secrets=tuple(
+            _required(_as(ref, f"{path}.imagePullSecrets[{i}]", dict), "name", path, str)
+            for i, ref in enumerate(_optional(raw, "imagePullSecrets", path, list, ()))
+        ),
+        service_account_name=_optional(raw, "serviceAccountName", path, str, None),
+        node_selector=_optional(raw, "nodeSelector", path, dict, None),
+        tolerations=tuple(_optional(raw, "tolerations", path, list, ())),
+        affinity=_optional(raw, "affinity", path, dict, None),
+        labels=labels,
+        annotations=_optional(raw, "annotations", path, dict, None),
+    )
+
+
+def _check_variants(variants: tuple[Variant, ...]) -> None:
+    names = [v.name for v in variants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidSpecError(f"spec.variants: duplicate variant names {duplicates}")
+    total = sum(v.weight for v in variants)
+    if total != 100:
+        raise InvalidSpecError(f"spec.variants[*].weight: weights sum to {total}, not 100")
+
+
+def _required(obj: Mapping[str, Any], key: str, path: str, kind: type[T]) -> T:
+    value = obj.get(key)
+    if value is None:
+        raise InvalidSpecError(f"{_join(path, key)}: required")
+    return _as(value, _join(path, key), kind)
+
+
+def _optional(obj: Mapping[str, Any], key: str, path: str, kind: type[T], default: D) -> T | D:
+    value = obj.get(key)
+    return default if value is None else _as(value, _join(path, key), kind)
+
+
+def _as(value: Any, path: str, kind: type[T]) -> T:
+    # bool is an int subclass in Python; a JSON `true` is never a valid count or weight.
+    if isinstance(value, bool) and kind is not bool:
+        raise InvalidSpecError(f"{path}: expected {kind.__name__}, got a boolean")
+    if kind is float and isinstance(value, int):
+        return cast(T, float(value))
+    if not isinstance(value, kind):
+        raise InvalidSpecError(f"{path}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

@@ -1,0 +1,190 @@
+"""The router's pure core: parse the routing config and pick the variant that serves a request.
+
+Imports no web framework and reads neither the environment nor the clock; the random number is
+passed in so that the weighted choice is deterministic under test.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_HEADER_OVERRIDE = "x-model-variant"
+TOTAL_WEIGHT = 100
+
+# Variant names become Kubernetes object names and model versions: DNS-1035 labels.
+_VARIANT_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+# An HTTP header name is an RFC 9110 token.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_CONFIG_KEYS = frozenset({"model", "headerOverride", "variants"})
+_VARIANT_KEYS = frozenset({"name", "url", "weight"})
+
+
+class ConfigError(ValueError):
+    """The routing config is not valid; the message names the offending field."""
+
+
+class RoutingError(Exception):
+    """A request cannot be routed; `status` is the HTTP status the edge answers with."""
+
+    status = 500
+
+
+class UnknownVariantError(RoutingError):
+    """The override header names a variant that the config does not have."""
+
+    status = 404
+
+
+class NoRoutableVariantError(RoutingError):
+    """Every weight is 0 and the request names no variant."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One backend: a variant's name, its base URL (no trailing slash) and its effective weight."""
+
+    name: str
+    url: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """A validated routing table; immutable so a reload swaps it whole."""
+
+    model: str
+    header_override: str
+    variants: tuple[Variant, ...]
+    _by_name: dict[str, Variant] = field(init=False, repr=False, compare=False)
+    # Cumulative weights of the variants with weight > 0, for a binary search per request.
+    _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _weighted: tuple[Variant, ...] = field(init=False, repr=False, compare=False)
+    _versions_prefix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        weighted = tuple(v for v in self.variants if v.weight > 0)
+        bounds: list[int] = []
+        for variant in weighted:
+            bounds.append((bounds[-1] if bounds else 0) + variant.weight)
+        object.__setattr__(self, "_by_name", {v.name: v for v in self.variants})
+        object.__setattr__(self, "_bounds", tuple(bounds))
+        object.__setattr__(self, "_weighted", weighted)
+        object.__setattr__(self, "_versions_prefix", f"/v2/models/{self.model}/versions/")
+
+    @property
+    def routable(self) -> bool:
+        """Whether a request without the override header can be served."""
+        return bool(self._weighted)
+
+    def pinned_variant(self, path: str, header_value: str | None) -> str | None:
+        """The variant a request names: the version in a v2 versioned path, else the header's value.
+
+        Every variant serves the model with its own name as version, so
+        `/v2/models/<model>/versions/<variant>/...` can only be answered by that variant.
+        """
+        if path.startswith(self._versions_prefix):
+            version = path[len(self._versions_prefix) :].partition("/")[0]
+            if version in self._by_name:
+                return version
+        return header_value
+
+    def choose(self, override: str | None, rand: float) -> Variant:
+        """Pick the variant for a request: the one the override names, else by weight.
+
+        `rand` is uniform in [0, 1); the override wins even over a weight of 0 (dark launch).
+        """
+        if override is not None:
+            variant = self._by_name.get(override)
+            if variant is None:
+                known = ", ".join(sorted(self._by_name))
+                raise UnknownVariantError(
+                    f"unknown variant {override!r} in header {self.header_override}; "
+                    f"known variants: {known}"
+                )
+            return variant
+        if not self._weighted:
+            raise NoRoutableVariantError(
+                f"no variant of model {self.model!r} has a share of traffic (all weights are 0); "
+                f"name one with header {self.header_override}"
+            )
+        index = bisect.bisect_right(self._bounds, rand * self._bounds[-1])
+        return self._weighted[min(index, len(self._weighted) - 1)]
+
+
+def parse_router_config(text: str | bytes) -> RouterConfig:
+    """Parse and validate the router's JSON config (the `routes.json` key of its ConfigMap)."""
+    try:
+        raw = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config is not valid JSON: {exc}") from None
+    obj = _expect_object(raw, "config")
+    _reject_unknown_keys(obj, _CONFIG_KEYS, "config")
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise ConfigError("model: must be a non-empty string")
+    header = obj.get("headerOverride", DEFAULT_HEADER_OVERRIDE)
+    if not isinstance(header, str) or not _HEADER_NAME.match(header):
+        raise ConfigError(f"headerOverride: {header!r} is not an HTTP header name")
+    raw_variants = obj.get("variants")
+    if not isinstance(raw_variants, list) or not raw_variants:
+        raise ConfigError("variants: must be a non-empty list")
+    variants = tuple(_parse_variant(item, f"variants[{i}]") for i, item in enumerate(raw_variants))
+    names = [v.name for v in variants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"variants: duplicate names {', '.join(duplicates)}")
+    total = sum(v.weight for v in variants)
+    if total not in (0, TOTAL_WEIGHT):
+        raise ConfigError(
+            f"variants: weights sum to {total}; they must sum to {TOTAL_WEIGHT} (or all be 0)"
+        )
+    # Lower case because ASGI servers hand over header names so.
+    return RouterConfig(model=model, header_override=header.lower(), variants=variants)
+
+
+def _parse_variant(item: Any, where: str) -> Variant:
+    obj = _expect_object(item, where)
+    _reject_unknown_keys(obj, _VARIANT_KEYS, where)
+    name = obj.get("name")
+    if not isinstance(name, str) or not _VARIANT_NAME.match(name):
+        raise ConfigError(f"{where}.name: {name!r} is not a DNS-1035 label")
+    url = obj.get("url")
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}.url: must be a string like http://host:8080")
+    _check_url(url, f"{where}.url")
+    weight = obj.get("weight")
+    # bool is an int subclass; `true` is not a weight.
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= TOTAL_WEIGHT:
+        raise ConfigError(f"{where}.weight: {weight!r} is not an integer in 0..{TOTAL_WEIGHT}")
+    return Variant(name=name, url=url.rstrip("/"), weight=weight)
+
+
+def _check_url(url: str, where: str) -> None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {url!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {url!r} must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or parts.username is not None or port == 0:
+        raise ConfigError(f"{where}: {url!r} must be scheme://host[:port][/path] only")
+
+
+def _expect_object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown_keys(obj: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")

@@ -1,0 +1,210 @@
+"""The router's pure core: config parsing, weighted choice, override and versioned-path pinning."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+from modeldeploy_server.routing import (
+    ConfigError,
+    NoRoutableVariantError,
+    RouterConfig,
+    UnknownVariantError,
+    Variant,
+    parse_router_config,
+)
+
+
+def config_json(**changes: Any) -> str:
+    """The brief's example config with top-level fields replaced."""
+    obj: dict[str, Any] = {
+        "model": "iris",
+        "headerOverride": "x-model-variant",
+        "variants": [
+            {"name": "v1", "url": "http://iris-v1.ns.svc:8080", "weight": 90},
+            {"name": "v2", "url": "http://iris-v2.ns.svc:8080", "weight": 10},
+        ],
+    }
+    obj.update(changes)
+    return json.dumps(obj)
+
+
+def variants_json(*weights: int) -> str:
+    """A config with one variant per weight, named v1, v2, ..."""
+    return config_json(
+        variants=[
+            {"name": f"v{i}", "url": f"http://127.0.0.1:{9000 + i}", "weight": w}
+            for i, w in enumerate(weights, start=1)
+        ]
+    )
+
+
+def test_parse_example_config() -> None:
+    config = parse_router_config(config_json())
+    assert config == RouterConfig(
+        model="iris",
+        header_override="x-model-variant",
+        variants=(
+            Variant("v1", "http://iris-v1.ns.svc:8080", 90),
+            Variant("v2", "http://iris-v2.ns.svc:8080", 10),
+        ),
+    )
+    assert config.routable
+
+
+def test_parse_defaults_and_normalises() -> None:
+    obj = json.loads(config_json())
+    del obj["headerOverride"]
+    obj["variants"][0]["url"] += "/"
+    config = parse_router_config(json.dumps(obj).encode())
+    assert config.header_override == "x-model-variant"
+    assert config.variants[0].url == "http://iris-v1.ns.svc:8080"
+    assert parse_router_config(config_json(headerOverride="X-Canary")).header_override == "x-canary"
+
+
+def test_all_weights_zero_is_valid_but_not_routable() -> None:
+    config = parse_router_config(variants_json(0, 0))
+    assert not config.routable
+
+
+def _variant(**changes: Any) -> str:
+    """A one-variant config with fields replaced; `...` removes a field."""
+    variant: dict[str, Any] = {"name": "v1", "url": "http://127.0.0.1:9001", "weight": 100}
+    variant.update(changes)
+    return config_json(variants=[{k: v for k, v in variant.items() if v is not ...}])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not valid JSON"),
+        ("{", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        ("[]", "config: must be a JSON object, got list"),
+        (config_json(model=""), "model: must be a non-empty string"),
+        (config_json(model=3), "model: must be a non-empty string"),
+        (config_json(headerOverride="x model"), "headerOverride: 'x model' is not an HTTP header"),
+        (config_json(headerOverride=""), "headerOverride: '' is not an HTTP header"),
+        (config_json(variants=[]), "variants: must be a non-empty list"),
+        (config_json(variants={"v1": 100}), "variants: must be a non-empty list"),
+        (config_json(variants=["v1"]), "variants[0]: must be a JSON object, got str"),
+        (config_json(weights=[90, 10]), "config: unknown field(s) weights"),
+        (_variant(port=8080), "variants[0]: unknown field(s) port"),
+        (_variant(name=...), "variants[0].name: None is not a DNS-1035 label"),
+        (_variant(name="V1"), "variants[0].name: 'V1' is not a DNS-1035 label"),
+        (_variant(name="1v"), "variants[0].name: '1v' is not a DNS-1035 label"),
+        (_variant(name="v1-"), "variants[0].name: 'v1-' is not a DNS-1035 label"),
+        (_variant(name="v" * 64), "is not a DNS-1035 label"),
+        (_variant(url=...), "variants[0].url: must be a string"),
+        (_variant(url="iris-v1:8080"), "must be an http:// or https:// URL with a host"),
+        (_variant(url="ftp://host"), "must be an http:// or https:// URL with a host"),
+        (_variant(url="http://"), "must be an http:// or https:// URL with a host"),
+        (_variant(url="http://host:99999"), "variants[0].url: 'http://host:99999' is not a valid"),
+        (_variant(url="http://host/?a=1"), "must be scheme://host[:port][/path] only"),
+        (_variant(url="http://u:p@host"), "must be scheme://host[:port][/path] only"),
+        (_variant(weight=...), "variants[0].weight: None is not an integer in 0..100"),
+        (_variant(weight=101), "variants[0].weight: 101 is not an integer in 0..100"),
+        (_variant(weight=-1), "variants[0].weight: -1 is not an integer in 0..100"),
+        (_variant(weight=99.5), "variants[0].weight: 99.5 is not an integer in 0..100"),
+        (_variant(weight=True), "variants[0].weight: True is not an integer in 0..100"),
+        (_variant(weight="100"), "variants[0].weight: '100' is not an integer in 0..100"),
+        (variants_json(90, 20), "variants: weights sum to 110; they must sum to 100"),
+        (variants_json(50), "variants: weights sum to 50; they must sum to 100"),
+        (
+            config_json(
+                variants=[
+                    {"name": "a", "url": "http://h:1", "weight": 50},
+                    {"name": "a", "url": "http://h:2", "weight": 50},
+                ]
+            ),
+            "variants: duplicate names a",
+        ),
+    ],
+)
+def test_invalid_config_is_rejected_naming_the_field(text: str | bytes, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_router_config(text)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("weights", "rand", "expected"),
+    [
+        ((90, 10), 0.0, "v1"),
+        ((90, 10), 0.8999, "v1"),
+        ((90, 10), 0.9, "v2"),
+        ((90, 10), 0.9999999, "v2"),
+        ((0, 100), 0.0, "v2"),
+        ((100, 0), 0.9999999, "v1"),
+        ((0, 50, 0, 50), 0.0, "v2"),
+        ((0, 50, 0, 50), 0.5, "v4"),
+        ((33, 33, 34), 0.33, "v2"),
+        ((33, 33, 34), 0.66, "v3"),
+    ],
+)
+def test_weighted_choice_follows_cumulative_weights(
+    weights: tuple[int, ...], rand: float, expected: str
+) -> None:
+    config = parse_router_config(variants_json(*weights))
+    assert config.choose(None, rand).name == expected
+
+
+@pytest.mark.parametrize("weights", [(90, 10), (1, 99), (0, 100), (25, 0, 25, 50), (100,)])
+def test_uniform_randoms_reproduce_weights_exactly(weights: tuple[int, ...]) -> None:
+    config = parse_router_config(variants_json(*weights))
+    # 10,000 evenly spaced randoms cover [0, 1) uniformly, so each variant's count is weight * 100.
+    counts = Counter(config.choose(None, (i + 0.5) / 10_000).name for i in range(10_000))
+    assert {f"v{i}": w * 100 for i, w in enumerate(weights, start=1) if w} == dict(counts)
+
+
+@pytest.mark.parametrize("weights", [(90, 10), (100, 0), (0, 100), (0, 0)])
+@pytest.mark.parametrize("name", ["v1", "v2"])
+def test_override_pins_any_known_variant_even_at_weight_zero(
+    weights: tuple[int, int], name: str
+) -> None:
+    config = parse_router_config(variants_json(*weights))
+    assert all(config.choose(name, rand).name == name for rand in (0.0, 0.5, 0.99))
+
+
+def test_unknown_override_names_the_variant_and_the_known_ones() -> None:
+    config = parse_router_config(variants_json(90, 10))
+    with pytest.raises(UnknownVariantError) as caught:
+        config.choose("v3", 0.5)
+    assert caught.value.status == 404
+    assert (
+        str(caught.value)
+        == "unknown variant 'v3' in header x-model-variant; known variants: v1, v2"
+    )
+
+
+def test_all_zero_without_override_is_unavailable() -> None:
+    config = parse_router_config(variants_json(0, 0))
+    with pytest.raises(NoRoutableVariantError) as caught:
+        config.choose(None, 0.5)
+    assert caught.value.status == 503
+    assert "all weights are 0" in str(caught.value)
+    assert "x-model-variant" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "header", "expected"),
+    [
+        ("/v2/models/iris/versions/v2/infer", None, "v2"),
+        ("/v2/models/iris/versions/v2", None, "v2"),
+        ("/v2/models/iris/versions/v1/infer", "v2", "v1"),  # the path names the only answerer
+        ("/v2/models/iris/versions/v9/infer", None, None),  # not ours: the server answers 404
+        ("/v2/models/iris/versions/v9/infer", "v2", "v2"),
+        ("/v2/models/other/versions/v2/infer", None, None),
+        ("/v2/models/iris/infer", None, None),
+        ("/v2/models/iris/infer", "v1", "v1"),
+        ("/v1/models/iris:predict", "v2", "v2"),
+        ("/v1/models/iris:predict", "nope", "nope"),  # choose() rejects it with a 404
+    ],
+)
+def test_pinned_variant_from_versioned_path_or_header(
+    path: str, header: str | None, expected: str | None
+) -> None:
+    config = parse_router_config(variants_json(90, 10))
+    assert config.pinned_variant(path, header) == expected

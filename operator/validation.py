@@ -1,0 +1,337 @@
+"""Offline validation of a ModelDeployment against the CRD's own schema and CEL rules.
+
+The apiserver is the authority; this module reproduces what it checks at admission from the very
+same file (crds/), so `modeldeploy validate` and `kubectl apply` refuse the same manifests and name
+the same fields: structural defaulting, the OpenAPI schema, list-map key uniqueness, then the
+`x-kubernetes-validations` rules evaluated with cel-python.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from importlib.resources import files
+from typing import Any, NamedTuple
+
+import celpy
+import jsonschema
+import re2  # type: ignore[import-untyped]  # google-re2: the regex dialect of the apiserver
+import yaml
+from celpy import celtypes
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
+
+API_VERSION = "modeldeploy.dev/v1alpha1"
+KIND = "ModelDeployment"
+CRD_FILE = "modeldeployments.modeldeploy.dev.yaml"
+
+Schema = Mapping[str, Any]
+PathPart = str | int
+
+# metadata.name of any custom resource must be a DNS-1123 subdomain (checked by the apiserver
+# before the CRD's own rules, which narrow it further).
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_FIELD_PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
+# The apiserver stops before CEL when a value has the wrong type, and says so in these words.
+_RULES_NOT_CHECKED = (
+    "some validation rules were not checked because the object was invalid; "
+    "correct the existing errors to complete validation"
+)
+
+
+class FieldError(NamedTuple):
+    """One validation error: the field path as the apiserver writes it, and what is wrong."""
+
+    field: str
+    message: str
+
+
+@functools.cache
+def load_crd() -> dict[str, Any]:
+    """The ModelDeployment CustomResourceDefinition shipped in the modeldeploy_crds package."""
+    text = files("modeldeploy_crds").joinpath(CRD_FILE).read_text(encoding="utf-8")
+    crd: dict[str, Any] = yaml.safe_load(text)
+    return crd
+
+
+def load_schema() -> dict[str, Any]:
+    """The openAPIV3Schema of the CRD's storage version."""
+    (version,) = [v for v in load_crd()["spec"]["versions"] if v["storage"]]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def default_model_deployment(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `obj` with the CRD's defaults filled in, as the apiserver stores it."""
+    defaulted = copy.deepcopy(dict(obj))
+    _apply_defaults(load_schema(), defaulted)
+    return defaulted
+
+
+def validate_model_deployment(obj: object) -> list[FieldError]:
+    """Every reason the apiserver would refuse `obj` as a ModelDeployment (empty when valid)."""
+    if not isinstance(obj, Mapping):
+        return [FieldError("<root>", "must be a mapping (a ModelDeployment object)")]
+    errors = [*_check_type_meta(obj), *_check_name(obj.get("metadata"))]
+    schema = load_schema()
+    defaulted = default_model_deployment(obj)
+    schema_errors = sorted(
+        _schema_errors(schema, defaulted), key=lambda e: [str(p) for p in e.absolute_path]
+    )
+    errors += [error for e in schema_errors for error in _describe(schema, e)]
+    errors += _duplicate_keys(schema, defaulted, [])
+    if any(e.validator == "type" for e in schema_errors):
+        errors.append(FieldError("<nil>", _RULES_NOT_CHECKED))
+    else:
+        errors += _rule_errors(schema, _cel_view(defaulted), [])
+    return errors
+
+
+def _check_type_meta(obj: Mapping[str, Any]) -> Iterator[FieldError]:
+    for field, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
+        if obj.get(field) != expected:
+            yield FieldError(field, f'Unsupported value: {_quote(obj.get(field))}: "{expected}"')
+
+
+def _check_name(metadata: object) -> Iterator[FieldError]:
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    if not isinstance(name, str) or not name:
+        yield FieldError("metadata.name", "Required value: name is required")
+    elif len(name) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(name):
+        yield FieldError(
+            "metadata.name",
+            f"Invalid value: {_quote(name)}: a lowercase RFC 1123 subdomain must consist of lower"
+            " case alphanumeric characters, '-' or '.', and must start and end with an"
+            " alphanumeric character",
+        )
+
+
+def _apply_defaults(schema: Schema, value: Any) -> None:
+    """Fill defaults top-down, then default inside what was filled in (structural defaulting)."""
+    if isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name not in value and "default" in sub:
+                value[name] = copy.deepcopy(sub["default"])
+            if name in value:
+                _apply_defaults(sub, value[name])
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, Mapping):
+            for name in value.keys() - schema.get("properties", {}).keys():
+                _apply_defaults(extra, value[name])
+    elif isinstance(value, list) and "items" in schema:
+        for item in value:
+            _apply_defaults(schema["items"], item)
+
+
+def _to_json_schema(schema: Schema, *, root: bool = False) -> dict[str, Any]:
+    """Translate the structural-schema dialect into plain JSON Schema (draft 7)."""
+    out = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if schema.get("x-kubernetes-int-or-string"):
+        out["type"] = ["integer", "string"]
+    if schema.get("nullable"):
+        out["type"] = [*_as_list(out.get("type", [])), "null"]
+    if "properties" in schema:
+        out["properties"] = {k: _to_json_schema(v) for k, v in schema["properties"].items()}
+        # Unknown fields are what `kubectl apply` (strict field validation) refuses.
+        if "additionalProperties" not in schema and not schema.get(
+            "x-kubernetes-preserve-unknown-fields"
+        ):
+            out["additionalProperties"] = False
+    if isinstance(schema.get("additionalProperties"), Mapping):
+        out["additionalProperties"] = _to_json_schema(schema["additionalProperties"])
+    if "items" in schema:
+        out["items"] = _to_json_schema(schema["items"])
+    if root:
+        out["$schema"] = "http://json-schema.org/draft-07/schema#"
+    return out
+
+
+def _as_list(value: object) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _re2_pattern(
+    validator: jsonschema.protocols.Validator, pattern: str, instance: object, schema: Schema
+) -> Iterator[jsonschema.ValidationError]:
+    if isinstance(instance, str) and not re2.search(pattern, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft7Validator, {"pattern": _re2_pattern}
+)
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    validator: jsonschema.protocols.Validator = _Validator(
+        _to_json_schema(load_schema(), root=True)
+    )
+    return validator
+
+
+def _schema_errors(schema: Schema, obj: Any) -> Iterator[jsonschema.ValidationError]:
+    # metadata belongs to the apiserver's ObjectMeta validation, not to the CRD schema.
+    body = {k: v for k, v in obj.items() if k != "metadata"}
+    return _validator().iter_errors(body)
+
+
+def _describe(schema: Schema, error: jsonschema.ValidationError) -> Iterator[FieldError]:
+    """Phrase a JSON Schema error the way the apiserver phrases the same violation."""
+    path = list(error.absolute_path)
+    value: Any = error.instance
+    limit: Any = error.validator_value
+    declared: Any = error.schema
+    if error.validator == "required":
+        for name in limit:
+            if name not in value:
+                yield FieldError(_format_path(schema, [*path, name]), "Required value")
+        return
+    if error.validator == "additionalProperties":
+        for name in sorted(value.keys() - declared.get("properties", {}).keys()):
+            yield FieldError(_format_path(schema, [*path, name]), "field not declared in schema")
+        return
+    message = _MESSAGES.get(str(error.validator), lambda v, lim: error.message)(value, limit)
+    yield FieldError(_format_path(schema, path), message)
+
+
+_MESSAGES: dict[str, Callable[[Any, Any], str]] = {
+    "type": lambda v, lim: (
+        f"Invalid value: {_quote(_json_type(v))}: must be of type {' or '.join(_as_list(lim))}"
+    ),
+    "enum": lambda v, lim: (
+        f"Unsupported value: {_quote(v)}: supported values: {', '.join(map(_quote, lim))}"
+    ),
+    "pattern": lambda v, lim: f"Invalid value: {_quote(v)}: should match '{lim}'",
+    "minimum": lambda v, lim: f"Invalid value: {v}: should be greater than or equal to {lim}",
+    "maximum": lambda v, lim: f"Invalid value: {v}: should be less than or equal to {lim}",
+    "minLength": lambda v, lim: f"Invalid value: {_quote(v)}: should be at least {lim} chars long",
+    "maxLength": lambda v, lim: f"Too long: may not be more than {lim} bytes",
+    "minItems": lambda v, lim: f"Invalid value: {len(v)}: should have at least {lim} items",
+    "maxItems": lambda v, lim: f"Too many: {len(v)}: must have at most {lim} items",
+    "maxProperties": lambda v, lim: f"Too many: {len(v)}: must have at most {lim} items",
+}
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
+    return "null" if value is None else names.get(type(value), "object")
+
+
+def _quote(value: object) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+def _format_path(schema: Schema, parts: Sequence[PathPart]) -> str:
+    """Render a path like the apiserver: `spec.variants[1].weight`, map keys as `[cpu]`."""
+    out = ""
+    node: Schema | None = schema
+    for part in parts:
+        properties = node.get("properties", {}) if node is not None else {}
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node.get("items") if node is not None else None
+        elif part in properties or node is None or not node.get("additionalProperties"):
+            out += f".{part}" if out else part
+            node = properties.get(part)
+        else:
+            out += f"[{part}]"
+            node = node["additionalProperties"]
+    return out
+
+
+def _children(schema: Schema, value: Any) -> Iterator[tuple[Schema, Any, PathPart]]:
+    """The present children of `value` with their schemas and path steps."""
+    if isinstance(value, Mapping):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, child in value.items():
+            if key in properties:
+                yield properties[key], child, key
+            elif isinstance(extra, Mapping):
+                yield extra, child, key
+    elif isinstance(value, list) and "items" in schema:
+        for index, child in enumerate(value):
+            yield schema["items"], child, index
+
+
+def _duplicate_keys(schema: Schema, value: Any, path: list[PathPart]) -> list[FieldError]:
+    """Items of an `x-kubernetes-list-type: map` list must differ in their key fields."""
+    errors: list[FieldError] = []
+    if schema.get("x-kubernetes-list-type") == "map" and isinstance(value, list):
+        keys = schema["x-kubernetes-list-map-keys"]
+        seen: set[str] = set()
+        for index, item in enumerate(value):
+            key = repr([item.get(k) for k in keys]) if isinstance(item, Mapping) else repr(item)
+            if key in seen:
+                fields = ", ".join(f"{k}={item.get(k)!r}" for k in keys)
+                errors.append(
+                    FieldError(
+                        _format_path(load_schema(), [*path, index]),
+                        f"Duplicate value: {{{fields}}}",
+                    )
+                )
+            seen.add(key)
+    for sub, child, step in _children(schema, value):
+        errors += _duplicate_keys(sub, child, [*path, step])
+    return errors
+
+
+def _cel_view(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The root as CEL rules see it: of metadata, only name and generateName."""
+    metadata = obj.get("metadata")
+    meta = metadata if isinstance(metadata, Mapping) else {}
+    return {
+        **obj,
+        "metadata": {k: meta[k] for k in ("name", "generateName") if k in meta},
+    }
+
+
+def _rule_errors(schema: Schema, value: Any, path: list[PathPart]) -> list[FieldError]:
+    """Evaluate every `x-kubernetes-validations` rule on every value present, top-down."""
+    errors: list[FieldError] = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        failure = _evaluate_rule(rule, value)
+        if failure is not None:
+            steps = _FIELD_PATH_STEP.findall(rule.get("fieldPath", ""))
+            errors.append(FieldError(_format_path(load_schema(), [*path, *steps]), failure))
+    for sub, child, step in _children(schema, value):
+        errors += _rule_errors(sub, child, [*path, step])
+    return errors
+
+
+def _evaluate_rule(rule: Mapping[str, str], value: Any) -> str | None:
+    """None when the rule holds, else the message the apiserver would give."""
+    activation = {"self": json_to_cel(value)}
+    try:
+        result = _program(rule["rule"]).evaluate(activation)
+    except CELEvalError as exc:
+        return f"Invalid value: {_quote(_json_type(value))}: evaluation error: {exc.args[0]}"
+    if isinstance(result, celtypes.BoolType) and bool(result):
+        return None
+    if "messageExpression" in rule:
+        return str(_program(rule["messageExpression"]).evaluate(activation))
+    return rule.get("message") or f"failed rule: {rule['rule']}"
+
+
+def _cel_sum(values: celtypes.ListType) -> Any:
+    total: Any = celtypes.IntType(0)
+    for value in values:
+        total = total + value
+    return total
+
+
+def _cel_max(values: celtypes.ListType) -> celtypes.Value:
+    return max(values)  # type: ignore[type-var]  # CEL values of one type are ordered
+
+
+# The apiserver's CEL has the Kubernetes list library; cel-python lacks these two of it.
+_KUBERNETES_LIST_FUNCTIONS: dict[str, Any] = {"sum": _cel_sum, "max": _cel_max}
+
+
+@functools.cache
+def _program(expression: str) -> celpy.Runner:
+    environment = celpy.Environment()
+    return environment.program(environment.compile(expression), _KUBERNETES_LIST_FUNCTIONS)

@@ -1,0 +1,358 @@
+"""ModelDeployments the API must refuse, each with the field the refusal must name.
+
+Shared by the admission tests (the real apiserver), the offline validator's tests and the
+`modeldeploy validate` tests, so all three are held to the same data and the same field paths.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Manifest = dict[str, Any]
+
+SHA_V1 = "3f4a8c2d9e1b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c"
+SHA_V2 = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9"
+
+
+def minimal_manifest(name: str = "iris") -> Manifest:
+    """The smallest valid ModelDeployment: one variant taking all the traffic."""
+    return {
+        "apiVersion": "modeldeploy.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "variants": [
+                {
+                    "name": "v1",
+                    "model": {"uri": "https://models.example.com/iris/v1.onnx", "sha256": SHA_V1},
+                    "weight": 100,
+                }
+            ]
+        },
+    }
+
+
+def full_manifest(name: str = "iris") -> Manifest:
+    """A valid ModelDeployment that sets every field a user can set."""
+    return {
+        "apiVersion": "modeldeploy.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "labels": {"team": "fraud"}},
+        "spec": {
+            "variants": [
+                {
+                    "name": "v1",
+                    "model": {"uri": "pvc://models/iris/v1.onnx", "sha256": SHA_V1},
+                    "weight": 90,
+                    "replicas": 2,
+                    "resources": {
+                        "requests": {"cpu": "500m", "memory": "256Mi"},
+                        "limits": {"cpu": 2, "memory": "1Gi"},
+                    },
+                    "server": {
+                        "maxBatchSize": 32,
+                        "maxBatchDelayMs": 2,
+                        "intraOpThreads": 1,
+                        "maxRequestBytes": 6291456,
+                        "maxRows": 10000,
+                        "requestTimeoutSeconds": 30,
+                    },
+                },
+                {
+                    "name": "v2",
+                    "model": {"uri": "file:///models/iris-v2.onnx", "sha256": SHA_V2},
+                    "weight": 10,
+                    "autoscaling": {
+                        "minReplicas": 1,
+                        "maxReplicas": 5,
+                        "targetCPUUtilizationPercentage": 70,
+                    },
+                    "resources": {"requests": {"cpu": "250m"}},
+                },
+                {
+                    "name": "v3-dark",
+                    "model": {"uri": "http://models.internal:8000/iris/v3.onnx", "sha256": SHA_V2},
+                    "weight": 0,
+                    "replicas": 0,
+                },
+            ],
+            "routing": {
+                "mode": "gateway",
+                "headerOverride": "x-iris-variant",
+                "gateway": {
+                    "parentRefs": [{"name": "public", "namespace": "infra", "sectionName": "http"}],
+                    "hostnames": ["models.example.com", "*.models.example.com"],
+                    "pathPrefix": "/iris",
+                },
+            },
+            "pod": {
+                "image": "registry.example.com/modeldeploy-server:1.2.3",
+                "imagePullSecrets": [{"name": "registry-credentials"}],
+                "serviceAccountName": "model-reader",
+                "nodeSelector": {"kubernetes.io/arch": "amd64"},
+                "tolerations": [
+                    {
+                        "key": "dedicated",
+                        "operator": "Equal",
+                        "value": "ml",
+                        "effect": "NoSchedule",
+                    },
+                    {"operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                ],
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {
+                                    "matchExpressions": [
+                                        {"key": "pool", "operator": "In", "values": ["ml"]}
+                                    ]
+                                }
+                            ]
+                        }
+                    }
+                },
+                "labels": {"team": "fraud", "cost-center": "c123"},
+                "annotations": {"example.com/owner": "fraud-team@example.com"},
+            },
+        },
+    }
+
+
+def two_variant_manifest(name: str = "iris") -> Manifest:
+    """A valid 90/10 canary; the base of most invalid cases below."""
+    manifest = minimal_manifest(name)
+    v1 = manifest["spec"]["variants"][0]
+    v1["weight"] = 90
+    v2 = copy.deepcopy(v1)
+    v2.update(name="v2", weight=10)
+    v2["model"].update(uri="https://models.example.com/iris/v2.onnx", sha256=SHA_V2)
+    manifest["spec"]["variants"].append(v2)
+    return manifest
+
+
+VALID_MANIFESTS: dict[str, Callable[[str], Manifest]] = {
+    "minimal": minimal_manifest,
+    "two-variants": two_variant_manifest,
+    "full": full_manifest,
+}
+
+
+@dataclass(frozen=True)
+class InvalidManifest:
+    """A manifest the API refuses, and the field path the refusal names."""
+
+    id: str
+    manifest: Manifest
+    field: str
+
+
+def _spec(m: Manifest) -> Any:
+    return m["spec"]
+
+
+def _variant(m: Manifest, index: int) -> Any:
+    return m["spec"]["variants"][index]
+
+
+def _long_names(m: Manifest) -> None:
+    # Each name is valid alone; "<40 chars>-<30 chars>" is too long for a Service name.
+    m["metadata"]["name"] = "a" * 40
+    _variant(m, 1)["name"] = "b" * 30
+
+
+def _case(id: str, field: str, change: Callable[[Manifest], object]) -> InvalidManifest:
+    manifest = two_variant_manifest()
+    change(manifest)
+    return InvalidManifest(id, manifest, field)
+
+
+INVALID_MANIFESTS: list[InvalidManifest] = [
+    _case("weights-sum-not-100", "spec.variants", lambda m: _variant(m, 1).update(weight=20)),
+    _case(
+        "weight-above-100", "spec.variants[0].weight", lambda m: _variant(m, 0).update(weight=101)
+    ),
+    _case(
+        "weight-negative", "spec.variants[1].weight", lambda m: _variant(m, 1).update(weight=-10)
+    ),
+    _case(
+        "weight-not-integer",
+        "spec.variants[0].weight",
+        lambda m: _variant(m, 0).update(weight="90%"),
+    ),
+    _case("weight-missing", "spec.variants[1].weight", lambda m: _variant(m, 1).pop("weight")),
+    _case("no-variants", "spec.variants", lambda m: _spec(m).update(variants=[])),
+    _case("variants-missing", "spec.variants", lambda m: _spec(m).pop("variants")),
+    _case("duplicate-variant-names", "spec.variants", lambda m: _variant(m, 1).update(name="v1")),
+    _case(
+        "variant-name-not-dns-label",
+        "spec.variants[1].name",
+        lambda m: _variant(m, 1).update(name="V2_canary"),
+    ),
+    _case(
+        "variant-name-too-long",
+        "spec.variants[1].name",
+        lambda m: _variant(m, 1).update(name="v" * 33),
+    ),
+    _case("name-too-long-for-variant-services", "metadata.name", _long_names),
+    _case("name-not-dns-1035", "metadata.name", lambda m: m["metadata"].update(name="9iris")),
+    _case(
+        "model-uri-unsupported-scheme",
+        "spec.variants[0].model.uri",
+        lambda m: _variant(m, 0)["model"].update(uri="s3://bucket/iris.onnx"),
+    ),
+    _case(
+        "model-uri-relative-file",
+        "spec.variants[0].model.uri",
+        lambda m: _variant(m, 0)["model"].update(uri="file://iris.onnx"),
+    ),
+    _case(
+        "model-uri-path-traversal",
+        "spec.variants[1].model.uri",
+        lambda m: _variant(m, 1)["model"].update(uri="pvc://models/../../etc/passwd"),
+    ),
+    _case(
+        "model-sha256-not-hex",
+        "spec.variants[0].model.sha256",
+        lambda m: _variant(m, 0)["model"].update(sha256=SHA_V1.upper()),
+    ),
+    _case(
+        "model-sha256-missing",
+        "spec.variants[1].model.sha256",
+        lambda m: _variant(m, 1)["model"].pop("sha256"),
+    ),
+    _case(
+        "replicas-negative",
+        "spec.variants[0].replicas",
+        lambda m: _variant(m, 0).update(replicas=-1),
+    ),
+    _case(
+        "replicas-with-autoscaling",
+        "spec.variants[0].replicas",
+        lambda m: _variant(m, 0).update(replicas=3, autoscaling={"maxReplicas": 5}),
+    ),
+    _case(
+        "autoscaling-min-above-max",
+        "spec.variants[1].autoscaling",
+        lambda m: _variant(m, 1).update(autoscaling={"minReplicas": 4, "maxReplicas": 2}),
+    ),
+    _case(
+        "autoscaling-max-missing",
+        "spec.variants[1].autoscaling.maxReplicas",
+        lambda m: _variant(m, 1).update(autoscaling={"minReplicas": 2}),
+    ),
+    _case(
+        "autoscaling-target-cpu-zero",
+        "spec.variants[1].autoscaling.targetCPUUtilizationPercentage",
+        lambda m: _variant(m, 1).update(
+            autoscaling={"maxReplicas": 3, "targetCPUUtilizationPercentage": 0}
+        ),
+    ),
+    _case(
+        "resources-bad-quantity",
+        "spec.variants[0].resources.limits[memory]",
+        lambda m: _variant(m, 0).update(resources={"limits": {"memory": "lots"}}),
+    ),
+    _case(
+        "server-batch-size-zero",
+        "spec.variants[0].server.maxBatchSize",
+        lambda m: _variant(m, 0).update(server={"maxBatchSize": 0}),
+    ),
+    _case(
+        "server-request-bytes-too-large",
+        "spec.variants[0].server.maxRequestBytes",
+        lambda m: _variant(m, 0).update(server={"maxRequestBytes": 2**31}),
+    ),
+    _case(
+        "routing-mode-unknown",
+        "spec.routing.mode",
+        lambda m: _spec(m).update(routing={"mode": "istio"}),
+    ),
+    _case(
+        "gateway-mode-without-gateway",
+        "spec.routing.gateway",
+        lambda m: _spec(m).update(routing={"mode": "gateway"}),
+    ),
+    _case(
+        "gateway-settings-in-router-mode",
+        "spec.routing.gateway",
+        lambda m: _spec(m).update(routing={"gateway": {"parentRefs": [{"name": "gw"}]}}),
+    ),
+    _case(
+        "gateway-without-parent-refs",
+        "spec.routing.gateway.parentRefs",
+        lambda m: _spec(m).update(routing={"mode": "gateway", "gateway": {"parentRefs": []}}),
+    ),
+    _case(
+        "gateway-path-prefix-relative",
+        "spec.routing.gateway.pathPrefix",
+        lambda m: _spec(m).update(
+            routing={
+                "mode": "gateway",
+                "gateway": {"parentRefs": [{"name": "gw"}], "pathPrefix": "iris"},
+            }
+        ),
+    ),
+    _case(
+        "gateway-path-prefix-dot-segment",
+        "spec.routing.gateway.pathPrefix",
+        lambda m: _spec(m).update(
+            routing={
+                "mode": "gateway",
+                "gateway": {"parentRefs": [{"name": "gw"}], "pathPrefix": "/a/../b"},
+            }
+        ),
+    ),
+    _case(
+        "header-override-uppercase",
+        "spec.routing.headerOverride",
+        lambda m: _spec(m).update(routing={"headerOverride": "X-Model-Variant"}),
+    ),
+    _case(
+        "header-override-standard-header",
+        "spec.routing.headerOverride",
+        lambda m: _spec(m).update(routing={"headerOverride": "host"}),
+    ),
+    _case(
+        "pod-label-reserved-prefix",
+        "spec.pod.labels",
+        lambda m: _spec(m).update(pod={"labels": {"app.kubernetes.io/name": "mine"}}),
+    ),
+    _case(
+        "pod-annotation-reserved-prefix",
+        "spec.pod.annotations",
+        lambda m: _spec(m).update(pod={"annotations": {"modeldeploy.dev/model-sha256": "x"}}),
+    ),
+    _case(
+        "pod-label-value-too-long",
+        "spec.pod.labels[team]",
+        lambda m: _spec(m).update(pod={"labels": {"team": "x" * 64}}),
+    ),
+    _case(
+        "pod-image-with-space",
+        "spec.pod.image",
+        lambda m: _spec(m).update(pod={"image": "modeldeploy server:1"}),
+    ),
+    _case(
+        "pod-duplicate-pull-secrets",
+        "spec.pod.imagePullSecrets[1]",
+        lambda m: _spec(m).update(pod={"imagePullSecrets": [{"name": "reg"}, {"name": "reg"}]}),
+    ),
+    _case(
+        "toleration-exists-with-value",
+        "spec.pod.tolerations[0].value",
+        lambda m: _spec(m).update(
+            pod={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}
+        ),
+    ),
+    _case(
+        "toleration-seconds-without-no-execute",
+        "spec.pod.tolerations[0].tolerationSeconds",
+        lambda m: _spec(m).update(
+            pod={"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 30}]}
+        ),
+    ),
+]

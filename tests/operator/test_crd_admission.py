@@ -1,0 +1,234 @@
+"""The ModelDeployment CRD as the real apiserver enforces it, with the offline validator beside."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import httpx
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from modeldeploy_operator.validation import (
+    default_model_deployment,
+    load_crd,
+    load_schema,
+    validate_model_deployment,
+)
+
+from tests.controlplane.harness import ControlPlane
+from tests.invalid_manifests import (
+    INVALID_MANIFESTS,
+    VALID_MANIFESTS,
+    InvalidManifest,
+    Manifest,
+    two_variant_manifest,
+)
+
+GROUP, VERSION, PLURAL = "modeldeploy.dev", "v1alpha1", "modeldeployments"
+
+
+@pytest.fixture
+def api(control_plane: ControlPlane) -> Iterator[client.ApiClient]:
+    with control_plane.api_client() as api_client:
+        yield api_client
+
+
+def _create(api: client.ApiClient, namespace: str, manifest: Manifest, **kwargs: Any) -> Any:
+    return client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, manifest, **kwargs
+    )
+
+
+def _refusal(api: client.ApiClient, namespace: str, manifest: Manifest, **kwargs: Any) -> Any:
+    """The apiserver's Status body for a create it must refuse."""
+    with pytest.raises(ApiException) as refused:
+        _create(api, namespace, manifest, **kwargs)
+    return {"code": refused.value.status, **json.loads(refused.value.body or "{}")}
+
+
+@pytest.mark.parametrize("case", INVALID_MANIFESTS, ids=lambda case: case.id)
+def test_invalid_manifest_is_refused_naming_the_field(
+    api: client.ApiClient, namespace: str, case: InvalidManifest
+) -> None:
+    status = _refusal(api, namespace, case.manifest)
+
+    assert status["code"] == 422, status
+    assert status["reason"] == "Invalid"
+    fields = {cause.get("field") for cause in status["details"]["causes"]}
+    assert case.field in fields, status
+    assert f"{case.field}:" in status["message"]
+    # Parity: the offline validator names exactly the fields the apiserver names.
+    assert {e.field for e in validate_model_deployment(case.manifest)} == fields
+
+
+@pytest.mark.parametrize("name", VALID_MANIFESTS)
+def test_valid_manifest_is_accepted_with_defaults(
+    api: client.ApiClient, namespace: str, name: str
+) -> None:
+    manifest = VALID_MANIFESTS[name](f"iris-{name}")
+    assert validate_model_deployment(manifest) == []
+
+    created = _create(api, namespace, manifest, field_validation="Strict")
+
+    assert created["spec"] == default_model_deployment(manifest)["spec"]
+
+
+def test_defaults_fill_routing_and_autoscaling(api: client.ApiClient, namespace: str) -> None:
+    manifest = two_variant_manifest()
+    manifest["spec"]["variants"][1]["autoscaling"] = {"maxReplicas": 4}
+
+    spec = _create(api, namespace, manifest)["spec"]
+
+    assert spec["routing"] == {"mode": "router", "headerOverride": "x-model-variant"}
+    assert spec["variants"][1]["autoscaling"] == {
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "targetCPUUtilizationPercentage": 80,
+    }
+    assert "replicas" not in spec["variants"][0]
+
+
+def test_unknown_field_is_refused_by_strict_field_validation(
+    api: client.ApiClient, namespace: str
+) -> None:
+    manifest = two_variant_manifest()
+    manifest["spec"]["variants"][1]["wieght"] = 10
+
+    status = _refusal(api, namespace, manifest, field_validation="Strict")
+
+    assert status["code"] == 400, status
+    assert 'unknown field "spec.variants[1].wieght"' in status["message"]
+    offline = validate_model_deployment(manifest)
+    assert ("spec.variants[1].wieght", "field not declared in schema") in offline
+
+
+def test_api_resource_names_match_the_contract(api: client.ApiClient) -> None:
+    resources = client.CustomObjectsApi(api).get_api_resources(GROUP, VERSION).resources
+    (resource,) = [r for r in resources if r.name == PLURAL]
+
+    assert resource.kind == "ModelDeployment"
+    assert resource.singular_name == "modeldeployment"
+    assert resource.namespaced is True
+    assert resource.short_names == ["mdep"]
+    assert resource.categories == ["ml"]
+    assert f"{PLURAL}/status" in {r.name for r in resources}
+
+
+def _status_row(name: str, weight: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "desiredReplicas": 1,
+        "readyReplicas": 1,
+        "weight": weight,
+        "effectiveWeight": weight,
+        "ready": True,
+        "modelSha256": "0" * 64,
+        "image": "modeldeploy-server:test",
+        "service": f"iris-{name}",
+    }
+
+
+def test_status_subresource_keeps_every_field_and_feeds_printer_columns(
+    control_plane: ControlPlane, api: client.ApiClient, namespace: str
+) -> None:
+    _create(api, namespace, two_variant_manifest())
+    status = {
+        "observedGeneration": 1,
+        "url": f"http://iris.{namespace}.svc:8080",
+        "readyVariants": "2/2",
+        "traffic": "v1=90,v2=10",
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "AllVariantsReady",
+                "message": "2 of 2 variants ready",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+                "observedGeneration": 1,
+            }
+        ],
+        "variants": [_status_row("v1", 90), _status_row("v2", 10)],
+    }
+    custom = client.CustomObjectsApi(api)
+
+    written: Any = custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "iris", {"status": status}
+    )
+
+    assert written["status"] == status
+    assert written["metadata"]["generation"] == 1
+    table = _get_json(
+        control_plane,
+        f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}?includeObject=None",
+        # What `kubectl get mdep -o wide` renders: the server-side Table of the printer columns.
+        accept="application/json;as=Table;g=meta.k8s.io;v=v1",
+    )
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    (row,) = table["rows"]
+    cells = dict(zip(columns, row["cells"], strict=True))
+    assert cells["Ready"] == "True"
+    assert cells["Variants"] == "2/2"
+    assert cells["Traffic"] == "v1=90,v2=10"
+    assert cells["URL"] == status["url"]
+
+
+def _get_json(plane: ControlPlane, path: str, accept: str = "application/json") -> Any:
+    """A raw GET as the admin, for what the generated client has no method for."""
+    context = ssl.create_default_context(cafile=str(plane.pki.ca_cert))
+    context.load_cert_chain(str(plane.pki.admin_cert), str(plane.pki.admin_key))
+    response = httpx.get(
+        plane.server_url + path, headers={"Accept": accept}, verify=context, timeout=30
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+def test_published_openapi_describes_every_field(control_plane: ControlPlane) -> None:
+    """What `kubectl explain modeldeployment --recursive` reads: the apiserver's OpenAPI v3."""
+    document = _get_json(control_plane, f"/openapi/v3/apis/{GROUP}/{VERSION}")
+    schemas = document["components"]["schemas"]
+    published = schemas[f"dev.modeldeploy.{VERSION}.ModelDeployment"]
+
+    for path in ("spec", "spec.variants", "spec.routing.gateway.parentRefs", "status.variants"):
+        assert _undescribed(_at(published, path), path) == []
+    assert "sum to 100" in _at(published, "spec.variants.weight")["description"]
+
+
+def _at(schema: Mapping[str, Any], path: str) -> Any:
+    for name in path.split("."):
+        schema = schema["properties"][name]
+        schema = schema.get("items", schema)
+    return schema
+
+
+def _undescribed(schema: Mapping[str, Any], path: str) -> list[str]:
+    """Paths under `schema` without a description (metadata is described by its own type)."""
+    missing = [] if schema.get("description") or path == "metadata" else [path]
+    for name, sub in schema.get("properties", {}).items():
+        missing += _undescribed(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), Mapping):
+            missing += _undescribed(schema[key], f"{path}[]")
+    return missing
+
+
+def test_crd_schema_describes_every_field() -> None:
+    assert _undescribed(load_schema(), "") == []
+
+
+def test_crd_names_and_version_match_the_contract() -> None:
+    spec = load_crd()["spec"]
+
+    assert (spec["group"], spec["scope"]) == (GROUP, "Namespaced")
+    assert spec["names"]["kind"] == "ModelDeployment"
+    assert spec["names"]["plural"] == PLURAL
+    assert spec["names"]["shortNames"] == ["mdep"]
+    assert spec["names"]["categories"] == ["ml"]
+    (version,) = spec["versions"]
+    assert (version["name"], version["served"], version["storage"]) == (VERSION, True, True)
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[:3] == ["Ready", "Variants", "Traffic"] and columns[-1] == "Age"

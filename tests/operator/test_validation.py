@@ -1,0 +1,155 @@
+"""The offline validator refuses what admission refuses, naming the same fields (pure tests)."""
+
+from __future__ import annotations
+
+import pytest
+from modeldeploy_operator.validation import (
+    FieldError,
+    default_model_deployment,
+    load_schema,
+    validate_model_deployment,
+)
+
+from tests.invalid_manifests import (
+    INVALID_MANIFESTS,
+    VALID_MANIFESTS,
+    InvalidManifest,
+    minimal_manifest,
+    two_variant_manifest,
+)
+
+
+@pytest.mark.parametrize("case", INVALID_MANIFESTS, ids=lambda case: case.id)
+def test_invalid_manifest_names_the_field(case: InvalidManifest) -> None:
+    errors = validate_model_deployment(case.manifest)
+
+    assert case.field in {e.field for e in errors}, errors
+    assert all(e.message for e in errors)
+
+
+def test_invalid_cases_are_many_and_distinct() -> None:
+    assert len({case.id for case in INVALID_MANIFESTS}) == len(INVALID_MANIFESTS) >= 15
+    assert len({case.field for case in INVALID_MANIFESTS}) >= 15
+
+
+@pytest.mark.parametrize("name", VALID_MANIFESTS)
+def test_valid_manifest_passes(name: str) -> None:
+    assert validate_model_deployment(VALID_MANIFESTS[name]("iris")) == []
+
+
+def test_every_cel_rule_is_broken_by_some_invalid_case() -> None:
+    """No rule in the CRD goes untested: each one fails for at least one invalid manifest."""
+    rule_paths = _rule_paths(load_schema(), "")
+    broken = {
+        _strip_indices(e.field)
+        for case in INVALID_MANIFESTS
+        for e in validate_model_deployment(case.manifest)
+    }
+    assert rule_paths <= broken, rule_paths - broken
+
+
+def _rule_paths(schema: dict[str, object], path: str) -> set[str]:
+    paths: set[str] = set()
+    rules = schema.get("x-kubernetes-validations")
+    if isinstance(rules, list):
+        for rule in rules:
+            paths.add((path + rule.get("fieldPath", "")).lstrip("."))
+    properties = schema.get("properties")
+    if isinstance(properties, dict):
+        for name, sub in properties.items():
+            paths |= _rule_paths(sub, f"{path}.{name}")
+    items = schema.get("items")
+    if isinstance(items, dict):
+        paths |= _rule_paths(items, path)
+    return paths
+
+
+def _strip_indices(field: str) -> str:
+    return field.split("[", 1)[0] + "".join(part.split("]", 1)[1] for part in field.split("[")[1:])
+
+
+def test_wrong_api_version_and_kind_are_named() -> None:
+    manifest = minimal_manifest()
+    manifest.update(apiVersion="modeldeploy.dev/v1", kind="Deployment")
+
+    fields = [e.field for e in validate_model_deployment(manifest)]
+
+    assert fields == ["apiVersion", "kind"]
+
+
+def test_missing_name_is_required() -> None:
+    manifest = minimal_manifest()
+    del manifest["metadata"]["name"]
+
+    errors = validate_model_deployment(manifest)
+
+    assert FieldError("metadata.name", "Required value: name is required") in errors
+
+
+def test_uppercase_name_fails_the_generic_and_the_crd_name_rules() -> None:
+    errors = validate_model_deployment(minimal_manifest("Iris"))
+
+    assert [e.field for e in errors] == ["metadata.name", "metadata.name"]
+    assert "RFC 1123 subdomain" in errors[0].message
+    assert "DNS-1035 label" in errors[1].message
+
+
+def test_type_error_stops_before_the_rules_as_the_apiserver_does() -> None:
+    manifest = two_variant_manifest()
+    manifest["spec"]["variants"][0]["weight"] = "90"
+    manifest["spec"]["variants"][1]["weight"] = 50
+
+    errors = validate_model_deployment(manifest)
+
+    assert [e.field for e in errors] == ["spec.variants[0].weight", "<nil>"]
+
+
+def test_unknown_field_is_named_like_strict_field_validation() -> None:
+    manifest = minimal_manifest()
+    manifest["spec"]["routing"] = {"mode": "router", "weights": {"v1": 100}}
+
+    errors = validate_model_deployment(manifest)
+
+    assert errors == [FieldError("spec.routing.weights", "field not declared in schema")]
+
+
+def test_messages_say_what_is_wrong() -> None:
+    manifest = two_variant_manifest()
+    manifest["spec"]["variants"][1]["weight"] = 30
+
+    (error,) = validate_model_deployment(manifest)
+
+    assert error == FieldError(
+        "spec.variants", "the weights of all variants must sum to 100, got 120"
+    )
+
+
+def test_regex_dialect_is_the_apiservers() -> None:
+    # Python's `$` also matches before a final newline; RE2 (the apiserver's) does not.
+    manifest = minimal_manifest()
+    manifest["spec"]["variants"][0]["name"] = "v1\n"
+
+    fields = [e.field for e in validate_model_deployment(manifest)]
+
+    assert "spec.variants[0].name" in fields
+
+
+def test_not_a_mapping_is_refused() -> None:
+    assert validate_model_deployment(["not", "an", "object"])[0].field == "<root>"
+
+
+def test_defaults_fill_nested_objects_without_touching_the_input() -> None:
+    manifest = two_variant_manifest()
+    manifest["spec"]["routing"] = {"mode": "gateway", "gateway": {"parentRefs": [{"name": "gw"}]}}
+
+    defaulted = default_model_deployment(manifest)
+
+    assert defaulted["spec"]["routing"] == {
+        "mode": "gateway",
+        "headerOverride": "x-model-variant",
+        "gateway": {
+            "parentRefs": [{"name": "gw", "group": "gateway.networking.k8s.io", "kind": "Gateway"}],
+            "pathPrefix": "/",
+        },
+    }
+    assert "headerOverride" not in manifest["spec"]["routing"]

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Builds (or reuses) the test control plane: kube-apiserver and kube-controller-manager from
+# k8s.io/kubernetes, etcd from go.etcd.io/etcd/server/v3, and the Gateway API standard CRDs, all
+# through the Go module proxy, into a cache outside the repo keyed by version.
+# Usage: tests/controlplane/build.sh   (env MODELDEPLOY_CONTROLPLANE_CACHE overrides the cache root)
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache="${MODELDEPLOY_CONTROLPLANE_CACHE:-$HOME/.cache/modeldeploy-controlplane}"
+k8s_dir="$cache/kubernetes-$KUBERNETES_VERSION"
+etcd_dir="$cache/etcd-$ETCD_VERSION"
+gw_dir="$cache/gateway-api-$GATEWAY_API_VERSION"
+
+# The release's own go line may be older than the local toolchain; never let Go download another.
+export GOTOOLCHAIN=local CGO_ENABLED=0
+export GOFLAGS="${GOFLAGS:-} -buildvcs=false -trimpath"
+
+log() { printf '[controlplane-build %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+command -v go >/dev/null || {
+    log "Go toolchain not found: install Go >= 1.24 (https://go.dev/dl/) and re-run $0"
+    exit 2
+}
+
+# A fresh throwaway module per component; removed on exit.
+workdirs=()
+cleanup() { if ((${#workdirs[@]})); then chmod -R u+w "${workdirs[@]}" 2>/dev/null || true; rm -rf "${workdirs[@]}"; fi; }
+trap cleanup EXIT
+new_module() {
+    local w
+    w="$(mktemp -d)"
+    workdirs+=("$w")
+    (cd "$w" && go mod init "example.com/$1" >/dev/null 2>&1)
+    printf '%s' "$w"
+}
+
+# Binaries are built into a staging dir and renamed into place, so a half-built cache is never used.
+publish() {
+    local staged="$1" final="$2"
+    mkdir -p "$(dirname "$final")"
+    rm -rf "$final"
+    mv "$staged" "$final"
+}
+
+json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
+
+# Reads `go mod edit -json` of upstream's go.mod; prints `go mod edit` flags that re-point every
+# staging module at its published tag (argv[1]) and copy upstream's godebug defaults.
+replace_edits_py='
+import json, sys
+mod = json.load(sys.stdin)
+for r in mod.get("Replace") or []:
+    if r["New"]["Path"].startswith("./staging/"):
+        path = r["Old"]["Path"]
+        print(f"-replace={path}={path}@{sys.argv[1]}")
+for g in mod.get("Godebug") or []:
+    print("-godebug=" + g["Key"] + "=" + g["Value"])
+'
+
+# `go build -v` names each package as it is compiled: show a running count instead of ~3000
+# lines, and pass everything else (compiler errors) through.
+count_packages() {
+    awk '/^[^ :#]+$/ { if (++n % 250 == 0) { print "  ... " n " packages compiled"; fflush() } next }
+         { print; fflush() }
+         END { print "  ... " n " packages compiled in total" }' >&2
+}
+
+build_etcd() {
+    if [[ -x "$etcd_dir/etcd" ]]; then log "etcd $ETCD_VERSION: cached at $etcd_dir"; return; fi
+    log "etcd $ETCD_VERSION: resolving modules"
+    local w
+    w="$(new_module etcdbin)"
+    (cd "$w" && go get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION")
+    log "etcd $ETCD_VERSION: compiling"
+    mkdir -p "$w/out"
+    (cd "$w" && go build -ldflags="-s -w" -o out/etcd go.etcd.io/etcd/server/v3)
+    publish "$w/out" "$etcd_dir"
+    log "etcd $ETCD_VERSION: done -> $etcd_dir/etcd"
+}
+
+fetch_gateway_crds() {
+    if [[ -f "$gw_dir/.complete" ]]; then log "Gateway API $GATEWAY_API_VERSION: cached at $gw_dir"; return; fi
+    log "Gateway API $GATEWAY_API_VERSION: downloading module"
+    local mod_dir staged
+    mod_dir="$(go mod download -json "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION" | json_field Dir)"
+    staged="$(mktemp -d)"
+    workdirs+=("$staged")
+    cp "$mod_dir"/config/crd/standard/*.yaml "$staged/"
+    chmod 755 "$staged"
+    chmod 644 "$staged"/*.yaml
+    touch "$staged/.complete"
+    publish "$staged" "$gw_dir"
+    log "Gateway API $GATEWAY_API_VERSION: done -> $gw_dir"
+}
+
+build_kubernetes() {
+    if [[ -x "$k8s_dir/kube-apiserver" && -x "$k8s_dir/kube-controller-manager" ]]; then
+        log "kubernetes $KUBERNETES_VERSION: cached at $k8s_dir"
+        return
+    fi
+    local w upstream_gomod staging_version minor
+    log "kubernetes $KUBERNETES_VERSION: downloading k8s.io/kubernetes"
+    upstream_gomod="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | json_field GoMod)"
+    # Staging modules are published as k8s.io/<name> v0.<minor>.<patch> for Kubernetes v1.<minor>.<patch>.
+    staging_version="v0.${KUBERNETES_VERSION#v1.}"
+    minor="${KUBERNETES_VERSION#v1.}"
+    minor="${minor%%.*}"
+    w="$(new_module envtestbins)"
+    # Upstream's replace lines point at ./staging/src/...; Go ignores a dependency's replaces, so the
+    # same list is re-declared here against the published staging tags.
+    go mod edit -json "$upstream_gomod" | python3 -c "$replace_edits_py" "$staging_version" >"$w/edits"
+    log "kubernetes $KUBERNETES_VERSION: $(grep -c -- -replace= "$w/edits") staging modules at $staging_version"
+    (cd "$w" && xargs go mod edit <edits && go mod edit -require="k8s.io/kubernetes@$KUBERNETES_VERSION")
+    log "kubernetes $KUBERNETES_VERSION: resolving modules (go get -tool)"
+    # The @version matters: without it `go get` upgrades k8s.io/kubernetes to its latest release.
+    (cd "$w" && go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" \
+        "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBERNETES_VERSION")
+    # Without these the binaries report v0.0.0-master, which clients print as a version skew.
+    local v="k8s.io/component-base/version" c="k8s.io/client-go/pkg/version" ldflags="-s -w"
+    for pkg in "$v" "$c"; do
+        ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+        ldflags+=" -X $pkg.gitTreeState=clean"
+    done
+    log "kubernetes $KUBERNETES_VERSION: compiling kube-apiserver and kube-controller-manager" \
+        "(GOMAXPROCS=${GOMAXPROCS:-all}; cold build takes 20+ min on 2 cores)"
+    mkdir -p "$w/out"
+    (cd "$w" && go build -v -ldflags="$ldflags" -o out/ \
+        k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager 2>&1) \
+        | count_packages
+    [[ -x "$w/out/kube-apiserver" && -x "$w/out/kube-controller-manager" ]]
+    publish "$w/out" "$k8s_dir"
+    log "kubernetes $KUBERNETES_VERSION: done -> $k8s_dir"
+}
+
+started=$SECONDS
+build_etcd
+fetch_gateway_crds
+build_kubernetes
+log "all components ready in $((SECONDS - started))s under $cache"

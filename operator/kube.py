@@ -1,0 +1,193 @@
+"""The one adapter to the Kubernetes API server: server-side apply under one field manager,
+pruning, and reads of ModelDeployments and their children.
+
+Every call blocks (the `kubernetes` client is synchronous); callers run them off the event loop.
+Errors become two domain exceptions: `TransientApiError` (worth retrying) and `RejectedError`
+(the API server refused what we sent; retrying the same thing cannot help).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import urllib3
+from kubernetes import client, config
+from modeldeploy_operator import naming
+from modeldeploy_operator.spec import API_GROUP, API_VERSION, KIND, PLURAL
+
+Manifest = dict[str, Any]
+
+# (apiVersion, kind) -> plural, for every kind the operator renders (all namespaced).
+RESOURCES: dict[tuple[str, str], str] = {
+    ("apps/v1", "Deployment"): "deployments",
+    ("v1", "Service"): "services",
+    ("v1", "ConfigMap"): "configmaps",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+}
+MODEL_DEPLOYMENT_API_VERSION = f"{API_GROUP}/{API_VERSION}"
+_TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_REQUEST_TIMEOUT_S = (5.0, 30.0)
+
+
+class ApiError(Exception):
+    """An API call failed; the message says which call and why."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status, 0 when no response came back
+
+
+class TransientApiError(ApiError):
+    """Worth retrying later: throttling, conflicts, timeouts, an unreachable API server."""
+
+
+class RejectedError(ApiError):
+    """The API server refused the request (invalid object, forbidden, missing API)."""
+
+
+class KubeApi:
+    """Thin, typed calls on the API server; one instance per operator process."""
+
+    def __init__(self, api_client: Any) -> None:
+        self._client = api_client
+
+    @classmethod
+    def from_environment(cls) -> KubeApi:
+        """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config."""
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        # Reconciles of many ModelDeployments run in parallel worker threads.
+        configuration.connection_pool_maxsize = 32
+        return cls(client.ApiClient(configuration))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def apply(self, obj: Manifest) -> Manifest:
+        """Server-side apply `obj` as our field manager, taking over conflicting fields."""
+        meta = obj["metadata"]
+        path = _object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        return self._request(
+            "PATCH",
+            path,
+            {"fieldManager": naming.FIELD_MANAGER, "force": "true"},
+            body=obj,
+            content_type="application/apply-patch+yaml",
+        )
+
+    def apply_status(self, namespace: str, name: str, status: Manifest) -> Manifest:
+        """Server-side apply the whole status: fields we stop setting are removed."""
+        body = {
+            "apiVersion": MODEL_DEPLOYMENT_API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "status": status,
+        }
+        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, PLURAL, namespace) + f"/{name}/status"
+        return self._request(
+            "PATCH",
+            path,
+            {"fieldManager": naming.FIELD_MANAGER, "force": "true"},
+            body=body,
+            content_type="application/apply-patch+yaml",
+        )
+
+    def get_model_deployment(self, namespace: str, name: str) -> Manifest | None:
+        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, PLURAL, namespace) + f"/{name}"
+        try:
+            return self._request("GET", path, {})
+        except RejectedError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def list_owned(
+        self, namespace: str, md_name: str, kinds: Iterable[tuple[str, str]] = RESOURCES
+    ) -> list[Manifest]:
+        """Objects of `kinds` labelled as ours for this ModelDeployment (kinds whose API is not
+        served, such as HTTPRoute without the Gateway API CRDs, have none)."""
+        owned: list[Manifest] = []
+        for api_version, kind in kinds:
+            path = _collection_path(api_version, RESOURCES[(api_version, kind)], namespace)
+            try:
+                listing = self._request(
+                    "GET", path, {"labelSelector": naming.owned_selector(md_name)}
+                )
+            except RejectedError as error:
+                if error.status == 404:
+                    continue
+                raise
+            for item in listing.get("items", []):
+                item.setdefault("apiVersion", api_version)
+                item.setdefault("kind", kind)
+                owned.append(item)
+        return owned
+
+    def delete(self, obj: Mapping[str, Any]) -> None:
+        """Delete `obj` if it is still the same object (uid precondition); gone already is fine."""
+        meta = obj["metadata"]
+        path = _object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        body = {"preconditions": {"uid": meta["uid"]}, "propagationPolicy": "Background"}
+        try:
+            self._request("DELETE", path, {}, body=body, content_type="application/json")
+        except RejectedError as error:
+            if error.status not in (404, 409):
+                raise
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        *,
+        body: Manifest | None = None,
+        content_type: str | None = None,
+    ) -> Manifest:
+        url = path + ("?" + urlencode(query) if query else "")
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            _, full_url, headers, _, _ = self._client.param_serialize(
+                method, url, header_params=headers, auth_settings=["BearerToken"]
+            )
+            response = self._client.call_api(
+                method,
+                full_url,
+                header_params=headers,
+                body=json.dumps(body) if body is not None else None,
+                _request_timeout=_REQUEST_TIMEOUT_S,
+            )
+            data = response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise TransientApiError(f"{method} {path}: {error}") from error
+        if response.status >= 400:
+            message = _error_message(data)
+            kind = TransientApiError if response.status in _TRANSIENT_STATUSES else RejectedError
+            raise kind(f"{method} {path}: HTTP {response.status}: {message}", response.status)
+        result: Manifest = json.loads(data) if data else {}
+        return result
+
+
+def _object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
+    return _collection_path(api_version, RESOURCES[(api_version, kind)], namespace) + "/" + name
+
+
+def _collection_path(api_version: str, plural: str, namespace: str) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{quote(namespace)}/{plural}"
+
+
+def _error_message(data: bytes) -> str:
+    try:
+        return str(json.loads(data).get("message", data[:300]))
+    except (ValueError, AttributeError):
+        return data[:300].decode("utf-8", "replace")

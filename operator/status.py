@@ -1,0 +1,245 @@
+"""The ModelDeployment's status, computed whole from the spec and the observed child Deployments."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from modeldeploy_operator import naming
+from modeldeploy_operator.spec import ModelDeployment, Variant
+from modeldeploy_operator.traffic import compute_effective_weights
+
+Status = dict[str, Any]
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def ready_variants(md: ModelDeployment, deployments: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """Variants whose Deployment has at least one ready replica: the ones that get traffic."""
+    return {
+        v.name
+        for v in md.variants
+        if _int(deployments.get(naming.variant_object_name(md.name, v.name)), "readyReplicas") > 0
+    }
+
+
+def compute_status(
+    md: ModelDeployment,
+    deployments: Mapping[str, Mapping[str, Any]],
+    *,
+    previous: Mapping[str, Any] | None,
+    now: str,
+) -> Status:
+    """Status from the spec and the observed Deployments (by name); `now` stamps transitions."""
+    ready = ready_variants(md, deployments)
+    weights = compute_effective_weights(md.spec_weights, ready)
+    rows = [
+        _variant_row(md, v, deployments.get(naming.variant_object_name(md.name, v.name)), weights)
+        for v in md.variants
+    ]
+    traffic = ",".join(f"{name}={weight}" for name, weight in weights.items())
+    rolling = [
+        _rollout_gap(v, deployments.get(naming.variant_object_name(md.name, v.name)))
+        for v in md.variants
+    ]
+    rolling_messages = [gap for gap in rolling if gap]
+    failures = [
+        failure
+        for v in md.variants
+        if (
+            failure := _rollout_failure(
+                v, deployments.get(naming.variant_object_name(md.name, v.name))
+            )
+        )
+    ]
+    live_not_ready = [v.name for v in md.variants if v.weight > 0 and v.name not in ready]
+    if not any(weights.values()):
+        ready_condition = (
+            "False",
+            "NoVariantReady",
+            "no variant with a traffic weight is ready, so no traffic is routed",
+        )
+    elif live_not_ready:
+        ready_condition = (
+            "False",
+            "VariantsNotReady",
+            f"not ready: {', '.join(live_not_ready)}; their share goes to ready variants "
+            f"(traffic {traffic})",
+        )
+    else:
+        ready_condition = ("True", "AllVariantsReady", f"traffic {traffic}")
+    progressing = (
+        ("True", "RollingOut", "; ".join(rolling_messages))
+        if rolling_messages
+        else ("False", "RolloutComplete", "every variant runs its desired replicas")
+    )
+    degraded = (
+        ("True", "RolloutFailed", "; ".join(failures))
+        if failures
+        else ("False", "AsExpected", "no problem observed")
+    )
+    return {
+        "observedGeneration": md.generation,
+        "url": _url(md),
+        "readyVariants": f"{len(ready)}/{len(md.variants)}",
+        "traffic": traffic,
+        "conditions": _conditions(
+            (ready_condition, progressing, degraded), md.generation, previous, now
+        ),
+        "variants": rows,
+    }
+
+
+def compute_failed_status(
+    generation: int,
+    reason: str,
+    message: str,
+    *,
+    previous: Mapping[str, Any] | None,
+    now: str,
+) -> Status:
+    """Status for a generation the operator cannot act on (invalid spec, objects refused)."""
+    return {
+        "observedGeneration": generation,
+        "conditions": _conditions(
+            (("False", reason, message), ("False", reason, message), ("True", reason, message)),
+            generation,
+            previous,
+            now,
+        ),
+    }
+
+
+def compute_events(previous: Mapping[str, Any] | None, status: Mapping[str, Any]) -> list[Event]:
+    """Events worth telling a human: condition changes and traffic shifts."""
+    before = {c["type"]: c for c in (previous or {}).get("conditions", [])}
+    events = []
+    for condition in status["conditions"]:
+        old = before.get(condition["type"])
+        bad = (condition["type"], condition["status"]) in (("Ready", "False"), ("Degraded", "True"))
+        # A new object starts not ready: only a change, or a problem from the start, is news.
+        if (old is not None and old["status"] == condition["status"]) or (old is None and not bad):
+            continue
+        events.append(
+            Event(
+                type="Warning" if bad else "Normal",
+                reason=condition["reason"],
+                message=f"{condition['type']}={condition['status']}: {condition['message']}",
+            )
+        )
+    old_traffic = (previous or {}).get("traffic")
+    new_traffic = status.get("traffic")
+    if old_traffic and new_traffic and old_traffic != new_traffic:
+        events.append(Event("Normal", "TrafficShifted", f"traffic {old_traffic} -> {new_traffic}"))
+    return events
+
+
+def _variant_row(
+    md: ModelDeployment,
+    variant: Variant,
+    deployment: Mapping[str, Any] | None,
+    weights: Mapping[str, int],
+) -> dict[str, Any]:
+    name = naming.variant_object_name(md.name, variant.name)
+    row: dict[str, Any] = {
+        "name": variant.name,
+        "desiredReplicas": _desired_replicas(variant, deployment),
+        "readyReplicas": _int(deployment, "readyReplicas"),
+        "weight": variant.weight,
+        "effectiveWeight": weights[variant.name],
+        "ready": _int(deployment, "readyReplicas") > 0,
+        "modelSha256": variant.model.sha256,
+        "service": name,
+    }
+    image = _server_image(deployment)
+    if image:
+        row["image"] = image
+    return row
+
+
+def _desired_replicas(variant: Variant, deployment: Mapping[str, Any] | None) -> int:
+    # With autoscaling the HPA sets the Deployment's replicas; the Deployment is the truth.
+    replicas = (deployment or {}).get("spec", {}).get("replicas")
+    return int(replicas) if replicas is not None else variant.min_replicas
+
+
+def _rollout_gap(variant: Variant, deployment: Mapping[str, Any] | None) -> str:
+    """Why this variant has not finished rolling out, or "" when it has."""
+    if deployment is None:
+        return f"{variant.name}: Deployment not created yet"
+    desired = _desired_replicas(variant, deployment)
+    status = deployment.get("status", {})
+    generation = deployment.get("metadata", {}).get("generation", 0)
+    if status.get("observedGeneration", 0) < generation:
+        return f"{variant.name}: new spec not yet observed by the Deployment controller"
+    updated, ready, total = (
+        _int(deployment, k) for k in ("updatedReplicas", "readyReplicas", "replicas")
+    )
+    if updated < desired or ready < desired or total > updated:
+        return f"{variant.name}: {ready}/{desired} ready, {updated} updated"
+    return ""
+
+
+def _rollout_failure(variant: Variant, deployment: Mapping[str, Any] | None) -> str:
+    for condition in (deployment or {}).get("status", {}).get("conditions", []):
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            return f"{variant.name}: {condition.get('message', 'replica failure')}"
+        if (
+            condition.get("type") == "Progressing"
+            and condition.get("status") == "False"
+            and condition.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            return f"{variant.name}: {condition.get('message', 'rollout deadline exceeded')}"
+    return ""
+
+
+def _url(md: ModelDeployment) -> str:
+    if md.routing.mode == "router":
+        return naming.router_url(md.name, md.namespace)
+    if md.routing.mode == "gateway" and md.routing.gateway and md.routing.gateway.hostnames:
+        return f"http://{md.routing.gateway.hostnames[0]}{md.routing.gateway.path_prefix}"
+    return ""
+
+
+def _conditions(
+    values: Sequence[tuple[str, str, str]],
+    generation: int,
+    previous: Mapping[str, Any] | None,
+    now: str,
+) -> list[dict[str, Any]]:
+    before = {c.get("type"): c for c in (previous or {}).get("conditions", [])}
+    conditions = []
+    for type_, (status, reason, message) in zip(CONDITION_TYPES, values, strict=True):
+        old = before.get(type_, {})
+        # The transition time moves only when the status does (Kubernetes conventions).
+        since = old.get("lastTransitionTime") if old.get("status") == status else None
+        conditions.append(
+            {
+                "type": type_,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": since or now,
+                "observedGeneration": generation,
+            }
+        )
+    return conditions
+
+
+def _server_image(deployment: Mapping[str, Any] | None) -> str:
+    containers = (deployment or {}).get("spec", {}).get("template", {}).get("spec", {})
+    for container in containers.get("containers", []):
+        if container.get("name") == "server":
+            return str(container.get("image", ""))
+    return ""
+
+
+def _int(deployment: Mapping[str, Any] | None, key: str) -> int:
+    return int((deployment or {}).get("status", {}).get(key) or 0)

@@ -1,0 +1,59 @@
+"""Pure batch logic: which queued requests can share one model run, merging and splitting."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+Feed = Mapping[str, np.ndarray[Any, Any]]
+
+
+def merge_key(feed: Feed) -> Hashable:
+    """Requests merge only when every input agrees on everything but the batch dimension."""
+    return tuple(sorted((name, array.dtype.str, array.shape[1:]) for name, array in feed.items()))
+
+
+def plan_batches(
+    keys: Sequence[Hashable], rows: Sequence[int], max_batch_size: int
+) -> list[list[int]]:
+    """Group request indices (in arrival order) into batches of one key and at most
+    max_batch_size rows; a request larger than that runs alone."""
+    batches: list[list[int]] = []
+    open_batch: dict[Hashable, tuple[list[int], int]] = {}
+    for index, (key, count) in enumerate(zip(keys, rows, strict=True)):
+        current = open_batch.get(key)
+        if current is not None and current[1] + count <= max_batch_size:
+            current[0].append(index)
+            open_batch[key] = (current[0], current[1] + count)
+            continue
+        batch = [index]
+        batches.append(batch)
+        open_batch[key] = (batch, count)
+    return batches
+
+
+def merge_feeds(feeds: Sequence[Feed]) -> dict[str, np.ndarray[Any, Any]]:
+    """Concatenate the requests' inputs along the batch dimension."""
+    if len(feeds) == 1:
+        return dict(feeds[0])
+    return {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
+
+
+def split_outputs(
+    outputs: Mapping[str, np.ndarray[Any, Any]], rows: Sequence[int]
+) -> list[dict[str, np.ndarray[Any, Any]]]:
+    """Cut merged outputs back into per-request outputs, in order."""
+    if len(rows) == 1:
+        return [dict(outputs)]
+    total = sum(rows)
+    for name, array in outputs.items():
+        if array.shape[:1] != (total,):
+            raise ValueError(f"output {name!r} has shape {array.shape}, expected {total} rows")
+    bounds = np.cumsum([0, *rows]).tolist()
+    return [
+        {name: array[start:stop] for name, array in outputs.items()}
+        for start, stop in itertools.pairwise(bounds)
+    ]

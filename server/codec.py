@@ -1,0 +1,268 @@
+"""Open Inference Protocol v2 REST codec: JSON (and the binary tensor extension) <-> numpy.
+
+Pure: bytes in, plain data out and back; no HTTP, no onnxruntime.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from modeldeploy_server.errors import InvalidInput, MalformedRequest
+from modeldeploy_server.metadata import NUMPY_TO_V2, V2_TO_NUMPY, DecodedTensor
+
+MAX_RANK = 32
+# numpy kinds a JSON array may parse to, per target kind: JSON integers are fine for floats, but
+# floats are not fine for integers (no silent truncation) and only true/false are booleans.
+_ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
+_LENGTH_PREFIX = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An entry of the request's `outputs`: which output, and whether to send it as binary."""
+
+    name: str
+    binary: bool
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded v2 inference request."""
+
+    id: str | None
+    inputs: tuple[DecodedTensor, ...]
+    outputs: tuple[RequestedOutput, ...]
+    binary_output: bool
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_json(body: bytes | memoryview, where: str = "request body") -> Any:
+    """orjson.loads with the protocol's error."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedRequest(f"{where} is not valid UTF-8 JSON: {exc}") from None
+
+
+def array_from_json(where: str, datatype: str, data: Any) -> np.ndarray[Any, Any]:
+    """Convert JSON data (flat or nested lists) to an array of the datatype, strictly."""
+    dtype = V2_TO_NUMPY[datatype]
+    if datatype == "BYTES":
+        return _strings_from_json(where, data)
+    try:
+        parsed = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise InvalidInput(f"{where}: data is not a rectangular array of numbers") from None
+    if parsed.size:
+        accepted = _ACCEPTED_KINDS[dtype.kind]
+        if parsed.dtype.kind not in accepted:
+            raise InvalidInput(f"{where}: data does not hold {datatype} values")
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            if parsed.min() < info.min or parsed.max() > info.max:
+                raise InvalidInput(f"{where}: a value is out of range for {datatype}")
+    with np.errstate(over="ignore"):
+        return parsed.astype(dtype, copy=False)
+
+
+def _strings_from_json(where: str, data: Any) -> np.ndarray[Any, Any]:
+    # Walk nested lists without recursion so that deep nesting cannot overflow the stack.
+    flat: list[str] = []
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            flat.append(item)
+        elif isinstance(item, list) and depth < MAX_RANK:
+            stack.extend((child, depth + 1) for child in reversed(item))
+        else:
+            raise InvalidInput(f"{where}: BYTES data must be (lists of) strings")
+    array = np.empty(len(flat), dtype=object)
+    array[:] = flat
+    return array
+
+
+def _shape_from_json(where: str, raw: Any) -> tuple[int, ...]:
+    if (
+        not isinstance(raw, list)
+        or len(raw) > MAX_RANK
+        or not all(type(dim) is int and dim >= 0 for dim in raw)
+    ):
+        raise InvalidInput(f"{where}: shape must be a list of at most {MAX_RANK} integers >= 0")
+    return tuple(raw)
+
+
+def _decode_input(
+    index: int, entry: Any, binary: memoryview, offset: int
+) -> tuple[DecodedTensor, int]:
+    where = f"inputs[{index}]"
+    if not isinstance(entry, dict):
+        raise MalformedRequest(f"{where} must be an object")
+    name, datatype = entry.get("name"), entry.get("datatype")
+    if not isinstance(name, str) or not name:
+        raise MalformedRequest(f"{where}.name must be a non-empty string")
+    where = f"input {name!r}"
+    if datatype not in V2_TO_NUMPY:
+        raise InvalidInput(f"{where}: datatype must be one of {list(V2_TO_NUMPY)}")
+    shape = _shape_from_json(where, entry.get("shape"))
+    count = math.prod(shape)
+    parameters = entry.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise MalformedRequest(f"{where}: parameters must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or size < 0 or offset + size > len(binary):
+            raise MalformedRequest(f"{where}: binary_data_size does not fit the binary section")
+        array = _array_from_binary(where, datatype, binary[offset : offset + size], count)
+        offset += size
+    elif "data" in entry:
+        array = array_from_json(where, datatype, entry["data"])
+    else:
+        raise MalformedRequest(f"{where} has no data")
+    if array.size != count:
+        raise InvalidInput(
+            f"{where}: shape {list(shape)} needs {count} values, data has {array.size}"
+        )
+    return DecodedTensor(name, datatype, array.reshape(shape)), offset
+
+
+def _array_from_binary(
+    where: str, datatype: str, raw: memoryview, count: int
+) -> np.ndarray[Any, Any]:
+    if datatype == "BYTES":
+        items: list[str] = []
+        position = 0
+        try:
+            while position < len(raw):
+                (length,) = _LENGTH_PREFIX.unpack_from(raw, position)
+                position += 4
+                if position + length > len(raw):
+                    raise ValueError
+                items.append(str(raw[position : position + length], "utf-8"))
+                position += length
+        except (struct.error, ValueError):
+            raise InvalidInput(f"{where}: binary BYTES data is not length-prefixed UTF-8") from None
+        array = np.empty(len(items), dtype=object)
+        array[:] = items
+        return array
+    dtype = V2_TO_NUMPY[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"{where}: binary data has {len(raw)} bytes, the shape needs {count * dtype.itemsize}"
+        )
+    if datatype == "BOOL":
+        flags: np.ndarray[Any, Any] = np.frombuffer(raw, dtype=np.uint8) != 0
+        return flags
+    # A copy: the body's buffer is read-only and not necessarily aligned.
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
+
+
+def _decode_outputs(raw: Any) -> tuple[RequestedOutput, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise MalformedRequest("outputs must be a list")
+    outputs = []
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise MalformedRequest(f"outputs[{index}] must be an object with a string name")
+        parameters = entry.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise MalformedRequest(f"outputs[{index}].parameters must be an object")
+        outputs.append(RequestedOutput(entry["name"], parameters.get("binary_data") is True))
+    return tuple(outputs)
+
+
+def decode_infer_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Decode a v2 request; with header_length, the body is JSON then binary tensor data."""
+    view = memoryview(body)
+    if header_length is None:
+        header, binary = view, memoryview(b"")
+    elif 0 < header_length <= len(body):
+        header, binary = view[:header_length], view[header_length:]
+    else:
+        raise MalformedRequest("Inference-Header-Content-Length does not fit the body")
+    document = parse_json(header)
+    if not isinstance(document, dict):
+        raise MalformedRequest("request body must be a JSON object")
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise MalformedRequest("id must be a string")
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise MalformedRequest("parameters must be an object")
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise MalformedRequest("inputs must be a non-empty list")
+    inputs = []
+    offset = 0
+    for index, entry in enumerate(raw_inputs):
+        tensor, offset = _decode_input(index, entry, binary, offset)
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise MalformedRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return InferRequest(
+        id=request_id,
+        inputs=tuple(inputs),
+        outputs=_decode_outputs(document.get("outputs")),
+        binary_output=parameters.get("binary_data_output") is True,
+        parameters=parameters,
+    )
+
+
+def select_outputs(request: InferRequest, output_names: Sequence[str]) -> list[tuple[str, bool]]:
+    """The (name, binary) outputs to answer with: the requested subset, or all of them."""
+    if not request.outputs:
+        return [(name, request.binary_output) for name in output_names]
+    for requested in request.outputs:
+        if requested.name not in output_names:
+            raise InvalidInput(
+                f"unknown output {requested.name!r}; the model's outputs are {list(output_names)}"
+            )
+    return [(requested.name, requested.binary) for requested in request.outputs]
+
+
+def _binary_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    if array.dtype == object:
+        encoded = [str(item).encode() for item in array.reshape(-1)]
+        return b"".join(_LENGTH_PREFIX.pack(len(item)) + item for item in encoded)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: Sequence[tuple[str, np.ndarray[Any, Any], bool]],
+) -> tuple[bytes, int | None]:
+    """Encode a v2 response; returns the body and, when some output is binary, the JSON length."""
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array, binary in outputs:
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": NUMPY_TO_V2[array.dtype],
+            "shape": list(array.shape),
+        }
+        if binary:
+            chunk = _binary_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            flat = array.reshape(-1)
+            entry["data"] = flat.tolist() if array.dtype == object else flat
+        entries.append(entry)
+    document: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        document["id"] = request_id
+    document["outputs"] = entries
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)

@@ -1,0 +1,182 @@
+"""The serve process's configuration: one frozen object from flags and MODELDEPLOY_* env."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from modeldeploy_server.errors import ConfigError
+
+MIB = 1024 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `modeldeploy-server serve` needs, validated."""
+
+    model_path: Path
+    model_name: str
+    model_version: str = "1"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    sha256: str | None = None
+    max_request_bytes: int = 6 * MIB
+    max_rows: int = 10_000
+    request_timeout_s: float = 30.0
+    max_batch_size: int = 64
+    # 0 means no waiting: requests that queue while a batch runs form the next batch.
+    max_batch_delay_ms: float = 0.0
+    max_queue: int = 256
+    # 0 lets onnxruntime pick (one thread per core it sees).
+    intra_op_threads: int = 0
+    capture_path: Path | None = None
+    capture_sample_rate: float = 0.1
+    access_log: bool = False
+    # Time between SIGTERM (readiness starts failing) and closing the listener, so that load
+    # balancers stop sending before connections are refused.
+    shutdown_delay_s: float = 0.0
+    log_level: str = "info"
+
+
+def _text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be a port number 0..65535")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise ValueError("must be a number >= 0")
+    return number
+
+
+def _rate(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise ValueError("must be between 0 and 1")
+    return number
+
+
+def _sha256(value: str) -> str:
+    digest = value.strip().lower()
+    if not _SHA256.match(digest):
+        raise ValueError("must be 64 hexadecimal characters")
+    return digest
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _log_level(value: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in ("critical", "error", "warning", "info", "debug"):
+        raise ValueError("must be one of critical, error, warning, info, debug")
+    return lowered
+
+
+# field name -> (parser, help); the flag is --field-name and the env var MODELDEPLOY_FIELD_NAME,
+# except where _ENV_NAMES says otherwise.
+_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "model_path": (Path, "ONNX model file (required)"),
+    "model_name": (_text, "model name served under /v2/models/NAME (required)"),
+    "model_version": (_text, "model version"),
+    "host": (_text, "address to listen on"),
+    "port": (_port, "port to listen on"),
+    "sha256": (_sha256, "expected sha256 of the model file; refuse to start on mismatch"),
+    "max_request_bytes": (_positive_int, "largest request body accepted (413 above)"),
+    "max_rows": (_positive_int, "most rows (batch dimension) per request (413 above)"),
+    "request_timeout_s": (_positive_float, "time limit per request, in seconds (504 above)"),
+    "max_batch_size": (_positive_int, "most rows merged into one model run"),
+    "max_batch_delay_ms": (_non_negative_float, "time to wait for more requests to merge"),
+    "max_queue": (_positive_int, "most requests waiting for the model (503 above)"),
+    "intra_op_threads": (_non_negative_int, "onnxruntime intra-op threads (0: its default)"),
+    "capture_path": (Path, "append sampled request/response pairs to this JSON-lines file"),
+    "capture_sample_rate": (_rate, "fraction of requests captured"),
+    "access_log": (_bool, "log one line per request (costs throughput)"),
+    "shutdown_delay_s": (_non_negative_float, "seconds between SIGTERM and closing the port"),
+    "log_level": (_log_level, "log level"),
+}
+_ENV_NAMES = {"sha256": "MODELDEPLOY_MODEL_SHA256"}
+_REQUIRED = ("model_path", "model_name")
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets a config field."""
+    return _ENV_NAMES.get(field_name, "MODELDEPLOY_" + field_name.upper())
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modeldeploy-server serve",
+        description="Serve one ONNX model over the Open Inference Protocol v2 and records/CSV.",
+    )
+    defaults = {f.name: f.default for f in fields(ServeConfig)}
+    for name, (_, help_) in _PARSERS.items():
+        default = defaults.get(name)
+        shown = "" if name in _REQUIRED or default is None else f"; default {default}"
+        # Strings are parsed below, after env values are merged, so both get the same checks.
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, help=f"{help_} [env {env_name(name)}{shown}]"
+        )
+    return parser
+
+
+def parse_serve_config(argv: Sequence[str], env: Mapping[str, str]) -> ServeConfig:
+    """Flags win over MODELDEPLOY_* variables, which win over defaults; raises ConfigError."""
+    args = vars(_build_parser().parse_args(list(argv)))
+    values: dict[str, Any] = {}
+    for name, (parse, _) in _PARSERS.items():
+        flag = "--" + name.replace("_", "-")
+        raw = args[name]
+        source = flag
+        if raw is None:
+            raw, source = env.get(env_name(name)), env_name(name)
+        if raw is None:
+            if name in _REQUIRED:
+                raise ConfigError(f"{flag} (or {env_name(name)}) is required")
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}={raw!r}: {exc}") from None
+    return ServeConfig(**values)

@@ -1,0 +1,140 @@
+"""A model's signature as plain data, and the validation of decoded tensors against it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from modeldeploy_server.errors import InvalidInput, PayloadTooLarge
+
+# The Open Inference Protocol v2 datatypes that ONNX has, and their numpy dtypes (plain data).
+# BYTES tensors are numpy object arrays of str, which is what onnxruntime takes for tensor(string).
+V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+ONNX_TO_V2: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+NUMPY_TO_V2: dict[np.dtype[Any], str] = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: v2 datatype and shape, -1 for a dynamic dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        """The v2 metadata form."""
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What the server knows about the model it serves."""
+
+    name: str
+    version: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def batchable(self) -> bool:
+        """Requests can be merged when every tensor has a dynamic first (batch) dimension."""
+        return all(spec.shape[:1] == (-1,) for spec in (*self.inputs, *self.outputs))
+
+    def as_json(self) -> dict[str, Any]:
+        """The v2 model metadata response."""
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [spec.as_json() for spec in self.inputs],
+            "outputs": [spec.as_json() for spec in self.outputs],
+        }
+
+
+@dataclass(frozen=True)
+class DecodedTensor:
+    """An input tensor as the client sent it, already converted to its declared datatype."""
+
+    name: str
+    datatype: str
+    array: np.ndarray[Any, Any]
+
+
+def validate_inputs(
+    tensors: Sequence[DecodedTensor], metadata: ModelMetadata, max_rows: int
+) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
+    """Check names, datatypes and shapes against the model; return the feed and its row count."""
+    specs = {spec.name: spec for spec in metadata.inputs}
+    feed: dict[str, np.ndarray[Any, Any]] = {}
+    for tensor in tensors:
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidInput(
+                f"unknown input {tensor.name!r}; the model's inputs are {sorted(specs)}"
+            )
+        if tensor.name in feed:
+            raise InvalidInput(f"input {tensor.name!r} is given more than once")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(
+                f"input {tensor.name!r} has datatype {tensor.datatype}, "
+                f"the model expects {spec.datatype}"
+            )
+        _check_shape(tensor.name, tensor.array.shape, spec.shape)
+        feed[tensor.name] = tensor.array
+    missing = [name for name in specs if name not in feed]
+    if missing:
+        raise InvalidInput(f"missing input(s) {missing}; the model needs {list(specs)}")
+    rows = _row_count(feed)
+    if rows > max_rows:
+        raise PayloadTooLarge(f"request has {rows} rows, the limit is {max_rows}")
+    return feed, rows
+
+
+def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if len(shape) != len(expected) or any(
+        want not in (-1, got) for got, want in zip(shape, expected, strict=True)
+    ):
+        raise InvalidInput(
+            f"input {name!r} has shape {list(shape)}, the model expects {list(expected)} "
+            "(-1: any size)"
+        )
+
+
+def _row_count(feed: dict[str, np.ndarray[Any, Any]]) -> int:
+    firsts = {name: array.shape[0] if array.ndim else 1 for name, array in feed.items()}
+    counts = set(firsts.values())
+    if len(counts) > 1:
+        raise InvalidInput(f"inputs disagree on the batch dimension: {firsts}")
+    return counts.pop() if counts else 0

@@ -1,0 +1,177 @@
+"""Records codec (`{"instances": [...]}` -> `{"predictions": [...]}`) and CSV in and out.
+
+Pure: it maps rows to the model's inputs using the model's metadata, and outputs back to rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+from modeldeploy_server.codec import array_from_json, parse_json
+from modeldeploy_server.errors import InvalidInput, MalformedRequest
+from modeldeploy_server.metadata import V2_TO_NUMPY, DecodedTensor, ModelMetadata, TensorSpec
+
+_TRUE = frozenset({"true", "1"})
+_FALSE = frozenset({"false", "0"})
+
+
+def _fit_rows(where: str, array: np.ndarray[Any, Any], rows: int, spec: TensorSpec) -> Any:
+    """Give per-row values the input's rank: a scalar per row fits an input of shape [-1, 1]."""
+    if array.ndim == len(spec.shape):
+        return array
+    trailing = spec.shape[1:]
+    if -1 not in trailing and array.size == rows * math.prod(trailing):
+        return array.reshape((rows, *trailing))
+    raise InvalidInput(
+        f"{where}: values of shape {list(array.shape[1:])} per row do not fit the input's "
+        f"shape {list(spec.shape)}"
+    )
+
+
+def decode_instances(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor]:
+    """Map `instances` (lists of positional values or objects keyed by input) to input tensors."""
+    document = parse_json(body)
+    if not isinstance(document, dict) or not isinstance(document.get("instances"), list):
+        raise MalformedRequest('request body must be an object with an "instances" list')
+    instances: list[Any] = document["instances"]
+    if not instances:
+        raise MalformedRequest('"instances" must not be empty')
+    specs = metadata.inputs
+    columns: dict[str, list[Any]]
+    if all(isinstance(instance, dict) for instance in instances):
+        names = [spec.name for spec in specs]
+        columns = {name: [] for name in names}
+        for index, instance in enumerate(instances):
+            if set(instance) != set(names):
+                raise InvalidInput(f"instances[{index}] has keys {sorted(instance)}, need {names}")
+            for name in names:
+                columns[name].append(instance[name])
+    elif all(isinstance(instance, list) for instance in instances):
+        if len(specs) == 1:
+            columns = {specs[0].name: instances}
+        else:
+            for index, instance in enumerate(instances):
+                if len(instance) != len(specs):
+                    raise InvalidInput(
+                        f"instances[{index}] has {len(instance)} values, the model has "
+                        f"{len(specs)} inputs {[spec.name for spec in specs]}"
+                    )
+            columns = {spec.name: [row[i] for row in instances] for i, spec in enumerate(specs)}
+    else:
+        raise MalformedRequest("instances must all be lists or all be objects")
+    tensors = []
+    for spec in specs:
+        where = f"instances, input {spec.name!r}"
+        array = array_from_json(where, spec.datatype, columns[spec.name])
+        if spec.datatype == "BYTES":
+            # Strings were flattened; recover the rows from the count per row.
+            array = array.reshape((len(instances), -1)) if array.size else array
+        tensors.append(
+            DecodedTensor(spec.name, spec.datatype, _fit_rows(where, array, len(instances), spec))
+        )
+    return tensors
+
+
+def encode_predictions(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
+    """One prediction per row: the value of a single output, or an object keyed by output."""
+    # orjson takes numpy arrays and float scalars, but not every integer scalar type (onnxruntime
+    # returns np.longlong), so per-row integers and strings become Python values first.
+    arrays = {
+        name: (a.tolist() if a.dtype == object or (a.ndim == 1 and a.dtype.kind in "iub") else a)
+        for name, a in outputs.items()
+    }
+    if len(arrays) == 1:
+        (only,) = arrays.values()
+        predictions: Any = only
+    else:
+        rows = len(next(iter(outputs.values())))
+        predictions = [{name: a[row] for name, a in arrays.items()} for row in range(rows)]
+    return orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _column_array(where: str, datatype: str, values: Sequence[str]) -> np.ndarray[Any, Any]:
+    if datatype == "BYTES":
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array
+    if datatype == "BOOL":
+        lowered = [value.strip().lower() for value in values]
+        if not all(value in _TRUE or value in _FALSE for value in lowered):
+            raise InvalidInput(f"{where}: BOOL values must be true/false/1/0")
+        return np.array([value in _TRUE for value in lowered])
+    dtype = V2_TO_NUMPY[datatype]
+    try:
+        if dtype.kind == "f":
+            return np.array(values).astype(dtype)
+        parsed = np.array([int(value) for value in values])
+    except (ValueError, OverflowError):
+        raise InvalidInput(f"{where}: a value is not {datatype}") from None
+    info = np.iinfo(dtype)
+    if parsed.dtype == object or parsed.min() < info.min or parsed.max() > info.max:
+        raise InvalidInput(f"{where}: a value is out of range for {datatype}")
+    return parsed.astype(dtype)
+
+
+def decode_csv(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor]:
+    """A header row then one row per instance; columns name the inputs, or are the features of
+    a single input."""
+    try:
+        text = body.decode("utf-8-sig")
+        table = [row for row in csv.reader(io.StringIO(text)) if row]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise MalformedRequest(f"request body is not UTF-8 CSV: {exc}") from None
+    if len(table) < 2:
+        raise MalformedRequest("CSV needs a header row and at least one data row")
+    header, rows = table[0], table[1:]
+    for number, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise MalformedRequest(
+                f"CSV line {number} has {len(row)} fields, header has {len(header)}"
+            )
+    columns = list(zip(*rows, strict=True))
+    specs = metadata.inputs
+    names = [spec.name for spec in specs]
+    tensors = []
+    if sorted(header) == sorted(names):
+        for spec in specs:
+            where = f"CSV column {spec.name!r}"
+            array = _column_array(where, spec.datatype, columns[header.index(spec.name)])
+            tensors.append(
+                DecodedTensor(spec.name, spec.datatype, _fit_rows(where, array, len(rows), spec))
+            )
+        return tensors
+    if len(specs) == 1 and len(specs[0].shape) == 2 and specs[0].shape[1] in (-1, len(header)):
+        spec = specs[0]
+        arrays = [
+            _column_array(f"CSV column {name!r}", spec.datatype, column)
+            for name, column in zip(header, columns, strict=True)
+        ]
+        return [DecodedTensor(spec.name, spec.datatype, np.stack(arrays, axis=1))]
+    raise InvalidInput(
+        f"CSV columns {header} do not match the model's inputs {names} (name them, or give "
+        "the features of a single input)"
+    )
+
+
+def encode_csv(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
+    """A header row then one row per instance; an output with more values per row becomes
+    columns NAME_0, NAME_1, ..."""
+    header: list[str] = []
+    blocks: list[np.ndarray[Any, Any]] = []
+    for name, array in outputs.items():
+        block = array.reshape((array.shape[0], -1)) if array.ndim else array.reshape((1, 1))
+        header.extend(
+            [name] if block.shape[1] == 1 else [f"{name}_{i}" for i in range(block.shape[1])]
+        )
+        blocks.append(block.astype(str))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(np.concatenate(blocks, axis=1).tolist())
+    return buffer.getvalue().encode()

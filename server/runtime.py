@@ -1,0 +1,87 @@
+"""The onnxruntime adapter: load and verify a model, describe it, run it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort  # type: ignore[import-untyped]
+from modeldeploy_server.digest import sha256_file
+from modeldeploy_server.errors import ConfigError, InvalidInput, ModelExecutionError
+from modeldeploy_server.metadata import ONNX_TO_V2, V2_TO_NUMPY, ModelMetadata, TensorSpec
+
+
+def _spec(node: Any) -> TensorSpec:
+    datatype = ONNX_TO_V2.get(node.type)
+    if datatype is None:
+        raise ConfigError(f"model tensor {node.name!r} has type {node.type}, not servable over v2")
+    # Symbolic dims come back as strings, unknown ones as None: both are dynamic (-1).
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in node.shape)
+    return TensorSpec(node.name, datatype, shape)
+
+
+class OnnxModel:
+    """One loaded ONNX model; `run` is blocking and must run off the event loop."""
+
+    def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata) -> None:
+        self._session = session
+        self.metadata = metadata
+        self._output_names = [spec.name for spec in metadata.outputs]
+
+    def run(self, feed: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        """Run the model on validated inputs."""
+        try:
+            results = self._session.run(self._output_names, dict(feed))
+        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
+            # Validation caught names, types and shapes; what is left is about values.
+            raise InvalidInput(f"the model rejected the input: {exc}") from None
+        except Exception as exc:
+            raise ModelExecutionError(f"model execution failed: {exc}") from None
+        return dict(zip(self._output_names, results, strict=True))
+
+    def synthetic_feed(self) -> dict[str, np.ndarray[Any, Any]]:
+        """A one-row input of zeros (empty strings) for warm-up."""
+        feed: dict[str, np.ndarray[Any, Any]] = {}
+        for spec in self.metadata.inputs:
+            shape = tuple(1 if dim == -1 else dim for dim in spec.shape)
+            if spec.datatype == "BYTES":
+                feed[spec.name] = np.full(shape, "", dtype=object)
+            else:
+                feed[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
+        return feed
+
+
+def load_model(
+    path: Path, name: str, version: str, expected_sha256: str | None, intra_op_threads: int
+) -> OnnxModel:
+    """Verify the file's sha256, then load it; raises ConfigError with a clear message."""
+    try:
+        sha256 = sha256_file(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read model file {path}: {exc.strerror}") from None
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise ConfigError(
+            f"model file {path} has sha256 {sha256}, expected {expected_sha256}; refusing to serve"
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise ConfigError(f"onnxruntime cannot load {path} as an ONNX model: {exc}") from None
+    metadata = ModelMetadata(
+        name=name,
+        version=version,
+        sha256=sha256,
+        inputs=tuple(_spec(node) for node in session.get_inputs()),
+        outputs=tuple(_spec(node) for node in session.get_outputs()),
+    )
+    return OnnxModel(session, metadata)

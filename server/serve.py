@@ -1,0 +1,97 @@
+"""`modeldeploy-server serve`: load, verify and warm up one ONNX model, then serve it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+import uvicorn
+from modeldeploy_server.app import ServingState, build_app
+from modeldeploy_server.config import ServeConfig, parse_serve_config
+from modeldeploy_server.errors import ConfigError
+from modeldeploy_server.runtime import load_model
+
+logger = logging.getLogger("uvicorn.error")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM first fails readiness, waits shutdown_delay_s with the port
+    still open, then shuts down gracefully (in-flight requests finish, then the lifespan ends)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServingState, shutdown_delay_s: float):
+        super().__init__(config)
+        self._state = state
+        self._shutdown_delay_s = shutdown_delay_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Signal handler (main thread): readiness off now, listener closed after the delay."""
+        first = not self._state.draining
+        self._state.draining = True
+        if first and sig == signal.SIGTERM and self._shutdown_delay_s > 0:
+            logger.info("SIGTERM: not ready; closing the port in %.1f s", self._shutdown_delay_s)
+            timer = threading.Timer(self._shutdown_delay_s, super().handle_exit, (sig, None))
+            timer.daemon = True
+            timer.start()
+            return
+        super().handle_exit(sig, frame)
+
+
+def run_server(config: ServeConfig) -> int:
+    """Load the model (exit 1 on failure) and serve until SIGTERM/SIGINT."""
+    try:
+        model = load_model(
+            config.model_path,
+            config.model_name,
+            config.model_version,
+            config.sha256,
+            config.intra_op_threads,
+        )
+    except ConfigError as exc:
+        print(f"modeldeploy-server serve: error: {exc}", file=sys.stderr)
+        return 1
+    app, service = build_app(config, model)
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=config.access_log,
+        log_level=config.log_level,
+        server_header=False,
+        timeout_graceful_shutdown=int(config.request_timeout_s) + 1,
+    )
+    server = DrainingServer(uvicorn_config, service.state, config.shutdown_delay_s)
+    metadata = model.metadata
+    logger.info(
+        "model %s version %s sha256 %s (%d inputs, %d outputs, batchable %s)",
+        metadata.name,
+        metadata.version,
+        metadata.sha256,
+        len(metadata.inputs),
+        len(metadata.outputs),
+        metadata.batchable,
+    )
+    # uvicorn re-raises the signal it handled once it has shut down; a drained SIGTERM is a
+    # clean exit, so the re-raised one must not kill the process.
+    signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits 3 when the lifespan (warm-up) fails
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `modeldeploy-server serve`."""
+    try:
+        config = parse_serve_config(argv, os.environ)
+    except ConfigError as exc:
+        print(f"modeldeploy-server serve: error: {exc}", file=sys.stderr)
+        return 2
+    return run_server(config)

@@ -14,9 +14,10 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -70,7 +71,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class RouterSettings:
     """The router process's configuration, read once from flags and MODELDEPLOY_* env vars."""
 
-    config_path: Path
+    config: Path
     host: str
     port: int
     timeout_s: float
@@ -79,71 +80,74 @@ class RouterSettings:
     access_log: bool
 
 
-def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> RouterSettings:
-    """Build the settings from command-line flags, falling back to the environment."""
-    parser = argparse.ArgumentParser(
-        prog="modeldeploy-server route",
-        description="Split traffic by weight across a model's variants.",
-    )
-    parser.add_argument(
-        "--config",
-        default=environ.get("MODELDEPLOY_ROUTER_CONFIG"),
-        help="routing config JSON file (env MODELDEPLOY_ROUTER_CONFIG); re-read when it changes",
-    )
-    parser.add_argument("--host", default=environ.get("MODELDEPLOY_HOST", "0.0.0.0"))
-    parser.add_argument(
-        "--port", type=_port, default=_port(environ.get("MODELDEPLOY_PORT", "8080"))
-    )
-    parser.add_argument(
-        "--timeout-s",
-        type=_positive_float,
-        default=_positive_float(environ.get("MODELDEPLOY_ROUTER_TIMEOUT_S", "60")),
-        help="longest wait for a variant to send its answer (504 after)",
-    )
-    parser.add_argument(
-        "--connect-timeout-s",
-        type=_positive_float,
-        default=_positive_float(environ.get("MODELDEPLOY_ROUTER_CONNECT_TIMEOUT_S", "5")),
-        help="longest wait for a connection to a variant (504 after)",
-    )
-    parser.add_argument(
-        "--reload-interval-s",
-        type=_positive_float,
-        default=_positive_float(environ.get("MODELDEPLOY_ROUTER_RELOAD_INTERVAL_S", "1")),
-        help="how often the config file is checked for changes",
-    )
-    parser.add_argument(
-        "--access-log",
-        action="store_true",
-        default=environ.get("MODELDEPLOY_ACCESS_LOG", "") == "1",
-        help="log every request (off by default: it costs throughput)",
-    )
-    args = parser.parse_args(list(argv))
-    if not args.config:
-        parser.error("--config (or MODELDEPLOY_ROUTER_CONFIG) is required")
-    return RouterSettings(
-        config_path=Path(args.config),
-        host=args.host,
-        port=args.port,
-        timeout_s=args.timeout_s,
-        connect_timeout_s=args.connect_timeout_s,
-        reload_interval_s=args.reload_interval_s,
-        access_log=args.access_log,
-    )
-
-
 def _port(text: str) -> int:
     port = int(text)
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is not in 1..65535")
+    if not 0 <= port <= 65535:
+        raise ValueError("must be a port number 0..65535 (0: any free port)")
     return port
 
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a positive number")
     return value
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError("must be true or false")
+    return text.lower() in ("true", "1")
+
+
+# field -> (env var, parser, default, help). The flag is --field-name; flags win over env vars,
+# which win over defaults, and both go through the same parser.
+_OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
+    "config": ("MODELDEPLOY_ROUTER_CONFIG", Path, None, "routing config JSON, re-read on change"),
+    "host": ("MODELDEPLOY_HOST", str, "0.0.0.0", "address to listen on"),
+    "port": ("MODELDEPLOY_PORT", _port, "8080", "port to listen on"),
+    "timeout_s": ("MODELDEPLOY_ROUTER_TIMEOUT_S", _positive_float, "60", "wait for answers"),
+    "connect_timeout_s": (
+        "MODELDEPLOY_ROUTER_CONNECT_TIMEOUT_S",
+        _positive_float,
+        "5",
+        "wait for a connection to a variant",
+    ),
+    "reload_interval_s": (
+        "MODELDEPLOY_ROUTER_RELOAD_INTERVAL_S",
+        _positive_float,
+        "1",
+        "seconds between checks of the config file",
+    ),
+    "access_log": ("MODELDEPLOY_ACCESS_LOG", _bool, "false", "log each request (costs speed)"),
+}
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> RouterSettings:
+    """Build the settings from flags and the environment; exit 2 with a message if invalid."""
+    parser = argparse.ArgumentParser(
+        prog="modeldeploy-server route",
+        description="Split traffic by weight across a model's variants. Waits are in seconds; "
+        "a variant that does not answer in time gives a 504.",
+    )
+    for name, (env, _, default, help_) in _OPTIONS.items():
+        shown = "required" if default is None else f"default {default}"
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, help=f"{help_} [env {env}; {shown}]")
+    args = vars(parser.parse_args(list(argv)))
+    values: dict[str, Any] = {}
+    for name, (env, parse, default, _) in _OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        raw, source = args[name], flag
+        if raw is None:
+            raw, source = environ.get(env, default), env
+        if raw is None:
+            parser.error(f"{flag} (or {env}) is required")
+        try:
+            values[name] = parse(raw)
+        except ValueError as exc:
+            parser.error(f"{source}={raw!r}: {exc}")
+    return RouterSettings(**values)
 
 
 class RouterMetrics:
@@ -312,7 +316,7 @@ class Router:
     async def _watch_config(self) -> None:
         # ConfigMap volumes change by an atomic swap of the `..data` symlink, so reading the whole
         # (small) file each interval sees either the old or the new content, never a mix.
-        path = self.settings.config_path
+        path = self.settings.config
         while True:
             await asyncio.sleep(self.settings.reload_interval_s)
             try:
@@ -333,7 +337,7 @@ class Router:
         except ConfigError as exc:
             self.metrics.count_reload(applied=False)
             log.error(
-                "invalid config in %s, keeping the current one: %s", self.settings.config_path, exc
+                "invalid config in %s, keeping the current one: %s", self.settings.config, exc
             )
             return
         old, self.config = self.config, config
@@ -460,10 +464,10 @@ def main(argv: list[str]) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config_bytes = settings.config_path.read_bytes()
+        config_bytes = settings.config.read_bytes()
         config = parse_router_config(config_bytes)
     except (OSError, ConfigError) as exc:
-        log.error("cannot start: config %s: %s", settings.config_path, exc)
+        log.error("cannot start: config %s: %s", settings.config, exc)
         return 2
     log.info("config loaded: %s", describe(config))
     router = Router(settings, config, config_bytes)

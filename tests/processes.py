@@ -45,7 +45,7 @@ class ProcessStartError(RuntimeError):
     """The process exited or did not become ready in time; the message includes its output."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunningProcess:
     """A started process, the base URL it listens on and the file holding its stdout+stderr."""
 
@@ -54,10 +54,22 @@ class RunningProcess:
     url: str
     port: int
     log_path: Path
+    # What the process wrote, kept when it is stopped and its log file removed.
+    final_output: str | None = None
 
     def output(self) -> str:
         """Everything the process has written to stdout and stderr so far."""
+        if self.final_output is not None:
+            return self.final_output
         return self.log_path.read_text(errors="replace")
+
+    def close(self) -> int:
+        """Stop the process, keep its output and remove the log file; return its exit code."""
+        code = stop(self.process)
+        if self.final_output is None:
+            self.final_output = self.output()
+            self.log_path.unlink()
+        return code
 
 
 def server_command() -> list[str]:
@@ -115,17 +127,14 @@ def running(args: Sequence[str], **options: Unpack[RunOptions]) -> Iterator[Runn
                 options.get("ready_timeout_s", 60.0),
             )
         except ProcessStartError:
-            stop(process)
-            output = started.output()
-            log_path.unlink()
-            if "address already in use" in output.lower() and attempt < _BIND_ATTEMPTS:
+            started.close()
+            if "address already in use" in started.output().lower() and attempt < _BIND_ATTEMPTS:
                 continue
             raise
         try:
             yield started
         finally:
-            stop(process)
-            log_path.unlink()
+            started.close()
         return
 
 

@@ -34,7 +34,9 @@ PathPart = str | int
 # before the CRD's own rules, which narrow it further).
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _FIELD_PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
-# The apiserver stops before CEL when a value has the wrong type, and says so in these words.
+# The apiserver skips the CEL rules after errors of these kinds (its hasBlockingErr: TypeInvalid,
+# Required, NotSupported, TooLong, TooMany), and says so in these words.
+_BLOCKING = frozenset({"type", "required", "enum", "maxLength", "maxItems", "maxProperties"})
 _RULES_NOT_CHECKED = (
     "some validation rules were not checked because the object was invalid; "
     "correct the existing errors to complete validation"
@@ -74,15 +76,17 @@ def validate_model_deployment(obj: object) -> list[FieldError]:
     """Every reason the apiserver would refuse `obj` as a ModelDeployment (empty when valid)."""
     if not isinstance(obj, Mapping):
         return [FieldError("<root>", "must be a mapping (a ModelDeployment object)")]
-    errors = [*_check_type_meta(obj), *_check_name(obj.get("metadata"))]
+    name_errors = list(_check_name(obj.get("metadata")))
+    errors = [*_check_type_meta(obj), *name_errors]
     schema = load_schema()
     defaulted = default_model_deployment(obj)
     schema_errors = sorted(
-        _schema_errors(schema, defaulted), key=lambda e: [str(p) for p in e.absolute_path]
+        _validator().iter_errors(defaulted), key=lambda e: [str(p) for p in e.absolute_path]
     )
-    errors += [error for e in schema_errors for error in _describe(schema, e)]
+    errors += [error for e in schema_errors for error in _describe(e)]
     errors += _duplicate_keys(schema, defaulted, [])
-    if any(e.validator == "type" for e in schema_errors):
+    name_missing = any(e.message.startswith("Required") for e in name_errors)
+    if name_missing or any(e.validator in _BLOCKING for e in schema_errors):
         errors.append(FieldError("<nil>", _RULES_NOT_CHECKED))
     else:
         errors += _rule_errors(schema, _cel_view(defaulted), [])
@@ -125,7 +129,7 @@ def _apply_defaults(schema: Schema, value: Any) -> None:
             _apply_defaults(schema["items"], item)
 
 
-def _to_json_schema(schema: Schema, *, root: bool = False) -> dict[str, Any]:
+def _to_json_schema(schema: Schema, *, closed: bool = True) -> dict[str, Any]:
     """Translate the structural-schema dialect into plain JSON Schema (draft 7)."""
     out = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
     if schema.get("x-kubernetes-int-or-string"):
@@ -135,16 +139,16 @@ def _to_json_schema(schema: Schema, *, root: bool = False) -> dict[str, Any]:
     if "properties" in schema:
         out["properties"] = {k: _to_json_schema(v) for k, v in schema["properties"].items()}
         # Unknown fields are what `kubectl apply` (strict field validation) refuses.
-        if "additionalProperties" not in schema and not schema.get(
-            "x-kubernetes-preserve-unknown-fields"
+        if (
+            closed
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
         ):
             out["additionalProperties"] = False
     if isinstance(schema.get("additionalProperties"), Mapping):
         out["additionalProperties"] = _to_json_schema(schema["additionalProperties"])
     if "items" in schema:
         out["items"] = _to_json_schema(schema["items"])
-    if root:
-        out["$schema"] = "http://json-schema.org/draft-07/schema#"
     return out
 
 
@@ -166,19 +170,16 @@ _Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
 
 @functools.cache
 def _validator() -> jsonschema.protocols.Validator:
-    validator: jsonschema.protocols.Validator = _Validator(
-        _to_json_schema(load_schema(), root=True)
+    schema = _to_json_schema(load_schema())
+    # ObjectMeta is the apiserver's own type; the CRD may only narrow its name.
+    schema["properties"]["metadata"] = _to_json_schema(
+        load_schema()["properties"]["metadata"], closed=False
     )
+    validator: jsonschema.protocols.Validator = _Validator(schema)
     return validator
 
 
-def _schema_errors(schema: Schema, obj: Any) -> Iterator[jsonschema.ValidationError]:
-    # metadata belongs to the apiserver's ObjectMeta validation, not to the CRD schema.
-    body = {k: v for k, v in obj.items() if k != "metadata"}
-    return _validator().iter_errors(body)
-
-
-def _describe(schema: Schema, error: jsonschema.ValidationError) -> Iterator[FieldError]:
+def _describe(error: jsonschema.ValidationError) -> Iterator[FieldError]:
     """Phrase a JSON Schema error the way the apiserver phrases the same violation."""
     path = list(error.absolute_path)
     value: Any = error.instance
@@ -187,14 +188,14 @@ def _describe(schema: Schema, error: jsonschema.ValidationError) -> Iterator[Fie
     if error.validator == "required":
         for name in limit:
             if name not in value:
-                yield FieldError(_format_path(schema, [*path, name]), "Required value")
+                yield FieldError(_format_path([*path, name]), "Required value")
         return
     if error.validator == "additionalProperties":
         for name in sorted(value.keys() - declared.get("properties", {}).keys()):
-            yield FieldError(_format_path(schema, [*path, name]), "field not declared in schema")
+            yield FieldError(_format_path([*path, name]), "field not declared in schema")
         return
     message = _MESSAGES.get(str(error.validator), lambda v, lim: error.message)(value, limit)
-    yield FieldError(_format_path(schema, path), message)
+    yield FieldError(_format_path(path), message)
 
 
 _MESSAGES: dict[str, Callable[[Any, Any], str]] = {
@@ -224,22 +225,12 @@ def _quote(value: object) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
-def _format_path(schema: Schema, parts: Sequence[PathPart]) -> str:
-    """Render a path like the apiserver: `spec.variants[1].weight`, map keys as `[cpu]`."""
-    out = ""
-    node: Schema | None = schema
-    for part in parts:
-        properties = node.get("properties", {}) if node is not None else {}
-        if isinstance(part, int):
-            out += f"[{part}]"
-            node = node.get("items") if node is not None else None
-        elif part in properties or node is None or not node.get("additionalProperties"):
-            out += f".{part}" if out else part
-            node = properties.get(part)
-        else:
-            out += f"[{part}]"
-            node = node["additionalProperties"]
-    return out
+def _format_path(parts: Sequence[PathPart]) -> str:
+    """Render a path like the apiserver: `spec.variants[1].weight`, map keys as fields too."""
+    return "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" if index else part
+        for index, part in enumerate(parts)
+    )
 
 
 def _children(schema: Schema, value: Any) -> Iterator[tuple[Schema, Any, PathPart]]:
@@ -269,7 +260,7 @@ def _duplicate_keys(schema: Schema, value: Any, path: list[PathPart]) -> list[Fi
                 fields = ", ".join(f"{k}={item.get(k)!r}" for k in keys)
                 errors.append(
                     FieldError(
-                        _format_path(load_schema(), [*path, index]),
+                        _format_path([*path, index]),
                         f"Duplicate value: {{{fields}}}",
                     )
                 )
@@ -296,7 +287,7 @@ def _rule_errors(schema: Schema, value: Any, path: list[PathPart]) -> list[Field
         failure = _evaluate_rule(rule, value)
         if failure is not None:
             steps = _FIELD_PATH_STEP.findall(rule.get("fieldPath", ""))
-            errors.append(FieldError(_format_path(load_schema(), [*path, *steps]), failure))
+            errors.append(FieldError(_format_path([*path, *steps]), failure))
     for sub, child, step in _children(schema, value):
         errors += _rule_errors(sub, child, [*path, step])
     return errors
@@ -323,12 +314,8 @@ def _cel_sum(values: celtypes.ListType) -> Any:
     return total
 
 
-def _cel_max(values: celtypes.ListType) -> celtypes.Value:
-    return max(values)  # type: ignore[type-var]  # CEL values of one type are ordered
-
-
-# The apiserver's CEL has the Kubernetes list library; cel-python lacks these two of it.
-_KUBERNETES_LIST_FUNCTIONS: dict[str, Any] = {"sum": _cel_sum, "max": _cel_max}
+# The apiserver's CEL has the Kubernetes list library; cel-python lacks the part the CRD uses.
+_KUBERNETES_LIST_FUNCTIONS: dict[str, Any] = {"sum": _cel_sum}
 
 
 @functools.cache

@@ -253,7 +253,7 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
     ),
     _case(
         "resources-bad-quantity",
-        "spec.variants[0].resources.limits[memory]",
+        "spec.variants[0].resources.limits.memory",
         lambda m: _variant(m, 0).update(resources={"limits": {"memory": "lots"}}),
     ),
     _case(
@@ -328,7 +328,7 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
     ),
     _case(
         "pod-label-value-too-long",
-        "spec.pod.labels[team]",
+        "spec.pod.labels.team",
         lambda m: _spec(m).update(pod={"labels": {"team": "x" * 64}}),
     ),
     _case(

@@ -208,7 +208,7 @@ def _undescribed(schema: Mapping[str, Any], path: str) -> list[str]:
     """Paths under `schema` without a description (metadata is described by its own type)."""
     missing = [] if schema.get("description") or path == "metadata" else [path]
     for name, sub in schema.get("properties", {}).items():
-        missing += _undescribed(sub, f"{path}.{name}")
+        missing += _undescribed(sub, f"{path}.{name}" if path else name)
     for key in ("items", "additionalProperties"):
         if isinstance(schema.get(key), Mapping):
             missing += _undescribed(schema[key], f"{path}[]")

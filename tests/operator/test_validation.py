@@ -86,12 +86,12 @@ def test_missing_name_is_required() -> None:
     assert FieldError("metadata.name", "Required value: name is required") in errors
 
 
-def test_uppercase_name_fails_the_generic_and_the_crd_name_rules() -> None:
+def test_uppercase_name_fails_the_generic_and_the_crd_name_checks() -> None:
     errors = validate_model_deployment(minimal_manifest("Iris"))
 
     assert [e.field for e in errors] == ["metadata.name", "metadata.name"]
     assert "RFC 1123 subdomain" in errors[0].message
-    assert "DNS-1035 label" in errors[1].message
+    assert "should match '^[a-z]" in errors[1].message
 
 
 def test_type_error_stops_before_the_rules_as_the_apiserver_does() -> None:
@@ -119,9 +119,7 @@ def test_messages_say_what_is_wrong() -> None:
 
     (error,) = validate_model_deployment(manifest)
 
-    assert error == FieldError(
-        "spec.variants", "the weights of all variants must sum to 100, got 120"
-    )
+    assert error == FieldError("spec.variants", "the weights of all variants must sum to 100")
 
 
 def test_regex_dialect_is_the_apiservers() -> None:

@@ -1,0 +1,388 @@
+"""render_objects: the one rendering path (golden output, invariants, hardening, routing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from modeldeploy_operator import naming
+from modeldeploy_operator.render import render_objects
+from modeldeploy_operator.spec import ModelDeployment, parse_model_deployment
+
+from tests.operator.builders import SHA_V1, model_deployment, variant
+
+IMAGE = "registry.example/modeldeploy-server:1.0"
+GOLDEN = Path(__file__).parent / "golden" / "production.yaml"
+KUBERNETES_VERSION = "1.33.0"
+
+
+def render(obj: dict[str, Any], ready: set[str] | None = None) -> list[dict[str, Any]]:
+    return render_objects(parse_model_deployment(obj), server_image=IMAGE, ready_variants=ready)
+
+
+def by_kind_name(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def pod_templates(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o["spec"]["template"] for o in objects if o["kind"] == "Deployment"]
+
+
+def production() -> dict[str, Any]:
+    obj: dict[str, Any] = yaml.safe_load(Path("examples/production.yaml").read_text())
+    obj["metadata"]["uid"] = "5d0d7f9e-3b1f-4c52-8f0e-6b1de2a4c7a9"
+    return obj
+
+
+def test_production_example_matches_golden_output() -> None:
+    rendered = yaml.safe_dump_all(render(production()), sort_keys=False)
+    assert rendered == GOLDEN.read_text()
+
+
+def test_rendering_is_deterministic_and_returns_fresh_objects() -> None:
+    md = parse_model_deployment(production())
+    first = render_objects(md, server_image=IMAGE)
+    first[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = "9Gi"
+    second = render_objects(md, server_image=IMAGE)
+    assert json.dumps(second) == json.dumps(render_objects(md, server_image=IMAGE))
+    assert second[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "memory": "2Gi"
+    }
+
+
+@pytest.mark.parametrize(
+    ("routing", "expected"),
+    [
+        (
+            None,
+            [
+                ("Deployment", "iris-v1"),
+                ("Service", "iris-v1"),
+                ("Deployment", "iris-v2"),
+                ("Service", "iris-v2"),
+                ("ConfigMap", "iris-routes"),
+                ("Deployment", "iris"),
+                ("Service", "iris"),
+                ("PodDisruptionBudget", "iris"),
+            ],
+        ),
+        (
+            {"mode": "gateway", "gateway": {"parentRefs": [{"name": "gw"}]}},
+            [
+                ("Deployment", "iris-v1"),
+                ("Service", "iris-v1"),
+                ("Deployment", "iris-v2"),
+                ("Service", "iris-v2"),
+                ("HTTPRoute", "iris"),
+            ],
+        ),
+        (
+            {"mode": "none"},
+            [
+                ("Deployment", "iris-v1"),
+                ("Service", "iris-v1"),
+                ("Deployment", "iris-v2"),
+                ("Service", "iris-v2"),
+            ],
+        ),
+    ],
+    ids=["router", "gateway", "none"],
+)
+def test_objects_per_routing_mode(
+    routing: dict[str, Any] | None, expected: list[tuple[str, str]]
+) -> None:
+    objects = render(model_deployment(routing=routing))
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects] == expected
+    assert {o["metadata"]["namespace"] for o in objects} == {"ml"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "kinds"),
+    [
+        ({}, ["Deployment", "Service"]),
+        ({"replicas": 3}, ["Deployment", "Service", "PodDisruptionBudget"]),
+        (
+            {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}},
+            ["Deployment", "Service", "HorizontalPodAutoscaler"],
+        ),
+        (
+            {"autoscaling": {"minReplicas": 2, "maxReplicas": 4}},
+            ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"],
+        ),
+    ],
+    ids=["one replica", "three replicas", "autoscaling from 1", "autoscaling from 2"],
+)
+def test_pdb_and_hpa_follow_replicas_and_autoscaling(
+    fields: dict[str, Any], kinds: list[str]
+) -> None:
+    objects = render(
+        model_deployment(variants=[variant("v1", 100, **fields)], routing={"mode": "none"})
+    )
+    assert [o["kind"] for o in objects] == kinds
+    deployment = objects[0]
+    # The HPA owns replicas when autoscaling is on: rendering it would fight the HPA.
+    assert ("replicas" in deployment["spec"]) == ("autoscaling" not in fields)
+    for obj in objects[2:]:
+        if obj["kind"] == "HorizontalPodAutoscaler":
+            assert obj["spec"]["scaleTargetRef"] == {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": "iris-v1",
+            }
+            target = obj["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"]
+            assert target == 80
+        else:
+            assert obj["spec"]["selector"] == deployment["spec"]["selector"]
+
+
+def test_every_kubernetes_object_is_valid_for_the_api() -> None:
+    obj = production()
+    obj["spec"]["variants"][1]["model"]["uri"] = "pvc://models/fraud/v2.onnx"
+    for routing in (None, {"mode": "none"}):
+        if routing:
+            obj["spec"]["routing"] = routing
+        for manifest in render(obj):
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_pods_pass_the_restricted_pod_security_standard() -> None:
+    for template in pod_templates(render(production())):
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert isinstance(pod["securityContext"]["runAsUser"], int)
+        assert pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        for volume in pod["volumes"]:
+            assert set(volume) & {"emptyDir", "configMap", "persistentVolumeClaim"}
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert "/tmp" in [m["mountPath"] for m in container["volumeMounts"]]
+            assert "hostPort" not in json.dumps(container.get("ports", []))
+
+
+def test_variant_pod_fetches_then_serves_the_pinned_model() -> None:
+    objects = by_kind_name(render(model_deployment()))
+    pod = objects[("Deployment", "iris-v1")]["spec"]["template"]["spec"]
+    (fetch,) = pod["initContainers"]
+    assert fetch["command"] + fetch["args"] == [
+        "modeldeploy-server",
+        "fetch",
+        "https://models.example/iris-1.onnx",
+        "/models/model.onnx",
+        "--sha256",
+        SHA_V1,
+    ]
+    (server,) = pod["containers"]
+    assert server["command"] + server["args"] == ["modeldeploy-server", "serve"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env == {
+        "MODELDEPLOY_MODEL_PATH": "/models/model.onnx",
+        "MODELDEPLOY_MODEL_NAME": "iris",
+        "MODELDEPLOY_MODEL_VERSION": "v1",
+        "MODELDEPLOY_MODEL_SHA256": SHA_V1,
+        "MODELDEPLOY_HOST": "0.0.0.0",
+        "MODELDEPLOY_PORT": "8080",
+    }
+    assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in server["volumeMounts"]
+    assert server["image"] == fetch["image"] == IMAGE
+
+
+def test_server_settings_become_env() -> None:
+    settings = {
+        "maxBatchSize": 32,
+        "maxBatchDelayMs": 2,
+        "intraOpThreads": 1,
+        "maxRequestBytes": 1024,
+        "maxRows": 500,
+        "requestTimeoutSeconds": 2.5,
+    }
+    (deployment, *_) = render(model_deployment(variants=[variant("v1", 100, server=settings)]))
+    env = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert {
+        k: v
+        for k, v in env.items()
+        if k
+        not in {
+            "MODELDEPLOY_MODEL_PATH",
+            "MODELDEPLOY_MODEL_NAME",
+            "MODELDEPLOY_MODEL_VERSION",
+            "MODELDEPLOY_MODEL_SHA256",
+            "MODELDEPLOY_HOST",
+            "MODELDEPLOY_PORT",
+        }
+    } == {
+        "MODELDEPLOY_MAX_BATCH_SIZE": "32",
+        "MODELDEPLOY_MAX_BATCH_DELAY_MS": "2",
+        "MODELDEPLOY_INTRA_OP_THREADS": "1",
+        "MODELDEPLOY_MAX_REQUEST_BYTES": "1024",
+        "MODELDEPLOY_MAX_ROWS": "500",
+        "MODELDEPLOY_REQUEST_TIMEOUT_S": "2.5",
+    }
+
+
+def test_pvc_model_is_mounted_read_only_and_fetched_from_the_mount() -> None:
+    model = {"uri": "pvc://model-store/iris/v1.onnx", "sha256": SHA_V1}
+    (deployment, *_) = render(model_deployment(variants=[variant("v1", 100, model=model)]))
+    pod = deployment["spec"]["template"]["spec"]
+    assert {
+        "name": "model-source",
+        "persistentVolumeClaim": {"claimName": "model-store", "readOnly": True},
+    } in pod["volumes"]
+    fetch = pod["initContainers"][0]
+    assert fetch["args"][1] == "/model-source/iris/v1.onnx"
+    assert {"name": "model-source", "mountPath": "/model-source", "readOnly": True} in fetch[
+        "volumeMounts"
+    ]
+    # The server never sees the claim, only the verified copy.
+    assert "model-source" not in json.dumps(pod["containers"])
+
+
+def test_labels_selectors_and_model_digest() -> None:
+    objects = by_kind_name(render(model_deployment(pod={"labels": {"team": "risk"}})))
+    deployment = objects[("Deployment", "iris-v1")]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels[naming.MODEL_DIGEST] == SHA_V1[:63]
+    assert labels["team"] == "risk"
+    assert labels["app.kubernetes.io/managed-by"] == "modeldeploy-operator"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert naming.MODEL_DIGEST not in selector  # selectors are immutable; models change
+    assert objects[("Service", "iris-v1")]["spec"]["selector"] == selector
+    assert selector.items() <= labels.items()
+    # The router Service must not select variant pods, nor the reverse.
+    router_selector = objects[("Service", "iris")]["spec"]["selector"]
+    assert not router_selector.items() <= labels.items()
+
+
+def test_changing_the_model_does_not_change_the_selector() -> None:
+    before = render(model_deployment())[0]
+    obj = model_deployment()
+    obj["spec"]["variants"][0]["model"]["sha256"] = "c" * 64
+    after = render(obj)[0]
+    assert before["spec"]["selector"] == after["spec"]["selector"]
+    assert before["spec"]["template"] != after["spec"]["template"]
+
+
+def test_owner_reference_only_when_the_object_exists() -> None:
+    owned = render(model_deployment())
+    assert all(o["metadata"]["ownerReferences"][0]["controller"] is True for o in owned)
+    assert {o["metadata"]["ownerReferences"][0]["uid"] for o in owned} == {
+        "0c4b7a4e-1f0e-4d8a-9a59-0d6f6a1e2b3c"
+    }
+    offline = render(model_deployment(uid=None))
+    assert all("ownerReferences" not in o["metadata"] for o in offline)
+
+
+def test_pod_settings_and_image_override() -> None:
+    pod_settings = {
+        "image": "mirror.example/server:2",
+        "imagePullSecrets": [{"name": "pull"}],
+        "serviceAccountName": "models-reader",
+        "nodeSelector": {"pool": "cpu"},
+        "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"podAntiAffinity": {}},
+        "annotations": {"prometheus.io/scrape": "false", "owner": "risk"},
+    }
+    for template in pod_templates(render(model_deployment(pod=pod_settings))):
+        pod = template["spec"]
+        assert {c["image"] for c in pod["containers"]} == {"mirror.example/server:2"}
+        assert pod["imagePullSecrets"] == [{"name": "pull"}]
+        assert pod["serviceAccountName"] == "models-reader"
+        assert pod["nodeSelector"] == {"pool": "cpu"}
+        assert pod["tolerations"] == pod_settings["tolerations"]
+        assert pod["affinity"] == {"podAntiAffinity": {}}
+        assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+        assert template["metadata"]["annotations"]["owner"] == "risk"
+
+
+def routes(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    config_map = by_kind_name(objects)[("ConfigMap", "iris-routes")]
+    parsed: dict[str, Any] = json.loads(config_map["data"]["routes.json"])
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("ready", "weights"),
+    [(None, [90, 10]), ({"v1", "v2"}, [90, 10]), ({"v1"}, [100, 0]), (set(), [0, 0])],
+    ids=["offline", "both ready", "v2 not ready", "none ready"],
+)
+def test_router_config_has_effective_weights_and_service_urls(
+    ready: set[str] | None, weights: list[int]
+) -> None:
+    assert routes(render(model_deployment(), ready)) == {
+        "model": "iris",
+        "headerOverride": "x-model-variant",
+        "variants": [
+            {"name": "v1", "url": "http://iris-v1.ml.svc:8080", "weight": weights[0]},
+            {"name": "v2", "url": "http://iris-v2.ml.svc:8080", "weight": weights[1]},
+        ],
+    }
+
+
+def test_weight_changes_touch_only_the_router_config() -> None:
+    before = by_kind_name(render(model_deployment(), {"v1", "v2"}))
+    after = by_kind_name(render(model_deployment(), {"v1"}))
+    changed = [key for key in before if before[key] != after[key]]
+    assert changed == [("ConfigMap", "iris-routes")]
+
+
+def test_router_mounts_the_config_directory_so_updates_propagate() -> None:
+    router = by_kind_name(render(model_deployment()))[("Deployment", "iris")]
+    template = router["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert container["args"] == ["route", "--config", "/etc/modeldeploy/routes.json"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "routes")
+    assert mount == {"name": "routes", "mountPath": "/etc/modeldeploy", "readOnly": True}
+    assert {"name": "routes", "configMap": {"name": "iris-routes"}} in template["spec"]["volumes"]
+    assert not any(
+        "hash" in key or "checksum" in key for key in template["metadata"]["annotations"]
+    )
+
+
+def test_gateway_route_splits_by_effective_weight_and_pins_by_header() -> None:
+    routing = {
+        "mode": "gateway",
+        "headerOverride": "x-variant",
+        "gateway": {
+            "parentRefs": [{"name": "gw", "namespace": "infra", "sectionName": "http"}],
+            "hostnames": ["iris.example.com"],
+            "pathPrefix": "/models",
+        },
+    }
+    route = render(model_deployment(routing=routing), {"v2"})[-1]
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    spec = route["spec"]
+    assert spec["parentRefs"] == [{"name": "gw", "namespace": "infra", "sectionName": "http"}]
+    assert spec["hostnames"] == ["iris.example.com"]
+    *pinned, split = spec["rules"]
+    assert [
+        (r["matches"][0]["headers"][0]["value"], r["backendRefs"][0]["name"]) for r in pinned
+    ] == [("v1", "iris-v1"), ("v2", "iris-v2")]
+    assert all(r["matches"][0]["headers"][0]["name"] == "x-variant" for r in pinned)
+    assert split["matches"] == [{"path": {"type": "PathPrefix", "value": "/models"}}]
+    assert [(b["name"], b["port"], b["weight"]) for b in split["backendRefs"]] == [
+        ("iris-v1", 8080, 0),
+        ("iris-v2", 8080, 100),
+    ]
+
+
+def test_service_names_fit_dns_labels_for_the_longest_allowed_names() -> None:
+    md: ModelDeployment = parse_model_deployment(
+        model_deployment(name="m" * 59, variants=[variant("v1", 100)])
+    )
+    for obj in render_objects(md, server_image=IMAGE):
+        # Services need DNS-1035 labels; the other kinds allow DNS-1123 subdomains.
+        assert len(obj["metadata"]["name"]) <= (63 if obj["kind"] == "Service" else 253)
+        assert all(len(v) <= 63 for v in obj["metadata"]["labels"].values())

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README; .ci/run runs it). On a fresh machine it creates .venv,
 # installs the project with its test extra, builds or reuses the test control plane
-# (tests/controlplane/build.sh), runs the linters, then pytest over tests/. Arguments are passed
-# to pytest. With CI=true a missing Go toolchain or a failed control-plane build is fatal.
+# (tests/controlplane/build.sh), runs the linters, then pytest over tests/. Arguments go to pytest
+# (e.g. `scripts/test.sh tests/controlplane -x`). With CI=true a missing Go toolchain or a failed control-plane build is fatal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,8 +79,9 @@ if [[ $ci == true && ${#failed[@]} != 0 ]]; then
     exit 1
 fi
 phase lint lint
-# Any non-zero pytest exit fails the phase, including 5 (no tests collected).
-phase tests .venv/bin/pytest tests/ "$@"
+# Any non-zero pytest exit fails the phase, including 5 (no tests collected). Without arguments
+# pytest runs its configured testpaths (tests/).
+phase tests .venv/bin/pytest "$@"
 summary
 if [[ ${#failed[@]} != 0 ]]; then
     echo "failed phases: ${failed[*]}" >&2

@@ -502,7 +502,6 @@ def _start_processes(plane: ControlPlane, binaries: Binaries, api_port: int) -> 
         f"--etcd-servers={etcd_url}",
         "--bind-address=127.0.0.1",
         f"--secure-port={api_port}",
-        f"--cert-dir={workdir / 'pki'}",
         f"--tls-cert-file={pki.serving_cert}",
         f"--tls-private-key-file={pki.serving_key}",
         f"--client-ca-file={pki.ca_cert}",

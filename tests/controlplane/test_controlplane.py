@@ -3,8 +3,10 @@ collection, RBAC, Pod Security warnings, and the controller-manager's namespace/
 
 from __future__ import annotations
 
+import json
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -110,23 +112,29 @@ def test_valid_custom_resource_is_accepted(api: client.ApiClient, namespace: str
 
 @pytest.mark.usefixtures("widget_crd")
 @pytest.mark.parametrize(
-    ("spec", "field"),
+    ("spec", "cause"),
     [
-        ({"size": "big", "min": 1, "max": 2}, "spec.size"),  # wrong type
-        ({"size": 0, "min": 1, "max": 2}, "spec.size"),  # below the schema minimum
-        ({"min": 1, "max": 2}, "spec.size"),  # required field missing
-        ({"size": 1, "min": 5, "max": 2}, "min > max"),  # the CRD's CEL rule
+        ({"size": "big", "min": 1, "max": 2}, ("spec.size", "FieldValueTypeInvalid", "integer")),
+        ({"size": 0, "min": 1, "max": 2}, ("spec.size", "FieldValueInvalid", "greater than")),
+        ({"min": 1, "max": 2}, ("spec.size", "FieldValueRequired", "Required")),
+        ({"size": 1, "min": 5, "max": 2}, ("spec", "FieldValueInvalid", "min > max")),  # CEL
     ],
+    ids=["wrong-type", "below-minimum", "missing-required", "cel-rule"],
 )
 def test_invalid_custom_resource_is_rejected_with_422(
-    api: client.ApiClient, namespace: str, spec: dict[str, Any], field: str
+    api: client.ApiClient, namespace: str, spec: dict[str, Any], cause: tuple[str, str, str]
 ) -> None:
     with pytest.raises(ApiException) as error:
         client.CustomObjectsApi(api).create_namespaced_custom_object(
             GROUP, "v1", namespace, "widgets", widget(spec)
         )
     assert error.value.status == 422
-    assert field in str(error.value.body)
+    status = json.loads(error.value.body or "{}")
+    causes = [(c["field"], c["reason"], c["message"]) for c in status["details"]["causes"]]
+    field, reason, fragment = cause
+    assert any((f, r) == (field, reason) and fragment in message for f, r, message in causes), (
+        causes
+    )
 
 
 def apply_config_map(
@@ -257,6 +265,16 @@ def test_aggregated_cluster_role_grants_access(
         assert denied.value.status == 403
 
 
+# RFC 7234 warn-value: `299 - "text"`, several joined by ", " when the header repeats.
+WARN_VALUE = re.compile(r'\d{3} \S+ "((?:[^"\\]|\\.)*)"')
+
+
+def warnings_of(headers: Mapping[str, str]) -> list[str]:
+    """The texts of the apiserver's `Warning` response headers."""
+    texts = WARN_VALUE.findall(headers.get("Warning", ""))
+    return [re.sub(r"\\(.)", r"\1", text) for text in texts]
+
+
 def privileged_deployment() -> client.V1Deployment:
     labels = {"app": "web"}
     container = client.V1Container(
@@ -287,9 +305,9 @@ def test_restricted_pod_security_violation_produces_warning(
         namespace, privileged_deployment()
     )
     assert status == 201
-    warning = headers.get("Warning", "")
-    assert 'would violate PodSecurity "restricted:latest"' in warning
-    assert "privileged" in warning
+    [warning] = warnings_of(headers)
+    assert warning.startswith('would violate PodSecurity "restricted:latest": privileged')
+    assert 'container "web" must not set securityContext.privileged=true' in warning
 
 
 def test_pod_security_is_silent_without_the_label(api: client.ApiClient, namespace: str) -> None:
@@ -297,7 +315,7 @@ def test_pod_security_is_silent_without_the_label(api: client.ApiClient, namespa
         namespace, privileged_deployment()
     )
     assert status == 201
-    assert "PodSecurity" not in headers.get("Warning", "")
+    assert warnings_of(headers) == []
 
 
 def test_deleted_namespace_is_finalized(api: client.ApiClient) -> None:

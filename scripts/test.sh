@@ -2,7 +2,8 @@
 # The project's test command (README; .ci/run runs it). On a fresh machine it creates .venv,
 # installs the project with its test extra, builds or reuses the test control plane
 # (tests/controlplane/build.sh), runs the linters, then pytest over tests/. Arguments go to pytest
-# (e.g. `scripts/test.sh tests/controlplane -x`). With CI=true a missing Go toolchain or a failed control-plane build is fatal.
+# (e.g. `scripts/test.sh tests/controlplane -x`). With CI=true a missing Go toolchain or a failed
+# control-plane build is fatal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +38,7 @@ install() {
 
 build_control_plane() {
     if ! command -v go >/dev/null; then
-        echo "Go is not installed: control-plane tests will be skipped (install Go >= 1.24)."
+        echo "Go is not installed: control-plane tests will be skipped (install Go >= 1.25)."
         [[ $ci == false ]]
         return
     fi

@@ -30,14 +30,14 @@ def _binaries_or_skip() -> harness.Binaries:
     build = harness.BUILD_SCRIPT.relative_to(REPO_ROOT)
     if shutil.which("go") is None:
         reason = (
-            "control-plane binaries are not built and no Go toolchain was found: install Go >= 1.24"
+            "control-plane binaries are not built and no Go toolchain was found: install Go >= 1.25"
             f" (https://go.dev/dl/ or your distribution's golang package), then run {build}"
             " (or scripts/test.sh, which runs it)"
         )
     else:
         reason = (
             f"control-plane binaries are not built (missing {', '.join(map(str, missing))}):"
-            f" run {build} (a cold build takes about 25 minutes on 2 cores)"
+            f" run {build} (a cold build took about 5 minutes on 2 cores)"
         )
     # In CI the suite must prove the operator against a real API server, never skip it.
     if _in_ci():

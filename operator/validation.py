@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.resources import files
@@ -37,6 +38,7 @@ _FIELD_PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
 # The apiserver skips the CEL rules after errors of these kinds (its hasBlockingErr: TypeInvalid,
 # Required, NotSupported, TooLong, TooMany), and says so in these words.
 _BLOCKING = frozenset({"type", "required", "enum", "maxLength", "maxItems", "maxProperties"})
+_STRING_CHECKS = ("maxLength", "minLength", "pattern")
 _RULES_NOT_CHECKED = (
     "some validation rules were not checked because the object was invalid; "
     "correct the existing errors to complete validation"
@@ -80,14 +82,14 @@ def validate_model_deployment(obj: object) -> list[FieldError]:
     errors = [*_check_type_meta(obj), *name_errors]
     schema = load_schema()
     defaulted = default_model_deployment(obj)
-    schema_errors = sorted(
-        _validator().iter_errors(defaulted), key=lambda e: [str(p) for p in e.absolute_path]
+    schema_errors = _first_string_failures(
+        sorted(_validator().iter_errors(defaulted), key=lambda e: [str(p) for p in e.absolute_path])
     )
     errors += [error for e in schema_errors for error in _describe(e)]
     errors += _duplicate_keys(schema, defaulted, [])
     name_missing = any(e.message.startswith("Required") for e in name_errors)
     if name_missing or any(e.validator in _BLOCKING for e in schema_errors):
-        errors.append(FieldError("<nil>", _RULES_NOT_CHECKED))
+        errors.append(FieldError("<nil>", f"Invalid value: null: {_RULES_NOT_CHECKED}"))
     else:
         errors += _rule_errors(schema, _cel_view(defaulted), [])
     return errors
@@ -96,7 +98,7 @@ def validate_model_deployment(obj: object) -> list[FieldError]:
 def _check_type_meta(obj: Mapping[str, Any]) -> Iterator[FieldError]:
     for field, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
         if obj.get(field) != expected:
-            yield FieldError(field, f'Unsupported value: {_quote(obj.get(field))}: "{expected}"')
+            yield FieldError(field, f'Unsupported value: {_show(obj.get(field))}: "{expected}"')
 
 
 def _check_name(metadata: object) -> Iterator[FieldError]:
@@ -106,9 +108,10 @@ def _check_name(metadata: object) -> Iterator[FieldError]:
     elif len(name) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(name):
         yield FieldError(
             "metadata.name",
-            f"Invalid value: {_quote(name)}: a lowercase RFC 1123 subdomain must consist of lower"
+            f"Invalid value: {_show(name)}: a lowercase RFC 1123 subdomain must consist of lower"
             " case alphanumeric characters, '-' or '.', and must start and end with an"
-            " alphanumeric character",
+            " alphanumeric character (e.g. 'example.com', regex used for validation is"
+            f" '{_DNS1123_SUBDOMAIN.pattern}')",
         )
 
 
@@ -116,6 +119,9 @@ def _apply_defaults(schema: Schema, value: Any) -> None:
     """Fill defaults top-down, then default inside what was filled in (structural defaulting)."""
     if isinstance(value, dict):
         for name, sub in schema.get("properties", {}).items():
+            # The apiserver drops nulls of non-nullable fields before defaulting.
+            if name in value and value[name] is None and not sub.get("nullable"):
+                del value[name]
             if name not in value and "default" in sub:
                 value[name] = copy.deepcopy(sub["default"])
             if name in value:
@@ -123,7 +129,10 @@ def _apply_defaults(schema: Schema, value: Any) -> None:
         extra = schema.get("additionalProperties")
         if isinstance(extra, Mapping):
             for name in value.keys() - schema.get("properties", {}).keys():
-                _apply_defaults(extra, value[name])
+                if value[name] is None and not extra.get("nullable"):
+                    del value[name]
+                else:
+                    _apply_defaults(extra, value[name])
     elif isinstance(value, list) and "items" in schema:
         for item in value:
             _apply_defaults(schema["items"], item)
@@ -179,8 +188,23 @@ def _validator() -> jsonschema.protocols.Validator:
     return validator
 
 
+def _first_string_failures(
+    errors: list[jsonschema.ValidationError],
+) -> list[jsonschema.ValidationError]:
+    """Keep one string error per field: the apiserver checks these in turn, stopping at one."""
+    failed = {(tuple(e.absolute_path), e.validator) for e in errors}
+
+    def shadowed(error: jsonschema.ValidationError) -> bool:
+        if error.validator not in _STRING_CHECKS:
+            return False
+        earlier = _STRING_CHECKS[: _STRING_CHECKS.index(str(error.validator))]
+        return any((tuple(error.absolute_path), check) in failed for check in earlier)
+
+    return [e for e in errors if not shadowed(e)]
+
+
 def _describe(error: jsonschema.ValidationError) -> Iterator[FieldError]:
-    """Phrase a JSON Schema error the way the apiserver phrases the same violation."""
+    """Phrase a JSON Schema error in the apiserver's words for the same violation."""
     path = list(error.absolute_path)
     value: Any = error.instance
     limit: Any = error.validator_value
@@ -194,25 +218,36 @@ def _describe(error: jsonschema.ValidationError) -> Iterator[FieldError]:
         for name in sorted(value.keys() - declared.get("properties", {}).keys()):
             yield FieldError(_format_path([*path, name]), "field not declared in schema")
         return
-    message = _MESSAGES.get(str(error.validator), lambda v, lim: error.message)(value, limit)
-    yield FieldError(_format_path(path), message)
+    field = _format_path(path)
+    phrase = _PHRASES.get(str(error.validator))
+    message = phrase(value, limit, field) if phrase else f"Invalid value: {error.message}"
+    yield FieldError(field, message)
 
 
-_MESSAGES: dict[str, Callable[[Any, Any], str]] = {
-    "type": lambda v, lim: (
-        f"Invalid value: {_quote(_json_type(v))}: must be of type {' or '.join(_as_list(lim))}"
+_PHRASES: dict[str, Callable[[Any, Any, str], str]] = {
+    "type": lambda v, lim, f: (
+        f"Invalid value: {_show(_json_type(v))}: {f} in body must be of type"
+        f" {','.join(_as_list(lim))}: {_show(_json_type(v))}"
     ),
-    "enum": lambda v, lim: (
-        f"Unsupported value: {_quote(v)}: supported values: {', '.join(map(_quote, lim))}"
+    "enum": lambda v, lim, f: (
+        f"Unsupported value: {_show(v)}: supported values: {', '.join(map(_show, lim))}"
     ),
-    "pattern": lambda v, lim: f"Invalid value: {_quote(v)}: should match '{lim}'",
-    "minimum": lambda v, lim: f"Invalid value: {v}: should be greater than or equal to {lim}",
-    "maximum": lambda v, lim: f"Invalid value: {v}: should be less than or equal to {lim}",
-    "minLength": lambda v, lim: f"Invalid value: {_quote(v)}: should be at least {lim} chars long",
-    "maxLength": lambda v, lim: f"Too long: may not be more than {lim} bytes",
-    "minItems": lambda v, lim: f"Invalid value: {len(v)}: should have at least {lim} items",
-    "maxItems": lambda v, lim: f"Too many: {len(v)}: must have at most {lim} items",
-    "maxProperties": lambda v, lim: f"Too many: {len(v)}: must have at most {lim} items",
+    "pattern": lambda v, lim, f: f"Invalid value: {_show(v)}: {f} in body should match '{lim}'",
+    "minimum": lambda v, lim, f: (
+        f"Invalid value: {v}: {f} in body should be greater than or equal to {lim}"
+    ),
+    "maximum": lambda v, lim, f: (
+        f"Invalid value: {v}: {f} in body should be less than or equal to {lim}"
+    ),
+    "minLength": lambda v, lim, f: (
+        f"Invalid value: {_show(v)}: {f} in body should be at least {lim} chars long"
+    ),
+    "maxLength": lambda v, lim, f: f"Too long: may not be more than {lim} bytes",
+    "minItems": lambda v, lim, f: (
+        f"Invalid value: {len(v)}: {f} in body should have at least {lim} items"
+    ),
+    "maxItems": lambda v, lim, f: f"Too many: {len(v)}: must have at most {lim} items",
+    "maxProperties": lambda v, lim, f: f"Too many: {len(v)}: must have at most {lim} items",
 }
 
 
@@ -221,8 +256,9 @@ def _json_type(value: object) -> str:
     return "null" if value is None else names.get(type(value), "object")
 
 
-def _quote(value: object) -> str:
-    return f'"{value}"' if isinstance(value, str) else str(value)
+def _show(value: object) -> str:
+    """A value as the apiserver prints it in a message (JSON, compact)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _format_path(parts: Sequence[PathPart]) -> str:
@@ -255,15 +291,9 @@ def _duplicate_keys(schema: Schema, value: Any, path: list[PathPart]) -> list[Fi
         keys = schema["x-kubernetes-list-map-keys"]
         seen: set[str] = set()
         for index, item in enumerate(value):
-            key = repr([item.get(k) for k in keys]) if isinstance(item, Mapping) else repr(item)
+            key = _show({k: item.get(k) for k in keys} if isinstance(item, Mapping) else item)
             if key in seen:
-                fields = ", ".join(f"{k}={item.get(k)!r}" for k in keys)
-                errors.append(
-                    FieldError(
-                        _format_path([*path, index]),
-                        f"Duplicate value: {{{fields}}}",
-                    )
-                )
+                errors.append(FieldError(_format_path([*path, index]), f"Duplicate value: {key}"))
             seen.add(key)
     for sub, child, step in _children(schema, value):
         errors += _duplicate_keys(sub, child, [*path, step])
@@ -295,16 +325,21 @@ def _rule_errors(schema: Schema, value: Any, path: list[PathPart]) -> list[Field
 
 def _evaluate_rule(rule: Mapping[str, str], value: Any) -> str | None:
     """None when the rule holds, else the message the apiserver would give."""
-    activation = {"self": json_to_cel(value)}
     try:
-        result = _program(rule["rule"]).evaluate(activation)
+        result = _program(rule["rule"]).evaluate({"self": json_to_cel(value)})
     except CELEvalError as exc:
-        return f"Invalid value: {_quote(_json_type(value))}: evaluation error: {exc.args[0]}"
+        return f"Invalid value: {_show(_json_type(value))}: evaluation error: {exc.args[0]}"
     if isinstance(result, celtypes.BoolType) and bool(result):
         return None
-    if "messageExpression" in rule:
-        return str(_program(rule["messageExpression"]).evaluate(activation))
-    return rule.get("message") or f"failed rule: {rule['rule']}"
+    message = rule.get("message") or f"failed rule: {rule['rule']}"
+    reason = rule.get("reason", "FieldValueInvalid")
+    if reason == "FieldValueForbidden":
+        return f"Forbidden: {message}"
+    if reason == "FieldValueRequired":
+        return f"Required value: {message}"
+    # The value is shown only when the field named is the rule's own scalar.
+    scalar = "fieldPath" not in rule and isinstance(value, str | int | float | bool)
+    return f"Invalid value: {_show(value)}: {message}" if scalar else f"Invalid value: {message}"
 
 
 def _cel_sum(values: celtypes.ListType) -> Any:

@@ -164,6 +164,12 @@ def _long_names(m: Manifest) -> None:
     _variant(m, 1)["name"] = "b" * 30
 
 
+def _seventeen_variants(m: Manifest) -> None:
+    template = _variant(m, 1)
+    _spec(m)["variants"] = [{**template, "name": f"v{i}", "weight": 0} for i in range(17)]
+    _variant(m, 0)["weight"] = 100
+
+
 def _case(id: str, field: str, change: Callable[[Manifest], object]) -> InvalidManifest:
     manifest = two_variant_manifest()
     change(manifest)
@@ -187,6 +193,8 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
     _case("no-variants", "spec.variants", lambda m: _spec(m).update(variants=[])),
     _case("variants-missing", "spec.variants", lambda m: _spec(m).pop("variants")),
     _case("duplicate-variant-names", "spec.variants", lambda m: _variant(m, 1).update(name="v1")),
+    _case("too-many-variants", "spec.variants", _seventeen_variants),
+    _case("variant-name-empty", "spec.variants[1].name", lambda m: _variant(m, 1).update(name="")),
     _case(
         "variant-name-not-dns-label",
         "spec.variants[1].name",
@@ -199,6 +207,7 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
     ),
     _case("name-too-long-for-variant-services", "metadata.name", _long_names),
     _case("name-not-dns-1035", "metadata.name", lambda m: m["metadata"].update(name="9iris")),
+    _case("name-uppercase", "metadata.name", lambda m: m["metadata"].update(name="Iris")),
     _case(
         "model-uri-unsupported-scheme",
         "spec.variants[0].model.uri",
@@ -255,6 +264,11 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "resources-bad-quantity",
         "spec.variants[0].resources.limits.memory",
         lambda m: _variant(m, 0).update(resources={"limits": {"memory": "lots"}}),
+    ),
+    _case(
+        "resources-quantity-float",
+        "spec.variants[0].resources.limits.cpu",
+        lambda m: _variant(m, 0).update(resources={"limits": {"cpu": 1.5}}),
     ),
     _case(
         "server-batch-size-zero",
@@ -325,6 +339,24 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "pod-annotation-reserved-prefix",
         "spec.pod.annotations",
         lambda m: _spec(m).update(pod={"annotations": {"modeldeploy.dev/model-sha256": "x"}}),
+    ),
+    _case(
+        "pod-too-many-labels",
+        "spec.pod.labels",
+        lambda m: _spec(m).update(pod={"labels": {f"l{i}": "x" for i in range(33)}}),
+    ),
+    _case(
+        "gateway-hostname-with-port",
+        "spec.routing.gateway.hostnames[1]",
+        lambda m: _spec(m).update(
+            routing={
+                "mode": "gateway",
+                "gateway": {
+                    "parentRefs": [{"name": "gw"}],
+                    "hostnames": ["models.example.com", "models.example.com:8080"],
+                },
+            }
+        ),
     ),
     _case(
         "pod-label-value-too-long",

@@ -119,7 +119,9 @@ def test_messages_say_what_is_wrong() -> None:
 
     (error,) = validate_model_deployment(manifest)
 
-    assert error == FieldError("spec.variants", "the weights of all variants must sum to 100")
+    assert error == FieldError(
+        "spec.variants", "Invalid value: the weights of all variants must sum to 100"
+    )
 
 
 def test_regex_dialect_is_the_apiservers() -> None:

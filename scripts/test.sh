@@ -32,8 +32,10 @@ summary() {
 }
 
 install() {
-    [[ -x .venv/bin/python ]] || python3 -m venv .venv
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    # -I and the pip script, not `python -m pip`: with the repo root on sys.path, operator/
+    # would shadow the standard library's `operator` module.
+    [[ -x .venv/bin/python ]] || python3 -I -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 }
 
 build_control_plane() {

@@ -1,0 +1,181 @@
+"""Run the operator as it runs in production: `kopf run -m modeldeploy_operator.main` in its own
+process, authenticated as its ServiceAccount with the RBAC shipped in manifests/.
+
+Shared by the integration tests and bench/operator_bench.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tests.controlplane.harness import ControlPlane
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO_ROOT / "manifests"
+KOPF = Path(sys.executable).parent / "kopf"
+GROUP, VERSION, PLURAL = "modeldeploy.dev", "v1alpha1", "modeldeployments"
+SERVER_IMAGE = "registry.example/modeldeploy-server:test"
+TEST_MANAGER = "modeldeploy-tests"
+APPLY = "application/apply-patch+yaml"
+
+
+def manifest_documents(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((MANIFESTS / name).read_text()) if d]
+
+
+def install_operator_identity(plane: ControlPlane, namespace: str) -> str:
+    """The shipped ServiceAccount (in `namespace`), ClusterRole and a binding; its kubeconfig."""
+    (account,) = manifest_documents("serviceaccount.yaml")
+    role, binding = manifest_documents("rbac.yaml")
+    account = copy.deepcopy(account)
+    account["metadata"]["namespace"] = namespace
+    binding = copy.deepcopy(binding)
+    binding["metadata"]["name"] = f"{binding['metadata']['name']}-{namespace}"
+    for subject in binding["subjects"]:
+        subject["namespace"] = namespace
+    with plane.api_client() as api:
+        rbac = client.RbacAuthorizationV1Api(api)
+        apply_kwargs: dict[str, Any] = {
+            "field_manager": TEST_MANAGER,
+            "force": True,
+            "_content_type": APPLY,
+        }
+        rbac.patch_cluster_role(role["metadata"]["name"], role, **apply_kwargs)
+        rbac.patch_cluster_role_binding(binding["metadata"]["name"], binding, **apply_kwargs)
+        client.CoreV1Api(api).patch_namespaced_service_account(
+            account["metadata"]["name"], namespace, account, **apply_kwargs
+        )
+    return plane.service_account_kubeconfig(namespace, account["metadata"]["name"])
+
+
+def remove_operator_identity(plane: ControlPlane, namespace: str) -> None:
+    _, binding = manifest_documents("rbac.yaml")
+    with plane.api_client() as api, contextlib.suppress(ApiException):
+        client.RbacAuthorizationV1Api(api).delete_cluster_role_binding(
+            f"{binding['metadata']['name']}-{namespace}"
+        )
+
+
+class OperatorProcess:
+    """One `kopf run` child process; its output goes to a log file the tests can read."""
+
+    def __init__(
+        self, kubeconfig: str, namespaces: list[str], log_path: Path, resync_seconds: float
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespaces = namespaces
+        self.log_path = log_path
+        self.resync_seconds = resync_seconds
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None
+        argv = [str(KOPF), "run", "--standalone", "--verbose", "-m", "modeldeploy_operator.main"]
+        for namespace in self.namespaces:
+            argv += ["--namespace", namespace]
+        env = {
+            **os.environ,
+            "KUBECONFIG": self.kubeconfig,
+            "MODELDEPLOY_SERVER_IMAGE": SERVER_IMAGE,
+            "MODELDEPLOY_RESYNC_SECONDS": str(self.resync_seconds),
+        }
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no goodbye, as when a node dies."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def check_alive(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"operator exited ({self.process.returncode}):\n{self.log()[-3000:]}"
+            )
+
+
+@contextlib.contextmanager
+def running_operator(
+    plane: ControlPlane, namespaces: list[str], log_path: Path, resync_seconds: float = 2.0
+) -> Iterator[OperatorProcess]:
+    """The operator under its ServiceAccount's RBAC, watching `namespaces` (the first holds the
+    ServiceAccount). Stopped afterwards; kopf finalizers are removed so namespaces can go."""
+    kubeconfig = install_operator_identity(plane, namespaces[0])
+    operator = OperatorProcess(kubeconfig, namespaces, log_path, resync_seconds)
+    operator.start()
+    try:
+        yield operator
+    finally:
+        operator.stop()
+        with plane.api_client() as api:
+            custom = client.CustomObjectsApi(api)
+            for namespace in namespaces:
+                for item in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)[
+                    "items"
+                ]:
+                    with contextlib.suppress(ApiException):
+                        custom.patch_namespaced_custom_object(
+                            GROUP,
+                            VERSION,
+                            namespace,
+                            PLURAL,
+                            item["metadata"]["name"],
+                            {"metadata": {"finalizers": []}},
+                        )
+        remove_operator_identity(plane, namespaces[0])
+
+
+def wait_for(
+    probe: Callable[[], T | None],
+    what: str,
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    check: Callable[[], None] | None = None,
+) -> T:
+    """Poll `probe` until it returns something truthy; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        if check is not None:
+            check()
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

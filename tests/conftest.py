@@ -22,7 +22,9 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
 
-def _binaries_or_skip() -> harness.Binaries:
+@pytest.fixture(scope="session")
+def control_plane_binaries() -> harness.Binaries:
+    """The built control-plane binaries; skips (fails in CI) when they are not there."""
     binaries = harness.expected_binaries()
     missing = harness.missing_binaries(binaries)
     if not missing:
@@ -46,14 +48,14 @@ def _binaries_or_skip() -> harness.Binaries:
 
 
 @pytest.fixture(scope="session")
-def control_plane() -> Iterator[harness.ControlPlane]:
+def control_plane(control_plane_binaries: harness.Binaries) -> Iterator[harness.ControlPlane]:
     """A real etcd + kube-apiserver + kube-controller-manager with the project's and Gateway CRDs.
 
     Started on first use only, shared by the session, stopped (by PID) at the end.
     """
-    binaries = _binaries_or_skip()
-    crd_paths = [*PROJECT_CRDS.glob("*.yaml"), *binaries.gateway_crds.glob("*.yaml")]
-    with harness.running(binaries, crd_paths) as plane:
+    gateway_crds = control_plane_binaries.gateway_crds.glob("*.yaml")
+    crd_paths = [*PROJECT_CRDS.glob("*.yaml"), *gateway_crds]
+    with harness.running(control_plane_binaries, crd_paths) as plane:
         _started.append(plane)
         yield plane
 

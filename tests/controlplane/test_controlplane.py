@@ -4,6 +4,7 @@ collection, RBAC, Pod Security warnings, and the controller-manager's namespace/
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -328,3 +329,15 @@ def test_deleted_namespace_is_finalized(api: client.ApiClient) -> None:
     core.delete_namespace(name)
     # Without the namespace controller it would stay Terminating forever.
     assert poll(lambda: is_gone(lambda: core.read_namespace(name)))
+
+
+def test_stop_leaves_no_processes_or_files(control_plane_binaries: harness.Binaries) -> None:
+    with harness.running(control_plane_binaries, []) as plane:
+        pids = [process.popen.pid for process in plane.processes]
+        assert len(pids) == 3
+        for pid in pids:
+            os.kill(pid, 0)  # running
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not plane.workdir.exists()

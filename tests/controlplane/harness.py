@@ -229,7 +229,8 @@ def free_port() -> int:
 
 def _die_with_parent() -> None:
     # PR_SET_PDEATHSIG: if pytest itself is killed, the kernel stops the children too, so a
-    # crashed session cannot leave an apiserver running on the shared machine.
+    # crashed session cannot leave an apiserver running on the shared machine. It fires when the
+    # spawning thread exits, so start the control plane from a long-lived (the main) thread.
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
@@ -290,14 +291,12 @@ def wait_for(
     raise ControlPlaneError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def has_default_route() -> bool:
-    """Whether the kernel has an IPv4 default route (the apiserver picks its address from it)."""
-    with open("/proc/net/route") as routes:
-        return any(line.split()[1] == "00000000" for line in list(routes)[1:])
-
-
 def non_loopback_ipv4() -> str:
-    """An IPv4 address of this host that is not loopback: the apiserver refuses 127.0.0.1."""
+    """An IPv4 address of this host that is not loopback, for --advertise-address.
+
+    The apiserver refuses a loopback address and, without the flag, needs a default route to pick
+    one itself; nothing connects to it here (the apiserver listens on 127.0.0.1 only).
+    """
     for _, name in socket.if_nameindex():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:  # SIOCGIFADDR: the interface's IPv4 address
@@ -307,7 +306,7 @@ def non_loopback_ipv4() -> str:
         address = socket.inet_ntoa(packed[20:24])
         if not ipaddress.IPv4Address(address).is_loopback:
             return address
-    raise ControlPlaneError("no default route and no non-loopback IPv4 address for the apiserver")
+    raise ControlPlaneError("no non-loopback IPv4 address for the apiserver to advertise")
 
 
 # --- the control plane --------------------------------------------------------------------------
@@ -512,9 +511,8 @@ def _start_processes(plane: ControlPlane, binaries: Binaries, api_port: int) -> 
         f"--service-account-signing-key-file={pki.sa_key}",
         "--allow-privileged=true",
         "--profiling=false",
+        f"--advertise-address={non_loopback_ipv4()}",
     ]
-    if not has_default_route():
-        apiserver_args.append(f"--advertise-address={non_loopback_ipv4()}")
     apiserver = start_process("kube-apiserver", apiserver_args, workdir)
     plane.processes.append(apiserver)
     wait_for("kube-apiserver /readyz", lambda: _readyz(plane.server_url, pki), [etcd, apiserver])

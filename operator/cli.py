@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, stored: dict[str, Any], md: ModelDeployment, o
         cache_dir=args.cache_dir,
         annotations=stored["metadata"].get("annotations", {}),
     )
-    return run_local(md, settings, out)
+    return run_local(md, settings, out, sys.stderr)
 
 
 def render(

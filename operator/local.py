@@ -201,7 +201,10 @@ def _example_value(tensor: Mapping[str, Any], instance: Mapping[str, Any] | None
     if instance is not None and tensor["name"] in instance:
         return instance[tensor["name"]]
     datatype = tensor["datatype"]
-    return "" if datatype == "BYTES" else False if datatype == "BOOL" else 0
+    placeholder = "" if datatype == "BYTES" else False if datatype == "BOOL" else 0
+    # One row's worth: a list when a row holds several values (shape [-1, 3]).
+    per_row = math.prod(_example_shape(tensor["shape"])[1:])
+    return placeholder if per_row == 1 else [placeholder] * per_row
 
 
 def _example_shape(shape: Sequence[int]) -> list[int]:

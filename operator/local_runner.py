@@ -135,8 +135,11 @@ class Supervisor:
                 child.wait()
 
 
-def run_local(md: ModelDeployment, settings: LocalRunSettings, out: TextIO) -> int:
-    """Run `md` on this machine until SIGINT/SIGTERM; 0 after a requested stop, 1 on failure."""
+def run_local(md: ModelDeployment, settings: LocalRunSettings, out: TextIO, err: TextIO) -> int:
+    """Run `md` on this machine until SIGINT/SIGTERM; 0 after a requested stop, 1 on failure.
+
+    Progress goes to `out`, the reason for a failure to `err`.
+    """
     run_dir = Path(tempfile.mkdtemp(prefix=f"modeldeploy-{md.name}-"))
     supervisor = Supervisor(run_dir, out)
     try:
@@ -146,7 +149,7 @@ def run_local(md: ModelDeployment, settings: LocalRunSettings, out: TextIO) -> i
         print(f"\n{stop}: stopping", file=out, flush=True)
         return 0
     except LocalRunError as error:
-        print(f"error: {error}", file=out, flush=True)
+        print(f"error: {error}", file=err, flush=True)
         return 1
     finally:
         supervisor.stop_all()

@@ -85,7 +85,8 @@ def validate_model_deployment(obj: object) -> list[FieldError]:
     schema_errors = _first_string_failures(
         sorted(_validator().iter_errors(defaulted), key=lambda e: [str(p) for p in e.absolute_path])
     )
-    errors += [error for e in schema_errors for error in _describe(e)]
+    # One `required` error per missing field, each listing them all: keep each field once.
+    errors += dict.fromkeys(error for e in schema_errors for error in _describe(e))
     errors += _duplicate_keys(schema, defaulted, [])
     name_missing = any(e.message.startswith("Required") for e in name_errors)
     if name_missing or any(e.validator in _BLOCKING for e in schema_errors):
@@ -285,16 +286,28 @@ def _children(schema: Schema, value: Any) -> Iterator[tuple[Schema, Any, PathPar
 
 
 def _duplicate_keys(schema: Schema, value: Any, path: list[PathPart]) -> list[FieldError]:
-    """Items of an `x-kubernetes-list-type: map` list must differ in their key fields."""
+    """Items of an `x-kubernetes-list-type: map` list are objects that differ in their keys.
+
+    Each repeated key is reported once, at its first repetition, as the apiserver does.
+    """
     errors: list[FieldError] = []
     if schema.get("x-kubernetes-list-type") == "map" and isinstance(value, list):
         keys = schema["x-kubernetes-list-map-keys"]
-        seen: set[str] = set()
+        counts: dict[str, int] = {}
         for index, item in enumerate(value):
-            key = _show({k: item.get(k) for k in keys} if isinstance(item, Mapping) else item)
-            if key in seen:
-                errors.append(FieldError(_format_path([*path, index]), f"Duplicate value: {key}"))
-            seen.add(key)
+            field = _format_path([*path, index])
+            if item is None:  # already a type error; the apiserver says no more about it
+                continue
+            if not isinstance(item, Mapping):
+                message = (
+                    f"Invalid value: {_show(item)}: must be an object for an array of list-type map"
+                )
+                errors.append(FieldError(field, message))
+                continue
+            key = _show({k: item.get(k) for k in keys})
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] == 2:
+                errors.append(FieldError(field, f"Duplicate value: {key}"))
     for sub, child, step in _children(schema, value):
         errors += _duplicate_keys(sub, child, [*path, step])
     return errors

@@ -7,7 +7,7 @@ Shared by the admission tests (the real apiserver), the offline validator's test
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -388,3 +388,45 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         ),
     ),
 ]
+
+
+def _nodes(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+    yield path, value
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _nodes(child, (*path, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            yield from _nodes(child, (*path, index))
+
+
+def _wrong_values(value: Any) -> list[Any]:
+    """Values of the wrong type, out of bounds or malformed, for a field now holding `value`."""
+    if isinstance(value, dict):
+        return ["x", [], {}, None]
+    if isinstance(value, list):
+        return ["x", {}, [], None, value * 20]
+    if isinstance(value, bool):
+        return ["yes"]
+    if isinstance(value, int):
+        return [-1, 10**6, "7", 2.5]
+    return [7, "", "Has Space", "x" * 300, "a/../b"]
+
+
+def field_mutations(manifest: Manifest) -> Iterator[tuple[str, Manifest]]:
+    """Every single-field change of the spec: each wrong value for each field, and its removal."""
+    for path, value in list(_nodes(manifest["spec"], ("spec",)))[1:]:
+        label = ".".join(map(str, path))
+        for wrong in [*_wrong_values(value), _REMOVED]:
+            changed = copy.deepcopy(manifest)
+            parent: Any = changed
+            for step in path[:-1]:
+                parent = parent[step]
+            if wrong is _REMOVED:
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = wrong
+            yield f"{label} removed" if wrong is _REMOVED else f"{label}={wrong!r:.24}", changed
+
+
+_REMOVED = object()

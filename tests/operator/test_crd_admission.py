@@ -24,6 +24,7 @@ from tests.invalid_manifests import (
     VALID_MANIFESTS,
     InvalidManifest,
     Manifest,
+    field_mutations,
     two_variant_manifest,
 )
 
@@ -62,6 +63,29 @@ def test_invalid_manifest_is_refused_naming_the_field(
     assert f"{case.field}:" in status["message"]
     # Parity: the offline validator gives exactly the apiserver's errors, word for word.
     assert sorted(validate_model_deployment(case.manifest)) == causes
+
+
+@pytest.mark.parametrize("name", VALID_MANIFESTS)
+def test_offline_validator_agrees_on_every_field_mutation(
+    api: client.ApiClient, namespace: str, name: str
+) -> None:
+    """Hundreds of one-field changes: accepted or refused alike, with the same errors."""
+    disagreements = []
+    mutations = list(field_mutations(VALID_MANIFESTS[name]("x")))
+    for index, (label, manifest) in enumerate(mutations):
+        manifest["metadata"]["name"] = f"{name}-{index}"
+        try:
+            _create(api, namespace, manifest)
+            causes = []
+        except ApiException as refused:
+            assert refused.status == 422, (label, refused.body)
+            status = json.loads(refused.body or "{}")
+            causes = sorted((c.get("field"), c["message"]) for c in status["details"]["causes"])
+        offline = sorted(validate_model_deployment(manifest))
+        if offline != causes:
+            disagreements.append((label, causes, offline))
+    assert len(mutations) > 30
+    assert disagreements == []
 
 
 @pytest.mark.parametrize("name", VALID_MANIFESTS)

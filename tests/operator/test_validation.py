@@ -14,6 +14,7 @@ from tests.invalid_manifests import (
     INVALID_MANIFESTS,
     VALID_MANIFESTS,
     InvalidManifest,
+    field_mutations,
     minimal_manifest,
     two_variant_manifest,
 )
@@ -153,3 +154,11 @@ def test_defaults_fill_nested_objects_without_touching_the_input() -> None:
         },
     }
     assert "headerOverride" not in manifest["spec"]["routing"]
+
+
+@pytest.mark.parametrize("name", VALID_MANIFESTS)
+def test_every_field_mutation_gets_an_answer(name: str) -> None:
+    """Whatever one field holds, the validator answers with errors; it never raises."""
+    for label, manifest in field_mutations(VALID_MANIFESTS[name]("iris")):
+        errors = validate_model_deployment(manifest)
+        assert all(isinstance(e, FieldError) and e.field and e.message for e in errors), label

@@ -64,7 +64,7 @@ for g in mod.get("Godebug") or []:
 count_packages() {
     awk '/^[^ :#]+$/ { if (++n % 250 == 0) { print "  ... " n " packages compiled"; fflush() } next }
          { print; fflush() }
-         END { print "  ... " n " packages compiled in total" }' >&2
+         END { print "  ... " n + 0 " packages compiled in total" }' >&2
 }
 
 build_etcd() {

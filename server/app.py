@@ -1,4 +1,10 @@
-"""The Starlette application: routes, limits, and the one table that maps errors to HTTP."""
+"""The Starlette application: routes, limits, and the one table that maps errors to HTTP.
+
+Inference endpoints are plain ASGI handlers (no Request/Response objects on the hot path). The
+Starlette router owns every route, so wrong methods, unknown paths and unknown models answer
+405/404 in JSON; `FastPath` in front sends the exact inference paths of the served model straight
+to the same handlers, skipping route matching and the middleware stack.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +42,10 @@ from modeldeploy_server.records import decode_csv, decode_instances, encode_csv,
 from modeldeploy_server.runtime import OnnxModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -54,33 +61,42 @@ ERROR_STATUS: dict[type[ServerError], int] = {
     NotReady: 503,
     RequestTimeout: 504,
 }
-RETRY_AFTER_S = "1"
-JSON = "application/json"
-CSV = "text/csv"
-BINARY = "application/octet-stream"
-HEADER_LENGTH = "inference-header-content-length"
+RETRY_AFTER_S = b"1"
+JSON = b"application/json"
+CSV = b"text/csv"
+BINARY = b"application/octet-stream"
+HEADER_LENGTH = b"inference-header-content-length"
+Headers = list[tuple[bytes, bytes]]
+
+
+def render_error(exc: ServerError) -> tuple[int, bytes, Headers]:
+    """Status, `{"error": ...}` body and extra headers for a domain error."""
+    status = ERROR_STATUS[type(exc)]
+    headers: Headers = []
+    if status == 503:
+        headers.append((b"retry-after", RETRY_AFTER_S))
+    if status == 413:
+        # The rest of the body was never read, so the connection cannot be reused.
+        headers.append((b"connection", b"close"))
+    return status, orjson.dumps({"error": str(exc)}), headers
 
 
 class JSONResponse(Response):
     """orjson-encoded JSON."""
 
-    media_type = JSON
+    media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
         """Serialize with orjson."""
         return orjson.dumps(content)
 
 
-def error_response(exc: ServerError, headers: dict[str, str] | None = None) -> Response:
-    """The `{"error": ...}` answer for a domain error."""
-    status = ERROR_STATUS[type(exc)]
-    extra = dict(headers or {})
-    if status == 503:
-        extra["retry-after"] = RETRY_AFTER_S
-    if status == 413:
-        # The rest of the body was never read, so the connection cannot be reused.
-        extra["connection"] = "close"
-    return JSONResponse({"error": str(exc)}, status_code=status, headers=extra)
+def error_response(exc: ServerError) -> Response:
+    """render_error as a Starlette response, for the non-inference endpoints."""
+    status, body, headers = render_error(exc)
+    response = Response(body, status_code=status, media_type="application/json")
+    response.raw_headers.extend(headers)
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -105,11 +121,42 @@ class ServingState:
     draining: bool = False
 
 
+@dataclass
+class _Incoming:
+    """The request headers the inference handlers look at, read in one pass."""
+
+    content_length: bytes | None = None
+    content_type: bytes = b""
+    content_encoding: bytes = b"identity"
+    accept: bytes = b""
+    header_length: bytes | None = None
+
+    @classmethod
+    def parse(cls, scope: Scope) -> _Incoming:
+        incoming = cls()
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                incoming.content_length = value
+            elif name == b"content-type":
+                incoming.content_type = value.split(b";", 1)[0].strip().lower()
+            elif name == b"content-encoding":
+                incoming.content_encoding = value.strip().lower()
+            elif name == b"accept":
+                incoming.accept = value
+            elif name == HEADER_LENGTH:
+                incoming.header_length = value
+        return incoming
+
+
 @dataclass(frozen=True)
 class _Answer:
     body: bytes
-    media_type: str
-    headers: dict[str, str]
+    content_type: bytes
+    headers: Headers
+
+
+Answerer = Callable[[_Incoming, bytes], Awaitable[_Answer]]
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class InferenceService:
@@ -124,10 +171,10 @@ class InferenceService:
         self._batcher: Batcher | None = None
         self._capture: PayloadCapture | None = None
         self._output_names = [spec.name for spec in model.metadata.outputs]
-        self._model_headers = {
-            "x-model-version": self.metadata.version,
-            "x-model-sha256": self.metadata.sha256,
-        }
+        self._model_headers: Headers = [
+            (b"x-model-version", self.metadata.version.encode()),
+            (b"x-model-sha256", self.metadata.sha256.encode()),
+        ]
         self._openapi = orjson.dumps(build_openapi(self.metadata))
         self._server_metadata = {
             "name": "modeldeploy",
@@ -166,93 +213,88 @@ class InferenceService:
             if self._capture is not None:
                 self._capture.close()
 
-    # -- helpers -------------------------------------------------------------------------------
+    # -- the inference path (plain ASGI) -------------------------------------------------------
 
-    def _check_model(self, request: Request) -> None:
-        params = request.path_params
-        if params["name"] != self.metadata.name:
-            raise ModelNotFound(f"model {params['name']!r} is not served here")
-        version = params.get("version")
-        if version is not None and version != self.metadata.version:
-            raise ModelNotFound(f"model {self.metadata.name!r} has no version {version!r}")
-
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, incoming: _Incoming, receive: Receive) -> bytes:
         """The body, refusing as soon as it is known to be over the limit (chunked included)."""
         limit = self.config.max_request_bytes
-        declared = request.headers.get("content-length")
+        declared = incoming.content_length
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes is over the {limit} limit")
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":
+            raise PayloadTooLarge(
+                f"request body of {int(declared)} bytes is over the {limit} limit"
+            )
+        if incoming.content_encoding != b"identity":
+            encoding = incoming.content_encoding.decode("latin-1")
             raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported")
         chunks: list[bytes] = []
         size = 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"request body is over the {limit} byte limit")
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise MalformedRequest(
-                "the client disconnected before sending the whole body"
-            ) from None
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise MalformedRequest("the client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the {limit} byte limit")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _serve(
-        self,
-        request: Request,
-        protocol: str,
-        answer: Callable[[Request, bytes], Awaitable[_Answer]],
-    ) -> Response:
-        """Time, bound, answer, count and capture one inference request."""
+        self, protocol: str, answer: Answerer, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Bound, answer, send, count and capture one inference request."""
         started = time.perf_counter()
+        incoming = _Incoming.parse(scope)
         body = b""
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
-                self._check_model(request)
-                body = await self._read_body(request)
-                result = await answer(request, body)
-            response = Response(
+                body = await self._read_body(incoming, receive)
+                result = await answer(incoming, body)
+            status, content, content_type, extra = (
+                200,
                 result.body,
-                media_type=result.media_type,
-                headers={**self._model_headers, **result.headers},
+                result.content_type,
+                result.headers,
             )
-        except ServerError as exc:
-            response = error_response(exc, self._model_headers)
-        except TimeoutError:
-            response = error_response(
-                RequestTimeout(f"request took over {self.config.request_timeout_s} s"),
-                self._model_headers,
-            )
-        except Exception as exc:  # a bug: still answer in JSON and count it
-            response = await _unexpected_error(request, exc)
-        self.metrics.observe_request(protocol, response.status_code, time.perf_counter() - started)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                exc = RequestTimeout(f"request took over {self.config.request_timeout_s} s")
+            elif not isinstance(exc, ServerError):  # a bug: still answer in JSON, and count it
+                logger.exception("unexpected error in %s inference", protocol, exc_info=exc)
+                exc = ModelExecutionError(f"internal error: {type(exc).__name__}")
+            status, content, extra = render_error(exc)
+            content_type = JSON
+        headers = [
+            (b"content-type", content_type),
+            (b"content-length", str(len(content)).encode()),
+            *self._model_headers,
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+        self.metrics.observe_request(protocol, status, time.perf_counter() - started)
         if self._capture is not None:
             self._capture.offer(
                 self.metadata.name,
                 self.metadata.version,
                 protocol,
                 body,
-                request.headers.get("content-type", ""),
-                bytes(response.body),
-                response.media_type or "",
+                incoming.content_type.decode("latin-1"),
+                content,
+                content_type.decode("latin-1"),
             )
-        return response
 
     async def _run(self, feed: Any, rows: int) -> dict[str, Any]:
         assert self._batcher is not None, "the lifespan starts the batcher"
         return await self._batcher.submit(feed, rows)
 
-    # -- inference -----------------------------------------------------------------------------
-
-    async def _answer_v2(self, request: Request, body: bytes) -> _Answer:
-        raw_length = request.headers.get(HEADER_LENGTH)
+    async def _answer_v2(self, incoming: _Incoming, body: bytes) -> _Answer:
         header_length = None
-        if raw_length is not None:
-            if not raw_length.strip().isdigit():
-                raise MalformedRequest(f"{HEADER_LENGTH} must be an integer")
-            header_length = int(raw_length)
+        if incoming.header_length is not None:
+            if not incoming.header_length.strip().isdigit():
+                raise MalformedRequest("Inference-Header-Content-Length must be an integer")
+            header_length = int(incoming.header_length)
         decoded = decode_infer_request(body, header_length)
         feed, rows = validate_inputs(decoded.inputs, self.metadata, self.config.max_rows)
         selected = select_outputs(decoded, self._output_names)
@@ -264,30 +306,46 @@ class InferenceService:
             [(name, outputs[name], binary) for name, binary in selected],
         )
         if json_length is None:
-            return _Answer(content, JSON, {})
-        return _Answer(content, BINARY, {HEADER_LENGTH: str(json_length)})
+            return _Answer(content, JSON, [])
+        return _Answer(content, BINARY, [(HEADER_LENGTH, str(json_length).encode())])
 
-    async def _answer_records(self, request: Request, body: bytes) -> _Answer:
-        if _media_type(request.headers.get("content-type")) == CSV:
+    async def _answer_records(self, incoming: _Incoming, body: bytes) -> _Answer:
+        if incoming.content_type == CSV:
             tensors = decode_csv(body, self.metadata)
         else:
             tensors = decode_instances(body, self.metadata)
         feed, rows = validate_inputs(tensors, self.metadata, self.config.max_rows)
         outputs = await self._run(feed, rows)
-        if CSV in request.headers.get("accept", ""):
-            return _Answer(encode_csv(outputs), CSV, {})
-        return _Answer(encode_predictions(outputs), JSON, {})
+        if CSV in incoming.accept:
+            return _Answer(encode_csv(outputs), CSV, [])
+        return _Answer(encode_predictions(outputs), JSON, [])
 
-    async def infer_v2(self, request: Request) -> Response:
+    async def infer_v2(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v2/models/{name}[/versions/{version}]/infer"""
-        return await self._serve(request, "v2", self._answer_v2)
+        await self._serve("v2", self._answer_v2, scope, receive, send)
 
-    async def predict_records(self, request: Request) -> Response:
+    async def predict_records(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/models/{name}:predict (JSON records or CSV)"""
-        protocol = "csv" if _media_type(request.headers.get("content-type")) == CSV else "v1"
-        return await self._serve(request, protocol, self._answer_records)
+        protocol = "csv" if _Incoming.parse(scope).content_type == CSV else "v1"
+        await self._serve(protocol, self._answer_records, scope, receive, send)
+
+    def fast_paths(self) -> dict[str, Handler]:
+        """The exact inference paths of the served model."""
+        name, version = self.metadata.name, self.metadata.version
+        return {
+            f"/v2/models/{name}/infer": self.infer_v2,
+            f"/v2/models/{name}/versions/{version}/infer": self.infer_v2,
+            f"/v1/models/{name}:predict": self.predict_records,
+        }
 
     # -- health and metadata -------------------------------------------------------------------
+
+    def _check_model(self, params: dict[str, Any]) -> None:
+        if params["name"] != self.metadata.name:
+            raise ModelNotFound(f"model {params['name']!r} is not served here")
+        version = params.get("version")
+        if version is not None and version != self.metadata.version:
+            raise ModelNotFound(f"model {self.metadata.name!r} has no version {version!r}")
 
     def _readiness(self) -> bool:
         return self.state.ready and not self.state.draining
@@ -308,7 +366,7 @@ class InferenceService:
     async def model_metadata(self, request: Request) -> Response:
         """GET /v2/models/{name}[/versions/{version}]"""
         try:
-            self._check_model(request)
+            self._check_model(request.path_params)
         except ModelNotFound as exc:
             return error_response(exc)
         return JSONResponse(self.metadata.as_json())
@@ -316,7 +374,7 @@ class InferenceService:
     async def model_ready(self, request: Request) -> Response:
         """GET /v2/models/{name}[/versions/{version}]/ready and GET /v1/models/{name}"""
         try:
-            self._check_model(request)
+            self._check_model(request.path_params)
         except ModelNotFound as exc:
             return error_response(exc)
         ready = self._readiness()
@@ -330,13 +388,21 @@ class InferenceService:
 
     async def openapi(self, request: Request) -> Response:
         """GET /v2/openapi.json: this server's API, for clients and schema-driven tests."""
-        return Response(self._openapi, media_type=JSON)
+        return Response(self._openapi, media_type="application/json")
 
     def routes(self) -> list[Route]:
         """Every route of the server."""
         model = "/v2/models/{name}"
         versioned = "/v2/models/{name}/versions/{version}"
+        infer = _ModelEndpoint(self, self.infer_v2)
         return [
+            Route(model + "/infer", infer, methods=["POST"]),
+            Route(versioned + "/infer", infer, methods=["POST"]),
+            Route(
+                "/v1/models/{name}:predict",
+                _ModelEndpoint(self, self.predict_records),
+                methods=["POST"],
+            ),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             Route("/v2", self.server_metadata, methods=["GET"]),
@@ -345,19 +411,44 @@ class InferenceService:
             Route(versioned, self.model_metadata, methods=["GET"]),
             Route(model + "/ready", self.model_ready, methods=["GET"]),
             Route(versioned + "/ready", self.model_ready, methods=["GET"]),
-            Route(model + "/infer", self.infer_v2, methods=["POST"]),
-            Route(versioned + "/infer", self.infer_v2, methods=["POST"]),
-            Route("/v1/models/{name}:predict", self.predict_records, methods=["POST"]),
             Route("/v1/models/{name}", self.model_ready, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
         ]
 
 
-def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
+class _ModelEndpoint:
+    """An inference handler behind the router: 404 unless the path names the served model."""
+
+    def __init__(self, service: InferenceService, handler: Handler) -> None:
+        self._service = service
+        self._handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            self._service._check_model(scope["path_params"])
+        except ModelNotFound as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        await self._handler(scope, receive, send)
 
 
-def build_app(config: ServeConfig, model: OnnxModel) -> tuple[Starlette, InferenceService]:
+class FastPath:
+    """Pure ASGI middleware: exact inference paths go straight to their handler."""
+
+    def __init__(self, app: ASGIApp, paths: dict[str, Handler]) -> None:
+        self._app = app
+        self._paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self._paths.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+
+def build_app(config: ServeConfig, model: OnnxModel) -> tuple[ASGIApp, InferenceService]:
     """The ASGI app serving `model`, and its service (whose state serve.py flips on SIGTERM)."""
     service = InferenceService(config, model)
     app = Starlette(
@@ -365,4 +456,4 @@ def build_app(config: ServeConfig, model: OnnxModel) -> tuple[Starlette, Inferen
         lifespan=service.lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},
     )
-    return app, service
+    return FastPath(app, service.fast_paths()), service

@@ -24,6 +24,9 @@ def plan_batches(
     batches: list[list[int]] = []
     open_batch: dict[Hashable, tuple[list[int], int]] = {}
     for index, (key, count) in enumerate(zip(keys, rows, strict=True)):
+        if count >= max_batch_size:
+            batches.append([index])
+            continue
         current = open_batch.get(key)
         if current is not None and current[1] + count <= max_batch_size:
             current[0].append(index)

@@ -59,6 +59,14 @@ def array_from_json(where: str, datatype: str, data: Any) -> np.ndarray[Any, Any
         parsed = np.asarray(data)
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise InvalidInput(f"{where}: data is not a rectangular array of numbers") from None
+    if dtype.kind in "iu" and parsed.dtype.kind in "fO":
+        # Integers beyond int64 (valid for UINT64) make numpy infer float64 or object.
+        exact = np.asarray(data, dtype=object)
+        if all(type(value) is int for value in exact.flat):
+            try:
+                return np.array(data, dtype=dtype)
+            except OverflowError:
+                raise InvalidInput(f"{where}: a value is out of range for {datatype}") from None
     if parsed.size:
         accepted = _ACCEPTED_KINDS[dtype.kind]
         if parsed.dtype.kind not in accepted:
@@ -88,6 +96,15 @@ def _strings_from_json(where: str, data: Any) -> np.ndarray[Any, Any]:
     return array
 
 
+def _parameters(container: dict[str, Any], where: str) -> dict[str, Any]:
+    parameters = container.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise MalformedRequest(f"{where} must be an object")
+    return parameters
+
+
 def _shape_from_json(where: str, raw: Any) -> tuple[int, ...]:
     if (
         not isinstance(raw, list)
@@ -112,9 +129,7 @@ def _decode_input(
         raise InvalidInput(f"{where}: datatype must be one of {list(V2_TO_NUMPY)}")
     shape = _shape_from_json(where, entry.get("shape"))
     count = math.prod(shape)
-    parameters = entry.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise MalformedRequest(f"{where}: parameters must be an object")
+    parameters = _parameters(entry, f"{where}: parameters")
     size = parameters.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or offset + size > len(binary):
@@ -172,9 +187,7 @@ def _decode_outputs(raw: Any) -> tuple[RequestedOutput, ...]:
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise MalformedRequest(f"outputs[{index}] must be an object with a string name")
-        parameters = entry.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise MalformedRequest(f"outputs[{index}].parameters must be an object")
+        parameters = _parameters(entry, f"outputs[{index}].parameters")
         outputs.append(RequestedOutput(entry["name"], parameters.get("binary_data") is True))
     return tuple(outputs)
 
@@ -194,9 +207,7 @@ def decode_infer_request(body: bytes, header_length: int | None = None) -> Infer
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise MalformedRequest("id must be a string")
-    parameters = document.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise MalformedRequest("parameters must be an object")
+    parameters = _parameters(document, "parameters")
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise MalformedRequest("inputs must be a non-empty list")

@@ -80,9 +80,9 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         _report(outcome, logger)
         return outcome
 
-    @kopf.on.resume(API_GROUP, API_VERSION, PLURAL, registry=registry)
-    @kopf.on.create(API_GROUP, API_VERSION, PLURAL, registry=registry)
-    @kopf.on.update(API_GROUP, API_VERSION, PLURAL, registry=registry)
+    @kopf.on.resume(API_GROUP, API_VERSION, PLURAL, id="reconcile", registry=registry)
+    @kopf.on.create(API_GROUP, API_VERSION, PLURAL, id="reconcile", registry=registry)
+    @kopf.on.update(API_GROUP, API_VERSION, PLURAL, id="reconcile", registry=registry)
     async def reconcile_model_deployment(
         *, namespace: str | None, name: str, logger: kopf.Logger, retry: int, **_: Any
     ) -> None:

@@ -163,7 +163,7 @@ class KubeApi:
                 method,
                 full_url,
                 header_params=headers,
-                body=json.dumps(body) if body is not None else None,
+                body=body,
                 _request_timeout=_REQUEST_TIMEOUT_S,
             )
             data = response.read()

@@ -52,19 +52,18 @@ def reconcile(api: KubeApi, config: OperatorConfig, namespace: str, name: str, n
     desired = render_objects(
         md, server_image=config.server_image, ready_variants=ready_variants(md, observed)
     )
+    wanted = {_key(o) for o in desired}
     applied = []
+    pruned = []
     try:
         for manifest in desired:
             applied.append(api.apply(manifest))
+        for stale in owned:
+            if _key(stale) not in wanted:
+                api.delete(stale)
+                pruned.append(f"{stale['kind']}/{stale['metadata']['name']}")
     except RejectedError as error:
         return _fail(api, obj, generation, "ApplyRejected", str(error), now)
-
-    wanted = {_key(o) for o in desired}
-    pruned = []
-    for stale in owned:
-        if _key(stale) not in wanted:
-            api.delete(stale)
-            pruned.append(f"{stale['kind']}/{stale['metadata']['name']}")
 
     deployments = {
         a["metadata"]["name"]: a

@@ -163,7 +163,7 @@ def running_operator(
 
 def wait_for(
     probe: Callable[[], T | None],
-    what: str,
+    what: str | Callable[[], str],
     timeout: float = 30.0,
     interval: float = 0.1,
     check: Callable[[], None] | None = None,
@@ -178,4 +178,5 @@ def wait_for(
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    description = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout}s waiting for {description} (last: {last!r})")

@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as error:
         print(f"{args.file}: invalid ModelDeployment:\n{_indent(str(error))}", file=sys.stderr)
         return 1
-    exit_code: int = args.command(args, stored, md, sys.stdout)
+    try:
+        exit_code: int = args.command(args, stored, md, sys.stdout)
+    except BrokenPipeError:
+        # The reader went away (`modeldeploy render | head`): stop quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return exit_code
 
 

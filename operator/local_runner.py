@@ -39,7 +39,9 @@ from modeldeploy_operator.local import (
 )
 from modeldeploy_operator.spec import ModelDeployment
 
-SERVER_COMMAND = (sys.executable, "-m", "modeldeploy_server.cli")
+# -P: the working directory stays off sys.path, so a checkout's operator/ folder cannot shadow
+# the standard library's `operator` module when run from the repository root.
+SERVER_COMMAND = (sys.executable, "-P", "-m", "modeldeploy_server.cli")
 READY_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 _POLL_S = 0.1

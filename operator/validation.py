@@ -13,6 +13,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from decimal import Decimal
 from importlib.resources import files
 from typing import Any, NamedTuple
 
@@ -362,11 +363,53 @@ def _cel_sum(values: celtypes.ListType) -> Any:
     return total
 
 
-# The apiserver's CEL has the Kubernetes list library; cel-python lacks the part the CRD uses.
-_KUBERNETES_LIST_FUNCTIONS: dict[str, Any] = {"sum": _cel_sum}
+_QUANTITY = re.compile(
+    r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?"
+)
+_QUANTITY_SUFFIXES = {
+    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{
+        s: Decimal(10) ** e
+        for s, e in zip("numkMGTPE", (-9, -6, -3, 3, 6, 9, 12, 15, 18), strict=True)
+    },
+}
+
+
+def _parse_quantity(text: str) -> Decimal | None:
+    match = _QUANTITY.fullmatch(text)
+    if match is None:
+        return None
+    number, suffix = match.groups()
+    if suffix and suffix[0] in "eE" and len(suffix) > 1:
+        return Decimal(number) * Decimal(10) ** int(suffix[1:])
+    return Decimal(number) * _QUANTITY_SUFFIXES.get(suffix or "", Decimal(1))
+
+
+def _cel_is_quantity(text: celtypes.StringType) -> celtypes.BoolType:
+    return celtypes.BoolType(_parse_quantity(str(text)) is not None)
+
+
+def _cel_quantity(text: celtypes.StringType) -> Decimal | CELEvalError:
+    quantity = _parse_quantity(str(text))
+    # Returned, not raised: an error value lets `||` and `&&` absorb it, as CEL requires.
+    return quantity if quantity is not None else CELEvalError(f"invalid quantity {text!r}")
+
+
+def _cel_compare_to(left: Decimal, right: Decimal) -> celtypes.IntType:
+    return celtypes.IntType((left > right) - (left < right))
+
+
+# The apiserver's CEL has the Kubernetes libraries; cel-python lacks the parts the CRD uses:
+# sum() of the list library, and quantity(), isQuantity() and compareTo() of the quantity library.
+_KUBERNETES_FUNCTIONS: dict[str, Any] = {
+    "sum": _cel_sum,
+    "isQuantity": _cel_is_quantity,
+    "quantity": _cel_quantity,
+    "compareTo": _cel_compare_to,
+}
 
 
 @functools.cache
 def _program(expression: str) -> celpy.Runner:
     environment = celpy.Environment()
-    return environment.program(environment.compile(expression), _KUBERNETES_LIST_FUNCTIONS)
+    return environment.program(environment.compile(expression), _KUBERNETES_FUNCTIONS)

@@ -266,6 +266,13 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         lambda m: _variant(m, 0).update(resources={"limits": {"memory": "lots"}}),
     ),
     _case(
+        "resources-request-above-limit",
+        "spec.variants[0].resources.requests",
+        lambda m: _variant(m, 0).update(
+            resources={"requests": {"cpu": 2, "memory": "1Gi"}, "limits": {"cpu": "1500m"}}
+        ),
+    ),
+    _case(
         "resources-quantity-float",
         "spec.variants[0].resources.limits.cpu",
         lambda m: _variant(m, 0).update(resources={"limits": {"cpu": 1.5}}),
@@ -430,3 +437,26 @@ def field_mutations(manifest: Manifest) -> Iterator[tuple[str, Manifest]]:
 
 
 _REMOVED = object()
+
+
+# (request, limit, whether request <= limit): Kubernetes quantity arithmetic across notations.
+QUANTITY_ORDER: list[tuple[str | int, str | int, bool]] = [
+    ("1Gi", "1073741824", True),
+    ("1025Mi", "1Gi", False),
+    ("1e3", "1k", True),
+    ("500m", "0.5", True),
+    ("501m", "0.5", False),
+    (2, "2000m", True),
+    ("1.5", 1, False),
+    ("1Ki", "1k", False),
+    ("1E", "1000P", True),
+    ("100n", "1u", True),
+    ("+1", "1", True),
+]
+
+
+def with_cpu(request: str | int, limit: str | int) -> Manifest:
+    """A valid manifest but for the first variant's CPU request and limit."""
+    manifest = two_variant_manifest()
+    _variant(manifest, 0)["resources"] = {"requests": {"cpu": request}, "limits": {"cpu": limit}}
+    return manifest

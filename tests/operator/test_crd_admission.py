@@ -6,6 +6,7 @@ import json
 import ssl
 from collections.abc import Iterator, Mapping
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -21,11 +22,13 @@ from modeldeploy_operator.validation import (
 from tests.controlplane.harness import ControlPlane
 from tests.invalid_manifests import (
     INVALID_MANIFESTS,
+    QUANTITY_ORDER,
     VALID_MANIFESTS,
     InvalidManifest,
     Manifest,
     field_mutations,
     two_variant_manifest,
+    with_cpu,
 )
 
 GROUP, VERSION, PLURAL = "modeldeploy.dev", "v1alpha1", "modeldeployments"
@@ -86,6 +89,22 @@ def test_offline_validator_agrees_on_every_field_mutation(
             disagreements.append((label, causes, offline))
     assert len(mutations) > 30
     assert disagreements == []
+
+
+def test_quantities_compare_alike_offline_and_at_admission(
+    api: client.ApiClient, namespace: str
+) -> None:
+    for index, (request, limit, in_order) in enumerate(QUANTITY_ORDER):
+        manifest = with_cpu(request, limit)
+        manifest["metadata"]["name"] = f"q{index}"
+        offline = validate_model_deployment(manifest)
+        if in_order:
+            _create(api, namespace, manifest)
+            assert offline == []
+        else:
+            status = _refusal(api, namespace, manifest)
+            causes = [(c.get("field"), c["message"]) for c in status["details"]["causes"]]
+            assert offline == causes == [("spec.variants[0].resources.requests", ANY)]
 
 
 @pytest.mark.parametrize("name", VALID_MANIFESTS)

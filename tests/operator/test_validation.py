@@ -12,11 +12,13 @@ from modeldeploy_operator.validation import (
 
 from tests.invalid_manifests import (
     INVALID_MANIFESTS,
+    QUANTITY_ORDER,
     VALID_MANIFESTS,
     InvalidManifest,
     field_mutations,
     minimal_manifest,
     two_variant_manifest,
+    with_cpu,
 )
 
 
@@ -162,3 +164,22 @@ def test_every_field_mutation_gets_an_answer(name: str) -> None:
     for label, manifest in field_mutations(VALID_MANIFESTS[name]("iris")):
         errors = validate_model_deployment(manifest)
         assert all(isinstance(e, FieldError) and e.field and e.message for e in errors), label
+
+
+@pytest.mark.parametrize(("request_", "limit", "in_order"), QUANTITY_ORDER)
+def test_requests_are_compared_with_limits_as_quantities(
+    request_: str | int, limit: str | int, in_order: bool
+) -> None:
+    errors = validate_model_deployment(with_cpu(request_, limit))
+
+    expected = (
+        []
+        if in_order
+        else [
+            FieldError(
+                "spec.variants[0].resources.requests",
+                "Invalid value: must not exceed limits for the same resource",
+            )
+        ]
+    )
+    assert errors == expected

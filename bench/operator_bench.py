@@ -1,0 +1,233 @@
+"""Operator benchmark against the real control plane (etcd + kube-apiserver + controller-manager).
+
+One command (from the repository root, after tests/controlplane/build.sh):
+
+    .venv/bin/python bench/operator_bench.py [--count 200] [--singles 5] [--out PATH]
+
+The operator runs as in production (`kopf run -m modeldeploy_operator.main` under its
+ServiceAccount's RBAC), without --verbose. Measured:
+- apply -> children: time from creating one ModelDeployment to all of its children existing
+  (repeated `--singles` times on an idle operator; min/median/max);
+- bulk: `--count` ModelDeployments created back to back; wall time until every child exists and
+  every status is written; then every variant Deployment marked ready (as the Deployment
+  controller would) and the time until every ModelDeployment is Ready;
+- restart: the operator killed and started again; time until it has resumed all of them
+  (each status re-checked: a full reconcile pass with nothing to change);
+- operator memory: peak and final RSS of the operator process.
+The control plane, the operator and this script share the machine: numbers include contention.
+Results go to bench/results/operator.json unless --out says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.append(str(REPO))
+
+from kubernetes import client  # noqa: E402
+from modeldeploy_operator import naming  # noqa: E402
+
+from tests.controlplane import harness  # noqa: E402
+from tests.operator.builders import model_deployment, variant  # noqa: E402
+from tests.operator.harness import GROUP, PLURAL, VERSION, running_operator  # noqa: E402
+
+# Per ModelDeployment: 2 variants x (Deployment + Service), routes ConfigMap, router Deployment,
+# Service and PodDisruptionBudget.
+CHILDREN_PER_MD = 8
+LISTS = (
+    ("apps/v1", "list_namespaced_deployment"),
+    ("v1", "list_namespaced_service"),
+    ("v1", "list_namespaced_config_map"),
+    ("policy/v1", "list_namespaced_pod_disruption_budget"),
+)
+POLL_S = 0.05
+
+
+class Bench:
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.namespace = namespace
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.apis = {
+            "apps/v1": self.apps,
+            "v1": client.CoreV1Api(api),
+            "policy/v1": client.PolicyV1Api(api),
+        }
+
+    def create(self, name: str) -> None:
+        obj = model_deployment(name=name, variants=[variant("v1", 90), variant("v2", 10)])
+        obj["metadata"] = {"name": name}
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, obj)
+
+    def children_per_md(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        selector = f"{naming.MANAGED_BY}={naming.FIELD_MANAGER}"
+        for api_version, method in LISTS:
+            listing = getattr(self.apis[api_version], method)(
+                self.namespace, label_selector=selector
+            )
+            for item in listing.items:
+                counts[item.metadata.labels[naming.MODEL_DEPLOYMENT]] += 1
+        return counts
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        listing = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
+        return {i["metadata"]["name"]: i.get("status") or {} for i in listing["items"]}
+
+    def mark_variants_ready(self) -> int:
+        selector = f"{naming.COMPONENT}={naming.COMPONENT_VARIANT}"
+        deployments = self.apps.list_namespaced_deployment(self.namespace, label_selector=selector)
+        for d in deployments.items:
+            replicas = d.spec.replicas or 1
+            status = {
+                "observedGeneration": d.metadata.generation,
+                "replicas": replicas,
+                "updatedReplicas": replicas,
+                "readyReplicas": replicas,
+                "availableReplicas": replicas,
+            }
+            self.apps.patch_namespaced_deployment_status(
+                d.metadata.name,
+                self.namespace,
+                {"status": status},
+                _content_type="application/merge-patch+json",
+            )
+        return len(deployments.items)
+
+
+def wait(what: str, done: Any, timeout: float, sample: Any) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        sample()
+        if done():
+            return time.monotonic() - start
+        time.sleep(POLL_S)
+    raise TimeoutError(f"{what} not done after {timeout}s")
+
+
+def ready(status: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--singles", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "operator.json")
+    args = parser.parse_args(argv)
+
+    binaries = harness.expected_binaries()
+    missing = harness.missing_binaries(binaries)
+    if missing:
+        print(f"missing control-plane binaries: run tests/controlplane/build.sh ({missing})")
+        return 2
+    crds = [*(REPO / "crds").glob("*.yaml"), *binaries.gateway_crds.glob("*.yaml")]
+    results: dict[str, Any] = {"count": args.count, "loadavg_before": os.getloadavg()}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        harness.running(binaries, crds) as plane,
+        plane.api_client() as api,
+    ):
+        namespace = "bench"
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+        bench = Bench(api, namespace)
+        rss = [0]
+        with running_operator(
+            plane, [namespace], Path(tmp) / "operator.log", resync_seconds=3600, verbose=False
+        ) as operator:
+
+            def sample() -> None:
+                operator.check_alive()
+                rss[0] = max(rss[0], operator.rss_bytes())
+
+            # Warm-up: the operator's first reconcile also pays for imports and connections.
+            bench.create("warmup")
+            wait(
+                "warm-up",
+                lambda: bench.children_per_md()["warmup"] == CHILDREN_PER_MD,
+                args.timeout,
+                sample,
+            )
+            singles = []
+            for i in range(args.singles):
+                name = f"single-{i}"
+                start = time.monotonic()
+                bench.create(name)
+                wait(
+                    name,
+                    lambda n=name: bench.children_per_md()[n] == CHILDREN_PER_MD,
+                    args.timeout,
+                    sample,
+                )
+                singles.append(time.monotonic() - start)
+            results["apply_to_children_s"] = {
+                "min": min(singles),
+                "median": statistics.median(singles),
+                "max": max(singles),
+            }
+            results["rss_idle_mib"] = operator.rss_bytes() / 2**20
+
+            names = [f"md-{i:03d}" for i in range(args.count)]
+            start = time.monotonic()
+            for name in names:
+                bench.create(name)
+            results["bulk_create_requests_s"] = time.monotonic() - start
+
+            def all_children() -> bool:
+                counts = bench.children_per_md()
+                return all(counts[n] == CHILDREN_PER_MD for n in names)
+
+            def all_status() -> bool:
+                statuses = bench.statuses()
+                return all(statuses.get(n, {}).get("observedGeneration") for n in names)
+
+            wait("all children", all_children, args.timeout, sample)
+            results["bulk_children_s"] = time.monotonic() - start
+            wait("all statuses", all_status, args.timeout, sample)
+            results["bulk_status_s"] = time.monotonic() - start
+
+            start = time.monotonic()
+            results["variant_deployments_marked_ready"] = bench.mark_variants_ready()
+            wait(
+                "all Ready",
+                lambda: all(ready(s) for n, s in bench.statuses().items() if n in names),
+                args.timeout,
+                sample,
+            )
+            results["bulk_ready_s"] = time.monotonic() - start
+            results["rss_peak_mib"] = rss[0] / 2**20
+
+            operator.kill()
+            log_mark = len(operator.log())
+            start = time.monotonic()
+            operator.start()
+            total = len(names) + args.singles + 1
+            resumed = "Resuming is processed: 1 succeeded"
+            wait(
+                "resume",
+                lambda: operator.log()[log_mark:].count(resumed) >= total,
+                args.timeout,
+                sample,
+            )
+            results["restart_resume_all_s"] = time.monotonic() - start
+            results["rss_after_restart_mib"] = operator.rss_bytes() / 2**20
+    results["loadavg_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ failed=()
 banner() { printf '\n==================== %s ====================\n' "$*"; }
 
 # Runs one labelled phase, records its wall time, and remembers (without stopping) a failure.
+# `set -e` does not apply inside a phase (it runs under `||`), so phases return their status.
 phase() {
     local name="$1" started=$SECONDS rc=0
     shift
@@ -34,7 +35,7 @@ summary() {
 install() {
     # -I and the pip script, not `python -m pip`: with the repo root on sys.path, operator/
     # would shadow the standard library's `operator` module.
-    [[ -x .venv/bin/python ]] || python3 -I -m venv .venv
+    [[ -x .venv/bin/python ]] || python3 -I -m venv .venv || return
     .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 }
 

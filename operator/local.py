@@ -151,10 +151,10 @@ def list_ignored_fields(md: ModelDeployment) -> list[str]:
     return notes
 
 
-def parse_example_instance(annotations: Mapping[str, str]) -> dict[str, Any] | None:
+def parse_example_instance(annotations: Mapping[str, Any]) -> dict[str, Any] | None:
     """The example records instance from the ModelDeployment's annotation, if it is usable."""
     text = annotations.get(EXAMPLE_ANNOTATION)
-    if text is None:
+    if not isinstance(text, str):
         return None
     try:
         instance = json.loads(text)

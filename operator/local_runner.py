@@ -185,9 +185,8 @@ def _run(md: ModelDeployment, settings: LocalRunSettings, sup: Supervisor, say: 
         _wait_ready(sup, client, plan.router, say)
         metadata = client.get(f"{plan.variants[0].url}/v2/models/{md.name}").json()
     say(f"\nReady: {md.name} on {plan.router.url}  (Ctrl-C stops everything)")
-    for process in plan.variants:
-        weight = plan.routes["variants"][plan.variants.index(process)]["weight"]
-        say(f"  {process.name}: {weight}% of traffic, direct: {process.url}")
+    for process, route in zip(plan.variants, plan.routes["variants"], strict=True):
+        say(f"  {process.name}: {route['weight']}% of traffic, direct: {process.url}")
     say(f"  metrics: {plan.router.url}/metrics (router), <variant URL>/metrics (servers)")
     say("\nTry:")
     instance = parse_example_instance(settings.annotations)

@@ -218,7 +218,9 @@ def _describe(error: jsonschema.ValidationError) -> Iterator[FieldError]:
         return
     if error.validator == "additionalProperties":
         for name in sorted(value.keys() - declared.get("properties", {}).keys()):
-            yield FieldError(_format_path([*path, name]), "field not declared in schema")
+            # kubectl's words: it asks for strict field validation, which refuses unknown fields.
+            field = _format_path([*path, name])
+            yield FieldError(field, f'unknown field "{field}"')
         return
     field = _format_path(path)
     phrase = _PHRASES.get(str(error.validator))

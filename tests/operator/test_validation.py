@@ -113,7 +113,7 @@ def test_unknown_field_is_named_like_strict_field_validation() -> None:
 
     errors = validate_model_deployment(manifest)
 
-    assert errors == [FieldError("spec.routing.weights", "field not declared in schema")]
+    assert errors == [FieldError("spec.routing.weights", 'unknown field "spec.routing.weights"')]
 
 
 def test_messages_say_what_is_wrong() -> None:

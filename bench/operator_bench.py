@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))
@@ -82,12 +82,14 @@ class Bench:
 
     def statuses(self) -> dict[str, dict[str, Any]]:
         listing = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
-        return {i["metadata"]["name"]: i.get("status") or {} for i in listing["items"]}
+        items = cast(dict[str, Any], listing)["items"]
+        return {i["metadata"]["name"]: i.get("status") or {} for i in items}
 
     def mark_variants_ready(self) -> int:
         selector = f"{naming.COMPONENT}={naming.COMPONENT_VARIANT}"
         deployments = self.apps.list_namespaced_deployment(self.namespace, label_selector=selector)
         for d in deployments.items:
+            assert d.spec is not None and d.metadata is not None and d.metadata.name
             replicas = d.spec.replicas or 1
             status = {
                 "observedGeneration": d.metadata.generation,
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         plane.api_client() as api,
     ):
         namespace = "bench"
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+        client.CoreV1Api(api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace))
+        )
         bench = Bench(api, namespace)
         rss = [0]
         with running_operator(

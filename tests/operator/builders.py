@@ -51,7 +51,7 @@ def model_deployment(
     }
 
 
-def variant(name: str, weight: int, **extra: Any) -> dict[str, Any]:
+def variant(name: str, weight: object, **extra: Any) -> dict[str, Any]:
     sha = format(sum(map(ord, name)), "x").rjust(64, "0")
     return {
         "name": name,

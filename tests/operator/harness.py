@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 from kubernetes import client
@@ -165,9 +165,8 @@ def running_operator(
         with plane.api_client() as api:
             custom = client.CustomObjectsApi(api)
             for namespace in namespaces:
-                for item in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)[
-                    "items"
-                ]:
+                listing = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+                for item in cast(dict[str, Any], listing)["items"]:
                     with contextlib.suppress(ApiException):
                         custom.patch_namespaced_custom_object(
                             GROUP,

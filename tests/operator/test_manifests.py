@@ -6,9 +6,9 @@ import json
 import shutil
 import subprocess
 import uuid
-from typing import Any
+from typing import Any, cast
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from kubernetes import client
@@ -136,7 +136,9 @@ def test_every_pod_is_admitted_under_the_restricted_pod_security_standard(
     }
     with control_plane.api_client() as api:
         core = client.CoreV1Api(api)
-        core.create_namespace({"metadata": {"name": namespace, "labels": labels}})
+        core.create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace, labels=labels))
+        )
         try:
             for i, template in enumerate(templates):
                 pod = {
@@ -147,7 +149,8 @@ def test_every_pod_is_admitted_under_the_restricted_pod_security_standard(
                 }
                 # serviceAccountName of the operator lives elsewhere; PSA does not care.
                 pod["spec"].pop("serviceAccountName", None)
-                core.create_namespaced_pod(namespace, pod)
+                # The typed client sends plain dicts as they are.
+                core.create_namespaced_pod(namespace, cast(Any, pod))
         finally:
             core.delete_namespace(namespace)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from kubernetes import client
@@ -63,16 +63,18 @@ class Cluster:
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         obj = json.loads(json.dumps(obj))
         obj["metadata"] = {"name": obj["metadata"]["name"]}
-        created: dict[str, Any] = self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, obj
+        return cast(
+            dict[str, Any],
+            self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, obj
+            ),
         )
-        return created
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply as a user would (`kubectl apply --server-side`)."""
         obj = json.loads(json.dumps(obj))
         obj["metadata"] = {"name": obj["metadata"]["name"], "namespace": self.namespace}
-        applied: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+        applied = self.custom.patch_namespaced_custom_object(
             GROUP,
             VERSION,
             self.namespace,
@@ -83,7 +85,7 @@ class Cluster:
             force=True,
             _content_type="application/apply-patch+yaml",
         )
-        return applied
+        return cast(dict[str, Any], applied)
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(
@@ -97,10 +99,8 @@ class Cluster:
         )
 
     def get(self, name: str) -> dict[str, Any]:
-        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name
-        )
-        return obj
+        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return cast(dict[str, Any], obj)
 
     def owned(self, md_name: str) -> dict[tuple[str, str], dict[str, Any]]:
         """Every object labelled as the operator's for `md_name`, by (kind, name)."""
@@ -124,12 +124,13 @@ class Cluster:
             "httproutes",
             label_selector=naming.owned_selector(md_name),
         )
-        for item in routes["items"]:
+        for item in cast(dict[str, Any], routes)["items"]:
             found[("HTTPRoute", item["metadata"]["name"])] = item
         return found
 
     def deployment(self, name: str) -> dict[str, Any]:
-        response = self.apps.read_namespaced_deployment(
+        # Raw JSON, as stored: the typed models would drop what they do not know.
+        response: Any = self.apps.read_namespaced_deployment(
             name, self.namespace, _preload_content=False
         )
         obj: dict[str, Any] = json.loads(response.data)
@@ -142,7 +143,7 @@ class Cluster:
             )
         except ApiException:
             return None
-        config = json.loads(config_map.data[naming.ROUTES_KEY])
+        config = json.loads((config_map.data or {})[naming.ROUTES_KEY])
         return {v["name"]: v["weight"] for v in config["variants"]}
 
     def set_ready(self, deployment_name: str, ready: bool = True) -> None:
@@ -549,7 +550,7 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates_or_leaks(
         assert_matches_render(cluster, name)
     # Everything present is owned by a ModelDeployment that exists: nothing leaked.
     deployments = cluster.apps.list_namespaced_deployment(cluster.namespace).items
-    assert sorted(d.metadata.name for d in deployments) == sorted(
+    assert sorted(d.metadata.name or "" for d in deployments if d.metadata) == sorted(
         f"{n}{suffix}" for n in names for suffix in ("", "-v1", "-v2")
     )
 
@@ -565,4 +566,4 @@ def test_operator_cannot_read_secrets(cluster: Cluster) -> None:
                 )
             )
         )
-        assert review.status.allowed is False
+        assert review.status is not None and review.status.allowed is False

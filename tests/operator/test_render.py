@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from modeldeploy_operator import naming

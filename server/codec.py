@@ -125,7 +125,7 @@ def _decode_input(
     if not isinstance(name, str) or not name:
         raise MalformedRequest(f"{where}.name must be a non-empty string")
     where = f"input {name!r}"
-    if datatype not in V2_TO_NUMPY:
+    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
         raise InvalidInput(f"{where}: datatype must be one of {list(V2_TO_NUMPY)}")
     shape = _shape_from_json(where, entry.get("shape"))
     count = math.prod(shape)

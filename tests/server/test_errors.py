@@ -196,25 +196,25 @@ def test_overload_answers_503_with_retry_after(mlp: BuiltModel) -> None:
                      "parameters": {"binary_data_size": len(raw)}}],
          "outputs": [{"name": "label"}]}
     )  # fmt: skip
-    with serve(mlp.path, "digits", "--max-queue", "1", "--max-batch-size", "1") as server:
-        with httpx.Client(limits=httpx.Limits(max_connections=64), timeout=60) as client:
-            with concurrent.futures.ThreadPoolExecutor(32) as pool:
-                responses = list(
-                    pool.map(
-                        lambda _: client.post(
-                            f"{server.url}/v2/models/digits/infer",
-                            content=header + raw,
-                            headers={"inference-header-content-length": str(len(header))},
-                        ),
-                        range(32),
-                    )
-                )
+    with (
+        serve(mlp.path, "digits", "--max-queue", "1", "--max-batch-size", "1") as server,
+        httpx.Client(limits=httpx.Limits(max_connections=64), timeout=60) as client,
+        concurrent.futures.ThreadPoolExecutor(32) as pool,
+    ):
+        responses = list(
+            pool.map(
+                lambda _: client.post(
+                    f"{server.url}/v2/models/digits/infer",
+                    content=header + raw,
+                    headers={"inference-header-content-length": str(len(header))},
+                ),
+                range(32),
+            )
+        )
     codes = [response.status_code for response in responses]
     assert set(codes) == {200, 503}, codes
     refused = next(r for r in responses if r.status_code == 503)
     assert refused.headers["retry-after"] == "1"
     assert_error(refused, 503, "queue is full")
     served = next(r for r in responses if r.status_code == 200)
-    assert (
-        served.json()["outputs"][0]["data"] == mlp.estimator.predict(mlp.features).tolist()
-    )
+    assert served.json()["outputs"][0]["data"] == mlp.estimator.predict(mlp.features).tolist()

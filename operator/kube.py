@@ -74,13 +74,8 @@ class KubeApi:
     def apply(self, obj: Manifest) -> Manifest:
         """Server-side apply `obj` as our field manager, taking over conflicting fields."""
         meta = obj["metadata"]
-        path = _object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-        return self._request(
-            "PATCH",
-            path,
-            {"fieldManager": naming.FIELD_MANAGER, "force": "true"},
-            body=obj,
-            content_type="application/apply-patch+yaml",
+        return self._apply(
+            _object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]), obj
         )
 
     def apply_status(self, namespace: str, name: str, status: Manifest) -> Manifest:
@@ -92,6 +87,10 @@ class KubeApi:
             "status": status,
         }
         path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, PLURAL, namespace) + f"/{name}/status"
+        return self._apply(path, body)
+
+    def _apply(self, path: str, body: Manifest) -> Manifest:
+        # force: fields someone else changed by hand on our objects come back to us (drift).
         return self._request(
             "PATCH",
             path,

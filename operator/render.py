@@ -55,25 +55,13 @@ def render_objects(
     image = md.pod.image or server_image
     objects: list[Manifest] = []
     for variant in md.variants:
+        name = naming.variant_object_name(md.name, variant.name)
+        selector = naming.variant_selector(md.name, variant.name)
+        labels = naming.variant_labels(md.name, variant.name, variant.model.sha256)
         objects.append(render_variant_deployment(md, variant, image))
-        objects.append(
-            _service(
-                md,
-                naming.variant_object_name(md.name, variant.name),
-                naming.variant_selector(md.name, variant.name),
-                naming.variant_labels(md.name, variant.name, variant.model.sha256),
-                naming.SERVER_PORT,
-            )
-        )
+        objects.append(_service(md, name, selector, labels, naming.SERVER_PORT))
         if variant.min_replicas > 1:
-            objects.append(
-                _pod_disruption_budget(
-                    md,
-                    naming.variant_object_name(md.name, variant.name),
-                    naming.variant_selector(md.name, variant.name),
-                    naming.variant_labels(md.name, variant.name, variant.model.sha256),
-                )
-            )
+            objects.append(_pod_disruption_budget(md, name, selector, labels))
         if variant.autoscaling is not None:
             objects.append(_horizontal_pod_autoscaler(md, variant))
     ready = [v.name for v in md.variants] if ready_variants is None else ready_variants

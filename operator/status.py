@@ -123,9 +123,13 @@ def compute_events(previous: Mapping[str, Any] | None, status: Mapping[str, Any]
     events = []
     for condition in status["conditions"]:
         old = before.get(condition["type"])
-        bad = (condition["type"], condition["status"]) in (("Ready", "False"), ("Degraded", "True"))
-        # A new object starts not ready: only a change, or a problem from the start, is news.
-        if (old is not None and old["status"] == condition["status"]) or (old is None and not bad):
+        degraded = (condition["type"], condition["status"]) == ("Degraded", "True")
+        bad = degraded or (condition["type"], condition["status"]) == ("Ready", "False")
+        # A new object is not ready yet by nature: only a change, or Degraded from the start,
+        # is news.
+        if (old is None and not degraded) or (
+            old is not None and old["status"] == condition["status"]
+        ):
             continue
         events.append(
             Event(

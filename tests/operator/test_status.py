@@ -229,12 +229,10 @@ def test_failed_status_is_degraded_and_keeps_transition_times() -> None:
 def test_events_on_transitions_only() -> None:
     model = md()
     created = compute_status(model, {}, previous=None, now=T0)
-    assert compute_events(None, created) == [
-        Event(
-            "Warning",
-            "NoVariantReady",
-            "Ready=False: no variant with a traffic weight is ready, so no traffic is routed",
-        )
+    assert compute_events(None, created) == []  # not ready yet is expected at first
+    failed_at_once = compute_failed_status(1, "ApplyRejected", "refused", previous=None, now=T0)
+    assert compute_events(None, failed_at_once) == [
+        Event("Warning", "ApplyRejected", "Degraded=True: refused")
     ]
     assert compute_events(created, created) == []
     half = compute_status(

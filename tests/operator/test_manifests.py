@@ -158,3 +158,4 @@ def test_every_pod_is_admitted_under_the_restricted_pod_security_standard(
 def test_example_is_a_valid_model_deployment() -> None:
     obj = yaml.safe_load((REPO_ROOT / "examples" / "production.yaml").read_text())
     assert validate_model_deployment(obj) == []
+

@@ -289,30 +289,33 @@ def _children(schema: Schema, value: Any) -> Iterator[tuple[Schema, Any, PathPar
 
 
 def _duplicate_keys(schema: Schema, value: Any, path: list[PathPart]) -> list[FieldError]:
-    """Items of an `x-kubernetes-list-type: map` list are objects that differ in their keys.
+    """Items of an `x-kubernetes-list-type: map` list are objects (or null) with distinct keys.
 
-    Each repeated key is reported once, at its first repetition, as the apiserver does.
+    As the apiserver does: the first non-object ends the check of that list; each repeated key
+    is reported once, at its first repetition; a null item or a missing key field is `{}`.
     """
     errors: list[FieldError] = []
     if schema.get("x-kubernetes-list-type") == "map" and isinstance(value, list):
-        keys = schema["x-kubernetes-list-map-keys"]
-        counts: dict[str, int] = {}
-        for index, item in enumerate(value):
-            field = _format_path([*path, index])
-            if item is None:  # already a type error; the apiserver says no more about it
-                continue
-            if not isinstance(item, Mapping):
-                message = (
-                    f"Invalid value: {_show(item)}: must be an object for an array of list-type map"
-                )
-                errors.append(FieldError(field, message))
-                continue
-            key = _show({k: item.get(k) for k in keys})
-            counts[key] = counts.get(key, 0) + 1
-            if counts[key] == 2:
-                errors.append(FieldError(field, f"Duplicate value: {key}"))
+        errors += _list_map_errors(schema["x-kubernetes-list-map-keys"], value, path)
     for sub, child, step in _children(schema, value):
         errors += _duplicate_keys(sub, child, [*path, step])
+    return errors
+
+
+def _list_map_errors(keys: list[str], items: list[Any], path: list[PathPart]) -> list[FieldError]:
+    for index, item in enumerate(items):
+        if item is not None and not isinstance(item, Mapping):
+            message = (
+                f"Invalid value: {_show(item)}: must be an object for an array of list-type map"
+            )
+            return [FieldError(_format_path([*path, index]), message)]
+    counts: dict[str, int] = {}
+    errors: list[FieldError] = []
+    for index, item in enumerate(items):
+        key = _show({k: item[k] for k in keys if k in item} if item is not None else {})
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] == 2:
+            errors.append(FieldError(_format_path([*path, index]), f"Duplicate value: {key}"))
     return errors
 
 

@@ -385,7 +385,10 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
 ]
 
 
-def _nodes(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+FieldPath = tuple[str | int, ...]
+
+
+def _nodes(value: Any, path: FieldPath) -> Iterator[tuple[FieldPath, Any]]:
     yield path, value
     if isinstance(value, dict):
         for key, child in value.items():
@@ -408,23 +411,58 @@ def _wrong_values(value: Any) -> list[Any]:
     return [7, "", "Has Space", "x" * 300, "a/../b"]
 
 
-def field_mutations(manifest: Manifest) -> Iterator[tuple[str, Manifest]]:
-    """Every single-field change of the spec: each wrong value for each field, and its removal."""
-    for path, value in list(_nodes(manifest["spec"], ("spec",)))[1:]:
-        label = ".".join(map(str, path))
-        for wrong in [*_wrong_values(value), _REMOVED]:
-            changed = copy.deepcopy(manifest)
-            parent: Any = changed
-            for step in path[:-1]:
-                parent = parent[step]
-            if wrong is _REMOVED:
-                del parent[path[-1]]
-            else:
-                parent[path[-1]] = wrong
-            yield f"{label} removed" if wrong is _REMOVED else f"{label}={wrong!r:.24}", changed
-
-
 _REMOVED = object()
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    """Put a wrong value at one path of a manifest, or remove what is there."""
+
+    path: FieldPath
+    value: Any
+
+    @property
+    def label(self) -> str:
+        where = ".".join(map(str, self.path))
+        return f"{where} removed" if self.value is _REMOVED else f"{where}={self.value!r:.24}"
+
+    def apply(self, manifest: Manifest) -> None:
+        """Change `manifest` in place; nothing happens where an earlier change removed the path."""
+        parent: Any = manifest
+        for step in self.path[:-1]:
+            if not _has(parent, step):
+                return
+            parent = parent[step]
+        last = self.path[-1]
+        if not _has(parent, last):
+            return
+        if self.value is _REMOVED:
+            del parent[last]
+        else:
+            parent[last] = copy.deepcopy(self.value)
+
+
+def _has(container: Any, step: str | int) -> bool:
+    if isinstance(step, int):
+        return isinstance(container, list) and step < len(container)
+    return isinstance(container, dict) and step in container
+
+
+def field_changes(manifest: Manifest) -> list[FieldChange]:
+    """Every single-field change of the spec: each wrong value for each field, and its removal."""
+    return [
+        FieldChange(path, wrong)
+        for path, value in list(_nodes(manifest["spec"], ("spec",)))[1:]
+        for wrong in [*_wrong_values(value), _REMOVED]
+    ]
+
+
+def field_mutations(manifest: Manifest) -> Iterator[tuple[str, Manifest]]:
+    """`manifest` changed by each of its field changes in turn, one at a time."""
+    for change in field_changes(manifest):
+        changed = copy.deepcopy(manifest)
+        change.apply(changed)
+        yield change.label, changed
 
 
 # (request, limit, whether request <= limit): Kubernetes quantity arithmetic across notations.

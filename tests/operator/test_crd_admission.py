@@ -7,12 +7,15 @@ import json
 import shutil
 import ssl
 import subprocess
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from modeldeploy_operator.validation import (
@@ -29,6 +32,7 @@ from tests.invalid_manifests import (
     VALID_MANIFESTS,
     InvalidManifest,
     Manifest,
+    field_changes,
     field_mutations,
     two_variant_manifest,
     with_cpu,
@@ -71,27 +75,51 @@ def test_invalid_manifest_is_refused_naming_the_field(
     assert sorted(validate_model_deployment(case.manifest)) == causes
 
 
+def _disagreement(api: client.ApiClient, namespace: str, manifest: Manifest) -> Any:
+    """None when the apiserver and the offline validator give the same errors, else both."""
+    try:
+        _create(api, namespace, manifest)
+        causes = []
+    except ApiException as refused:
+        assert refused.status == 422, refused.body
+        status = json.loads(refused.body or "{}")
+        causes = sorted((c.get("field"), c["message"]) for c in status["details"]["causes"])
+    offline = sorted(validate_model_deployment(manifest))
+    return None if offline == causes else {"apiserver": causes, "offline": offline}
+
+
 @pytest.mark.parametrize("name", VALID_MANIFESTS)
 def test_offline_validator_agrees_on_every_field_mutation(
     api: client.ApiClient, namespace: str, name: str
 ) -> None:
     """Hundreds of one-field changes: accepted or refused alike, with the same errors."""
-    disagreements = []
     mutations = list(field_mutations(VALID_MANIFESTS[name]("x")))
+    disagreements = {}
     for index, (label, manifest) in enumerate(mutations):
         manifest["metadata"]["name"] = f"{name}-{index}"
-        try:
-            _create(api, namespace, manifest)
-            causes = []
-        except ApiException as refused:
-            assert refused.status == 422, (label, refused.body)
-            status = json.loads(refused.body or "{}")
-            causes = sorted((c.get("field"), c["message"]) for c in status["details"]["causes"])
-        offline = sorted(validate_model_deployment(manifest))
-        if offline != causes:
-            disagreements.append((label, causes, offline))
+        disagreements[label] = _disagreement(api, namespace, manifest)
     assert len(mutations) > 30
-    assert disagreements == []
+    assert {k: v for k, v in disagreements.items() if v is not None} == {}
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_offline_validator_agrees_on_combined_changes(
+    api: client.ApiClient, namespace: str, data: st.DataObject
+) -> None:
+    """Several wrong fields at once: the rules interact (blocking errors, defaults) alike."""
+    manifest = VALID_MANIFESTS[data.draw(st.sampled_from(sorted(VALID_MANIFESTS)))]("x")
+    changes = data.draw(st.lists(st.sampled_from(field_changes(manifest)), min_size=2, max_size=4))
+    for change in changes:
+        change.apply(manifest)
+    manifest["metadata"]["name"] = f"h-{uuid.uuid4().hex[:12]}"
+
+    assert _disagreement(api, namespace, manifest) is None, [c.label for c in changes]
 
 
 def test_quantities_compare_alike_offline_and_at_admission(

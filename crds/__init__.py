@@ -1,1 +1,1 @@
-"""The ModelDeployment CRD as package data, so installed code reads the same schema as the cluster."""
+"""The ModelDeployment CRD as package data: installed code reads the schema the cluster reads."""

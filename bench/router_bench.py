@@ -1,11 +1,14 @@
 """Router overhead: the same wrk load on one variant's server, directly and through the router.
 
-Run from the repository root:  .venv/bin/python -m bench.router_bench [--duration-s 10]
+One command (from the repository root):
 
-One `modeldeploy-server serve` (iris logistic regression) pinned to CPU 1 and one
-`modeldeploy-server route` (100% to that server) pinned to CPU 0; wrk is pinned to CPU 0 in both
-runs, so the server has a core to itself and the router shares its core with the load generator.
-Prints a Markdown table and writes bench/results/router.json.
+    .venv/bin/python bench/router_bench.py [--duration 10] [--out bench/results/router.json]
+
+One `modeldeploy-server serve` (iris logistic regression, 1-row v2 requests) pinned to CPU 0 and
+one `modeldeploy-server route` (100% to that server) pinned to CPU 1, next to wrk, as in
+bench/server_bench.py (whose wrk runner this reuses): the server has a core to itself in both runs,
+and the router's cost shows as the difference. Each concurrency runs direct then routed, back to
+back. Needs a quiet machine to mean anything: it prints the load average before and after.
 """
 
 from __future__ import annotations
@@ -13,126 +16,95 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from tests.models import build_iris_logreg
-from tests.processes import route, serve_model
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.server_bench import CLIENT_CPU, SERVER_CPU, run_wrk, v2_body  # noqa: E402
+from tests.models import build_iris_logreg  # noqa: E402
+from tests.processes import route, serve_model  # noqa: E402
 
 MODEL = "iris"
 INFER = f"/v2/models/{MODEL}/infer"
-BODY = json.dumps(
-    {
-        "inputs": [
-            {"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}
-        ]
+CONCURRENCIES = (1, 16, 64)
+
+
+def measure(url: str, body: Path, connections: int, duration_s: float) -> dict[str, float]:
+    """One wrk run; fails on any non-2xx answer or socket error."""
+    stats = run_wrk(url, body, connections, duration_s)
+    if stats["non2xx"] or stats["errors"]:
+        raise RuntimeError(f"{url}: {stats['non2xx']} non-2xx, {stats['errors']} socket errors")
+    return {
+        "req_s": stats["requests"] / (stats["duration_us"] / 1e6),
+        "p50_ms": stats["p50_us"] / 1000,
+        "p99_ms": stats["p99_us"] / 1000,
     }
-)
-SERVER_CPU, ROUTER_CPU, WRK_CPU = "1", "0", "0"
-RESULTS = Path(__file__).parent / "results" / "router.json"
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-@dataclass(frozen=True)
-class WrkResult:
-    """One wrk run: throughput and latency in milliseconds."""
-
-    connections: int
-    requests_per_s: float
-    mean_ms: float
-    p50_ms: float
-    p99_ms: float
-
-
-def run_wrk(url: str, connections: int, duration_s: int, script: Path) -> WrkResult:
-    """Run wrk on one thread against `url` and parse its summary; fail on any error response."""
-    command = ["taskset", "-c", WRK_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s"]
-    command += ["--latency", "-s", str(script), url]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    if "Non-2xx" in output or "Socket errors" in output:
-        raise RuntimeError(f"wrk saw failed requests:\n{output}")
-
-    def millis(pattern: str) -> float:
-        match = re.search(pattern + r"\s+([\d.]+)(us|ms|s)\b", output)
-        if match is None:
-            raise RuntimeError(f"no {pattern!r} in wrk output:\n{output}")
-        return float(match.group(1)) * _UNITS[match.group(2)]
-
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    if rate is None:
-        raise RuntimeError(f"no Requests/sec in wrk output:\n{output}")
-    return WrkResult(
-        connections=connections,
-        requests_per_s=float(rate.group(1)),
-        mean_ms=millis(r"Latency"),
-        p50_ms=millis(r"50%"),
-        p99_ms=millis(r"99%"),
-    )
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table for bench/README.md."""
+    lines = [
+        "| connections | direct req/s | routed req/s | routed/direct | direct p50 / p99 ms "
+        "| routed p50 / p99 ms | added p50 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        d, r = row["direct"], row["routed"]
+        lines.append(
+            f"| {row['connections']} | {d['req_s']:.0f} | {r['req_s']:.0f} "
+            f"| {r['req_s'] / d['req_s']:.2f} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} "
+            f"| {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['p50_ms'] - d['p50_ms']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    """Measure direct and routed runs at each concurrency and print the ratios."""
+    """Measure direct and routed runs at each concurrency; print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration-s", type=int, default=10)
-    parser.add_argument("--connections", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "router.json")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None or shutil.which("taskset") is None:
-        print("wrk and taskset are needed (apt-get install wrk util-linux)", file=sys.stderr)
-        return 2
     load_before = os.getloadavg()
+    print(f"load average before: {load_before}", flush=True)
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        script = workdir / "infer.lua"
-        script.write_text(
-            'wrk.method = "POST"\n'
-            f"wrk.body = {json.dumps(BODY)}\n"
-            'wrk.headers["content-type"] = "application/json"\n'
-        )
         model = build_iris_logreg(workdir)
-        pin = ["taskset", "-c", SERVER_CPU]
-        with serve_model(model.path, MODEL, "v1", prefix=pin) as server:
-            config = workdir / "routes.json"
-            config.write_text(
-                json.dumps(
-                    {"model": MODEL, "variants": [{"name": "v1", "url": server.url, "weight": 100}]}
-                )
-            )
-            with route(config, prefix=["taskset", "-c", ROUTER_CPU]) as router:
-                check = httpx.post(router.url + INFER, content=BODY)
+        body = workdir / "iris-1.json"
+        body.write_bytes(v2_body(model.features, 1))
+        config = workdir / "routes.json"
+        pin_server, pin_router = ["taskset", "-c", SERVER_CPU], ["taskset", "-c", CLIENT_CPU]
+        with serve_model(
+            model.path, MODEL, "v1", ["--intra-op-threads", "1"], prefix=pin_server
+        ) as server:
+            variants = [{"name": "v1", "url": server.url, "weight": 100}]
+            config.write_text(json.dumps({"model": MODEL, "variants": variants}))
+            with route(config, prefix=pin_router) as router:
+                check = httpx.post(router.url + INFER, content=body.read_bytes())
                 check.raise_for_status()
-                assert check.headers["x-model-variant"] == "v1"
-                rows = []
-                for connections in args.connections:
-                    # A short warm-up, so both sides have their connection pools open.
-                    for target in (server.url, router.url):
-                        run_wrk(target + INFER, connections, 2, script)
-                    direct = run_wrk(server.url + INFER, connections, args.duration_s, script)
-                    routed = run_wrk(router.url + INFER, connections, args.duration_s, script)
-                    rows.append({"direct": asdict(direct), "routed": asdict(routed)})
+                assert check.headers["x-model-variant"] == "v1", check.headers
+                for target in (server.url, router.url):  # warm-up: pools open, code paths hot
+                    run_wrk(target + INFER, body, 16, 1)
+                for connections in CONCURRENCIES:
+                    row = {
+                        "connections": connections,
+                        "direct": measure(server.url + INFER, body, connections, args.duration),
+                        "routed": measure(router.url + INFER, body, connections, args.duration),
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     # The machine is shared: a busy neighbour shows here and makes the run worth repeating.
-    print(f"load average (1, 5, 15 min) before: {load_before}, after: {os.getloadavg()}")
-    print(
-        "| connections | direct req/s | routed req/s | throughput ratio "
-        "| direct p50/p99 ms | routed p50/p99 ms | added mean latency ms |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        d, r = row["direct"], row["routed"]
-        print(
-            f"| {d['connections']} | {d['requests_per_s']:.0f} | {r['requests_per_s']:.0f} "
-            f"| {r['requests_per_s'] / d['requests_per_s']:.2f} "
-            f"| {d['p50_ms']:.2f} / {d['p99_ms']:.2f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} "
-            f"| {r['mean_ms'] - d['mean_ms']:.2f} |"
-        )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"duration_s": args.duration_s, "runs": rows}, indent=2))
+    load = {"before": load_before, "after": os.getloadavg()}
+    print(f"load average after: {load['after']}")
+    print(summarize(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"duration_s": args.duration, "load": load, "runs": rows}))
     return 0
 
 

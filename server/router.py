@@ -13,8 +13,9 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,21 @@ import orjson
 import uvicorn
 from modeldeploy_server.routing import (
     ConfigError,
+    IncomingRequest,
     RouterConfig,
     RoutingError,
     Variant,
     parse_router_config,
+    read_request_headers,
+    returned_response_headers,
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 log = logging.getLogger("modeldeploy.router")
@@ -46,24 +50,9 @@ BUFFER_LIMIT_BYTES = 1 << 20
 STREAM_CHUNK_BYTES = 64 << 10
 # Below Kubernetes' default 30 s termination grace period, so in-flight requests finish first.
 DRAIN_TIMEOUT_S = 25
-PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-# RFC 9110 section 7.6.1 hop-by-hop headers, plus those the proxy sets itself: Host and the
-# Content-Length of a streamed body belong to the new connection; uvicorn writes its own Date.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-_NOT_FORWARDED_REQUEST = _HOP_BY_HOP | {"host", "content-length"}
-_NOT_FORWARDED_RESPONSE = _HOP_BY_HOP | {"date", "server"}
+# The status nginx made conventional for "the client closed the connection first"; only a label.
+CLIENT_CLOSED_REQUEST = 499
+_OWN_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -227,58 +216,63 @@ class BackendError(Exception):
         self.reason = reason
 
 
-def json_error(status: int, message: str) -> Response:
-    """The JSON error body every failure answers with."""
-    return Response(
-        orjson.dumps({"error": message}), status_code=status, media_type="application/json"
-    )
+# What talking to a variant can raise (aiohttp's errors, and OSError from the request body's
+# stream), mapped to the answer in one table: first match wins, so timeouts (which are also
+# ClientErrors and OSErrors) come first. The reason is a metric label.
+_CLIENT_FAILURES = (aiohttp.ClientError, OSError)
+_BACKEND_ERRORS: tuple[tuple[type[BaseException], int, str, str], ...] = (
+    (TimeoutError, 504, "timeout", "no answer in time"),
+    (aiohttp.ClientConnectorError, 502, "unreachable", "cannot connect"),
+    (BaseException, 502, "broken", "connection failed"),
+)
 
 
-def forwarded_request_headers(
-    raw: Iterable[tuple[bytes, bytes]], client_host: str | None
-) -> list[tuple[str, str]]:
-    """The client's headers minus hop-by-hop ones, with the client appended to X-Forwarded-For."""
-    raw = list(raw)
-    dropped = _NOT_FORWARDED_REQUEST | _connection_tokens(raw)
-    headers: list[tuple[str, str]] = []
-    forwarded_for: list[str] = []
-    for name_bytes, value_bytes in raw:
-        name = name_bytes.decode("latin-1").lower()
-        value = value_bytes.decode("latin-1")
-        if name == "x-forwarded-for":
-            forwarded_for.append(value)
-        elif name not in dropped:
-            headers.append((name, value))
-    if client_host:
-        forwarded_for.append(client_host)
-    if forwarded_for:
-        headers.append(("x-forwarded-for", ", ".join(forwarded_for)))
-    return headers
+def backend_error(variant: Variant, exc: BaseException) -> BackendError:
+    """The BackendError that reports a failure to talk to a variant."""
+    for kind, status, reason, summary in _BACKEND_ERRORS:
+        if isinstance(exc, kind):
+            return BackendError(variant, status, reason, f"{summary}: {exc!r}")
+    raise AssertionError("the table ends with a catch-all")
 
 
-def returned_response_headers(
-    raw: Iterable[tuple[bytes, bytes]], variant: str
-) -> list[tuple[bytes, bytes]]:
-    """The variant's response headers minus hop-by-hop ones, plus `x-model-variant`."""
-    raw = list(raw)
-    dropped = _NOT_FORWARDED_RESPONSE | _connection_tokens(raw)
-    headers = [(name.lower(), value) for name, value in raw if name.lower().decode() not in dropped]
-    headers.append((b"x-model-variant", variant.encode()))
-    return headers
+async def send_json(send: Send, status: int, document: object, variant: str | None = None) -> None:
+    """Answer with a JSON document (errors are `{"error": "..."}`)."""
+    body = orjson.dumps(document)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if variant is not None:
+        headers.append((b"x-model-variant", variant.encode("latin-1")))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-def _connection_tokens(raw: Iterable[tuple[bytes, bytes]]) -> set[str]:
-    # Headers named in Connection are hop-by-hop too (RFC 9110 section 7.6.1).
-    return {
-        token.strip().lower()
-        for name, value in raw
-        if name.lower() == b"connection"
-        for token in value.decode("latin-1").split(",")
-    }
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body."""
+    return b"".join([chunk async for chunk in stream_body(receive)])
+
+
+class ClientGone(Exception):
+    """The client disconnected before sending its whole body."""
+
+
+async def stream_body(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives; raises ClientGone if the client goes away mid-body."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            # Raising aborts the upload to the variant rather than ending it as a short, valid body.
+            raise ClientGone
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 class Router:
-    """The mutable state of one router process: the current config, the client pool, metrics."""
+    """One router process: the current config, the client pool, metrics and the ASGI entry.
+
+    Proxied requests are handled as plain ASGI, without Starlette's Request/Response objects: it
+    measured faster, and a proxy needs none of their parsing. Starlette serves the router's own
+    endpoints and runs the lifespan.
+    """
 
     def __init__(self, settings: RouterSettings, config: RouterConfig, config_bytes: bytes) -> None:
         self.settings = settings
@@ -287,6 +281,21 @@ class Router:
         self.metrics.set_config(None, config)
         self._config_bytes = config_bytes
         self._session: aiohttp.ClientSession | None = None
+        self._own = Starlette(
+            routes=[
+                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+                Route("/v2/health/live", self.live, methods=["GET"]),
+                Route("/v2/health/ready", self.ready, methods=["GET"]),
+            ],
+            lifespan=self.lifespan,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry: own paths and the lifespan go to Starlette, everything else is proxied."""
+        if scope["type"] != "http" or scope["path"] in _OWN_PATHS:
+            await self._own(scope, receive, send)
+        else:
+            await self.proxy(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -347,108 +356,109 @@ class Router:
 
     async def live(self, _request: Request) -> Response:
         """Liveness: the process answers."""
-        return Response(orjson.dumps({"live": True}), media_type="application/json")
+        return JSONResponse({"live": True})
 
     async def ready(self, _request: Request) -> Response:
         """Readiness: a config is loaded and at least one variant has a share of traffic."""
         if not self.config.routable:
-            return json_error(
-                503, f"no variant of model {self.config.model!r} has a weight above 0"
-            )
-        return Response(orjson.dumps({"ready": True}), media_type="application/json")
+            message = f"no variant of model {self.config.model!r} has a weight above 0"
+            return JSONResponse({"error": message}, status_code=503)
+        return JSONResponse({"ready": True})
 
     async def metrics_endpoint(self, _request: Request) -> Response:
         """Prometheus text exposition of the router's own registry."""
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def proxy(self, request: Request) -> Response:
+    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Send the request to the chosen variant and pass its answer back."""
         started = time.perf_counter()
         config = self.config  # one snapshot per request; a reload swaps the attribute whole
+        client = scope.get("client")
+        incoming = read_request_headers(
+            scope["headers"], config.header_override, client[0] if client else None
+        )
         try:
             variant = config.choose(
-                config.pinned_variant(
-                    request.scope["path"], request.headers.get(config.header_override)
-                ),
-                random.random(),
+                config.pinned_variant(scope["path"], incoming.override), random.random()
             )
         except RoutingError as exc:
             self.metrics.count_unrouted(exc.status)
-            return json_error(exc.status, str(exc))
+            await send_json(send, exc.status, {"error": str(exc)})
+            return
         try:
-            response = await self._forward(request, variant)
+            status = await self._forward(scope, receive, send, variant, incoming)
+        except ClientGone:
+            status = CLIENT_CLOSED_REQUEST
         except BackendError as exc:
             self.metrics.count_backend_error(variant.name, exc.reason)
-            log.warning("%s %s: %s", request.method, request.url.path, exc)
-            response = json_error(exc.status, str(exc))
-            response.headers["x-model-variant"] = variant.name
-        self.metrics.observe(variant.name, response.status_code, time.perf_counter() - started)
-        return response
+            log.warning("%s %s: %s", scope["method"], scope["path"], exc)
+            status = exc.status
+            await send_json(send, status, {"error": str(exc)}, variant.name)
+        self.metrics.observe(variant.name, status, time.perf_counter() - started)
 
-    async def _forward(self, request: Request, variant: Variant) -> Response:
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        variant: Variant,
+        incoming: IncomingRequest,
+    ) -> int:
         assert self._session is not None, "the lifespan opens the session before any request"
-        scope = request.scope
-        target = variant.url + scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        target = variant.url + scope["raw_path"].decode("latin-1")
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
-        headers = forwarded_request_headers(
-            request.headers.raw, request.client.host if request.client else None
-        )
+        body: bytes | AsyncIterator[bytes] | None = None
+        length = incoming.content_length
+        if length is not None and length <= BUFFER_LIMIT_BYTES:
+            body = await read_body(receive)
+        elif length is not None or incoming.chunked:
+            body = stream_body(receive)
         try:
             upstream = await self._session.request(
-                request.method,
+                scope["method"],
                 URL(target, encoded=True),
-                headers=headers,
-                data=await _request_body(request),
+                headers=incoming.forwarded_headers,
+                data=body,
                 allow_redirects=False,
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise BackendError(variant, 504, "timeout", f"no answer in time ({exc})") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise BackendError(variant, 502, "unreachable", f"cannot connect: {exc}") from None
-        except aiohttp.ClientError as exc:
-            raise BackendError(variant, 502, "broken", f"connection failed: {exc!r}") from None
-        response_headers = returned_response_headers(upstream.raw_headers, variant.name)
-        length = upstream.content_length
-        if length is not None and length <= BUFFER_LIMIT_BYTES:
-            try:
-                body = await upstream.read()
-            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-                raise BackendError(variant, 504, "timeout", f"answer too slow ({exc})") from None
-            except aiohttp.ClientError as exc:
-                raise BackendError(variant, 502, "broken", f"answer cut: {exc!r}") from None
-            finally:
-                upstream.release()
-            response = Response(body, status_code=upstream.status)
-        else:
-            response = StreamingResponse(
-                upstream.content.iter_chunked(STREAM_CHUNK_BYTES),
-                status_code=upstream.status,
-                background=BackgroundTask(upstream.release),
-            )
-        response.raw_headers = response_headers
-        return response
+        except _CLIENT_FAILURES as exc:
+            # aiohttp wraps what the body stream raised, keeping it as the cause.
+            if isinstance(exc.__cause__, ClientGone):
+                raise ClientGone from None
+            raise backend_error(variant, exc) from None
+        try:
+            headers = returned_response_headers(upstream.raw_headers, variant.name)
+            answer = None
+            length = upstream.content_length
+            if length is not None and length <= BUFFER_LIMIT_BYTES:
+                try:
+                    answer = await upstream.read()
+                except _CLIENT_FAILURES as exc:
+                    raise backend_error(variant, exc) from None
+            start = {"type": "http.response.start", "status": upstream.status, "headers": headers}
+            await send(start)
+            if answer is None:
+                await self._stream_answer(send, upstream, variant)
+            else:
+                await send({"type": "http.response.body", "body": answer})
+            return upstream.status
+        finally:
+            upstream.release()
 
-    def app(self) -> Starlette:
-        """The ASGI app: the router's own endpoints, and everything else proxied."""
-        return Starlette(
-            routes=[
-                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
-                Route("/v2/health/live", self.live, methods=["GET"]),
-                Route("/v2/health/ready", self.ready, methods=["GET"]),
-                Route("/{path:path}", self.proxy, methods=PROXIED_METHODS),
-            ],
-            lifespan=self.lifespan,
-        )
-
-
-async def _request_body(request: Request) -> bytes | AsyncIterator[bytes] | None:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) <= BUFFER_LIMIT_BYTES:
-        return await request.body()
-    if length is None and "transfer-encoding" not in request.headers:
-        return None
-    return request.stream()
+    async def _stream_answer(
+        self, send: Send, upstream: aiohttp.ClientResponse, variant: Variant
+    ) -> None:
+        try:
+            async for chunk in upstream.content.iter_chunked(STREAM_CHUNK_BYTES):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except _CLIENT_FAILURES as exc:
+            # The status line is gone already: returning without finishing the body makes uvicorn
+            # close the connection, so the client sees a cut answer rather than a short, valid one.
+            self.metrics.count_backend_error(variant.name, "broken")
+            log.warning("variant %r broke off its answer: %r", variant.name, exc)
+            return
+        await send({"type": "http.response.body", "body": b""})
 
 
 def describe(config: RouterConfig) -> str:
@@ -473,7 +483,7 @@ def main(argv: list[str]) -> int:
     router = Router(settings, config, config_bytes)
     server = uvicorn.Server(
         uvicorn.Config(
-            router.app(),
+            router,
             host=settings.host,
             port=settings.port,
             loop="uvloop",
@@ -485,5 +495,8 @@ def main(argv: list[str]) -> int:
             timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
         )
     )
+    # uvicorn re-raises the signal it handled once it has drained; that SIGTERM was a clean stop,
+    # so it must not kill the process with status 143.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     server.run()
     return 0 if server.started else 1

@@ -24,6 +24,26 @@ _CONFIG_KEYS = frozenset({"model", "headerOverride", "variants"})
 _VARIANT_KEYS = frozenset({"name", "url", "weight"})
 
 
+# RFC 9110 section 7.6.1 hop-by-hop headers: they describe one connection, not the message.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Host and Content-Length belong to the proxy's own connection to the variant.
+_NOT_FORWARDED_REQUEST = HOP_BY_HOP | {b"host", b"content-length"}
+# uvicorn writes its own Date; Server would name the variant's web stack.
+_NOT_RETURNED_RESPONSE = HOP_BY_HOP | {b"date", b"server"}
+
+
 class ConfigError(ValueError):
     """The routing config is not valid; the message names the offending field."""
 
@@ -188,3 +208,68 @@ def _reject_unknown_keys(obj: dict[str, Any], allowed: frozenset[str], where: st
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+
+
+@dataclass(frozen=True)
+class IncomingRequest:
+    """What the proxy needs from a request's headers, read in one pass."""
+
+    forwarded_headers: list[tuple[str, str]]
+    override: str | None
+    content_length: int | None  # None when absent or not a number
+    chunked: bool
+
+
+def read_request_headers(
+    raw: list[tuple[bytes, bytes]], override_header: str, client_host: str | None
+) -> IncomingRequest:
+    """Split ASGI request headers into those forwarded to the variant and the routing facts.
+
+    Hop-by-hop headers (and those the Connection header names) are dropped and the client is
+    appended to X-Forwarded-For; header names arrive lower-cased from the ASGI server.
+    """
+    dropped = _NOT_FORWARDED_REQUEST | connection_tokens(raw)
+    override_name = override_header.encode("latin-1")
+    forwarded: list[tuple[str, str]] = []
+    forwarded_for: list[str] = []
+    override = None
+    content_length = None
+    chunked = False
+    for name, value in raw:
+        if name == override_name:
+            override = value.decode("latin-1").strip()
+        elif name == b"content-length":
+            content_length = int(value) if value.isdigit() else None
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"x-forwarded-for":
+            forwarded_for.append(value.decode("latin-1"))
+            continue
+        if name not in dropped:
+            forwarded.append((name.decode("latin-1"), value.decode("latin-1")))
+    if client_host:
+        forwarded_for.append(client_host)
+    if forwarded_for:
+        forwarded.append(("x-forwarded-for", ", ".join(forwarded_for)))
+    return IncomingRequest(forwarded, override, content_length, chunked)
+
+
+def returned_response_headers(
+    raw: tuple[tuple[bytes, bytes], ...], variant: str
+) -> list[tuple[bytes, bytes]]:
+    """The variant's response headers for the client: end-to-end ones plus `x-model-variant`."""
+    lowered = [(name.lower(), value) for name, value in raw]
+    dropped = _NOT_RETURNED_RESPONSE | connection_tokens(lowered)
+    headers = [(name, value) for name, value in lowered if name not in dropped]
+    headers.append((b"x-model-variant", variant.encode("latin-1")))
+    return headers
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names listed in Connection: hop-by-hop too (RFC 9110 section 7.6.1)."""
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }

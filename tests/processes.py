@@ -36,7 +36,7 @@ class RunOptions(TypedDict, total=False):
     """How `running` starts a process; every key is optional."""
 
     ready_timeout_s: float  # default 60
-    ready_path: str  # default /v2/health/ready
+    ready_path: str | None  # default /v2/health/ready; None: do not wait for readiness
     env: Mapping[str, str]  # added to os.environ
     prefix: Sequence[str]  # goes before the command, for example ["taskset", "-c", "1"]
 
@@ -63,9 +63,9 @@ class RunningProcess:
             return self.final_output
         return self.log_path.read_text(errors="replace")
 
-    def close(self) -> int:
+    def close(self, sig: int = signal.SIGTERM) -> int:
         """Stop the process, keep its output and remove the log file; return its exit code."""
-        code = stop(self.process)
+        code = stop(self.process, sig)
         if self.final_output is None:
             self.final_output = self.output()
             self.log_path.unlink()
@@ -88,10 +88,12 @@ def free_port() -> int:
         return port
 
 
-def stop(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> int:
-    """SIGTERM the process, wait for it, SIGKILL it if it is still there; return its exit code."""
+def stop(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 15.0
+) -> int:
+    """Signal the process, wait for it, SIGKILL it if it is still there; return its exit code."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -120,12 +122,10 @@ def running(args: Sequence[str], **options: Unpack[RunOptions]) -> Iterator[Runn
             )
         url = f"http://{LOOPBACK}:{port}"
         started = RunningProcess(process, " ".join(command), url, port, log_path)
+        ready_path = options.get("ready_path", READY_PATH)
         try:
-            _wait_ready(
-                started,
-                options.get("ready_path", READY_PATH),
-                options.get("ready_timeout_s", 60.0),
-            )
+            if ready_path is not None:
+                _wait_ready(started, ready_path, options.get("ready_timeout_s", 60.0))
         except ProcessStartError:
             started.close()
             if "address already in use" in started.output().lower() and attempt < _BIND_ATTEMPTS:

@@ -1,4 +1,4 @@
-"""The router's pure core: config parsing, weighted choice, override and versioned-path pinning."""
+"""The router's pure core: config parsing, weighted choice, pinning, and the header rules."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from typing import Any
 import pytest
 from modeldeploy_server.routing import (
     ConfigError,
+    IncomingRequest,
     NoRoutableVariantError,
     RouterConfig,
     UnknownVariantError,
     Variant,
     parse_router_config,
+    read_request_headers,
+    returned_response_headers,
 )
 
 
@@ -208,3 +211,81 @@ def test_pinned_variant_from_versioned_path_or_header(
 ) -> None:
     config = parse_router_config(variants_json(90, 10))
     assert config.pinned_variant(path, header) == expected
+
+
+def test_request_headers_drop_hop_by_hop_and_extend_forwarded_for() -> None:
+    raw = [
+        (b"host", b"router:8080"),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"42"),
+        (b"connection", b"keep-alive, x-hop"),
+        (b"keep-alive", b"timeout=5"),
+        (b"x-hop", b"1"),
+        (b"te", b"trailers"),
+        (b"x-forwarded-for", b"10.0.0.1"),
+        (b"x-model-variant", b" v2 "),
+        (b"authorization", b"Bearer t"),
+        (b"accept", b"*/*"),
+        (b"accept", b"text/csv"),
+    ]
+    incoming = read_request_headers(raw, "x-model-variant", "127.0.0.1")
+    assert incoming == IncomingRequest(
+        forwarded_headers=[
+            ("content-type", "application/json"),
+            ("x-model-variant", " v2 "),
+            ("authorization", "Bearer t"),
+            ("accept", "*/*"),
+            ("accept", "text/csv"),
+            ("x-forwarded-for", "10.0.0.1, 127.0.0.1"),
+        ],
+        override="v2",
+        content_length=42,
+        chunked=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "override", "content_length", "chunked"),
+    [
+        ([], None, None, False),
+        ([(b"transfer-encoding", b"chunked")], None, None, True),
+        ([(b"content-length", b"-1")], None, None, False),
+        ([(b"content-length", b"0"), (b"x-canary", b"v1")], "v1", 0, False),
+        ([(b"x-model-variant", b"v1")], None, None, False),  # not the configured header
+    ],
+)
+def test_request_routing_facts(
+    raw: list[tuple[bytes, bytes]], override: str | None, content_length: int | None, chunked: bool
+) -> None:
+    incoming = read_request_headers(raw, "x-canary", None)
+    assert (incoming.override, incoming.content_length, incoming.chunked) == (
+        override,
+        content_length,
+        chunked,
+    )
+    assert all(name != "x-forwarded-for" for name, _ in incoming.forwarded_headers)
+
+
+def test_response_headers_keep_end_to_end_ones_and_name_the_variant() -> None:
+    raw = (
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", b"17"),
+        (b"x-model-version", b"v2"),
+        (b"x-model-sha256", b"ab" * 32),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"Connection", b"close, X-Internal"),
+        (b"X-Internal", b"secret"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Date", b"Sat, 21 Nov 2026 09:00:00 GMT"),
+        (b"Server", b"uvicorn"),
+    )
+    assert returned_response_headers(raw, "v2") == [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"17"),
+        (b"x-model-version", b"v2"),
+        (b"x-model-sha256", b"ab" * 32),
+        (b"set-cookie", b"a=1"),
+        (b"set-cookie", b"b=2"),
+        (b"x-model-variant", b"v2"),
+    ]

@@ -38,8 +38,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Host and Content-Length belong to the proxy's own connection to the variant.
-_NOT_FORWARDED_REQUEST = HOP_BY_HOP | {b"host", b"content-length"}
+# Host and Content-Length belong to the proxy's own connection to the variant; the ASGI server has
+# already answered the client's `Expect: 100-continue`; passing it on only adds a round trip.
+_NOT_FORWARDED_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 # uvicorn writes its own Date; Server would name the variant's web stack.
 _NOT_RETURNED_RESPONSE = HOP_BY_HOP | {b"date", b"server"}
 

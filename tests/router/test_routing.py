@@ -222,6 +222,7 @@ def test_request_headers_drop_hop_by_hop_and_extend_forwarded_for() -> None:
         (b"keep-alive", b"timeout=5"),
         (b"x-hop", b"1"),
         (b"te", b"trailers"),
+        (b"expect", b"100-continue"),
         (b"x-forwarded-for", b"10.0.0.1"),
         (b"x-model-variant", b" v2 "),
         (b"authorization", b"Bearer t"),

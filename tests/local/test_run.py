@@ -138,6 +138,25 @@ def stop_run(run: LocalRun) -> None:
         run.process.stdout.close()
 
 
+def write_manifest(manifest: dict[str, Any], tmp_path: Path) -> Path:
+    path = tmp_path / "iris.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def run_until_it_fails(manifest: dict[str, Any], tmp_path: Path) -> str:
+    """Run a manifest that must fail to start; check it left no process; return its output."""
+    run = start_run(write_manifest(manifest, tmp_path), tmp_path)
+    try:
+        assert run.process.wait(START_TIMEOUT_S) == 1
+        assert run.reader is not None
+        run.reader.join(timeout=10)
+        assert marked_processes(run.marker) == []
+        return run.output()
+    finally:
+        stop_run(run)
+
+
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRun]:
     run = start_run(EXAMPLE, tmp_path_factory.mktemp("local-run"))
@@ -343,8 +362,7 @@ def test_ignored_kubernetes_fields_are_reported(tmp_path: Path) -> None:
     )
     manifest["spec"]["variants"][1]["model"] = _model_uri("v2")
     manifest["spec"]["pod"] = {"nodeSelector": {"pool": "ml"}}
-    path = tmp_path / "iris.yaml"
-    path.write_text(yaml.safe_dump(manifest))
+    path = write_manifest(manifest, tmp_path)
     run = start_run(path, tmp_path)
     try:
         run.wait_for_line(r"^Ready: ", START_TIMEOUT_S)
@@ -399,18 +417,9 @@ def test_failed_start_stops_what_was_started(tmp_path: Path) -> None:
     manifest["spec"]["variants"][0]["model"] = _model_uri("v1")
     wrong = {"uri": (MODELS / "iris-v1.onnx").as_uri(), "sha256": _model_uri("v2")["sha256"]}
     manifest["spec"]["variants"][1]["model"] = wrong  # v1's file, v2's digest
-    path = tmp_path / "iris.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    run = start_run(path, tmp_path)
-    try:
-        assert run.process.wait(START_TIMEOUT_S) == 1
-        assert run.reader is not None
-        run.reader.join(timeout=10)
-        assert "v2 exited with code" in run.output()
-        assert "sha256" in run.output()
-        assert marked_processes(run.marker) == []
-    finally:
-        stop_run(run)
+    output = run_until_it_fails(manifest, tmp_path)
+    assert "v2 exited with code" in output
+    assert "sha256" in output
 
 
 @pytest.fixture
@@ -434,8 +443,7 @@ def test_http_models_are_downloaded_once_into_the_cache(model_host: str, tmp_pat
     manifest = yaml.safe_load(EXAMPLE.read_text())
     for variant in manifest["spec"]["variants"]:
         variant["model"]["uri"] = f"{model_host}/iris-{variant['name']}.onnx"
-    path = tmp_path / "iris.yaml"
-    path.write_text(yaml.safe_dump(manifest))
+    path = write_manifest(manifest, tmp_path)
     outputs = []
     for _ in range(2):
         run = start_run(path, tmp_path)
@@ -455,16 +463,7 @@ def test_http_models_are_downloaded_once_into_the_cache(model_host: str, tmp_pat
 def test_download_with_the_wrong_digest_is_refused(model_host: str, tmp_path: Path) -> None:
     manifest = yaml.safe_load(EXAMPLE.read_text())
     manifest["spec"]["variants"][0]["model"]["uri"] = f"{model_host}/iris-v2.onnx"
-    path = tmp_path / "iris.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    run = start_run(path, tmp_path)
-    try:
-        assert run.process.wait(START_TIMEOUT_S) == 1
-        assert run.reader is not None
-        run.reader.join(timeout=10)
-        assert "error: spec.variants[0].model.uri: fetch-v1 exited with code 1" in run.output()
-        assert "sha256 mismatch" in run.output()
-        assert list((tmp_path / "cache").glob("**/*.onnx*")) == []
-        assert marked_processes(run.marker) == []
-    finally:
-        stop_run(run)
+    output = run_until_it_fails(manifest, tmp_path)
+    assert "error: spec.variants[0].model.uri: fetch-v1 exited with code 1" in output
+    assert "sha256 mismatch" in output
+    assert list((tmp_path / "cache").glob("**/*.onnx*")) == []

@@ -48,6 +48,8 @@ log = logging.getLogger("modeldeploy.router")
 # larger or unsized ones stream through in chunks, so the router's memory stays bounded.
 BUFFER_LIMIT_BYTES = 1 << 20
 STREAM_CHUNK_BYTES = 64 << 10
+# uvicorn's default keep-alive, which `modeldeploy-server serve` keeps.
+VARIANT_KEEPALIVE_S = 5
 # Below Kubernetes' default 30 s termination grace period, so in-flight requests finish first.
 DRAIN_TIMEOUT_S = 25
 # The status nginx made conventional for "the client closed the connection first"; only a label.
@@ -300,7 +302,12 @@ class Router:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         """Open the client pool and start the config watcher; close both on shutdown."""
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=512, keepalive_timeout=30)
+        # Idle connections are dropped before the variant's uvicorn drops them (its keep-alive is
+        # 5 s): a POST sent on a connection the server is closing fails, and aiohttp retries only
+        # idempotent methods.
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=512, keepalive_timeout=VARIANT_KEEPALIVE_S - 1
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(

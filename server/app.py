@@ -22,6 +22,7 @@ from modeldeploy_server.batcher import Batcher
 from modeldeploy_server.capture import PayloadCapture
 from modeldeploy_server.codec import decode_infer_request, encode_infer_response, select_outputs
 from modeldeploy_server.config import ServeConfig
+from modeldeploy_server.deadlines import Deadlines
 from modeldeploy_server.errors import (
     ConfigError,
     InvalidInput,
@@ -169,6 +170,7 @@ class InferenceService:
         self.metrics = ServerMetrics(model.metadata)
         self.state = ServingState()
         self._batcher: Batcher | None = None
+        self._deadlines: Deadlines | None = None
         self._capture: PayloadCapture | None = None
         self._output_names = [spec.name for spec in model.metadata.outputs]
         self._model_headers: Headers = [
@@ -195,6 +197,7 @@ class InferenceService:
             observe=self.metrics.observe_batch,
         )
         self.metrics.track_queue_depth(self._batcher.depth)
+        self._deadlines = Deadlines(config.request_timeout_s)
         if config.capture_path is not None:
             self._capture = PayloadCapture(
                 config.capture_path, config.capture_sample_rate, self.metrics.capture_dropped.inc
@@ -210,6 +213,7 @@ class InferenceService:
         finally:
             self.state.ready = False
             await self._batcher.close()
+            await self._deadlines.close()
             if self._capture is not None:
                 self._capture.close()
 
@@ -247,23 +251,32 @@ class InferenceService:
         started = time.perf_counter()
         incoming = _Incoming.parse(scope)
         body = b""
+        deadlines = self._deadlines
+        task = asyncio.current_task()
+        assert deadlines is not None and task is not None, "the lifespan starts the deadlines"
+        deadlines.start(task)
         try:
-            async with asyncio.timeout(self.config.request_timeout_s):
-                body = await self._read_body(incoming, receive)
-                result = await answer(incoming, body)
+            body = await self._read_body(incoming, receive)
+            result = await answer(incoming, body)
+            deadlines.finish(task)
             status, content, content_type, extra = (
                 200,
                 result.body,
                 result.content_type,
                 result.headers,
             )
-        except Exception as exc:
-            if isinstance(exc, TimeoutError):
-                exc = RequestTimeout(f"request took over {self.config.request_timeout_s} s")
+        except (Exception, asyncio.CancelledError) as exc:
+            deadlines.finish(task)
+            error: BaseException = exc
+            if isinstance(exc, asyncio.CancelledError):
+                if not deadlines.expired(task):
+                    raise
+                error = RequestTimeout(f"request took over {deadlines.timeout_s} s")
             elif not isinstance(exc, ServerError):  # a bug: still answer in JSON, and count it
                 logger.exception("unexpected error in %s inference", protocol, exc_info=exc)
-                exc = ModelExecutionError(f"internal error: {type(exc).__name__}")
-            status, content, extra = render_error(exc)
+                error = ModelExecutionError(f"internal error: {type(exc).__name__}")
+            assert isinstance(error, ServerError)
+            status, content, extra = render_error(error)
             content_type = JSON
         headers = [
             (b"content-type", content_type),

@@ -75,8 +75,13 @@ def array_from_json(where: str, datatype: str, data: Any) -> np.ndarray[Any, Any
             info = np.iinfo(dtype)
             if parsed.min() < info.min or parsed.max() > info.max:
                 raise InvalidInput(f"{where}: a value is out of range for {datatype}")
-    with np.errstate(over="ignore"):
-        return parsed.astype(dtype, copy=False)
+    if dtype.kind == "f" and parsed.dtype.kind == "f" and dtype.itemsize < parsed.dtype.itemsize:
+        with np.errstate(over="raise"):
+            try:
+                return parsed.astype(dtype)
+            except FloatingPointError:
+                raise InvalidInput(f"{where}: a value is out of range for {datatype}") from None
+    return parsed.astype(dtype, copy=False)
 
 
 def _strings_from_json(where: str, data: Any) -> np.ndarray[Any, Any]:
@@ -96,21 +101,24 @@ def _strings_from_json(where: str, data: Any) -> np.ndarray[Any, Any]:
     return array
 
 
-def _parameters(container: dict[str, Any], where: str) -> dict[str, Any]:
+def _parameters(container: dict[str, Any], where: str, suffix: str) -> dict[str, Any]:
     parameters = container.get("parameters")
     if parameters is None:
         return {}
     if not isinstance(parameters, dict):
-        raise MalformedRequest(f"{where} must be an object")
+        raise MalformedRequest(f"{where}{suffix} must be an object")
     return parameters
 
 
+def _all_sizes(dims: list[Any]) -> bool:
+    for dim in dims:
+        if type(dim) is not int or dim < 0:
+            return False
+    return True
+
+
 def _shape_from_json(where: str, raw: Any) -> tuple[int, ...]:
-    if (
-        not isinstance(raw, list)
-        or len(raw) > MAX_RANK
-        or not all(type(dim) is int and dim >= 0 for dim in raw)
-    ):
+    if not isinstance(raw, list) or len(raw) > MAX_RANK or not _all_sizes(raw):
         raise InvalidInput(f"{where}: shape must be a list of at most {MAX_RANK} integers >= 0")
     return tuple(raw)
 
@@ -118,18 +126,17 @@ def _shape_from_json(where: str, raw: Any) -> tuple[int, ...]:
 def _decode_input(
     index: int, entry: Any, binary: memoryview, offset: int
 ) -> tuple[DecodedTensor, int]:
-    where = f"inputs[{index}]"
     if not isinstance(entry, dict):
-        raise MalformedRequest(f"{where} must be an object")
+        raise MalformedRequest(f"inputs[{index}] must be an object")
     name, datatype = entry.get("name"), entry.get("datatype")
     if not isinstance(name, str) or not name:
-        raise MalformedRequest(f"{where}.name must be a non-empty string")
+        raise MalformedRequest(f"inputs[{index}].name must be a non-empty string")
     where = f"input {name!r}"
     if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
         raise InvalidInput(f"{where}: datatype must be one of {list(V2_TO_NUMPY)}")
     shape = _shape_from_json(where, entry.get("shape"))
     count = math.prod(shape)
-    parameters = _parameters(entry, f"{where}: parameters")
+    parameters = _parameters(entry, where, ": parameters")
     size = parameters.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or offset + size > len(binary):
@@ -187,7 +194,7 @@ def _decode_outputs(raw: Any) -> tuple[RequestedOutput, ...]:
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise MalformedRequest(f"outputs[{index}] must be an object with a string name")
-        parameters = _parameters(entry, f"outputs[{index}].parameters")
+        parameters = _parameters(entry, f"outputs[{index}]", ".parameters")
         outputs.append(RequestedOutput(entry["name"], parameters.get("binary_data") is True))
     return tuple(outputs)
 
@@ -207,7 +214,7 @@ def decode_infer_request(body: bytes, header_length: int | None = None) -> Infer
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise MalformedRequest("id must be a string")
-    parameters = _parameters(document, "parameters")
+    parameters = _parameters(document, "", "parameters")
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise MalformedRequest("inputs must be a non-empty list")

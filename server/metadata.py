@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,11 @@ class ModelMetadata:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    @functools.cached_property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        """Inputs by name."""
+        return {spec.name: spec for spec in self.inputs}
+
     @property
     def batchable(self) -> bool:
         """Requests can be merged when every tensor has a dynamic first (batch) dimension."""
@@ -96,45 +102,36 @@ def validate_inputs(
     tensors: Sequence[DecodedTensor], metadata: ModelMetadata, max_rows: int
 ) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
     """Check names, datatypes and shapes against the model; return the feed and its row count."""
-    specs = {spec.name: spec for spec in metadata.inputs}
+    specs = metadata.input_specs
     feed: dict[str, np.ndarray[Any, Any]] = {}
+    rows = -1
     for tensor in tensors:
-        spec = specs.get(tensor.name)
+        name = tensor.name
+        spec = specs.get(name)
         if spec is None:
-            raise InvalidInput(
-                f"unknown input {tensor.name!r}; the model's inputs are {sorted(specs)}"
-            )
-        if tensor.name in feed:
-            raise InvalidInput(f"input {tensor.name!r} is given more than once")
+            raise InvalidInput(f"unknown input {name!r}; the model's inputs are {sorted(specs)}")
+        if name in feed:
+            raise InvalidInput(f"input {name!r} is given more than once")
         if tensor.datatype != spec.datatype:
             raise InvalidInput(
-                f"input {tensor.name!r} has datatype {tensor.datatype}, "
-                f"the model expects {spec.datatype}"
+                f"input {name!r} has datatype {tensor.datatype}, the model expects {spec.datatype}"
             )
-        _check_shape(tensor.name, tensor.array.shape, spec.shape)
-        feed[tensor.name] = tensor.array
-    missing = [name for name in specs if name not in feed]
-    if missing:
+        shape = tensor.array.shape
+        if len(shape) != len(spec.shape) or any(
+            want != -1 and want != got for got, want in zip(shape, spec.shape, strict=True)
+        ):
+            raise InvalidInput(
+                f"input {name!r} has shape {list(shape)}, the model expects {list(spec.shape)} "
+                "(-1: any size)"
+            )
+        first = shape[0] if shape else 1
+        if rows not in (-1, first):
+            raise InvalidInput(f"inputs disagree on the batch dimension ({rows} and {first} rows)")
+        rows = first
+        feed[name] = tensor.array
+    if len(feed) != len(specs):
+        missing = [name for name in specs if name not in feed]
         raise InvalidInput(f"missing input(s) {missing}; the model needs {list(specs)}")
-    rows = _row_count(feed)
     if rows > max_rows:
         raise PayloadTooLarge(f"request has {rows} rows, the limit is {max_rows}")
     return feed, rows
-
-
-def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
-    if len(shape) != len(expected) or any(
-        want not in (-1, got) for got, want in zip(shape, expected, strict=True)
-    ):
-        raise InvalidInput(
-            f"input {name!r} has shape {list(shape)}, the model expects {list(expected)} "
-            "(-1: any size)"
-        )
-
-
-def _row_count(feed: dict[str, np.ndarray[Any, Any]]) -> int:
-    firsts = {name: array.shape[0] if array.ndim else 1 for name, array in feed.items()}
-    counts = set(firsts.values())
-    if len(counts) > 1:
-        raise InvalidInput(f"inputs disagree on the batch dimension: {firsts}")
-    return counts.pop() if counts else 0

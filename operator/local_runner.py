@@ -167,11 +167,12 @@ def _run(md: ModelDeployment, settings: LocalRunSettings, sup: Supervisor, say: 
         variant.name: _fetch_model(sup, i, md, settings, say)
         for i, variant in enumerate(md.variants)
     }
+    names = [v.name for v in md.variants]
     plan = plan_local_run(
         md,
         server_command=SERVER_COMMAND,
         model_paths=model_paths,
-        variant_ports={v.name: _free_port() for v in md.variants},
+        variant_ports=dict(zip(names, _free_ports(len(names), settings.port), strict=True)),
         router_port=settings.port,
         routes_path=sup.run_dir / "routes.json",
     )
@@ -281,11 +282,21 @@ def _check_port_free(port: int) -> None:
             ) from None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _free_ports(count: int, router_port: int) -> list[int]:
+    """Distinct free loopback ports other than the router's.
+
+    All probe sockets stay open until every port is chosen, so the kernel cannot hand out the
+    same port twice.
+    """
+    ports: list[int] = []
+    with contextlib.ExitStack() as probes:
+        while len(ports) < count:
+            sock = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+            if port != router_port:
+                ports.append(port)
+    return ports
 
 
 def _signal_group(pid: int, signum: int) -> None:

@@ -222,17 +222,17 @@ def _fetch_model(
     say(f"  {variant.name}: downloading {location.url} ...")
     started = time.monotonic()
     name = f"fetch-{variant.name}"
-    argv = [
-        *SERVER_COMMAND,
-        "fetch",
-        location.url,
-        str(location.cache_path),
-        "--sha256",
-        variant.model.sha256,
-    ]
-    sup.start(name, argv, {})
-    if sup.wait_exit(name) != 0:
-        raise LocalRunError(f"{field}: {sup.describe_exit(name)}")
+    # A name of our own, renamed into place once verified: two runs downloading the same model
+    # at once never write the same file, and an interrupted download leaves no cache entry.
+    download = location.cache_path.with_name(f"{location.cache_path.name}.{os.getpid()}")
+    argv = [*SERVER_COMMAND, "fetch", location.url, str(download), "--sha256", variant.model.sha256]
+    try:
+        sup.start(name, argv, {})
+        if sup.wait_exit(name) != 0:
+            raise LocalRunError(f"{field}: {sup.describe_exit(name)}")
+        os.replace(download, location.cache_path)
+    finally:
+        download.with_name(download.name + ".part").unlink(missing_ok=True)
     size = location.cache_path.stat().st_size
     say(f"  {variant.name}: downloaded {size} bytes in {time.monotonic() - started:.1f} s")
     return location.cache_path

@@ -382,18 +382,21 @@ def _model_uri(variant: str) -> dict[str, str]:
     return {"uri": path.as_uri(), "sha256": sha256}
 
 
-def test_sigterm_stops_every_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_stops_every_process(tmp_path: Path, signum: signal.Signals) -> None:
     run = start_run(EXAMPLE, tmp_path)
     try:
         run.wait_for_line(r"^Ready: ", START_TIMEOUT_S)
         children = run.children()
         assert len(children) == 3
-        run.process.send_signal(signal.SIGTERM)
+        run.process.send_signal(signum)
         assert run.process.wait(STOP_TIMEOUT_S) == 0, run.output()
         _, alive = psutil.wait_procs(children, timeout=5)
         assert alive == []
         assert marked_processes(run.marker) == []
-        assert "SIGTERM: stopping" in run.output()
+        assert run.reader is not None
+        run.reader.join(timeout=10)
+        assert f"{signum.name}: stopping" in run.output()
     finally:
         stop_run(run)
 

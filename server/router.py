@@ -1,7 +1,8 @@
 """`modeldeploy-server route`: a weighted reverse proxy in front of a model's variants.
 
-The routing decision is `modeldeploy_server.routing` (pure); this module is the shell around it: the
-Starlette app, the pooled aiohttp client that talks to the variants, the config file watcher, the
+The routing decision and the header rules are `modeldeploy_server.routing` (pure); this module is
+the shell around them: the ASGI app (plain ASGI for proxied requests, Starlette for the router's own
+endpoints), the pooled aiohttp client that talks to the variants, the config file watcher, the
 Prometheus metrics and the process entry point.
 """
 
@@ -233,7 +234,8 @@ def backend_error(variant: Variant, exc: BaseException) -> BackendError:
     """The BackendError that reports a failure to talk to a variant."""
     for kind, status, reason, summary in _BACKEND_ERRORS:
         if isinstance(exc, kind):
-            return BackendError(variant, status, reason, f"{summary}: {exc!r}")
+            # Some aiohttp errors (timeouts) have no message of their own.
+            return BackendError(variant, status, reason, f"{summary}: {exc or type(exc).__name__}")
     raise AssertionError("the table ends with a catch-all")
 
 

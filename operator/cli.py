@@ -152,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="CLAIM=DIR",
-        help="read pvc://CLAIM/PATH from DIR/PATH (default: the directory CLAIM beside the YAML)",
+        help="read pvc://CLAIM/PATH from DIR/PATH (default: the directory CLAIM beside the YAML "
+        "file, or in the working directory with -f -)",
     )
     run_parser.add_argument(
         "--cache-dir",

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -85,9 +86,10 @@ class LocalRun:
         return psutil.Process(self.process.pid).children(recursive=True)
 
 
-def start_run(manifest: Path, tmp_path: Path) -> LocalRun:
-    """Start `modeldeploy run -f MANIFEST --port <free>` with its own model cache."""
-    port = free_port()
+def start_run(manifest: Path, tmp_path: Path, port: int | None = None) -> LocalRun:
+    """Start `modeldeploy run -f MANIFEST --port PORT` (a free one by default), with its own
+    model cache."""
+    port = free_port() if port is None else port
     marker = uuid.uuid4().hex
     command = [
         str(Path(sys.executable).with_name("modeldeploy")),
@@ -144,9 +146,9 @@ def write_manifest(manifest: dict[str, Any], tmp_path: Path) -> Path:
     return path
 
 
-def run_until_it_fails(manifest: dict[str, Any], tmp_path: Path) -> str:
+def run_until_it_fails(manifest: dict[str, Any], tmp_path: Path, port: int | None = None) -> str:
     """Run a manifest that must fail to start; check it left no process; return its output."""
-    run = start_run(write_manifest(manifest, tmp_path), tmp_path)
+    run = start_run(write_manifest(manifest, tmp_path), tmp_path, port)
     try:
         assert run.process.wait(START_TIMEOUT_S) == 1
         assert run.reader is not None
@@ -423,6 +425,19 @@ def test_failed_start_stops_what_was_started(tmp_path: Path) -> None:
     output = run_until_it_fails(manifest, tmp_path)
     assert "v2 exited with code" in output
     assert "sha256" in output
+
+
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        manifest = yaml.safe_load(EXAMPLE.read_text())
+        for variant in manifest["spec"]["variants"]:
+            variant["model"] = _model_uri(variant["name"])
+        output = run_until_it_fails(manifest, tmp_path, port)
+    assert f"error: port {port} on 127.0.0.1 is taken" in output
+    assert "starting" not in output
 
 
 @pytest.fixture

@@ -144,6 +144,8 @@ def list_ignored_fields(md: ModelDeployment) -> list[str]:
         notes.append(
             f"spec.routing.mode: {md.routing.mode} -> the router process, with the same weights"
         )
+    if md.routing.gateway is not None:
+        notes.append("spec.routing.gateway: no Gateway, no HTTPRoute")
     for field in fields(PodSettings):
         value = getattr(md.pod, field.name)
         if value != field.default:

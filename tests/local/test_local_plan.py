@@ -113,6 +113,7 @@ def test_every_kubernetes_only_field_is_reported() -> None:
         "spec.variants[1].resources: not enforced",
         "spec.variants[2].replicas: 0 -> one process",
         "spec.routing.mode: gateway -> the router process, with the same weights",
+        "spec.routing.gateway: no Gateway, no HTTPRoute",
         "spec.pod.image: applies to pods only",
         "spec.pod.imagePullSecrets: applies to pods only",
         "spec.pod.serviceAccountName: applies to pods only",

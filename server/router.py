@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 import uvicorn
+from modeldeploy_server.config import _bool, _port, _positive_float
 from modeldeploy_server.routing import (
     ConfigError,
     IncomingRequest,
@@ -70,26 +71,6 @@ class RouterSettings:
     connect_timeout_s: float
     reload_interval_s: float
     access_log: bool
-
-
-def _port(text: str) -> int:
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError("must be a port number 0..65535 (0: any free port)")
-    return port
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise ValueError("must be a positive number")
-    return value
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise ValueError("must be true or false")
-    return text.lower() in ("true", "1")
 
 
 # field -> (env var, parser, default, help). The flag is --field-name; flags win over env vars,

@@ -149,7 +149,7 @@ class _Incoming:
         return incoming
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Answer:
     body: bytes
     content_type: bytes
@@ -191,6 +191,7 @@ class InferenceService:
         self._batcher = Batcher(
             self.model.run,
             batchable=self.metadata.batchable,
+            uniform=self.metadata.uniform,
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_ms / 1000,
             max_queue=config.max_queue,

@@ -8,10 +8,12 @@ waits. max_delay_s > 0 additionally holds a run back for stragglers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import queue
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +25,10 @@ Outputs = dict[str, np.ndarray[Any, Any]]
 RunModel = Callable[[Feed], Outputs]
 # (requests merged, rows, seconds in the model) for each run.
 BatchObserver = Callable[[int, int, float], None]
+Results = list[Outputs | ServerError]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     feed: Feed
     rows: int
@@ -33,13 +36,18 @@ class _Pending:
 
 
 class Batcher:
-    """Create inside the running event loop (the lifespan); `submit` from request handlers."""
+    """Create inside the running event loop (the lifespan); `submit` from request handlers.
+
+    The model runs on one dedicated thread fed through a SimpleQueue, and each batch's results
+    come back in one `call_soon_threadsafe`: cheaper than an executor future per run.
+    """
 
     def __init__(
         self,
         run: RunModel,
         *,
         batchable: bool,
+        uniform: bool,
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
@@ -47,25 +55,34 @@ class Batcher:
     ) -> None:
         self._run = run
         self._batchable = batchable
+        # Validated requests of a model without dynamic non-batch dimensions always merge.
+        self._uniform = uniform
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
+        self._max_queue = max_queue
         self._observe = observe
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queue)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._jobs: queue.SimpleQueue[tuple[list[Feed], list[int], asyncio.Future[Results]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._work, name="model", daemon=True)
+        self._worker.start()
         self._task = self._loop.create_task(self._consume())
 
     def depth(self) -> int:
         """Requests waiting for a model run."""
-        return self._queue.qsize()
+        return len(self._waiting)
 
     async def submit(self, feed: Feed, rows: int) -> Outputs:
         """Queue one validated request and wait for its outputs; raises Overloaded when full."""
+        if len(self._waiting) >= self._max_queue:
+            raise Overloaded("the model's request queue is full; retry later")
         future: asyncio.Future[Outputs] = self._loop.create_future()
-        try:
-            self._queue.put_nowait(_Pending(feed, rows, future))
-        except asyncio.QueueFull:
-            raise Overloaded("the model's request queue is full; retry later") from None
+        self._waiting.append(_Pending(feed, rows, future))
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
         return await future
 
     async def close(self) -> None:
@@ -73,30 +90,40 @@ class Batcher:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
+        for pending in self._waiting:
             if not pending.future.done():
                 pending.future.set_exception(Overloaded("the server is shutting down"))
-        self._executor.shutdown(wait=True)
+        self._waiting.clear()
+        self._jobs.put(None)
+        await asyncio.to_thread(self._worker.join)
+
+    async def _arrival(self, timeout_s: float | None) -> bool:
+        """Wait until something is queued; False on timeout."""
+        self._wakeup = self._loop.create_future()
+        try:
+            await asyncio.wait_for(self._wakeup, timeout_s)
+        except TimeoutError:
+            return False
+        finally:
+            self._wakeup = None
+        return True
 
     async def _collect(self) -> list[_Pending]:
-        first = await self._queue.get()
-        taken = [first]
+        while not self._waiting:
+            await self._arrival(None)
+        waiting = self._waiting
+        taken = [waiting.popleft()]
         if not self._batchable:
             return taken
-        rows = first.rows
+        rows = taken[0].rows
         deadline = time.monotonic() + self._max_delay_s
         while rows < self._max_batch_size:
-            if self._queue.empty():
+            if not waiting:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or not await self._arrival(remaining):
                     break
-                try:
-                    pending = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            else:
-                pending = self._queue.get_nowait()
+                continue
+            pending = waiting.popleft()
             taken.append(pending)
             rows += pending.rows
         return taken
@@ -107,30 +134,39 @@ class Batcher:
             if not taken:
                 continue
             if self._batchable:
-                groups = plan_batches(
-                    [merge_key(p.feed) for p in taken],
-                    [p.rows for p in taken],
-                    self._max_batch_size,
+                keys: list[Hashable] = (
+                    [None] * len(taken) if self._uniform else [merge_key(p.feed) for p in taken]
                 )
+                groups = plan_batches(keys, [p.rows for p in taken], self._max_batch_size)
             else:
                 groups = [[index] for index in range(len(taken))]
             for group in groups:
                 members = [taken[index] for index in group]
-                results = await self._loop.run_in_executor(
-                    self._executor,
-                    self._execute,
-                    [m.feed for m in members],
-                    [m.rows for m in members],
-                )
+                done: asyncio.Future[Results] = self._loop.create_future()
+                self._jobs.put(([m.feed for m in members], [m.rows for m in members], done))
+                try:
+                    results = await done
+                except asyncio.CancelledError:
+                    for member in members:
+                        if not member.future.done():
+                            member.future.set_exception(Overloaded("the server is shutting down"))
+                    raise
                 for member, result in zip(members, results, strict=True):
                     if member.future.done():  # the caller timed out or went away
                         continue
-                    if isinstance(result, BaseException):
+                    if isinstance(result, ServerError):
                         member.future.set_exception(result)
                     else:
                         member.future.set_result(result)
 
-    def _execute(self, feeds: list[Feed], rows: list[int]) -> list[Outputs | ServerError]:
+    def _work(self) -> None:
+        """The model thread: run jobs until the None sentinel."""
+        while (job := self._jobs.get()) is not None:
+            feeds, rows, done = job
+            results = self._execute(feeds, rows)
+            self._loop.call_soon_threadsafe(_resolve, done, results)
+
+    def _execute(self, feeds: list[Feed], rows: list[int]) -> Results:
         """Worker thread: merge, run, split. If a merged run fails, each request runs alone so
         that one bad request cannot fail its neighbours."""
         started = time.perf_counter()
@@ -144,3 +180,8 @@ class Batcher:
             return [ModelExecutionError(f"model execution failed: {exc}")]
         self._observe(len(feeds), sum(rows), time.perf_counter() - started)
         return list(outputs)
+
+
+def _resolve(done: asyncio.Future[Results], results: Results) -> None:
+    if not done.done():
+        done.set_result(results)

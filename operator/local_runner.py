@@ -44,6 +44,7 @@ from modeldeploy_operator.spec import ModelDeployment
 SERVER_COMMAND = (sys.executable, "-P", "-m", "modeldeploy_server.cli")
 READY_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
+DOWNLOAD_REPORT_S = 2.0
 _POLL_S = 0.1
 _LOG_TAIL_LINES = 30
 _PR_SET_PDEATHSIG = 1
@@ -109,10 +110,15 @@ class Supervisor:
     def first_exited(self) -> str | None:
         return next((n for n, c in self._children.items() if c.poll() is not None), None)
 
-    def wait_exit(self, name: str) -> int:
-        """Wait for a short-lived child (a fetch) while staying responsive to stop requests."""
+    def wait_exit(self, name: str, report: Callable[[], None], every_s: float) -> int:
+        """Wait for a short-lived child (a fetch), calling `report` every `every_s` seconds and
+        staying responsive to stop requests."""
+        next_report = time.monotonic() + every_s
         while (code := self.exit_code(name)) is None:
             self.check_stop()
+            if time.monotonic() >= next_report:
+                report()
+                next_report += every_s
             time.sleep(_POLL_S)
         return code
 
@@ -225,14 +231,21 @@ def _fetch_model(
     # A name of our own, renamed into place once verified: two runs downloading the same model
     # at once never write the same file, and an interrupted download leaves no cache entry.
     download = location.cache_path.with_name(f"{location.cache_path.name}.{os.getpid()}")
+    # Where `modeldeploy-server fetch` writes until the digest is checked.
+    partial = download.with_name(download.name + ".part")
+
+    def report() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            say(f"  {variant.name}: {partial.stat().st_size} bytes so far")
+
     argv = [*SERVER_COMMAND, "fetch", location.url, str(download), "--sha256", variant.model.sha256]
     try:
         sup.start(name, argv, {})
-        if sup.wait_exit(name) != 0:
+        if sup.wait_exit(name, report, DOWNLOAD_REPORT_S) != 0:
             raise LocalRunError(f"{field}: {sup.describe_exit(name)}")
         os.replace(download, location.cache_path)
     finally:
-        download.with_name(download.name + ".part").unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
     size = location.cache_path.stat().st_size
     say(f"  {variant.name}: downloaded {size} bytes in {time.monotonic() - started:.1f} s")
     return location.cache_path

@@ -456,6 +456,19 @@ class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep pytest's output for failures
 
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        # `/slow/...` trickles the file out over about 5 s, as a large model would arrive.
+        if not self.path.startswith("/slow/"):
+            super().copyfile(source, outputfile)
+            return
+        while chunk := source.read(64):
+            outputfile.write(chunk)
+            outputfile.flush()
+            time.sleep(5 / 12)
+
+    def translate_path(self, path: str) -> str:
+        return super().translate_path(path.removeprefix("/slow"))
+
 
 def test_http_models_are_downloaded_once_into_the_cache(model_host: str, tmp_path: Path) -> None:
     manifest = yaml.safe_load(EXAMPLE.read_text())
@@ -476,6 +489,20 @@ def test_http_models_are_downloaded_once_into_the_cache(model_host: str, tmp_pat
         assert cached.read_bytes() == (MODELS / f"iris-{variant['name']}.onnx").read_bytes()
         assert f"{variant['name']}: downloading {model['uri']}" in outputs[0]
         assert f"{variant['name']}: model {model['uri']} (cached: {cached})" in outputs[1]
+
+
+def test_a_long_download_reports_progress(model_host: str, tmp_path: Path) -> None:
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    manifest["spec"]["variants"][0]["model"]["uri"] = f"{model_host}/slow/iris-v1.onnx"
+    manifest["spec"]["variants"][1]["model"] = _model_uri("v2")
+    run = start_run(write_manifest(manifest, tmp_path), tmp_path)
+    try:
+        run.wait_for_line(r"^Ready: ", START_TIMEOUT_S)
+    finally:
+        stop_run(run)
+    progress = [int(m) for m in re.findall(r"v1: (\d+) bytes so far", run.output())]
+    assert progress, run.output()
+    assert progress == sorted(progress) and progress[-1] <= (MODELS / "iris-v1.onnx").stat().st_size
 
 
 def test_download_with_the_wrong_digest_is_refused(model_host: str, tmp_path: Path) -> None:

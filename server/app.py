@@ -188,6 +188,7 @@ class InferenceService:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         """Start the batcher and capture, warm the model up, then become ready."""
         config = self.config
+        self._deadlines = Deadlines(config.request_timeout_s)
         self._batcher = Batcher(
             self.model.run,
             batchable=self.metadata.batchable,
@@ -198,7 +199,6 @@ class InferenceService:
             observe=self.metrics.observe_batch,
         )
         self.metrics.track_queue_depth(self._batcher.depth)
-        self._deadlines = Deadlines(config.request_timeout_s)
         if config.capture_path is not None:
             self._capture = PayloadCapture(
                 config.capture_path, config.capture_sample_rate, self.metrics.capture_dropped.inc

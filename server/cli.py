@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in SUBCOMMANDS:
         usage = "\n".join(f"  {name:<6} {help_}" for name, (_, help_) in SUBCOMMANDS.items())
-        print(f"usage: modeldeploy-server {{{','.join(SUBCOMMANDS)}}} ...\n{usage}", file=sys.stderr)
+        print(
+            f"usage: modeldeploy-server {{{','.join(SUBCOMMANDS)}}} ...\n{usage}", file=sys.stderr
+        )
         return 0 if args[:1] in (["-h"], ["--help"]) else 2
     module_name, _ = SUBCOMMANDS[args[0]]
     module = importlib.import_module(module_name)

@@ -28,9 +28,10 @@ class ServeConfig:
     max_request_bytes: int = 6 * MIB
     max_rows: int = 10_000
     request_timeout_s: float = 30.0
-    max_batch_size: int = 64
-    # 0 means no waiting: requests that queue while a batch runs form the next batch.
-    max_batch_delay_ms: float = 0.0
+    max_batch_size: int = 256
+    # Requests that queue while a run is in progress form the next run; under concurrency a
+    # forming run also waits up to this long for more (0: never wait).
+    max_batch_delay_ms: float = 0.25
     max_queue: int = 256
     # 0 lets onnxruntime pick (one thread per core it sees).
     intra_op_threads: int = 0

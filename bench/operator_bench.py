@@ -2,7 +2,7 @@
 
 One command (from the repository root, after tests/controlplane/build.sh):
 
-    .venv/bin/python bench/operator_bench.py [--count 200] [--singles 5] [--out PATH]
+    .venv/bin/python bench/operator_bench.py [--count 200] [--shape full|minimal] [--out PATH]
 
 The operator runs as in production (`kopf run -m modeldeploy_operator.main` under its
 ServiceAccount's RBAC), without --verbose. Measured:
@@ -14,6 +14,10 @@ ServiceAccount's RBAC), without --verbose. Measured:
 - restart: the operator killed and started again; time until it has resumed all of them
   (each status re-checked: a full reconcile pass with nothing to change);
 - operator memory: peak and final RSS of the operator process.
+Shapes: `full` is the realistic one (two variants 90/10 behind the router: 8 children, 3 of them
+Services); `minimal` is one variant with routing `none` (a Deployment and a Service). Every Service
+takes a ClusterIP and the test control plane's service range is 10.0.0.0/24 (254 addresses), so
+the full shape fits about 80 ModelDeployments there; the script refuses counts that cannot fit.
 The control plane, the operator and this script share the machine: numbers include contention.
 Results go to bench/results/operator.json unless --out says otherwise.
 """
@@ -41,9 +45,13 @@ from tests.controlplane import harness  # noqa: E402
 from tests.operator.builders import model_deployment, variant  # noqa: E402
 from tests.operator.harness import GROUP, PLURAL, VERSION, running_operator  # noqa: E402
 
-# Per ModelDeployment: 2 variants x (Deployment + Service), routes ConfigMap, router Deployment,
-# Service and PodDisruptionBudget.
-CHILDREN_PER_MD = 8
+# shape -> (variants, routing, children per ModelDeployment, Services per ModelDeployment).
+# full: 2 x (Deployment + Service) + routes ConfigMap + router Deployment, Service and PDB.
+SHAPES: dict[str, tuple[list[dict[str, Any]], str, int, int]] = {
+    "full": ([variant("v1", 90), variant("v2", 10)], "router", 8, 3),
+    "minimal": ([variant("v1", 100)], "none", 2, 1),
+}
+SERVICE_IPS = 250  # 10.0.0.0/24 less the `kubernetes` Service and reserved addresses
 LISTS = (
     ("apps/v1", "list_namespaced_deployment"),
     ("v1", "list_namespaced_service"),
@@ -54,8 +62,9 @@ POLL_S = 0.05
 
 
 class Bench:
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+    def __init__(self, api: client.ApiClient, namespace: str, shape: str) -> None:
         self.namespace = namespace
+        self.variants, self.routing, self.children, _ = SHAPES[shape]
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.apis = {
@@ -65,7 +74,7 @@ class Bench:
         }
 
     def create(self, name: str) -> None:
-        obj = model_deployment(name=name, variants=[variant("v1", 90), variant("v2", 10)])
+        obj = model_deployment(name=name, variants=self.variants, routing={"mode": self.routing})
         obj["metadata"] = {"name": name}
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, obj)
 
@@ -125,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--singles", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="full")
+    parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "operator.json")
     args = parser.parse_args(argv)
 
@@ -135,7 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"missing control-plane binaries: run tests/controlplane/build.sh ({missing})")
         return 2
     crds = [*(REPO / "crds").glob("*.yaml"), *binaries.gateway_crds.glob("*.yaml")]
-    results: dict[str, Any] = {"count": args.count, "loadavg_before": os.getloadavg()}
+    services = (args.count + args.singles + 1) * SHAPES[args.shape][3]
+    if services > SERVICE_IPS:
+        print(f"{services} Services would not fit the control plane's {SERVICE_IPS} ClusterIPs")
+        return 2
+    results: dict[str, Any] = {
+        "count": args.count,
+        "shape": args.shape,
+        "children_per_model_deployment": SHAPES[args.shape][2],
+        "loadavg_before": os.getloadavg(),
+    }
     with (
         tempfile.TemporaryDirectory() as tmp,
         harness.running(binaries, crds) as plane,
@@ -145,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         client.CoreV1Api(api).create_namespace(
             client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace))
         )
-        bench = Bench(api, namespace)
+        bench = Bench(api, namespace, args.shape)
         rss = [0]
         with running_operator(
             plane, [namespace], Path(tmp) / "operator.log", resync_seconds=3600, verbose=False
@@ -159,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.create("warmup")
             wait(
                 "warm-up",
-                lambda: bench.children_per_md()["warmup"] == CHILDREN_PER_MD,
+                lambda: bench.children_per_md()["warmup"] == bench.children,
                 args.timeout,
                 sample,
             )
@@ -170,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.create(name)
                 wait(
                     name,
-                    lambda n=name: bench.children_per_md()[n] == CHILDREN_PER_MD,
+                    lambda n=name: bench.children_per_md()[n] == bench.children,
                     args.timeout,
                     sample,
                 )
@@ -190,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def all_children() -> bool:
                 counts = bench.children_per_md()
-                return all(counts[n] == CHILDREN_PER_MD for n in names)
+                return all(counts[n] == bench.children for n in names)
 
             def all_status() -> bool:
                 statuses = bench.statuses()

@@ -6,12 +6,13 @@ It never looks at what changed, only at what is, so running it twice changes not
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from modeldeploy_operator.config import OperatorConfig
-from modeldeploy_operator.kube import KubeApi, RejectedError
+from modeldeploy_operator.kube import ApiError, KubeApi, RejectedError, TransientApiError
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
 from modeldeploy_operator.status import (
@@ -64,6 +65,11 @@ def reconcile(api: KubeApi, config: OperatorConfig, namespace: str, name: str, n
                 pruned.append(f"{stale['kind']}/{stale['metadata']['name']}")
     except RejectedError as error:
         return _fail(api, obj, generation, "ApplyRejected", str(error), now)
+    except TransientApiError as error:
+        # Say so in the status while kopf retries (it cannot be said if the API server is down).
+        with contextlib.suppress(ApiError):
+            _fail(api, obj, generation, "ApplyFailed", f"{error} (retrying)", now)
+        raise
 
     deployments = {
         a["metadata"]["name"]: a

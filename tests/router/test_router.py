@@ -451,22 +451,36 @@ def test_invalid_config_refuses_to_start_with_a_clear_message(
 
 
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_requests(iris: BuiltModel, volume: ConfigMapVolume) -> None:
+def test_sigterm_drains_in_flight_requests(
+    iris: BuiltModel, backends: dict[str, RunningProcess], volume: ConfigMapVolume
+) -> None:
     """SIGTERM: new connections are refused, the request in flight still gets its answer."""
-    # A lone request waits out the batch delay, so this real server takes 2 s to answer.
-    slow_args = ["--max-batch-size", "64", "--max-batch-delay-ms", "2000"]
-    with serve_model(iris.path, MODEL, "v1", slow_args) as slow:
-        volume.publish(routes({"v1": (slow.url, 100)}))
-        with route(volume.path) as router, ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(
-                httpx.post, router.url + INFER, json=infer_body(iris.features[:1]), timeout=30
-            )
-            time.sleep(0.7)  # the request is now waiting in the server's batcher
-            router.process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            with pytest.raises(httpx.ConnectError):
-                httpx.get(router.url + "/v2/health/live")
-            answer = in_flight.result(timeout=30)
-            assert router.process.wait(timeout=30) == 0
-    assert answer.status_code == 200
+    volume.publish(split_config(backends, 100, 0))
+    content = json.dumps(infer_body(iris.features[:1])).encode()
+
+    def slow_upload() -> Iterator[bytes]:
+        # Five pieces 0.4 s apart: the request is in flight for about two seconds.
+        step = len(content) // 5 + 1
+        for start in range(0, len(content), step):
+            yield content[start : start + step]
+            time.sleep(0.4)
+
+    with route(volume.path) as router, ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(httpx.post, router.url + INFER, content=slow_upload(), timeout=30)
+        time.sleep(0.3)
+        router.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while True:  # until the listener is closed
+            try:
+                httpx.get(router.url + "/v2/health/live", timeout=1)
+            except httpx.ConnectError:
+                break
+            assert time.monotonic() < deadline, "still accepting 5 s after SIGTERM"
+            time.sleep(0.02)
+        # Refused while the request was still in flight, not merely after the process exited.
+        assert not in_flight.done()
+        answer = in_flight.result(timeout=30)
+        assert router.process.wait(timeout=30) == 0
+    assert answer.status_code == 200, answer.text
     assert answer.headers["x-model-variant"] == "v1"
+    assert labels_of(answer) == iris.estimator.predict(iris.features[:1]).tolist()

@@ -197,6 +197,7 @@ class InferenceService:
             max_delay_s=config.max_batch_delay_ms / 1000,
             max_queue=config.max_queue,
             observe=self.metrics.observe_batch,
+            in_flight=self._deadlines.in_flight,
         )
         self.metrics.track_queue_depth(self._batcher.depth)
         if config.capture_path is not None:

@@ -52,8 +52,10 @@ class Batcher:
         max_delay_s: float,
         max_queue: int,
         observe: BatchObserver,
+        in_flight: Callable[[], int],
     ) -> None:
         self._run = run
+        self._in_flight = in_flight
         self._last_merged = 1
         self._batchable = batchable
         # Validated requests of a model without dynamic non-batch dimensions always merge.
@@ -117,9 +119,11 @@ class Batcher:
         if not self._batchable:
             return taken
         rows = taken[0].rows
-        # Wait for stragglers only under concurrency (the previous run merged requests): a lone
-        # client never waits, a busy server trades a fraction of a millisecond for fewer runs.
-        delay_s = self._max_delay_s if self._last_merged > 1 else 0.0
+        # Wait for stragglers only under concurrency (the last run merged requests, or others
+        # are being read or answered): a lone client never waits, a busy server trades a
+        # fraction of a millisecond for fewer model runs (each costs a thread hop).
+        busy = self._last_merged > 1 or self._in_flight() > 1 + len(waiting)
+        delay_s = self._max_delay_s if busy else 0.0
         deadline = time.monotonic() + delay_s
         while rows < self._max_batch_size:
             if not waiting:

@@ -31,6 +31,10 @@ class Deadlines:
         """Stop guarding `task` (call before the first await after the guarded part)."""
         self._pending.pop(task, None)
 
+    def in_flight(self) -> int:
+        """Requests started and not finished."""
+        return len(self._pending)
+
     def expired(self, task: asyncio.Task[object]) -> bool:
         """True once, after the sweeper cancelled `task` for its deadline; undoes the cancel."""
         if task not in self._expired:

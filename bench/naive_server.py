@@ -10,7 +10,7 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort  # type: ignore[import-untyped]
+import onnxruntime as ort
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response

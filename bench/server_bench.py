@@ -61,8 +61,9 @@ def v2_body(features: np.ndarray[Any, Any], rows: int) -> bytes:
 
 def run_wrk(url: str, body_path: Path, connections: int, duration_s: float) -> dict[str, Any]:
     """One wrk run on CPU 1; returns its JSON summary."""
+    seconds = max(1, round(duration_s))
     command = [
-        "taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+        "taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
         "--timeout", "5s", "-s", str(LUA), url, "--", str(body_path), "application/json",
     ]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -98,7 +99,7 @@ def measure_server(
 
 def measure_raw(model: BuiltModel, duration_s: float) -> list[dict[str, Any]]:
     """session.run in a loop on CPU 0: the ceiling with no HTTP, JSON or Python web stack."""
-    import onnxruntime as ort  # type: ignore[import-untyped]
+    import onnxruntime as ort
 
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {int(SERVER_CPU)})
@@ -185,7 +186,9 @@ def summarize(cells: list[dict[str, Any]]) -> str:
     for model in sorted({c["model"] for c in cells}):
         ours = find(model, "modeldeploy", 1, 16)["req_s"]
         naive = find(model, "naive starlette", 1, 16)["req_s"]
-        lines.append(f"- {model}: single-row req/s at c=16: {ours / naive:.2f}x naive (target 2.5x)")
+        lines.append(
+            f"- {model}: single-row req/s at c=16: {ours / naive:.2f}x naive (target 2.5x)"
+        )
         best = max(find(model, "modeldeploy", 64, c)["rows_s"] for c in CONCURRENCIES)
         best_naive = max(find(model, "naive starlette", 64, c)["rows_s"] for c in CONCURRENCIES)
         lines.append(
@@ -223,7 +226,8 @@ def main() -> int:
                 model.path, name, "--intra-op-threads", "1", prefix=("taskset", "-c", SERVER_CPU)
             ) as server:
                 url = f"{server.url}/v2/models/{name}/infer"
-                found += [{"model": name, **c} for c in measure_server("modeldeploy", url, bodies, args.duration)]
+                cells_ours = measure_server("modeldeploy", url, bodies, args.duration)
+                found += [{"model": name, **c} for c in cells_ours]
             with naive_server(model, bodies[1]) as url:
                 found += [
                     {"model": name, **c}

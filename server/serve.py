@@ -64,6 +64,8 @@ def run_server(config: ServeConfig) -> int:
         access_log=config.access_log,
         log_level=config.log_level,
         server_header=False,
+        # Pods sit behind a Service or the router; X-Forwarded-* rewriting is not needed.
+        proxy_headers=False,
         timeout_graceful_shutdown=int(config.request_timeout_s) + 1,
     )
     server = DrainingServer(uvicorn_config, service.state, config.shutdown_delay_s)

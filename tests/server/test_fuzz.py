@@ -67,7 +67,7 @@ def test_the_fuzzed_document_is_the_served_one(mixed_fuzz_server: RunningServer)
 
 @schema.parametrize()
 def test_schemathesis_finds_no_server_error(
-    case: schemathesis.Case, mixed_fuzz_server: RunningServer
+    case: schemathesis.Case[Any], mixed_fuzz_server: RunningServer
 ) -> None:
     response = case.call(base_url=mixed_fuzz_server.url)
     assert response.status_code < 500, (case.as_curl_command(), response.text)

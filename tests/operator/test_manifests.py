@@ -119,6 +119,32 @@ def test_kustomize_build_renders_crd_and_operator() -> None:
     assert kinds == sorted(["CustomResourceDefinition", *(d["kind"] for d in all_manifests())])
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_apply_k_installs_everything(control_plane: ControlPlane) -> None:
+    """`kubectl apply -k manifests/`, as the install docs say, against the real API server."""
+    kubectl = ["kubectl", "--kubeconfig", str(control_plane.kubeconfig_path)]
+    result = subprocess.run(
+        [*kubectl, "apply", "-k", str(MANIFESTS), "--server-side", "--force-conflicts"],
+        capture_output=True,
+        text=True,
+    )
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Warning" not in result.stderr, result.stderr
+        applied = [line for line in result.stdout.splitlines() if "serverside-applied" in line]
+        assert len(applied) == 1 + len(all_manifests()), result.stdout
+        with control_plane.api_client() as api:
+            deployment = client.AppsV1Api(api).read_namespaced_deployment(
+                "modeldeploy-operator", "modeldeploy-system"
+            )
+        assert deployment.spec is not None and deployment.spec.replicas == 1
+    finally:
+        subprocess.run(
+            [*kubectl, "delete", "namespace", "modeldeploy-system", "--wait=false"],
+            capture_output=True,
+        )
+
+
 def test_every_pod_is_admitted_under_the_restricted_pod_security_standard(
     control_plane: ControlPlane,
 ) -> None:
@@ -158,4 +184,3 @@ def test_every_pod_is_admitted_under_the_restricted_pod_security_standard(
 def test_example_is_a_valid_model_deployment() -> None:
     obj = yaml.safe_load((REPO_ROOT / "examples" / "production.yaml").read_text())
     assert validate_model_deployment(obj) == []
-

@@ -34,4 +34,3 @@ def test_runs_for_one_key_never_overlap_and_other_keys_do_not_wait() -> None:
     log = asyncio.run(scenario())
     assert log.index("end a1") < log.index("start a2")
     assert log.index("end b") < log.index("end a1")
-

@@ -66,6 +66,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         )
         # Events for every handler success would bury the ones we post on real transitions.
         settings.posting.level = logging.WARNING
+        # Filter child Deployments in the API server, not in here: the operator then never
+        # lists or holds the cluster's other Deployments.
+        settings.watching.label_selectors["apps", "v1", "deployments"] = (
+            f"{naming.MANAGED_BY}={naming.FIELD_MANAGER}"
+        )
         api_holder.append(KubeApi.from_environment())
 
     @kopf.on.cleanup(registry=registry)

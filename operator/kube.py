@@ -74,9 +74,18 @@ class KubeApi:
     def apply(self, obj: Manifest) -> Manifest:
         """Server-side apply `obj` as our field manager, taking over conflicting fields."""
         meta = obj["metadata"]
-        return self._apply(
-            _object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]), obj
-        )
+        path = _object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        try:
+            return self._apply(path, obj)
+        except RejectedError as error:
+            if error.status == 404:
+                # Typically gateway mode on a cluster without the Gateway API CRDs.
+                raise RejectedError(
+                    f"{obj['kind']} ({obj['apiVersion']}) is not served by this cluster; "
+                    f"is its CRD installed? ({error})",
+                    error.status,
+                ) from error
+            raise
 
     def apply_status(self, namespace: str, name: str, status: Manifest) -> Manifest:
         """Server-side apply the whole status: fields we stop setting are removed."""

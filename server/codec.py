@@ -21,6 +21,9 @@ MAX_RANK = 32
 # floats are not fine for integers (no silent truncation) and only true/false are booleans.
 _ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
 _LENGTH_PREFIX = struct.Struct("<I")
+_FLOAT_MAX = {name: float(np.finfo(V2_TO_NUMPY[name]).max) for name in ("FP16", "FP32")}
+SMALL = 64
+_NO_BINARY = memoryview(b"")
 
 
 @dataclass(slots=True)
@@ -76,6 +79,12 @@ def array_from_json(where: str, datatype: str, data: Any) -> np.ndarray[Any, Any
             if parsed.min() < info.min or parsed.max() > info.max:
                 raise InvalidInput(f"{where}: a value is out of range for {datatype}")
     if dtype.kind == "f" and parsed.dtype.kind == "f" and dtype.itemsize < parsed.dtype.itemsize:
+        largest = _FLOAT_MAX[datatype]
+        if parsed.ndim == 1 and parsed.size <= SMALL:
+            # Small flat lists: builtin max/min cost far less than entering np.errstate.
+            if max(data) > largest or min(data) < -largest:
+                raise InvalidInput(f"{where}: a value is out of range for {datatype}")
+            return parsed.astype(dtype)
         with np.errstate(over="raise"):
             try:
                 return parsed.astype(dtype)
@@ -202,12 +211,12 @@ def _decode_outputs(raw: Any) -> tuple[RequestedOutput, ...]:
 
 def decode_infer_request(body: bytes, header_length: int | None = None) -> InferRequest:
     """Decode a v2 request; with header_length, the body is JSON then binary tensor data."""
-    view = memoryview(body)
-    if header_length is None:
-        header, binary = view, memoryview(b"")
-    elif 0 < header_length <= len(body):
+    header: bytes | memoryview = body
+    binary = _NO_BINARY
+    if header_length is not None and 0 < header_length <= len(body):
+        view = memoryview(body)
         header, binary = view[:header_length], view[header_length:]
-    else:
+    elif header_length is not None:
         raise MalformedRequest("Inference-Header-Content-Length does not fit the body")
     document = parse_json(header)
     if not isinstance(document, dict):

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-
 from modeldeploy_server.codec import (
     RequestedOutput,
     decode_infer_request,
@@ -123,6 +122,9 @@ def test_every_datatype_encodes_to_json(datatype: str) -> None:
         (request("INT32", [1.5, 2, 3, 4]), InvalidInput, "does not hold INT32"),
         (request("INT8", [1, 2, 3, 128]), InvalidInput, "out of range for INT8"),
         (request("UINT8", [1, 2, 3, -1]), InvalidInput, "out of range for UINT8"),
+        (request("FP32", [1, 2, 3, 1e39]), InvalidInput, "out of range for FP32"),
+        (request("FP16", [[1, 2], [3, -7e4]]), InvalidInput, "out of range for FP16"),
+        (request("FP32", [-1e300] * 100, [10, 10]), InvalidInput, "out of range for FP32"),
         (request("BOOL", [1, 0, 1, 0]), InvalidInput, "does not hold BOOL"),
         (request("BYTES", ["a", 1, "b", "c"]), InvalidInput, "BYTES data must be"),
         (request("BF16", [1, 2, 3, 4]), InvalidInput, "datatype must be one of"),

@@ -70,7 +70,10 @@ def decode_instances(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor
         where = f"instances, input {spec.name!r}"
         array = array_from_json(where, spec.datatype, columns[spec.name])
         if spec.datatype == "BYTES":
-            # Strings were flattened; recover the rows from the count per row.
+            # Strings were flattened; recover the rows from the count per row, which must agree.
+            counts = {1 if isinstance(v, str) else len(v) for v in columns[spec.name]}
+            if len(counts) != 1:
+                raise InvalidInput(f"{where}: instances hold different numbers of strings")
             array = array.reshape((len(instances), -1)) if array.size else array
         tensors.append(
             DecodedTensor(spec.name, spec.datatype, _fit_rows(where, array, len(instances), spec))

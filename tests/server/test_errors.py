@@ -218,3 +218,12 @@ def test_overload_answers_503_with_retry_after(mlp: BuiltModel) -> None:
     assert_error(refused, 503, "queue is full")
     served = next(r for r in responses if r.status_code == 200)
     assert served.json()["outputs"][0]["data"] == mlp.estimator.predict(mlp.features).tolist()
+
+
+def test_ragged_string_instances_are_refused(mixed_server: RunningServer) -> None:
+    row = {"city": "paris", "plan": "pro", "age": 30.0, "income": 20000.0}
+    response = httpx.post(
+        f"{mixed_server.url}/v1/models/mixed:predict",
+        json={"instances": [row, {**row, "city": ["lyon", "brest"]}]},
+    )
+    assert_error(response, 400, "different numbers of strings")

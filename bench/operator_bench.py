@@ -16,8 +16,8 @@ ServiceAccount's RBAC), without --verbose. Measured:
 - operator memory: peak and final RSS of the operator process.
 Shapes: `full` is the realistic one (two variants 90/10 behind the router: 8 children, 3 of them
 Services); `minimal` is one variant with routing `none` (a Deployment and a Service). Every Service
-takes a ClusterIP and the test control plane's service range is 10.0.0.0/24 (254 addresses), so
-the full shape fits about 80 ModelDeployments there; the script refuses counts that cannot fit.
+takes a ClusterIP and the test control plane's service range is 10.0.0.0/16, so the script
+refuses counts that cannot fit.
 The control plane, the operator and this script share the machine: numbers include contention.
 Results go to bench/results/operator.json unless --out says otherwise.
 """
@@ -51,7 +51,7 @@ SHAPES: dict[str, tuple[list[dict[str, Any]], str, int, int]] = {
     "full": ([variant("v1", 90), variant("v2", 10)], "router", 8, 3),
     "minimal": ([variant("v1", 100)], "none", 2, 1),
 }
-SERVICE_IPS = 250  # 10.0.0.0/24 less the `kubernetes` Service and reserved addresses
+SERVICE_IPS = 65_000  # 10.0.0.0/16 less the `kubernetes` Service and reserved addresses
 LISTS = (
     ("apps/v1", "list_namespaced_deployment"),
     ("v1", "list_namespaced_service"),

@@ -505,7 +505,7 @@ def _start_processes(plane: ControlPlane, binaries: Binaries, api_port: int) -> 
         f"--tls-private-key-file={pki.serving_key}",
         f"--client-ca-file={pki.ca_cert}",
         "--authorization-mode=RBAC",
-        "--service-cluster-ip-range=10.0.0.0/24",
+        "--service-cluster-ip-range=10.0.0.0/16",
         f"--service-account-issuer={plane.server_url}/",
         f"--service-account-key-file={pki.sa_key}",
         f"--service-account-signing-key-file={pki.sa_key}",

@@ -80,7 +80,7 @@ def array_from_json(where: str, datatype: str, data: Any) -> np.ndarray[Any, Any
                 raise InvalidInput(f"{where}: a value is out of range for {datatype}")
     if dtype.kind == "f" and parsed.dtype.kind == "f" and dtype.itemsize < parsed.dtype.itemsize:
         largest = _FLOAT_MAX[datatype]
-        if parsed.ndim == 1 and parsed.size <= SMALL:
+        if parsed.ndim == 1 and 0 < parsed.size <= SMALL:
             # Small flat lists: builtin max/min cost far less than entering np.errstate.
             if max(data) > largest or min(data) < -largest:
                 raise InvalidInput(f"{where}: a value is out of range for {datatype}")

@@ -123,6 +123,7 @@ def test_every_datatype_encodes_to_json(datatype: str) -> None:
         (request("INT8", [1, 2, 3, 128]), InvalidInput, "out of range for INT8"),
         (request("UINT8", [1, 2, 3, -1]), InvalidInput, "out of range for UINT8"),
         (request("FP32", [1, 2, 3, 1e39]), InvalidInput, "out of range for FP32"),
+        (request("FP32", []), InvalidInput, "needs 4 values, data has 0"),
         (request("FP16", [[1, 2], [3, -7e4]]), InvalidInput, "out of range for FP16"),
         (request("FP32", [-1e300] * 100, [10, 10]), InvalidInput, "out of range for FP32"),
         (request("BOOL", [1, 0, 1, 0]), InvalidInput, "does not hold BOOL"),

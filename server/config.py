@@ -28,7 +28,7 @@ class ServeConfig:
     max_request_bytes: int = 6 * MIB
     max_rows: int = 10_000
     request_timeout_s: float = 30.0
-    max_batch_size: int = 256
+    max_batch_size: int = 1024
     # Requests that queue while a run is in progress form the next run; under concurrency a
     # forming run also waits up to this long for more (0: never wait).
     max_batch_delay_ms: float = 0.25

@@ -47,23 +47,7 @@ def _write(onnx_model: Any, directory: Path, name: str) -> tuple[Path, str]:
     return path, hashlib.sha256(data).hexdigest()
 
 
-def build_iris_logreg(directory: Path) -> BuiltModel:
-    """Logistic regression on iris: input `input` [-1, 4] FP32; outputs `label`, `probabilities`."""
-    features, target = load_iris(return_X_y=True)
-    features = features.astype(np.float32)
-    estimator = LogisticRegression(max_iter=500).fit(features, target)
-    onnx_model = to_onnx(
-        estimator,
-        initial_types=[("input", FloatTensorType([None, 4]))],
-        options={id(estimator): {"zipmap": False}},
-        target_opset=TARGET_OPSET,
-    )
-    path, sha = _write(onnx_model, directory, "iris_logreg")
-    return BuiltModel(path, sha, estimator, features, target)
-
-
-def build_iris_fixed_batch(directory: Path, batch: int = 1) -> BuiltModel:
-    """The iris logistic regression exported with a fixed batch dimension ([batch, 4])."""
+def _build_iris(directory: Path, batch: int | None, name: str) -> BuiltModel:
     features, target = load_iris(return_X_y=True)
     features = features.astype(np.float32)
     estimator = LogisticRegression(max_iter=500).fit(features, target)
@@ -73,8 +57,18 @@ def build_iris_fixed_batch(directory: Path, batch: int = 1) -> BuiltModel:
         options={id(estimator): {"zipmap": False}},
         target_opset=TARGET_OPSET,
     )
-    path, sha = _write(onnx_model, directory, f"iris_fixed_batch{batch}")
+    path, sha = _write(onnx_model, directory, name)
     return BuiltModel(path, sha, estimator, features, target)
+
+
+def build_iris_logreg(directory: Path) -> BuiltModel:
+    """Logistic regression on iris: input `input` [-1, 4] FP32; outputs `label`, `probabilities`."""
+    return _build_iris(directory, None, "iris_logreg")
+
+
+def build_iris_fixed_batch(directory: Path, batch: int = 1) -> BuiltModel:
+    """The iris logistic regression exported with a fixed batch dimension ([batch, 4])."""
+    return _build_iris(directory, batch, f"iris_fixed_batch{batch}")
 
 
 def build_digits_mlp(directory: Path) -> BuiltModel:

@@ -1,10 +1,12 @@
-"""docs/api.md is generated from the CRD, the one source of truth for the ModelDeployment API."""
+"""The docs follow their sources: docs/api.md the CRD, the README's limits the server defaults."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+from modeldeploy_server.config import ServeConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,3 +25,26 @@ def test_api_reference_documents_every_spec_field() -> None:
     text = (REPO_ROOT / "docs" / "api.md").read_text()
     for field in ("spec.variants[].model.uri", "spec.routing.gateway.parentRefs", "spec.pod.image"):
         assert f"| `{field}` |" in text
+
+
+def test_readme_limits_are_the_server_defaults() -> None:
+    defaults = ServeConfig(model_path=Path("m.onnx"), model_name="m")
+    rows = {
+        line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1]
+        for line in (REPO_ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| ") and "(`--" in line
+    }
+    assert rows == {
+        "request body (`--max-request-bytes`, `maxRequestBytes`)": (
+            f"{defaults.max_request_bytes // 2**20} MiB"
+        ),
+        "rows per request (`--max-rows`, `maxRows`)": f"{defaults.max_rows:,}",
+        "request time (`--request-timeout-s`, `requestTimeoutSeconds`)": (
+            f"{defaults.request_timeout_s:g} s"
+        ),
+        "waiting requests (`--max-queue`)": str(defaults.max_queue),
+        "batching (`--max-batch-size`, `--max-batch-delay-ms`)": (
+            f"{defaults.max_batch_size} rows per model run; under concurrency a forming run "
+            f"waits up to {defaults.max_batch_delay_ms:g} ms for more"
+        ),
+    }

@@ -35,6 +35,7 @@ import onnxruntime as ort
 import psutil
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
 from tests.processes import free_port
@@ -355,6 +356,23 @@ def test_readme_curl_examples_work(local_run: LocalRun) -> None:
         assert result.stdout and '"error"' not in result.stdout, (commands, result.stdout)
         for line in expected:
             assert line in result.stdout, (commands, result.stdout)
+
+
+def test_readme_metrics_exist(local_run: LocalRun, client: httpx.Client) -> None:
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index("## Metrics") : text.index("## Limits")]
+    documented = set(re.findall(r"`(modeldeploy_[a-z_]+)", section))
+    client.post(f"/v2/models/{MODEL}/infer", json=v2_body(iris_rows()[:1]))  # one of each series
+    variant_url = local_run.wait_for_line(r"v1: 90% of traffic, direct: (\S+)", 1).group(1)
+    exposed = set()
+    for url in (f"{local_run.url}/metrics", f"{variant_url}/metrics"):
+        for family in text_string_to_metric_families(httpx.get(url).text):
+            # A labelled counter with no series yet (no backend error so far) shows only its
+            # HELP and TYPE lines, under the name without `_total`.
+            suffix = "_total" if family.type == "counter" else ""
+            exposed |= {family.name + suffix, *(sample.name for sample in family.samples)}
+    assert len(documented) >= 12
+    assert documented <= exposed, documented - exposed
 
 
 def test_ignored_kubernetes_fields_are_reported(tmp_path: Path) -> None:

@@ -35,31 +35,47 @@ INFER = f"/v2/models/{MODEL}/infer"
 CONCURRENCIES = (1, 16, 64)
 
 
-def measure(url: str, body: Path, connections: int, duration_s: float) -> dict[str, float]:
-    """One wrk run; fails on any non-2xx answer or socket error."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    url: str, body: Path, connections: int, duration_s: float, pids: dict[str, int]
+) -> dict[str, float]:
+    """One wrk run, with the CPU time per request of each process in `pids`; fails on errors.
+
+    CPU per request hardly moves when a neighbour takes CPU, unlike req/s and latency.
+    """
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     stats = run_wrk(url, body, connections, duration_s)
     if stats["non2xx"] or stats["errors"]:
         raise RuntimeError(f"{url}: {stats['non2xx']} non-2xx, {stats['errors']} socket errors")
-    return {
+    result = {
         "req_s": stats["requests"] / (stats["duration_us"] / 1e6),
         "p50_ms": stats["p50_us"] / 1000,
         "p99_ms": stats["p99_us"] / 1000,
     }
+    for name, pid in pids.items():
+        result[f"{name}_cpu_us"] = (cpu_seconds(pid) - before[name]) / stats["requests"] * 1e6
+    return result
 
 
 def summarize(rows: list[dict[str, Any]]) -> str:
     """The Markdown table for bench/README.md."""
     lines = [
         "| connections | direct req/s | routed req/s | routed/direct | direct p50 / p99 ms "
-        "| routed p50 / p99 ms | added p50 ms |",
-        "|---|---|---|---|---|---|---|",
+        "| routed p50 / p99 ms | added p50 ms | server CPU us/req | router CPU us/req |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         d, r = row["direct"], row["routed"]
         lines.append(
             f"| {row['connections']} | {d['req_s']:.0f} | {r['req_s']:.0f} "
             f"| {r['req_s'] / d['req_s']:.2f} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} "
-            f"| {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['p50_ms'] - d['p50_ms']:.2f} |"
+            f"| {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['p50_ms'] - d['p50_ms']:.2f} "
+            f"| {d['server_cpu_us']:.0f} | {r['router_cpu_us']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -92,10 +108,16 @@ def main(argv: list[str]) -> int:
                 for target in (server.url, router.url):  # warm-up: pools open, code paths hot
                     run_wrk(target + INFER, body, 16, 1)
                 for connections in CONCURRENCIES:
+                    server_pid = {"server": server.process.pid}
+                    both_pids = {**server_pid, "router": router.process.pid}
                     row = {
                         "connections": connections,
-                        "direct": measure(server.url + INFER, body, connections, args.duration),
-                        "routed": measure(router.url + INFER, body, connections, args.duration),
+                        "direct": measure(
+                            server.url + INFER, body, connections, args.duration, server_pid
+                        ),
+                        "routed": measure(
+                            router.url + INFER, body, connections, args.duration, both_pids
+                        ),
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from modeldeploy_server.config import ServeConfig, env_name, parse_serve_config
 from modeldeploy_server.errors import ConfigError
 

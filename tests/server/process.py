@@ -88,7 +88,8 @@ def serve(
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            # Unbuffered, so that the log file is complete while the server still runs.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         server = RunningServer(process, f"http://127.0.0.1:{port}", Path(log.name))
         try:

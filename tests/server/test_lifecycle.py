@@ -238,3 +238,17 @@ def test_entrypoint_runs_from_environment_only(iris: BuiltModel, tmp_path: Path)
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
+
+
+def test_access_log_is_off_by_default_and_a_flag_turns_it_on(
+    iris: BuiltModel, iris_server: RunningServer
+) -> None:
+    body = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]
+    }
+    assert httpx.post(f"{iris_server.url}/v2/models/iris/infer", json=body).status_code == 200
+    assert "POST /v2/models/iris/infer" not in iris_server.log()
+    with serve(iris.path, "iris", "--access-log", "true") as server:
+        assert httpx.post(f"{server.url}/v2/models/iris/infer", json=body).status_code == 200
+        server.stop()
+        assert '"POST /v2/models/iris/infer HTTP/1.1" 200' in server.log()

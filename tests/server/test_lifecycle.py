@@ -69,6 +69,9 @@ def test_metadata_readiness_and_model_headers(iris: BuiltModel, iris_server: Run
     assert response.headers["x-model-version"] == "1"
     assert response.headers["x-model-sha256"] == iris.sha256
     assert metric(iris_server, "modeldeploy_model_info", sha256=iris.sha256, name="iris") == 1
+    assert metric(iris_server, "modeldeploy_queue_depth", model="iris", version="1") == 0
+    assert metric(iris_server, "modeldeploy_request_duration_seconds_count", protocol="v1") >= 1
+    assert metric(iris_server, "modeldeploy_requests_total", protocol="v1", code="200") >= 1
 
 
 def test_fixed_batch_model_serves_its_exact_shape_only(fixed_batch: BuiltModel) -> None:

@@ -1,0 +1,64 @@
+"""The router accepts exactly what the operator renders for it (the routes.json contract).
+
+The operator's rendering is pure, so the objects it would apply for the examples are checked
+here against the router's own parsers: the ConfigMap's routes.json and the container's arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from modeldeploy_operator.render import render_objects
+from modeldeploy_operator.spec import parse_model_deployment
+from modeldeploy_server.router import parse_settings
+from modeldeploy_server.routing import parse_router_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def find(objects: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
+    for obj in objects:
+        labels = obj["metadata"].get("labels", {})
+        if obj["kind"] == kind and component in (None, labels.get("app.kubernetes.io/component")):
+            return obj
+    raise AssertionError(f"no {kind} {component or ''} rendered")
+
+
+@pytest.mark.parametrize("example", ["iris.yaml", "production.yaml"])
+@pytest.mark.parametrize("ready", ["all", "first", "none"])
+def test_rendered_routes_and_arguments_are_accepted_by_the_router(example: str, ready: str) -> None:
+    md = parse_model_deployment(yaml.safe_load((EXAMPLES / example).read_text()))
+    names = [v.name for v in md.variants]
+    ready_variants = {"all": names, "first": names[:1], "none": []}[ready]
+    objects = render_objects(
+        md, server_image="modeldeploy-server:test", ready_variants=ready_variants
+    )
+
+    config_map = find(objects, "ConfigMap")
+    ((routes_key, routes_text),) = config_map["data"].items()
+    config = parse_router_config(routes_text)
+    assert config.model == md.name
+    assert config.header_override == md.routing.header_override.lower()
+    assert [v.name for v in config.variants] == names
+    weights = {v.name: v.weight for v in config.variants}
+    # Only Ready variants get traffic; every variant stays reachable through the override header.
+    assert {n for n, w in weights.items() if w > 0} <= set(ready_variants)
+    assert config.routable == bool(ready_variants)
+
+    deployment = find(objects, "Deployment", "router")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][0] == "route"
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    settings = parse_settings(container["args"][1:], env)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volume = next(
+        v
+        for v in pod["volumes"]
+        if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]
+    )
+    assert settings.config == Path(mounts[volume["name"]]) / routes_key
+    assert settings.port == container["ports"][0]["containerPort"]

@@ -142,7 +142,7 @@ class RouterMetrics:
         )
         self._latency = Histogram(
             "modeldeploy_router_request_duration_seconds",
-            "Time from receiving a request to having the variant's answer, by variant.",
+            "Time from receiving a request to passing on the variant's whole answer, by variant.",
             ["variant"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,

@@ -482,6 +482,9 @@ def main(argv: list[str]) -> int:
             access_log=settings.access_log,
             log_config=None,
             server_header=False,
+            # The peer address is what the router appends to X-Forwarded-For: never take it from
+            # a client-supplied header (uvicorn trusts those from 127.0.0.1 by default).
+            proxy_headers=False,
             timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
         )
     )

@@ -33,9 +33,7 @@ summary() {
 }
 
 install() {
-    # -I and the pip script, not `python -m pip`: with the repo root on sys.path, operator/
-    # would shadow the standard library's `operator` module.
-    [[ -x .venv/bin/python ]] || python3 -I -m venv .venv || return
+    [[ -x .venv/bin/python ]] || python3 -m venv .venv || return
     .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 }
 
@@ -53,15 +51,7 @@ lint() {
     echo "--- ruff check"
     .venv/bin/ruff check . || rc=1
     echo "--- mypy (strict, from pyproject)"
-    # The folders are installed under other names (server/ -> modeldeploy_server ...); a link tree
-    # lets mypy resolve the real import names.
-    local links
-    links="$(mktemp -d)"
-    ln -s "$PWD/server" "$links/modeldeploy_server"
-    ln -s "$PWD/operator" "$links/modeldeploy_operator"
-    ln -s "$PWD/crds" "$links/modeldeploy_crds"
-    MYPYPATH="$links" .venv/bin/mypy -p modeldeploy_server -p modeldeploy_operator || rc=1
-    rm -rf "$links"
+    .venv/bin/mypy -p modeldeploy_server -p modeldeploy_operator || rc=1
     local dockerfiles=(Dockerfile.*)
     if [[ -e "${dockerfiles[0]}" ]]; then
         echo "--- hadolint ${dockerfiles[*]}"

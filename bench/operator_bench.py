@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))
 
 from kubernetes import client  # noqa: E402
-from modeldeploy_operator import naming  # noqa: E402
 
+from modeldeploy_operator import naming  # noqa: E402
 from tests.controlplane import harness  # noqa: E402
 from tests.operator.builders import model_deployment, variant  # noqa: E402
 from tests.operator.harness import GROUP, PLURAL, VERSION, running_operator  # noqa: E402

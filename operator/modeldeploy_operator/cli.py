@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+
 from modeldeploy_operator.config import DEFAULT_SERVER_IMAGE
 from modeldeploy_operator.local_runner import LocalRunSettings, run_local
 from modeldeploy_operator.render import render_objects

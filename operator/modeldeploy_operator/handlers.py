@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import kopf
+
 from modeldeploy_operator import naming
 from modeldeploy_operator.config import OperatorConfig
 from modeldeploy_operator.kube import KubeApi, TransientApiError

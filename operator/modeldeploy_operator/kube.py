@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode
 
 import urllib3
 from kubernetes import client, config
+
 from modeldeploy_operator import naming
 from modeldeploy_operator.spec import API_GROUP, API_VERSION, KIND, PLURAL
 

@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 import httpx
+
 from modeldeploy_operator.local import (
     LOOPBACK,
     LocalFile,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import kopf
+
 from modeldeploy_operator.config import OperatorConfig
 from modeldeploy_operator.handlers import register
 

@@ -18,6 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from modeldeploy_server.batcher import Batcher
 from modeldeploy_server.capture import PayloadCapture
 from modeldeploy_server.codec import decode_infer_request, encode_infer_response, select_outputs
@@ -41,12 +48,6 @@ from modeldeploy_server.metrics import ServerMetrics
 from modeldeploy_server.openapi import build_openapi
 from modeldeploy_server.records import decode_csv, decode_instances, encode_csv, encode_predictions
 from modeldeploy_server.runtime import OnnxModel
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger("uvicorn.error")
 

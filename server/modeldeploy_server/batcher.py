@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from modeldeploy_server.batching import Feed, merge_feeds, merge_key, plan_batches, split_outputs
 from modeldeploy_server.errors import ModelExecutionError, Overloaded, ServerError
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+
 from modeldeploy_server.errors import InvalidInput, MalformedRequest
 from modeldeploy_server.metadata import NUMPY_TO_V2, V2_TO_NUMPY, DecodedTensor
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from modeldeploy_server.errors import InvalidInput, PayloadTooLarge
 
 # The Open Inference Protocol v2 datatypes that ONNX has, and their numpy dtypes (plain data).

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+
 from modeldeploy_server.codec import array_from_json, parse_json
 from modeldeploy_server.errors import InvalidInput, MalformedRequest
 from modeldeploy_server.metadata import V2_TO_NUMPY, DecodedTensor, ModelMetadata, TensorSpec

@@ -24,6 +24,15 @@ from typing import Any
 import aiohttp
 import orjson
 import uvicorn
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+from yarl import URL
+
 from modeldeploy_server.config import _bool, _port, _positive_float
 from modeldeploy_server.routing import (
     ConfigError,
@@ -35,14 +44,6 @@ from modeldeploy_server.routing import (
     read_request_headers,
     returned_response_headers,
 )
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 log = logging.getLogger("modeldeploy.router")
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
 from modeldeploy_server.digest import sha256_file
 from modeldeploy_server.errors import ConfigError, InvalidInput, ModelExecutionError
 from modeldeploy_server.metadata import ONNX_TO_V2, V2_TO_NUMPY, ModelMetadata, TensorSpec

@@ -10,6 +10,7 @@ import threading
 from types import FrameType
 
 import uvicorn
+
 from modeldeploy_server.app import ServingState, build_app
 from modeldeploy_server.config import ServeConfig, parse_serve_config
 from modeldeploy_server.errors import ConfigError

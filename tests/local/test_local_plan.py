@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from modeldeploy_operator.local import (
     Download,
     LocalFile,
@@ -18,7 +19,6 @@ from modeldeploy_operator.local import (
     render_example_requests,
 )
 from modeldeploy_operator.spec import ModelSource, parse_model_deployment
-
 from tests.invalid_manifests import SHA_V1, VALID_MANIFESTS
 
 BASE = Path("/work/project")

@@ -11,12 +11,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from modeldeploy_operator.cli import main
 from modeldeploy_operator.config import DEFAULT_SERVER_IMAGE
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
 from modeldeploy_operator.validation import default_model_deployment
-
 from tests.invalid_manifests import VALID_MANIFESTS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from modeldeploy_operator.cli import main
 
+from modeldeploy_operator.cli import main
 from tests.invalid_manifests import INVALID_MANIFESTS, VALID_MANIFESTS, InvalidManifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
 from modeldeploy_operator.validation import (
     default_model_deployment,
     load_crd,
     load_schema,
     validate_model_deployment,
 )
-
 from tests.controlplane.harness import ControlPlane
 from tests.invalid_manifests import (
     INVALID_MANIFESTS,

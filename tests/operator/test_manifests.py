@@ -12,10 +12,10 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from kubernetes import client
+
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
 from modeldeploy_operator.validation import validate_model_deployment
-
 from tests.controlplane.harness import ControlPlane
 from tests.operator.harness import MANIFESTS, REPO_ROOT, manifest_documents
 

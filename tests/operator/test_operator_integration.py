@@ -15,11 +15,11 @@ from typing import Any, cast
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
 from modeldeploy_operator import naming
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
 from modeldeploy_operator.status import ready_variants
-
 from tests.controlplane.harness import ControlPlane, api_client_from_kubeconfig
 from tests.operator.builders import model_deployment, variant
 from tests.operator.harness import (

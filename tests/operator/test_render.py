@@ -9,10 +9,10 @@ from typing import Any
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+
 from modeldeploy_operator import naming
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import ModelDeployment, parse_model_deployment
-
 from tests.operator.builders import SHA_V1, model_deployment, variant
 
 IMAGE = "registry.example/modeldeploy-server:1.0"

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 import yaml
+
 from modeldeploy_operator.spec import (
     DEFAULT_HEADER_OVERRIDE,
     InvalidSpecError,
     ModelSource,
     parse_model_deployment,
 )
-
 from tests.operator.builders import SHA_V1, model_deployment, variant
 
 EXAMPLE = "examples/production.yaml"

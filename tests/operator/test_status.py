@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import ModelDeployment, parse_model_deployment
 from modeldeploy_operator.status import (
@@ -14,7 +15,6 @@ from modeldeploy_operator.status import (
     compute_status,
     ready_variants,
 )
-
 from tests.operator.builders import SHA_V1, SHA_V2, model_deployment, variant
 
 T0 = "2026-11-21T09:00:00Z"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+
 from modeldeploy_operator.validation import (
     FieldError,
     default_model_deployment,
     load_schema,
     validate_model_deployment,
 )
-
 from tests.invalid_manifests import (
     INVALID_MANIFESTS,
     QUANTITY_ORDER,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from modeldeploy_server.router import RouterMetrics
 from modeldeploy_server.routing import RouterConfig, parse_router_config
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def config(weights: dict[str, int]) -> RouterConfig:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
 from modeldeploy_server.router import parse_settings

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+
 from modeldeploy_server.routing import (
     ConfigError,
     IncomingRequest,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from modeldeploy_server.router import RouterSettings, parse_settings
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from modeldeploy_server.batching import merge_feeds, merge_key, plan_batches, split_outputs
 
 

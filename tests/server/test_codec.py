@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+
 from modeldeploy_server.codec import (
     RequestedOutput,
     decode_infer_request,

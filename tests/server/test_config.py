@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from modeldeploy_server.config import ServeConfig, env_name, parse_serve_config
 from modeldeploy_server.errors import ConfigError
 

@@ -16,10 +16,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modeldeploy_server.metadata import ModelMetadata, TensorSpec
-from modeldeploy_server.openapi import build_openapi
 from schemathesis import GenerationMode
 
+from modeldeploy_server.metadata import ModelMetadata, TensorSpec
+from modeldeploy_server.openapi import build_openapi
 from tests.models import MIXED_FLOAT_COLUMNS, MIXED_STRING_COLUMNS, BuiltModel
 from tests.server.process import RunningServer, serve
 

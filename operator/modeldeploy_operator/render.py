@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Collection
 from typing import Any
 
@@ -32,6 +33,15 @@ ROUTER_REPLICAS = 2
 # The server image runs as this numeric user; numeric so `runAsNonRoot` can be verified.
 RUN_AS_USER = 65532
 ROUTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+# SIGTERM reaches a pod while it is still being removed from Service endpoints and gateway
+# backends: it keeps serving this long first, so a rollout or scale-down refuses no request.
+PRESTOP_SLEEP_SECONDS = 5
+# How long each process may drain in-flight requests after SIGTERM: the server waits up to its
+# request timeout (30 s unless the variant sets one), the router up to its own drain limit.
+SERVER_DEFAULT_DRAIN_SECONDS = 30
+ROUTER_DRAIN_SECONDS = 25
+# Beyond preStop + drain, before the kubelet's SIGKILL.
+SHUTDOWN_MARGIN_SECONDS = 5
 
 # ServerSettings field -> `modeldeploy-server serve` env var, in rendering order.
 SERVER_ENV: tuple[tuple[str, str], ...] = (
@@ -127,6 +137,7 @@ def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str)
         "env": _server_env(md, variant),
         "ports": [{"name": "http", "containerPort": naming.SERVER_PORT, "protocol": "TCP"}],
         **_probes(),
+        **_pre_stop(),
         **({"resources": copy.deepcopy(variant.resources)} if variant.resources else {}),
         "securityContext": _container_security_context(),
         "volumeMounts": [
@@ -144,7 +155,15 @@ def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str)
             "labels": {**(md.pod.labels or {}), **labels},
             "annotations": _pod_annotations(md),
         },
-        "spec": _pod_spec(md, init_containers=[fetch], containers=[server], volumes=volumes),
+        "spec": _pod_spec(
+            md,
+            init_containers=[fetch],
+            containers=[server],
+            volumes=volumes,
+            drain_seconds=math.ceil(
+                variant.server.request_timeout_seconds or SERVER_DEFAULT_DRAIN_SECONDS
+            ),
+        ),
     }
     return _object(
         md, "apps/v1", "Deployment", naming.variant_object_name(md.name, variant.name), labels, spec
@@ -184,6 +203,7 @@ def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) ->
         "args": ["route", "--config", f"{naming.ROUTES_DIR}/{naming.ROUTES_KEY}"],
         "ports": [{"name": "http", "containerPort": naming.SERVER_PORT, "protocol": "TCP"}],
         **_probes(),
+        **_pre_stop(),
         "resources": copy.deepcopy(ROUTER_RESOURCES),
         "securityContext": _container_security_context(),
         # A whole-directory ConfigMap mount (no subPath) is updated in place by the kubelet, and
@@ -206,7 +226,13 @@ def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) ->
                 "labels": {**(md.pod.labels or {}), **labels},
                 "annotations": _pod_annotations(md),
             },
-            "spec": _pod_spec(md, init_containers=[], containers=[router], volumes=volumes),
+            "spec": _pod_spec(
+                md,
+                init_containers=[],
+                containers=[router],
+                volumes=volumes,
+                drain_seconds=ROUTER_DRAIN_SECONDS,
+            ),
         },
     }
     return [
@@ -315,6 +341,7 @@ def _pod_spec(
     init_containers: list[Manifest],
     containers: list[Manifest],
     volumes: list[Manifest],
+    drain_seconds: int,
 ) -> Manifest:
     pod = md.pod
     spec: Manifest = {}
@@ -343,6 +370,9 @@ def _pod_spec(
         spec["initContainers"] = init_containers
     spec["containers"] = containers
     spec["volumes"] = volumes
+    spec["terminationGracePeriodSeconds"] = (
+        PRESTOP_SLEEP_SECONDS + drain_seconds + SHUTDOWN_MARGIN_SECONDS
+    )
     return spec
 
 
@@ -353,6 +383,10 @@ def _pod_annotations(md: ModelDeployment) -> dict[str, str]:
         "prometheus.io/path": "/metrics",
         **(md.pod.annotations or {}),
     }
+
+
+def _pre_stop() -> Manifest:
+    return {"lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}}}
 
 
 def _probes() -> Manifest:

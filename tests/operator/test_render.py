@@ -233,6 +233,24 @@ def test_server_settings_become_env() -> None:
     }
 
 
+@pytest.mark.parametrize(("request_timeout", "server_grace"), [(None, 40), (120, 130), (0.5, 11)])
+def test_pods_keep_serving_through_endpoint_removal_then_drain(
+    request_timeout: float | None, server_grace: int
+) -> None:
+    settings = {} if request_timeout is None else {"requestTimeoutSeconds": request_timeout}
+    objects = render(model_deployment(variants=[variant("v1", 100, server=settings)]))
+    grace = {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        for o in objects
+        if o["kind"] == "Deployment"
+    }
+    # preStop sleep, then the process's own drain (request timeout, or the router's 25 s).
+    assert grace == {"iris-v1": server_grace, "iris": 35}
+    for template in pod_templates(objects):
+        (container,) = template["spec"]["containers"]
+        assert container["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+
+
 def test_pvc_model_is_mounted_read_only_and_fetched_from_the_mount() -> None:
     model = {"uri": "pvc://model-store/iris/v1.onnx", "sha256": SHA_V1}
     (deployment, *_) = render(model_deployment(variants=[variant("v1", 100, model=model)]))

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.models import BuiltModel, build_digits_mlp, build_iris_logreg  # noqa: E402
-from tests.server.process import free_port, serve  # noqa: E402
+from tests.processes import free_port, serve_model  # noqa: E402
 
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
@@ -222,8 +222,11 @@ def main() -> int:
                 bodies[rows] = directory / f"{name}-{rows}.json"
                 bodies[rows].write_bytes(v2_body(model.features, rows))
             found = [{"model": name, **c} for c in measure_raw(model, args.duration)]
-            with serve(
-                model.path, name, "--intra-op-threads", "1", prefix=("taskset", "-c", SERVER_CPU)
+            with serve_model(
+                model.path,
+                name,
+                extra_args=["--intra-op-threads", "1"],
+                prefix=["taskset", "-c", SERVER_CPU],
             ) as server:
                 url = f"{server.url}/v2/models/{name}/infer"
                 cells_ours = measure_server("modeldeploy", url, bodies, args.duration)

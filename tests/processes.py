@@ -118,7 +118,8 @@ def running(args: Sequence[str], **options: Unpack[RunOptions]) -> Iterator[Runn
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
+                # Unbuffered, so that output() is complete while the process still runs.
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             )
         url = f"http://{LOOPBACK}:{port}"
         started = RunningProcess(process, " ".join(command), url, port, log_path)

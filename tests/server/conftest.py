@@ -14,7 +14,7 @@ from tests.models import (
     build_iris_logreg,
     build_mixed_pipeline,
 )
-from tests.server.process import RunningServer, serve
+from tests.processes import RunningProcess, serve_model
 
 
 @pytest.fixture(scope="session")
@@ -43,18 +43,19 @@ def fixed_batch(model_dir: Path) -> BuiltModel:
 
 
 @pytest.fixture(scope="session")
-def iris_server(iris: BuiltModel) -> Iterator[RunningServer]:
-    with serve(iris.path, "iris", "--sha256", iris.sha256, "--max-rows", "1000") as server:
+def iris_server(iris: BuiltModel) -> Iterator[RunningProcess]:
+    extra = ["--sha256", iris.sha256, "--max-rows", "1000"]
+    with serve_model(iris.path, "iris", extra_args=extra) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def mixed_server(mixed: BuiltModel) -> Iterator[RunningServer]:
-    with serve(mixed.path, "mixed", "--model-version", "v2") as server:
+def mixed_server(mixed: BuiltModel) -> Iterator[RunningProcess]:
+    with serve_model(mixed.path, "mixed", "v2") as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def mlp_server(mlp: BuiltModel) -> Iterator[RunningServer]:
-    with serve(mlp.path, "digits") as server:
+def mlp_server(mlp: BuiltModel) -> Iterator[RunningProcess]:
+    with serve_model(mlp.path, "digits") as server:
         yield server

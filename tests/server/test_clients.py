@@ -10,16 +10,16 @@ import tritonclient.http as triton
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 from tests.models import MIXED_FLOAT_COLUMNS, MIXED_STRING_COLUMNS, BuiltModel
-from tests.server.process import RunningServer
+from tests.processes import RunningProcess
 
 ATOL = 1e-5
 
 
-def triton_client(server: RunningServer) -> triton.InferenceServerClient:
+def triton_client(server: RunningProcess) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(server.url.removeprefix("http://"))
 
 
-def test_triton_health_and_metadata(iris_server: RunningServer) -> None:
+def test_triton_health_and_metadata(iris_server: RunningProcess) -> None:
     client = triton_client(iris_server)
     assert client.is_server_live()
     assert client.is_server_ready()
@@ -33,7 +33,7 @@ def test_triton_health_and_metadata(iris_server: RunningServer) -> None:
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_triton_infer(iris: BuiltModel, iris_server: RunningServer, binary: bool) -> None:
+def test_triton_infer(iris: BuiltModel, iris_server: RunningProcess, binary: bool) -> None:
     client = triton_client(iris_server)
     features = np.asarray(iris.features, dtype=np.float32)
     tensor = triton.InferInput("input", list(features.shape), "FP32")
@@ -56,7 +56,7 @@ def test_triton_infer(iris: BuiltModel, iris_server: RunningServer, binary: bool
 
 
 def test_triton_infer_all_outputs_binary_by_default(
-    mixed: BuiltModel, mixed_server: RunningServer
+    mixed: BuiltModel, mixed_server: RunningProcess
 ) -> None:
     frame = mixed.features
     inputs = []
@@ -73,7 +73,7 @@ def test_triton_infer_all_outputs_binary_by_default(
     np.testing.assert_array_equal(result.as_numpy("label"), mixed.estimator.predict(frame))
 
 
-def test_triton_errors_surface_as_exceptions(iris_server: RunningServer) -> None:
+def test_triton_errors_surface_as_exceptions(iris_server: RunningProcess) -> None:
     client = triton_client(iris_server)
     tensor = triton.InferInput("input", [1, 3], "FP32")
     tensor.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32))
@@ -81,7 +81,7 @@ def test_triton_errors_surface_as_exceptions(iris_server: RunningServer) -> None
         client.infer("iris", [tensor])
 
 
-def test_kserve_v2_client(iris: BuiltModel, iris_server: RunningServer) -> None:
+def test_kserve_v2_client(iris: BuiltModel, iris_server: RunningProcess) -> None:
     features = np.asarray(iris.features, dtype=np.float32)
 
     async def run() -> None:
@@ -108,7 +108,7 @@ def test_kserve_v2_client(iris: BuiltModel, iris_server: RunningServer) -> None:
     asyncio.run(run())
 
 
-def test_kserve_v1_client(iris: BuiltModel, iris_server: RunningServer) -> None:
+def test_kserve_v1_client(iris: BuiltModel, iris_server: RunningProcess) -> None:
     features = np.asarray(iris.features, dtype=np.float32)
 
     async def run() -> None:

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from tests.models import MIXED_FLOAT_COLUMNS, MIXED_STRING_COLUMNS, BuiltModel
-from tests.server.process import RunningServer
+from tests.processes import RunningProcess
 
 # onnxruntime computes in float32, scikit-learn in float64.
 PROBABILITY_ATOL = 1e-5
 
 
-def v2_outputs(server: RunningServer, model: str, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+def v2_outputs(server: RunningProcess, model: str, inputs: list[dict[str, Any]]) -> dict[str, Any]:
     response = httpx.post(
         f"{server.url}/v2/models/{model}/infer", json={"inputs": inputs}, timeout=30
     )
@@ -37,7 +37,7 @@ def assert_matches(built: BuiltModel, labels: Any, probabilities: Any) -> None:
     )
 
 
-def records_predictions(server: RunningServer, model: str, instances: list[Any]) -> list[Any]:
+def records_predictions(server: RunningProcess, model: str, instances: list[Any]) -> list[Any]:
     response = httpx.post(
         f"{server.url}/v1/models/{model}:predict", json={"instances": instances}, timeout=30
     )
@@ -47,7 +47,7 @@ def records_predictions(server: RunningServer, model: str, instances: list[Any])
 
 
 def csv_rows(
-    server: RunningServer, model: str, header: list[str], rows: list[list[Any]]
+    server: RunningProcess, model: str, header: list[str], rows: list[list[Any]]
 ) -> list[dict[str, str]]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -67,7 +67,7 @@ def csv_rows(
 @pytest.mark.parametrize("fixture", ["iris", "mlp"])
 def test_numeric_models_v2_json(fixture: str, request: pytest.FixtureRequest) -> None:
     built: BuiltModel = request.getfixturevalue(fixture)
-    server: RunningServer = request.getfixturevalue(f"{fixture}_server")
+    server: RunningProcess = request.getfixturevalue(f"{fixture}_server")
     name = {"iris": "iris", "mlp": "digits"}[fixture]
     features = np.asarray(built.features, dtype=np.float32)
     outputs = v2_outputs(
@@ -85,7 +85,7 @@ def test_numeric_models_v2_json(fixture: str, request: pytest.FixtureRequest) ->
     assert_matches(built, outputs["label"], outputs["probabilities"])
 
 
-def test_iris_records_and_csv(iris: BuiltModel, iris_server: RunningServer) -> None:
+def test_iris_records_and_csv(iris: BuiltModel, iris_server: RunningProcess) -> None:
     features = np.asarray(iris.features, dtype=np.float32)
     predictions = records_predictions(iris_server, "iris", features.tolist())
     assert_matches(
@@ -107,7 +107,7 @@ def test_iris_records_and_csv(iris: BuiltModel, iris_server: RunningServer) -> N
     )
 
 
-def test_mixed_pipeline_v2_json(mixed: BuiltModel, mixed_server: RunningServer) -> None:
+def test_mixed_pipeline_v2_json(mixed: BuiltModel, mixed_server: RunningProcess) -> None:
     frame = mixed.features
     inputs = [
         {
@@ -131,7 +131,7 @@ def test_mixed_pipeline_v2_json(mixed: BuiltModel, mixed_server: RunningServer) 
 
 
 def test_mixed_pipeline_records_as_objects_and_lists(
-    mixed: BuiltModel, mixed_server: RunningServer
+    mixed: BuiltModel, mixed_server: RunningProcess
 ) -> None:
     frame = mixed.features
     objects = records_predictions(mixed_server, "mixed", frame.to_dict(orient="records"))
@@ -141,7 +141,7 @@ def test_mixed_pipeline_records_as_objects_and_lists(
     assert lists == objects
 
 
-def test_mixed_pipeline_csv(mixed: BuiltModel, mixed_server: RunningServer) -> None:
+def test_mixed_pipeline_csv(mixed: BuiltModel, mixed_server: RunningProcess) -> None:
     frame = mixed.features
     # Columns are matched by name, so their order in the file does not matter.
     header = ["income", "plan", "age", "city"]
@@ -154,7 +154,7 @@ def test_mixed_pipeline_csv(mixed: BuiltModel, mixed_server: RunningServer) -> N
 
 
 def test_csv_answer_as_json_when_not_asked_for_csv(
-    iris: BuiltModel, iris_server: RunningServer
+    iris: BuiltModel, iris_server: RunningProcess
 ) -> None:
     response = httpx.post(
         f"{iris_server.url}/v1/models/iris:predict",

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tests.models import BuiltModel
-from tests.server.process import RunningServer, serve
+from tests.processes import RunningProcess, serve_model
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 MAX_BYTES = 4096
@@ -25,14 +25,9 @@ def v2(data: Any = None, **tensor: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def limited(iris: BuiltModel) -> Iterator[RunningServer]:
-    with serve(
-        iris.path,
-        "iris",
-        "--max-request-bytes", str(MAX_BYTES),
-        "--max-rows", "10",
-        "--request-timeout-s", "1",
-    ) as server:  # fmt: skip
+def limited(iris: BuiltModel) -> Iterator[RunningProcess]:
+    limits = ["--max-request-bytes", str(MAX_BYTES), "--max-rows", "10", "--request-timeout-s", "1"]
+    with serve_model(iris.path, "iris", extra_args=limits) as server:
         yield server
 
 
@@ -62,7 +57,7 @@ def assert_error(response: httpx.Response, status: int, fragment: str) -> None:
     ],
 )
 def test_v2_client_errors_are_400(
-    iris_server: RunningServer, content: bytes, headers: dict[str, str], fragment: str
+    iris_server: RunningProcess, content: bytes, headers: dict[str, str], fragment: str
 ) -> None:
     response = httpx.post(
         f"{iris_server.url}/v2/models/iris/infer", content=content, headers=headers
@@ -88,7 +83,7 @@ def test_v2_client_errors_are_400(
     ],
 )
 def test_records_and_csv_client_errors_are_400(
-    iris_server: RunningServer, content: bytes, content_type: str, fragment: str
+    iris_server: RunningProcess, content: bytes, content_type: str, fragment: str
 ) -> None:
     response = httpx.post(
         f"{iris_server.url}/v1/models/iris:predict",
@@ -113,13 +108,13 @@ def test_records_and_csv_client_errors_are_400(
     ],
 )
 def test_unknown_paths_models_and_methods(
-    iris_server: RunningServer, method: str, path: str, status: int, fragment: str
+    iris_server: RunningProcess, method: str, path: str, status: int, fragment: str
 ) -> None:
     response = httpx.request(method, iris_server.url + path, json=v2())
     assert_error(response, status, fragment)
 
 
-def test_content_encoding_is_refused_with_415(iris_server: RunningServer) -> None:
+def test_content_encoding_is_refused_with_415(iris_server: RunningProcess) -> None:
     response = httpx.post(
         f"{iris_server.url}/v2/models/iris/infer",
         content=b"\x1f\x8b",
@@ -128,13 +123,13 @@ def test_content_encoding_is_refused_with_415(iris_server: RunningServer) -> Non
     assert_error(response, 415, "Content-Encoding 'gzip'")
 
 
-def test_too_many_rows_is_413(limited: RunningServer) -> None:
+def test_too_many_rows_is_413(limited: RunningProcess) -> None:
     body = v2(data=IRIS_ROW * 11, shape=[11, 4])
     assert_error(httpx.post(f"{limited.url}/v2/models/iris/infer", json=body), 413, "11 rows")
     assert httpx.post(f"{limited.url}/v2/models/iris/infer", json=v2()).status_code == 200
 
 
-def raw_exchange(server: RunningServer, head: bytes, body_parts: list[bytes]) -> bytes:
+def raw_exchange(server: RunningProcess, head: bytes, body_parts: list[bytes]) -> bytes:
     """Send a request head and body parts on a raw socket; return whatever comes back."""
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as connection:
@@ -151,7 +146,7 @@ def raw_exchange(server: RunningServer, head: bytes, body_parts: list[bytes]) ->
 
 
 def test_declared_oversized_body_is_refused_before_any_of_it_is_sent(
-    limited: RunningServer,
+    limited: RunningProcess,
 ) -> None:
     head = (
         b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -162,7 +157,7 @@ def test_declared_oversized_body_is_refused_before_any_of_it_is_sent(
     assert b"over the 4096 limit" in answer
 
 
-def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit(limited: RunningServer) -> None:
+def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit(limited: RunningProcess) -> None:
     head = (
         b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         b"transfer-encoding: chunked\r\n\r\n"
@@ -175,7 +170,7 @@ def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit(limited: Running
     assert b"over the 4096 byte limit" in answer
 
 
-def test_a_body_that_never_finishes_times_out_with_504(limited: RunningServer) -> None:
+def test_a_body_that_never_finishes_times_out_with_504(limited: RunningProcess) -> None:
     head = (
         b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         b"content-length: 100\r\n\r\n"
@@ -197,7 +192,9 @@ def test_overload_answers_503_with_retry_after(mlp: BuiltModel) -> None:
          "outputs": [{"name": "label"}]}
     )  # fmt: skip
     with (
-        serve(mlp.path, "digits", "--max-queue", "1", "--max-batch-size", "1") as server,
+        serve_model(
+            mlp.path, "digits", extra_args=["--max-queue", "1", "--max-batch-size", "1"]
+        ) as server,
         httpx.Client(limits=httpx.Limits(max_connections=64), timeout=60) as client,
         concurrent.futures.ThreadPoolExecutor(32) as pool,
     ):
@@ -220,7 +217,7 @@ def test_overload_answers_503_with_retry_after(mlp: BuiltModel) -> None:
     assert served.json()["outputs"][0]["data"] == mlp.estimator.predict(mlp.features).tolist()
 
 
-def test_ragged_string_instances_are_refused(mixed_server: RunningServer) -> None:
+def test_ragged_string_instances_are_refused(mixed_server: RunningProcess) -> None:
     row = {"city": "paris", "plan": "pro", "age": 30.0, "income": 20000.0}
     response = httpx.post(
         f"{mixed_server.url}/v1/models/mixed:predict",

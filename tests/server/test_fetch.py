@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.models import BuiltModel
-from tests.server.process import SERVER
+from tests.processes import server_command
 
-FETCH = [*SERVER[:-1], "fetch"]
+FETCH = [*server_command(), "fetch"]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from schemathesis import GenerationMode
 from modeldeploy_server.metadata import ModelMetadata, TensorSpec
 from modeldeploy_server.openapi import build_openapi
 from tests.models import MIXED_FLOAT_COLUMNS, MIXED_STRING_COLUMNS, BuiltModel
-from tests.server.process import RunningServer, serve
+from tests.processes import RunningProcess, serve_model
 
 SCHEMATHESIS_EXAMPLES = 150  # per operation; 13 operations
 HYPOTHESIS_EXAMPLES = 1000
@@ -34,9 +34,10 @@ def client() -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def mixed_fuzz_server(mixed: BuiltModel) -> Iterator[RunningServer]:
+def mixed_fuzz_server(mixed: BuiltModel) -> Iterator[RunningProcess]:
     # Small limits so that generated bodies also hit the byte and row limits.
-    with serve(mixed.path, "mixed", "--max-request-bytes", "20000", "--max-rows", "50") as server:
+    limits = ["--max-request-bytes", "20000", "--max-rows", "50"]
+    with serve_model(mixed.path, "mixed", extra_args=limits) as server:
         yield server
 
 
@@ -60,14 +61,14 @@ schema.config.generation.update(
 )
 
 
-def test_the_fuzzed_document_is_the_served_one(mixed_fuzz_server: RunningServer) -> None:
+def test_the_fuzzed_document_is_the_served_one(mixed_fuzz_server: RunningProcess) -> None:
     served = httpx.get(f"{mixed_fuzz_server.url}/v2/openapi.json").json()
     assert served == build_openapi(MIXED_METADATA)
 
 
 @schema.parametrize()
 def test_schemathesis_finds_no_server_error(
-    case: schemathesis.Case[Any], mixed_fuzz_server: RunningServer
+    case: schemathesis.Case[Any], mixed_fuzz_server: RunningProcess
 ) -> None:
     response = case.call(base_url=mixed_fuzz_server.url)
     assert response.status_code < 500, (case.as_curl_command(), response.text)
@@ -120,7 +121,7 @@ documents = st.fixed_dictionaries(
     header_length=st.none() | st.integers(min_value=-1, max_value=400).map(str),
 )
 def test_generated_v2_bodies_never_give_a_server_error(
-    mixed_fuzz_server: RunningServer,
+    mixed_fuzz_server: RunningProcess,
     document: dict[str, Any],
     tail: bytes,
     header_length: str | None,
@@ -148,7 +149,7 @@ def test_generated_v2_bodies_never_give_a_server_error(
     content_type=st.sampled_from(["application/json", "text/csv", "text/csv; charset=utf-8", ""]),
 )
 def test_generated_records_and_csv_bodies_never_give_a_server_error(
-    mixed_fuzz_server: RunningServer, client: httpx.Client, body: bytes, content_type: str
+    mixed_fuzz_server: RunningProcess, client: httpx.Client, body: bytes, content_type: str
 ) -> None:
     response = client.post(
         f"{mixed_fuzz_server.url}/v1/models/mixed:predict",

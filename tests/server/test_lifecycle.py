@@ -17,10 +17,12 @@ import numpy as np
 import orjson
 
 from tests.models import BuiltModel
-from tests.server.process import SERVER, RunningServer, serve
+from tests.processes import LOOPBACK, RunningProcess, free_port, serve_model, server_command
+
+SERVE = [*server_command(), "serve"]
 
 
-def metric(server: RunningServer, sample: str, **labels: str) -> float:
+def metric(server: RunningProcess, sample: str, **labels: str) -> float:
     """One sample from /metrics (labels must match exactly the ones given, in any order)."""
     text = httpx.get(f"{server.url}/metrics").text
     for line in text.splitlines():
@@ -35,7 +37,7 @@ def metric(server: RunningServer, sample: str, **labels: str) -> float:
 
 def test_wrong_sha256_refuses_to_start(iris: BuiltModel) -> None:
     result = subprocess.run(
-        [*SERVER, "--model-path", str(iris.path), "--model-name", "iris", "--sha256", "0" * 64],
+        [*SERVE, "--model-path", str(iris.path), "--model-name", "iris", "--sha256", "0" * 64],
         capture_output=True,
         text=True,
         timeout=60,
@@ -52,11 +54,13 @@ def test_bad_configuration_and_unloadable_files_exit_with_a_message(tmp_path: Pa
         (["--model-path", str(tmp_path / "absent.onnx"), "--model-name", "x"], 1, "cannot read"),
         (["--model-path", str(not_onnx), "--model-name", "x"], 1, "cannot load"),
     ]:
-        result = subprocess.run([*SERVER, *argv], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([*SERVE, *argv], capture_output=True, text=True, timeout=60)
         assert (result.returncode, message in result.stderr) == (code, True), result.stderr
 
 
-def test_metadata_readiness_and_model_headers(iris: BuiltModel, iris_server: RunningServer) -> None:
+def test_metadata_readiness_and_model_headers(
+    iris: BuiltModel, iris_server: RunningProcess
+) -> None:
     assert httpx.get(f"{iris_server.url}/v2/health/live").json() == {"live": True}
     assert httpx.get(f"{iris_server.url}/v2/health/ready").json() == {"ready": True}
     assert httpx.get(f"{iris_server.url}/v2/models/iris/versions/1/ready").status_code == 200
@@ -76,7 +80,7 @@ def test_metadata_readiness_and_model_headers(iris: BuiltModel, iris_server: Run
 
 def test_fixed_batch_model_serves_its_exact_shape_only(fixed_batch: BuiltModel) -> None:
     row = fixed_batch.features[:1].astype(np.float32)
-    with serve(fixed_batch.path, "fixed") as server:
+    with serve_model(fixed_batch.path, "fixed") as server:
         metadata = httpx.get(f"{server.url}/v2/models/fixed").json()
         assert metadata["inputs"][0]["shape"] == [1, 4]
 
@@ -109,9 +113,8 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(mlp: BuiltM
     features = np.asarray(mlp.features, dtype=np.float32)
     expected = mlp.estimator.predict(features)
     # A delay makes merging certain rather than likely on a busy machine.
-    with serve(
-        mlp.path, "digits", "--max-batch-delay-ms", "20", "--max-batch-size", "256"
-    ) as server:
+    merging = ["--max-batch-delay-ms", "20", "--max-batch-size", "256"]
+    with serve_model(mlp.path, "digits", extra_args=merging) as server:
 
         async def run() -> list[int]:
             async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
@@ -145,10 +148,9 @@ def test_sigterm_fails_readiness_then_drains_in_flight_requests(iris: BuiltModel
             ]
         }
     ).encode()
-    with serve(iris.path, "iris", "--shutdown-delay-s", "1.5") as server:
-        host, port = server.url.removeprefix("http://").split(":")
+    with serve_model(iris.path, "iris", extra_args=["--shutdown-delay-s", "1.5"]) as server:
         # An in-flight request: headers and half of the body sent before SIGTERM.
-        in_flight = socket.create_connection((host, int(port)))
+        in_flight = socket.create_connection((LOOPBACK, server.port))
         in_flight.sendall(
             b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             + f"content-length: {len(body)}\r\n\r\n".encode()
@@ -170,14 +172,13 @@ def test_sigterm_fails_readiness_then_drains_in_flight_requests(iris: BuiltModel
         in_flight.close()
         assert answer.startswith(b"HTTP/1.1 200 ")
         assert server.process.wait(30) == 0
-        assert "Finished server process" in server.log()
+        assert "Finished server process" in server.output()
 
 
 def test_capture_writes_sampled_pairs_as_json_lines(iris: BuiltModel, tmp_path: Path) -> None:
     capture = tmp_path / "capture.jsonl"
-    with serve(
-        iris.path, "iris", "--capture-path", str(capture), "--capture-sample-rate", "1"
-    ) as server:
+    sampling = ["--capture-path", str(capture), "--capture-sample-rate", "1"]
+    with serve_model(iris.path, "iris", extra_args=sampling) as server:
         for index in range(5):
             request = {"id": f"r{index}", "inputs": [{"name": "input", "datatype": "FP32",
                        "shape": [1, 4], "data": [5.1, 3.5, 1.4, index]}]}  # fmt: skip
@@ -199,9 +200,7 @@ def test_capture_writes_sampled_pairs_as_json_lines(iris: BuiltModel, tmp_path: 
 
 
 def test_entrypoint_runs_from_environment_only(iris: BuiltModel, tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {
         "MODELDEPLOY_MODEL_PATH": str(iris.path),
         "MODELDEPLOY_MODEL_NAME": "iris",
@@ -244,14 +243,14 @@ def test_entrypoint_runs_from_environment_only(iris: BuiltModel, tmp_path: Path)
 
 
 def test_access_log_is_off_by_default_and_a_flag_turns_it_on(
-    iris: BuiltModel, iris_server: RunningServer
+    iris: BuiltModel, iris_server: RunningProcess
 ) -> None:
     body = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]
     }
     assert httpx.post(f"{iris_server.url}/v2/models/iris/infer", json=body).status_code == 200
-    assert "POST /v2/models/iris/infer" not in iris_server.log()
-    with serve(iris.path, "iris", "--access-log", "true") as server:
+    assert "POST /v2/models/iris/infer" not in iris_server.output()
+    with serve_model(iris.path, "iris", extra_args=["--access-log", "true"]) as server:
         assert httpx.post(f"{server.url}/v2/models/iris/infer", json=body).status_code == 200
-        server.stop()
-        assert '"POST /v2/models/iris/infer HTTP/1.1" 200' in server.log()
+        server.close()
+        assert '"POST /v2/models/iris/infer HTTP/1.1" 200' in server.output()

@@ -8,14 +8,12 @@ cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
-    # -I here and the pip script below (not `python -m pip`): with the repository root on
-    # sys.path, operator/ would shadow the standard library's `operator` module.
-    if ! "$python" -I -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
         echo "modeldeploy needs Python >= 3.11 (set PYTHON=/path/to/python3.11 or newer)." >&2
         exit 1
     fi
     echo "Creating .venv with $("$python" --version)"
-    if ! "$python" -I -m venv .venv; then
+    if ! "$python" -m venv .venv; then
         echo "Could not create .venv; on Debian/Ubuntu: sudo apt-get install python3-venv" >&2
         exit 1
     fi

@@ -64,14 +64,16 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
-def _port(value: str) -> int:
+def parse_port(value: str) -> int:
+    """A TCP port number, 0..65535."""
     number = int(value)
     if not 0 <= number <= 65535:
         raise ValueError("must be a port number 0..65535")
     return number
 
 
-def _positive_float(value: str) -> float:
+def parse_positive_float(value: str) -> float:
+    """A finite number above 0."""
     number = float(value)
     if not number > 0 or number == float("inf"):
         raise ValueError("must be a positive number")
@@ -99,7 +101,8 @@ def _sha256(value: str) -> str:
     return digest
 
 
-def _bool(value: str) -> bool:
+def parse_bool(value: str) -> bool:
+    """true/false, also 1/0, yes/no, on/off; empty is false."""
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -122,18 +125,18 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "model_name": (_text, "model name served under /v2/models/NAME (required)"),
     "model_version": (_text, "model version"),
     "host": (_text, "address to listen on"),
-    "port": (_port, "port to listen on"),
+    "port": (parse_port, "port to listen on"),
     "sha256": (_sha256, "expected sha256 of the model file; refuse to start on mismatch"),
     "max_request_bytes": (_positive_int, "largest request body accepted (413 above)"),
     "max_rows": (_positive_int, "most rows (batch dimension) per request (413 above)"),
-    "request_timeout_s": (_positive_float, "time limit per request, in seconds (504 above)"),
+    "request_timeout_s": (parse_positive_float, "time limit per request, in seconds (504 above)"),
     "max_batch_size": (_positive_int, "most rows merged into one model run"),
     "max_batch_delay_ms": (_non_negative_float, "time to wait for more requests to merge"),
     "max_queue": (_positive_int, "most requests waiting for the model (503 above)"),
     "intra_op_threads": (_non_negative_int, "onnxruntime intra-op threads (0: its default)"),
     "capture_path": (Path, "append sampled request/response pairs to this JSON-lines file"),
     "capture_sample_rate": (_rate, "fraction of requests captured"),
-    "access_log": (_bool, "log one line per request (costs throughput)"),
+    "access_log": (parse_bool, "log one line per request (costs throughput)"),
     "shutdown_delay_s": (_non_negative_float, "seconds between SIGTERM and closing the port"),
     "log_level": (_log_level, "log level"),
 }

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import random
-import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from yarl import URL
 
-from modeldeploy_server.config import _bool, _port, _positive_float
+from modeldeploy_server.config import parse_bool, parse_port, parse_positive_float
+from modeldeploy_server.http_server import build_uvicorn_config, run_until_stopped
 from modeldeploy_server.routing import (
     ConfigError,
     IncomingRequest,
@@ -79,21 +79,21 @@ class RouterSettings:
 _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
     "config": ("MODELDEPLOY_ROUTER_CONFIG", Path, None, "routing config JSON, re-read on change"),
     "host": ("MODELDEPLOY_HOST", str, "0.0.0.0", "address to listen on"),
-    "port": ("MODELDEPLOY_PORT", _port, "8080", "port to listen on"),
-    "timeout_s": ("MODELDEPLOY_ROUTER_TIMEOUT_S", _positive_float, "60", "wait for answers"),
+    "port": ("MODELDEPLOY_PORT", parse_port, "8080", "port to listen on"),
+    "timeout_s": ("MODELDEPLOY_ROUTER_TIMEOUT_S", parse_positive_float, "60", "wait for answers"),
     "connect_timeout_s": (
         "MODELDEPLOY_ROUTER_CONNECT_TIMEOUT_S",
-        _positive_float,
+        parse_positive_float,
         "5",
         "wait for a connection to a variant",
     ),
     "reload_interval_s": (
         "MODELDEPLOY_ROUTER_RELOAD_INTERVAL_S",
-        _positive_float,
+        parse_positive_float,
         "1",
         "seconds between checks of the config file",
     ),
-    "access_log": ("MODELDEPLOY_ACCESS_LOG", _bool, "false", "log each request (costs speed)"),
+    "access_log": ("MODELDEPLOY_ACCESS_LOG", parse_bool, "false", "log each request (costs speed)"),
 }
 
 
@@ -473,24 +473,15 @@ def main(argv: list[str]) -> int:
     log.info("config loaded: %s", describe(config))
     router = Router(settings, config, config_bytes)
     server = uvicorn.Server(
-        uvicorn.Config(
+        build_uvicorn_config(
             router,
             host=settings.host,
             port=settings.port,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
             access_log=settings.access_log,
+            graceful_shutdown_s=DRAIN_TIMEOUT_S,
+            # Logging is set up above, for the router's own messages too.
             log_config=None,
-            server_header=False,
-            # The peer address is what the router appends to X-Forwarded-For: never take it from
-            # a client-supplied header (uvicorn trusts those from 127.0.0.1 by default).
-            proxy_headers=False,
-            timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
         )
     )
-    # uvicorn re-raises the signal it handled once it has drained; that SIGTERM was a clean stop,
-    # so it must not kill the process with status 143.
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
-    server.run()
+    run_until_stopped(server)
     return 0 if server.started else 1

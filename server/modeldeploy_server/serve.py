@@ -14,6 +14,7 @@ import uvicorn
 from modeldeploy_server.app import ServingState, build_app
 from modeldeploy_server.config import ServeConfig, parse_serve_config
 from modeldeploy_server.errors import ConfigError
+from modeldeploy_server.http_server import build_uvicorn_config, run_until_stopped
 from modeldeploy_server.runtime import load_model
 
 logger = logging.getLogger("uvicorn.error")
@@ -55,19 +56,13 @@ def run_server(config: ServeConfig) -> int:
         print(f"modeldeploy-server serve: error: {exc}", file=sys.stderr)
         return 1
     app, service = build_app(config, model)
-    uvicorn_config = uvicorn.Config(
+    uvicorn_config = build_uvicorn_config(
         app,
         host=config.host,
         port=config.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
         access_log=config.access_log,
+        graceful_shutdown_s=int(config.request_timeout_s) + 1,
         log_level=config.log_level,
-        server_header=False,
-        # Pods sit behind a Service or the router; X-Forwarded-* rewriting is not needed.
-        proxy_headers=False,
-        timeout_graceful_shutdown=int(config.request_timeout_s) + 1,
     )
     server = DrainingServer(uvicorn_config, service.state, config.shutdown_delay_s)
     metadata = model.metadata
@@ -80,11 +75,8 @@ def run_server(config: ServeConfig) -> int:
         len(metadata.outputs),
         metadata.batchable,
     )
-    # uvicorn re-raises the signal it handled once it has shut down; a drained SIGTERM is a
-    # clean exit, so the re-raised one must not kill the process.
-    signal.signal(signal.SIGTERM, lambda sig, frame: None)
     try:
-        server.run()
+        run_until_stopped(server)
     except SystemExit as exc:  # uvicorn exits 3 when the lifespan (warm-up) fails
         return exc.code if isinstance(exc.code, int) else 1
     return 0

@@ -5,6 +5,7 @@ Pure: bytes in, plain data out and back; no HTTP, no onnxruntime.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Sequence
@@ -73,7 +74,9 @@ def array_from_json(where: str, datatype: str, data: Any) -> np.ndarray[Any, Any
                 raise InvalidInput(f"{where}: a value is out of range for {datatype}") from None
     if parsed.size:
         accepted = _ACCEPTED_KINDS[dtype.kind]
-        if parsed.dtype.kind not in accepted:
+        if parsed.dtype.kind not in accepted or (
+            dtype.kind != "b" and _holds_bool(data, parsed.ndim)
+        ):
             raise InvalidInput(f"{where}: data does not hold {datatype} values")
         if dtype.kind in "iu":
             info = np.iinfo(dtype)
@@ -92,6 +95,15 @@ def array_from_json(where: str, datatype: str, data: Any) -> np.ndarray[Any, Any
             except FloatingPointError:
                 raise InvalidInput(f"{where}: a value is out of range for {datatype}") from None
     return parsed.astype(dtype, copy=False)
+
+
+def _holds_bool(data: Any, ndim: int) -> bool:
+    # numpy reads true and false among numbers as 1 and 0, so only the JSON values can tell.
+    # The array parsed, so every value stands at depth ndim; chain and map(type) stay in C.
+    values = data if ndim else [data]
+    for _ in range(ndim - 1):
+        values = itertools.chain.from_iterable(values)
+    return bool in map(type, values)
 
 
 def _strings_from_json(where: str, data: Any) -> np.ndarray[Any, Any]:

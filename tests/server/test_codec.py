@@ -58,6 +58,24 @@ def test_every_datatype_decodes_from_json_flat_or_nested(datatype: str) -> None:
         assert_values(datatype, tensor.array.ravel().tolist(), values)
 
 
+NUMERIC = [datatype for datatype in SAMPLES if datatype not in ("BOOL", "BYTES")]
+
+
+@pytest.mark.parametrize("datatype", NUMERIC)
+# Apart from the boolean, each is valid data for every numeric datatype.
+@pytest.mark.parametrize("data", [[True, 1, 2, 3], [1, 2, 3, False], [[1, 2], [True, 3]]])
+def test_json_booleans_among_numbers_are_refused(datatype: str, data: list[Any]) -> None:
+    # numpy would read true as 1 and false as 0; a client sending booleans for numbers has a bug.
+    with pytest.raises(InvalidInput, match=f"input 'x': data does not hold {datatype} values"):
+        decode_infer_request(request(datatype, data))
+
+
+@pytest.mark.parametrize("data", [[True, 1, 0, False], [[1.0, True], [False, 0.0]], [1, 0, 1, 0]])
+def test_json_numbers_for_bool_are_refused(data: list[Any]) -> None:
+    with pytest.raises(InvalidInput, match="input 'x': data does not hold BOOL values"):
+        decode_infer_request(request("BOOL", data))
+
+
 def binary_bytes(datatype: str, values: list[Any]) -> bytes:
     if datatype == "BYTES":
         return b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in values)

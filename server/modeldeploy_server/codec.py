@@ -55,7 +55,17 @@ def parse_json(body: bytes | memoryview, where: str = "request body") -> Any:
         raise MalformedRequest(f"{where} is not valid UTF-8 JSON: {exc}") from None
 
 
-def array_from_json(where: str, datatype: str, data: Any) -> np.ndarray[Any, Any]:
+def may_hold_booleans(json_text: bytes | memoryview) -> bool:
+    """Whether a JSON text has a true or false token anywhere: when it has none, no value can be a
+    boolean and the per-value check is skipped (a byte search costs ~1 ns per 16 bytes, the
+    check ~20 ns per value)."""
+    text = json_text if isinstance(json_text, bytes) else json_text.tobytes()
+    return b"true" in text or b"false" in text
+
+
+def array_from_json(
+    where: str, datatype: str, data: Any, *, may_hold_bool: bool = True
+) -> np.ndarray[Any, Any]:
     """Convert JSON data (flat or nested lists) to an array of the datatype, strictly."""
     dtype = V2_TO_NUMPY[datatype]
     if datatype == "BYTES":
@@ -75,7 +85,7 @@ def array_from_json(where: str, datatype: str, data: Any) -> np.ndarray[Any, Any
     if parsed.size:
         accepted = _ACCEPTED_KINDS[dtype.kind]
         if parsed.dtype.kind not in accepted or (
-            dtype.kind != "b" and _holds_bool(data, parsed.ndim)
+            may_hold_bool and dtype.kind != "b" and _holds_bool(data, parsed.ndim)
         ):
             raise InvalidInput(f"{where}: data does not hold {datatype} values")
         if dtype.kind in "iu":
@@ -147,7 +157,7 @@ def _shape_from_json(where: str, raw: Any) -> tuple[int, ...]:
 
 
 def _decode_input(
-    index: int, entry: Any, binary: memoryview, offset: int
+    index: int, entry: Any, binary: memoryview, offset: int, may_hold_bool: bool
 ) -> tuple[DecodedTensor, int]:
     if not isinstance(entry, dict):
         raise MalformedRequest(f"inputs[{index}] must be an object")
@@ -167,7 +177,7 @@ def _decode_input(
         array = _array_from_binary(where, datatype, binary[offset : offset + size], count)
         offset += size
     elif "data" in entry:
-        array = array_from_json(where, datatype, entry["data"])
+        array = array_from_json(where, datatype, entry["data"], may_hold_bool=may_hold_bool)
     else:
         raise MalformedRequest(f"{where} has no data")
     if array.size != count:
@@ -243,8 +253,9 @@ def decode_infer_request(body: bytes, header_length: int | None = None) -> Infer
         raise MalformedRequest("inputs must be a non-empty list")
     inputs = []
     offset = 0
+    may_hold_bool = may_hold_booleans(header)
     for index, entry in enumerate(raw_inputs):
-        tensor, offset = _decode_input(index, entry, binary, offset)
+        tensor, offset = _decode_input(index, entry, binary, offset, may_hold_bool)
         inputs.append(tensor)
     if offset != len(binary):
         raise MalformedRequest(f"{len(binary) - offset} bytes of binary data belong to no input")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from modeldeploy_server.codec import array_from_json, parse_json
+from modeldeploy_server.codec import array_from_json, may_hold_booleans, parse_json
 from modeldeploy_server.errors import InvalidInput, MalformedRequest
 from modeldeploy_server.metadata import V2_TO_NUMPY, DecodedTensor, ModelMetadata, TensorSpec
 
@@ -67,9 +67,12 @@ def decode_instances(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor
     else:
         raise MalformedRequest("instances must all be lists or all be objects")
     tensors = []
+    may_hold_bool = may_hold_booleans(body)
     for spec in specs:
         where = f"instances, input {spec.name!r}"
-        array = array_from_json(where, spec.datatype, columns[spec.name])
+        array = array_from_json(
+            where, spec.datatype, columns[spec.name], may_hold_bool=may_hold_bool
+        )
         if spec.datatype == "BYTES":
             # Strings were flattened; recover the rows from the count per row, which must agree.
             counts = {1 if isinstance(v, str) else len(v) for v in columns[spec.name]}

@@ -13,6 +13,7 @@ from modeldeploy_server.codec import (
     RequestedOutput,
     decode_infer_request,
     encode_infer_response,
+    may_hold_booleans,
     select_outputs,
 )
 from modeldeploy_server.errors import InvalidInput, MalformedRequest
@@ -68,6 +69,40 @@ def test_json_booleans_among_numbers_are_refused(datatype: str, data: list[Any])
     # numpy would read true as 1 and false as 0; a client sending booleans for numbers has a bug.
     with pytest.raises(InvalidInput, match=f"input 'x': data does not hold {datatype} values"):
         decode_infer_request(request(datatype, data))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b'{"data": [1.5, 2]}', False),
+        (b'{"data": [1.5, true]}', True),
+        (b'{"data": [false]}', True),
+        (b'{"id": "true", "data": [1.5]}', True),  # only a string: the value check still runs
+        (memoryview(b'{"data": [true]}'), True),  # the JSON header of a binary request
+    ],
+)
+def test_booleans_are_looked_for_only_in_texts_that_can_hold_them(
+    text: bytes | memoryview, expected: bool
+) -> None:
+    assert may_hold_booleans(text) is expected
+
+
+def test_booleans_in_the_json_header_of_a_binary_request_are_refused() -> None:
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [2], "data": [True, 1.5]},
+                {
+                    "name": "y",
+                    "datatype": "FP32",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 4},
+                },
+            ]
+        }
+    )
+    with pytest.raises(InvalidInput, match="input 'x': data does not hold FP32 values"):
+        decode_infer_request(body + struct.pack("<f", 2.0), header_length=len(body))
 
 
 @pytest.mark.parametrize("data", [[True, 1, 0, False], [[1.0, True], [False, 0.0]], [1, 0, 1, 0]])

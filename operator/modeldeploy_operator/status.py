@@ -40,24 +40,14 @@ def compute_status(
     """Status from the spec and the observed Deployments (by name); `now` stamps transitions."""
     ready = ready_variants(md, deployments)
     weights = compute_effective_weights(md.spec_weights, ready)
-    rows = [
-        _variant_row(md, v, deployments.get(naming.variant_object_name(md.name, v.name)), weights)
-        for v in md.variants
+    observed = [
+        (v, deployments.get(naming.variant_object_name(md.name, v.name))) for v in md.variants
     ]
+    rows = [_variant_row(md, v, deployment, weights) for v, deployment in observed]
     traffic = ",".join(f"{name}={weight}" for name, weight in weights.items())
-    rolling = [
-        _rollout_gap(v, deployments.get(naming.variant_object_name(md.name, v.name)))
-        for v in md.variants
-    ]
-    rolling_messages = [gap for gap in rolling if gap]
+    rolling_messages = [gap for v, deployment in observed if (gap := _rollout_gap(v, deployment))]
     failures = [
-        failure
-        for v in md.variants
-        if (
-            failure := _rollout_failure(
-                v, deployments.get(naming.variant_object_name(md.name, v.name))
-            )
-        )
+        failure for v, deployment in observed if (failure := _rollout_failure(v, deployment))
     ]
     live_not_ready = [v.name for v in md.variants if v.weight > 0 and v.name not in ready]
     if not any(weights.values()):

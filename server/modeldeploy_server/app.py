@@ -248,11 +248,10 @@ class InferenceService:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _serve(
-        self, protocol: str, answer: Answerer, scope: Scope, receive: Receive, send: Send
+        self, protocol: str, answer: Answerer, incoming: _Incoming, receive: Receive, send: Send
     ) -> None:
         """Bound, answer, send, count and capture one inference request."""
         started = time.perf_counter()
-        incoming = _Incoming.parse(scope)
         body = b""
         deadlines = self._deadlines
         task = asyncio.current_task()
@@ -338,12 +337,13 @@ class InferenceService:
 
     async def infer_v2(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v2/models/{name}[/versions/{version}]/infer"""
-        await self._serve("v2", self._answer_v2, scope, receive, send)
+        await self._serve("v2", self._answer_v2, _Incoming.parse(scope), receive, send)
 
     async def predict_records(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/models/{name}:predict (JSON records or CSV)"""
-        protocol = "csv" if _Incoming.parse(scope).content_type == CSV else "v1"
-        await self._serve(protocol, self._answer_records, scope, receive, send)
+        incoming = _Incoming.parse(scope)
+        protocol = "csv" if incoming.content_type == CSV else "v1"
+        await self._serve(protocol, self._answer_records, incoming, receive, send)
 
     def fast_paths(self) -> dict[str, Handler]:
         """The exact inference paths of the served model."""

@@ -175,15 +175,16 @@ def _run(md: ModelDeployment, settings: LocalRunSettings, sup: Supervisor, say: 
         for i, variant in enumerate(md.variants)
     }
     names = [v.name for v in md.variants]
+    routes_path = sup.run_dir / "routes.json"
     plan = plan_local_run(
         md,
         server_command=SERVER_COMMAND,
         model_paths=model_paths,
         variant_ports=dict(zip(names, _free_ports(len(names), settings.port), strict=True)),
         router_port=settings.port,
-        routes_path=sup.run_dir / "routes.json",
+        routes_path=routes_path,
     )
-    (sup.run_dir / "routes.json").write_text(json.dumps(plan.routes, indent=2) + "\n")
+    routes_path.write_text(json.dumps(plan.routes, indent=2) + "\n")
     with httpx.Client(timeout=2.0) as client:
         for process in plan.variants:
             _start(sup, process, say)

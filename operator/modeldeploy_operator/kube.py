@@ -17,7 +17,7 @@ import urllib3
 from kubernetes import client, config
 
 from modeldeploy_operator import naming
-from modeldeploy_operator.spec import API_GROUP, API_VERSION, KIND, PLURAL
+from modeldeploy_operator.spec import KIND, MODEL_DEPLOYMENT_API_VERSION, PLURAL
 
 Manifest = dict[str, Any]
 
@@ -30,7 +30,6 @@ RESOURCES: dict[tuple[str, str], str] = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
 }
-MODEL_DEPLOYMENT_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 _TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _REQUEST_TIMEOUT_S = (5.0, 30.0)
 

@@ -15,9 +15,8 @@ from typing import Any
 
 from modeldeploy_operator import naming
 from modeldeploy_operator.spec import (
-    API_GROUP,
-    API_VERSION,
     KIND,
+    MODEL_DEPLOYMENT_API_VERSION,
     ModelDeployment,
     ServerSettings,
     Variant,
@@ -427,7 +426,7 @@ def _object(
     if md.uid is not None:
         metadata["ownerReferences"] = [
             {
-                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "apiVersion": MODEL_DEPLOYMENT_API_VERSION,
                 "kind": KIND,
                 "name": md.name,
                 "uid": md.uid,

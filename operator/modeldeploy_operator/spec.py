@@ -19,6 +19,7 @@ API_GROUP = "modeldeploy.dev"
 API_VERSION = "v1alpha1"
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
+MODEL_DEPLOYMENT_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 DEFAULT_HEADER_OVERRIDE = "x-model-variant"
 DEFAULT_NAMESPACE = "default"

@@ -25,8 +25,8 @@ from celpy import celtypes
 from celpy.adapter import json_to_cel
 from celpy.evaluation import CELEvalError
 
-API_VERSION = "modeldeploy.dev/v1alpha1"
-KIND = "ModelDeployment"
+from modeldeploy_operator.spec import KIND, MODEL_DEPLOYMENT_API_VERSION
+
 CRD_FILE = "modeldeployments.modeldeploy.dev.yaml"
 
 Schema = Mapping[str, Any]
@@ -98,7 +98,7 @@ def validate_model_deployment(obj: object) -> list[FieldError]:
 
 
 def _check_type_meta(obj: Mapping[str, Any]) -> Iterator[FieldError]:
-    for field, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
+    for field, expected in (("apiVersion", MODEL_DEPLOYMENT_API_VERSION), ("kind", KIND)):
         if obj.get(field) != expected:
             yield FieldError(field, f'Unsupported value: {_show(obj.get(field))}: "{expected}"')
 

@@ -40,7 +40,16 @@ class BuiltModel:
     target: np.ndarray[Any, Any]
 
 
-def _write(onnx_model: Any, directory: Path, name: str) -> tuple[Path, str]:
+def _export(
+    estimator: Any, initial_types: list[tuple[str, Any]], directory: Path, name: str
+) -> tuple[Path, str]:
+    """Convert a fitted estimator (probabilities as a tensor, no zipmap) and write `<name>.onnx`."""
+    onnx_model = to_onnx(
+        estimator,
+        initial_types=initial_types,
+        options={id(estimator): {"zipmap": False}},
+        target_opset=TARGET_OPSET,
+    )
     path = directory / f"{name}.onnx"
     data = onnx_model.SerializeToString()
     path.write_bytes(data)
@@ -51,13 +60,7 @@ def _build_iris(directory: Path, batch: int | None, name: str) -> BuiltModel:
     features, target = load_iris(return_X_y=True)
     features = features.astype(np.float32)
     estimator = LogisticRegression(max_iter=500).fit(features, target)
-    onnx_model = to_onnx(
-        estimator,
-        initial_types=[("input", FloatTensorType([batch, 4]))],
-        options={id(estimator): {"zipmap": False}},
-        target_opset=TARGET_OPSET,
-    )
-    path, sha = _write(onnx_model, directory, name)
+    path, sha = _export(estimator, [("input", FloatTensorType([batch, 4]))], directory, name)
     return BuiltModel(path, sha, estimator, features, target)
 
 
@@ -80,13 +83,9 @@ def build_digits_mlp(directory: Path) -> BuiltModel:
         # A few epochs fit digits well enough; full convergence would only slow the tests.
         warnings.simplefilter("ignore", ConvergenceWarning)
         estimator.fit(features, target)
-    onnx_model = to_onnx(
-        estimator,
-        initial_types=[("input", FloatTensorType([None, 64]))],
-        options={id(estimator): {"zipmap": False}},
-        target_opset=TARGET_OPSET,
+    path, sha = _export(
+        estimator, [("input", FloatTensorType([None, 64]))], directory, "digits_mlp"
     )
-    path, sha = _write(onnx_model, directory, "digits_mlp")
     return BuiltModel(path, sha, estimator, features, target)
 
 
@@ -128,11 +127,5 @@ def build_mixed_pipeline(directory: Path) -> BuiltModel:
         *((name, StringTensorType([None, 1])) for name in MIXED_STRING_COLUMNS),
         *((name, FloatTensorType([None, 1])) for name in MIXED_FLOAT_COLUMNS),
     ]
-    onnx_model = to_onnx(
-        estimator,
-        initial_types=initial_types,
-        options={id(estimator): {"zipmap": False}},
-        target_opset=TARGET_OPSET,
-    )
-    path, sha = _write(onnx_model, directory, "mixed_pipeline")
+    path, sha = _export(estimator, initial_types, directory, "mixed_pipeline")
     return BuiltModel(path, sha, estimator, frame, target)

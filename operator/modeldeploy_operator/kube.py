@@ -9,7 +9,7 @@ Errors become two domain exceptions: `TransientApiError` (worth retrying) and `R
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -117,14 +117,12 @@ class KubeApi:
                 return None
             raise
 
-    def list_owned(
-        self, namespace: str, md_name: str, kinds: Iterable[tuple[str, str]] = RESOURCES
-    ) -> list[Manifest]:
-        """Objects of `kinds` labelled as ours for this ModelDeployment (kinds whose API is not
-        served, such as HTTPRoute without the Gateway API CRDs, have none)."""
+    def list_owned(self, namespace: str, md_name: str) -> list[Manifest]:
+        """Objects of every kind we render labelled as ours for this ModelDeployment (kinds whose
+        API is not served, such as HTTPRoute without the Gateway API CRDs, have none)."""
         owned: list[Manifest] = []
-        for api_version, kind in kinds:
-            path = _collection_path(api_version, RESOURCES[(api_version, kind)], namespace)
+        for (api_version, kind), plural in RESOURCES.items():
+            path = _collection_path(api_version, plural, namespace)
             try:
                 listing = self._request(
                     "GET", path, {"labelSelector": naming.owned_selector(md_name)}

@@ -213,7 +213,7 @@ def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) ->
         ],
     }
     volumes = [
-        {"name": "routes", "configMap": {"name": naming.routes_config_map_name(md.name)}},
+        {"name": "routes", "configMap": {"name": config_map_name}},
         {"name": "tmp", "emptyDir": {}},
     ]
     selector = naming.router_selector(md.name)

@@ -93,8 +93,9 @@ class JSONResponse(Response):
         return orjson.dumps(content)
 
 
-def error_response(exc: ServerError) -> Response:
-    """render_error as a Starlette response, for the non-inference endpoints."""
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    """render_error as a Starlette response, for errors raised outside the inference path."""
+    assert isinstance(exc, ServerError)
     status, body, headers = render_error(exc)
     response = Response(body, status_code=status, media_type="application/json")
     response.raw_headers.extend(headers)
@@ -381,18 +382,12 @@ class InferenceService:
 
     async def model_metadata(self, request: Request) -> Response:
         """GET /v2/models/{name}[/versions/{version}]"""
-        try:
-            self._check_model(request.path_params)
-        except ModelNotFound as exc:
-            return error_response(exc)
+        self._check_model(request.path_params)
         return JSONResponse(self.metadata.as_json())
 
     async def model_ready(self, request: Request) -> Response:
         """GET /v2/models/{name}[/versions/{version}]/ready and GET /v1/models/{name}"""
-        try:
-            self._check_model(request.path_params)
-        except ModelNotFound as exc:
-            return error_response(exc)
+        self._check_model(request.path_params)
         ready = self._readiness()
         return JSONResponse(
             {"name": self.metadata.name, "ready": ready}, status_code=200 if ready else 503
@@ -440,11 +435,7 @@ class _ModelEndpoint:
         self._handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            self._service._check_model(scope["path_params"])
-        except ModelNotFound as exc:
-            await error_response(exc)(scope, receive, send)
-            return
+        self._service._check_model(scope["path_params"])
         await self._handler(scope, receive, send)
 
 
@@ -470,6 +461,10 @@ def build_app(config: ServeConfig, model: OnnxModel) -> tuple[ASGIApp, Inference
     app = Starlette(
         routes=service.routes(),
         lifespan=service.lifespan,
-        exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},
+        exception_handlers={
+            ServerError: _domain_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
     )
     return FastPath(app, service.fast_paths()), service

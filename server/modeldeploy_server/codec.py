@@ -107,6 +107,13 @@ def array_from_json(
     return parsed.astype(dtype, copy=False)
 
 
+def string_array(items: Sequence[str]) -> np.ndarray[Any, Any]:
+    """A flat BYTES tensor: an object array of the strings."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
 def _holds_bool(data: Any, ndim: int) -> bool:
     # numpy reads true and false among numbers as 1 and 0, so only the JSON values can tell.
     # The array parsed, so every value stands at depth ndim; chain and map(type) stay in C.
@@ -128,9 +135,7 @@ def _strings_from_json(where: str, data: Any) -> np.ndarray[Any, Any]:
             stack.extend((child, depth + 1) for child in reversed(item))
         else:
             raise InvalidInput(f"{where}: BYTES data must be (lists of) strings")
-    array = np.empty(len(flat), dtype=object)
-    array[:] = flat
-    return array
+    return string_array(flat)
 
 
 def _parameters(container: dict[str, Any], where: str, suffix: str) -> dict[str, Any]:
@@ -203,9 +208,7 @@ def _array_from_binary(
                 position += length
         except (struct.error, ValueError):
             raise InvalidInput(f"{where}: binary BYTES data is not length-prefixed UTF-8") from None
-        array = np.empty(len(items), dtype=object)
-        array[:] = items
-        return array
+        return string_array(items)
     dtype = V2_TO_NUMPY[datatype]
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from modeldeploy_server.codec import array_from_json, may_hold_booleans, parse_json
+from modeldeploy_server.codec import array_from_json, may_hold_booleans, parse_json, string_array
 from modeldeploy_server.errors import InvalidInput, MalformedRequest
 from modeldeploy_server.metadata import V2_TO_NUMPY, DecodedTensor, ModelMetadata, TensorSpec
 
@@ -104,9 +104,7 @@ def encode_predictions(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
 
 def _column_array(where: str, datatype: str, values: Sequence[str]) -> np.ndarray[Any, Any]:
     if datatype == "BYTES":
-        array = np.empty(len(values), dtype=object)
-        array[:] = values
-        return array
+        return string_array(values)
     if datatype == "BOOL":
         lowered = [value.strip().lower() for value in values]
         if not all(value in _TRUE or value in _FALSE for value in lowered):

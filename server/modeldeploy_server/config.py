@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -165,22 +165,39 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_serve_config(argv: Sequence[str], env: Mapping[str, str]) -> ServeConfig:
-    """Flags win over MODELDEPLOY_* variables, which win over defaults; raises ConfigError."""
-    args = vars(_build_parser().parse_args(list(argv)))
+def resolve_options(
+    args: Mapping[str, Any],
+    env: Mapping[str, str],
+    options: Mapping[str, tuple[str, Callable[[str], Any]]],
+    *,
+    defaults: Mapping[str, str] | None = None,
+    required: Collection[str] = (),
+) -> dict[str, Any]:
+    """Each option's value: its flag, else its env var, else its raw default, through its parser.
+
+    `options` maps a field to (env var, parser); the flag is --field-name. A field with no value
+    anywhere is left out, or raises ConfigError when `required`, as does a value that fails to
+    parse (naming the flag or env var it came from).
+    """
     values: dict[str, Any] = {}
-    for name, (parse, _) in _PARSERS.items():
+    for name, (env_var, parse) in options.items():
         flag = "--" + name.replace("_", "-")
-        raw = args[name]
-        source = flag
+        raw, source = args[name], flag
         if raw is None:
-            raw, source = env.get(env_name(name)), env_name(name)
+            raw, source = env.get(env_var, (defaults or {}).get(name)), env_var
         if raw is None:
-            if name in _REQUIRED:
-                raise ConfigError(f"{flag} (or {env_name(name)}) is required")
+            if name in required:
+                raise ConfigError(f"{flag} (or {env_var}) is required")
             continue
         try:
             values[name] = parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}={raw!r}: {exc}") from None
-    return ServeConfig(**values)
+    return values
+
+
+def parse_serve_config(argv: Sequence[str], env: Mapping[str, str]) -> ServeConfig:
+    """Flags win over MODELDEPLOY_* variables, which win over defaults; raises ConfigError."""
+    args = vars(_build_parser().parse_args(list(argv)))
+    options = {name: (env_name(name), parse) for name, (parse, _) in _PARSERS.items()}
+    return ServeConfig(**resolve_options(args, env, options, required=_REQUIRED))

@@ -32,7 +32,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from yarl import URL
 
-from modeldeploy_server.config import parse_bool, parse_port, parse_positive_float
+from modeldeploy_server.config import (
+    parse_bool,
+    parse_port,
+    parse_positive_float,
+    resolve_options,
+)
+from modeldeploy_server.errors import ConfigError as SettingsError
 from modeldeploy_server.http_server import build_uvicorn_config, run_until_stopped
 from modeldeploy_server.routing import (
     ConfigError,
@@ -109,18 +115,16 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> RouterSet
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, help=f"{help_} [env {env}; {shown}]")
     args = vars(parser.parse_args(list(argv)))
-    values: dict[str, Any] = {}
-    for name, (env, parse, default, _) in _OPTIONS.items():
-        flag = "--" + name.replace("_", "-")
-        raw, source = args[name], flag
-        if raw is None:
-            raw, source = environ.get(env, default), env
-        if raw is None:
-            parser.error(f"{flag} (or {env}) is required")
-        try:
-            values[name] = parse(raw)
-        except ValueError as exc:
-            parser.error(f"{source}={raw!r}: {exc}")
+    try:
+        values = resolve_options(
+            args,
+            environ,
+            {name: (env, parse) for name, (env, parse, _, _) in _OPTIONS.items()},
+            defaults={name: d for name, (_, _, d, _) in _OPTIONS.items() if d is not None},
+            required=[name for name, (_, _, default, _) in _OPTIONS.items() if default is None],
+        )
+    except SettingsError as exc:
+        parser.error(str(exc))
     return RouterSettings(**values)
 
 

@@ -233,21 +233,18 @@ def _fetch_model(
     # A name of our own, renamed into place once verified: two runs downloading the same model
     # at once never write the same file, and an interrupted download leaves no cache entry.
     download = location.cache_path.with_name(f"{location.cache_path.name}.{os.getpid()}")
-    # Where `modeldeploy-server fetch` writes until the digest is checked.
-    partial = download.with_name(download.name + ".part")
 
     def report() -> None:
-        with contextlib.suppress(FileNotFoundError):
-            say(f"  {variant.name}: {partial.stat().st_size} bytes so far")
+        # `modeldeploy-server fetch` writes to `.NAME.<random>.part` until the digest checks out.
+        for partial in download.parent.glob(f".{download.name}.*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                say(f"  {variant.name}: {partial.stat().st_size} bytes so far")
 
     argv = [*SERVER_COMMAND, "fetch", location.url, str(download), "--sha256", variant.model.sha256]
-    try:
-        sup.start(name, argv, {})
-        if sup.wait_exit(name, report, DOWNLOAD_REPORT_S) != 0:
-            raise LocalRunError(f"{field}: {sup.describe_exit(name)}")
-        os.replace(download, location.cache_path)
-    finally:
-        partial.unlink(missing_ok=True)
+    sup.start(name, argv, {})
+    if sup.wait_exit(name, report, DOWNLOAD_REPORT_S) != 0:
+        raise LocalRunError(f"{field}: {sup.describe_exit(name)}")
+    os.replace(download, location.cache_path)
     size = location.cache_path.stat().st_size
     say(f"  {variant.name}: downloaded {size} bytes in {time.monotonic() - started:.1f} s")
     return location.cache_path

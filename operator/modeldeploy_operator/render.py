@@ -14,6 +14,7 @@ from collections.abc import Collection
 from typing import Any
 
 from modeldeploy_operator import naming
+from modeldeploy_operator.contract import MAX_MODEL_BYTES
 from modeldeploy_operator.spec import (
     KIND,
     MODEL_DEPLOYMENT_API_VERSION,
@@ -121,7 +122,15 @@ def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str)
         "name": "fetch-model",
         "image": image,
         "command": ["modeldeploy-server"],
-        "args": ["fetch", source, MODEL_PATH, "--sha256", variant.model.sha256],
+        "args": [
+            "fetch",
+            source,
+            MODEL_PATH,
+            "--sha256",
+            variant.model.sha256,
+            "--max-bytes",
+            str(MAX_MODEL_BYTES),
+        ],
         # Same resources as the server: a pod's request is the max of init and main, so this
         # costs nothing extra and satisfies quotas that demand limits on every container.
         **({"resources": copy.deepcopy(variant.resources)} if variant.resources else {}),

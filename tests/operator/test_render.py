@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from modeldeploy_operator import naming
+from modeldeploy_operator.contract import MAX_MODEL_BYTES
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import ModelDeployment, parse_model_deployment
 from tests.operator.builders import SHA_V1, model_deployment, variant
@@ -179,6 +180,8 @@ def test_variant_pod_fetches_then_serves_the_pinned_model() -> None:
         "/models/model.onnx",
         "--sha256",
         SHA_V1,
+        "--max-bytes",
+        str(MAX_MODEL_BYTES),
     ]
     (server,) = pod["containers"]
     assert server["command"] + server["args"] == ["modeldeploy-server", "serve"]

@@ -134,9 +134,17 @@ def two_variant_manifest(name: str = "iris") -> Manifest:
     return manifest
 
 
+def sticky_manifest(name: str = "iris") -> Manifest:
+    """The 90/10 canary with sticky cohorts by a user header."""
+    manifest = two_variant_manifest(name)
+    manifest["spec"]["routing"] = {"stickyHeader": "x-user-id"}
+    return manifest
+
+
 VALID_MANIFESTS: dict[str, Callable[[str], Manifest]] = {
     "minimal": minimal_manifest,
     "two-variants": two_variant_manifest,
+    "sticky": sticky_manifest,
     "full": full_manifest,
 }
 
@@ -330,6 +338,21 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "header-override-standard-header",
         "spec.routing.headerOverride",
         lambda m: _spec(m).update(routing={"headerOverride": "host"}),
+    ),
+    _case(
+        "sticky-header-in-gateway-mode",
+        "spec.routing.stickyHeader",
+        lambda m: _spec(m).update(routing={**_gateway_routing(), "stickyHeader": "x-user"}),
+    ),
+    _case(
+        "sticky-header-is-the-override-header",
+        "spec.routing.stickyHeader",
+        lambda m: _spec(m).update(routing={"headerOverride": "x-user", "stickyHeader": "x-user"}),
+    ),
+    _case(
+        "sticky-header-standard-header",
+        "spec.routing.stickyHeader",
+        lambda m: _spec(m).update(routing={"stickyHeader": "x-forwarded-for"}),
     ),
     _case(
         "pod-label-reserved-prefix",

@@ -85,18 +85,21 @@ def render_objects(
 
 def render_routes_config(md: ModelDeployment, weights: dict[str, int]) -> dict[str, Any]:
     """The router's routes.json (the contract in the team brief), with effective weights."""
-    return {
+    routes: dict[str, Any] = {
         "model": md.name,
         "headerOverride": md.routing.header_override,
-        "variants": [
-            {
-                "name": v.name,
-                "url": naming.variant_service_url(md.name, v.name, md.namespace),
-                "weight": weights[v.name],
-            }
-            for v in md.variants
-        ],
     }
+    if md.routing.sticky_header is not None:
+        routes["stickyHeader"] = md.routing.sticky_header
+    routes["variants"] = [
+        {
+            "name": v.name,
+            "url": naming.variant_service_url(md.name, v.name, md.namespace),
+            "weight": weights[v.name],
+        }
+        for v in md.variants
+    ]
+    return routes
 
 
 def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str) -> Manifest:

@@ -105,6 +105,8 @@ class Routing:
     mode: RoutingMode
     header_override: str
     gateway: GatewaySettings | None
+    # Lower-case header whose value keeps a client on one variant (router mode only).
+    sticky_header: str | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,15 @@ def _parse_routing(raw: Mapping[str, Any]) -> Routing:
     header = _optional(raw, "headerOverride", "spec.routing", str, DEFAULT_HEADER_OVERRIDE)
     if not _HEADER_NAME.match(header):
         raise InvalidSpecError(f"spec.routing.headerOverride: {header!r} is not a header name")
+    sticky = _optional(raw, "stickyHeader", "spec.routing", str, None)
+    if sticky is not None:
+        if not _HEADER_NAME.match(sticky):
+            raise InvalidSpecError(f"spec.routing.stickyHeader: {sticky!r} is not a header name")
+        if sticky.lower() == header.lower():
+            raise InvalidSpecError("spec.routing.stickyHeader: must differ from headerOverride")
+        if mode != "router":
+            raise InvalidSpecError("spec.routing.stickyHeader: only allowed when mode is router")
+        sticky = sticky.lower()
     gateway = None
     if mode == "gateway":
         raw_gateway = _optional(raw, "gateway", "spec.routing", dict, {})
@@ -271,7 +282,7 @@ def _parse_routing(raw: Mapping[str, Any]) -> Routing:
             hostnames=tuple(_optional(raw_gateway, "hostnames", sub, list, ())),
             path_prefix=_optional(raw_gateway, "pathPrefix", sub, str, "/"),
         )
-    return Routing(mode=mode, header_override=header.lower(), gateway=gateway)
+    return Routing(mode=mode, header_override=header.lower(), gateway=gateway, sticky_header=sticky)
 
 
 def _parse_pod(raw: Mapping[str, Any]) -> PodSettings:

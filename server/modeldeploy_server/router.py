@@ -369,12 +369,12 @@ class Router:
         started = time.perf_counter()
         config = self.config  # one snapshot per request; a reload swaps the attribute whole
         client = scope.get("client")
-        incoming = read_request_headers(
-            scope["headers"], config.header_override, client[0] if client else None
-        )
+        incoming = read_request_headers(scope["headers"], config, client[0] if client else None)
         try:
             variant = config.choose(
-                config.pinned_variant(scope["path"], incoming.override), random.random()
+                config.pinned_variant(scope["path"], incoming.override),
+                random.random(),
+                incoming.sticky,
             )
         except RoutingError as exc:
             self.metrics.count_unrouted(exc.status)

@@ -7,6 +7,7 @@ passed in so that the weighted choice is deterministic under test.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,12 +16,15 @@ from urllib.parse import urlsplit
 
 DEFAULT_HEADER_OVERRIDE = "x-model-variant"
 TOTAL_WEIGHT = 100
+# Sticky cohorts: a header value hashes to one of this many buckets, laid over the cumulative
+# weights, so a weight change of k points moves k% of the buckets and no others.
+STICKY_BUCKETS = 10_000
 
 # Variant names become Kubernetes object names and model versions: DNS-1035 labels.
 _VARIANT_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 # An HTTP header name is an RFC 9110 token.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_CONFIG_KEYS = frozenset({"model", "headerOverride", "variants"})
+_CONFIG_KEYS = frozenset({"model", "headerOverride", "stickyHeader", "variants"})
 _VARIANT_KEYS = frozenset({"name", "url", "weight"})
 
 
@@ -83,6 +87,7 @@ class RouterConfig:
     model: str
     header_override: str
     variants: tuple[Variant, ...]
+    sticky_header: str | None = None
     _by_name: dict[str, Variant] = field(init=False, repr=False, compare=False)
     # Cumulative weights of the variants with weight > 0, for a binary search per request.
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -116,10 +121,12 @@ class RouterConfig:
                 return version
         return header_value
 
-    def choose(self, override: str | None, rand: float) -> Variant:
+    def choose(self, override: str | None, rand: float, sticky: str | None = None) -> Variant:
         """Pick the variant for a request: the one the override names, else by weight.
 
-        `rand` is uniform in [0, 1); the override wins even over a weight of 0 (dark launch).
+        `rand` is uniform in [0, 1); the override wins even over a weight of 0 (dark launch). A
+        `sticky` value (the sticky header's) replaces `rand` by its bucket, so the same value
+        always lands on the same variant for the same weights.
         """
         if override is not None:
             variant = self._by_name.get(override)
@@ -135,8 +142,19 @@ class RouterConfig:
                 f"no variant of model {self.model!r} has a share of traffic (all weights are 0); "
                 f"name one with header {self.header_override}"
             )
-        index = bisect.bisect_right(self._bounds, rand * self._bounds[-1])
+        if sticky is None:
+            point = rand * self._bounds[-1]
+        else:
+            # Integer arithmetic: every replica draws exactly the same line between variants.
+            point = sticky_bucket(sticky) * self._bounds[-1] // STICKY_BUCKETS
+        index = bisect.bisect_right(self._bounds, point)
         return self._weighted[min(index, len(self._weighted) - 1)]
+
+
+def sticky_bucket(value: str) -> int:
+    """The bucket of a sticky header value: a stable hash (the same in every router replica)."""
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % STICKY_BUCKETS
 
 
 def parse_router_config(text: str | bytes) -> RouterConfig:
@@ -150,9 +168,12 @@ def parse_router_config(text: str | bytes) -> RouterConfig:
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         raise ConfigError("model: must be a non-empty string")
-    header = obj.get("headerOverride", DEFAULT_HEADER_OVERRIDE)
-    if not isinstance(header, str) or not _HEADER_NAME.match(header):
-        raise ConfigError(f"headerOverride: {header!r} is not an HTTP header name")
+    header = _header_name(obj.get("headerOverride", DEFAULT_HEADER_OVERRIDE), "headerOverride")
+    sticky = obj.get("stickyHeader")
+    if sticky is not None:
+        sticky = _header_name(sticky, "stickyHeader")
+        if sticky == header:
+            raise ConfigError(f"stickyHeader: {sticky!r} is the headerOverride too")
     raw_variants = obj.get("variants")
     if not isinstance(raw_variants, list) or not raw_variants:
         raise ConfigError("variants: must be a non-empty list")
@@ -166,8 +187,16 @@ def parse_router_config(text: str | bytes) -> RouterConfig:
         raise ConfigError(
             f"variants: weights sum to {total}; they must sum to {TOTAL_WEIGHT} (or all be 0)"
         )
+    return RouterConfig(
+        model=model, header_override=header, variants=variants, sticky_header=sticky
+    )
+
+
+def _header_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _HEADER_NAME.match(value):
+        raise ConfigError(f"{where}: {value!r} is not an HTTP header name")
     # Lower case because ASGI servers hand over header names so.
-    return RouterConfig(model=model, header_override=header.lower(), variants=variants)
+    return value.lower()
 
 
 def _parse_variant(item: Any, where: str) -> Variant:
@@ -217,12 +246,13 @@ class IncomingRequest:
 
     forwarded_headers: list[tuple[str, str]]
     override: str | None
+    sticky: str | None
     content_length: int | None  # None when absent or not a number
     chunked: bool
 
 
 def read_request_headers(
-    raw: list[tuple[bytes, bytes]], override_header: str, client_host: str | None
+    raw: list[tuple[bytes, bytes]], config: RouterConfig, client_host: str | None
 ) -> IncomingRequest:
     """Split ASGI request headers into those forwarded to the variant and the routing facts.
 
@@ -230,15 +260,18 @@ def read_request_headers(
     appended to X-Forwarded-For; header names arrive lower-cased from the ASGI server.
     """
     dropped = _NOT_FORWARDED_REQUEST | connection_tokens(raw)
-    override_name = override_header.encode("latin-1")
+    override_name = config.header_override.encode("latin-1")
+    sticky_name = config.sticky_header.encode("latin-1") if config.sticky_header else None
     forwarded: list[tuple[str, str]] = []
     forwarded_for: list[str] = []
-    override = None
+    override = sticky = None
     content_length = None
     chunked = False
     for name, value in raw:
         if name == override_name:
             override = value.decode("latin-1").strip()
+        elif name == sticky_name:
+            sticky = value.decode("latin-1").strip()
         elif name == b"content-length":
             content_length = int(value) if value.isdigit() else None
         elif name == b"transfer-encoding":
@@ -252,7 +285,7 @@ def read_request_headers(
         forwarded_for.append(client_host)
     if forwarded_for:
         forwarded.append(("x-forwarded-for", ", ".join(forwarded_for)))
-    return IncomingRequest(forwarded, override, content_length, chunked)
+    return IncomingRequest(forwarded, override, sticky, content_length, chunked)
 
 
 def returned_response_headers(

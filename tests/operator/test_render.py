@@ -352,6 +352,11 @@ def test_router_config_has_effective_weights_and_service_urls(
     }
 
 
+def test_router_config_carries_the_sticky_header_lower_case() -> None:
+    md = model_deployment(routing={"stickyHeader": "X-User-Id"})
+    assert routes(render(md))["stickyHeader"] == "x-user-id"
+
+
 def test_weight_changes_touch_only_the_router_config() -> None:
     before = by_kind_name(render(model_deployment(), {"v1", "v2"}))
     after = by_kind_name(render(model_deployment(), {"v1"}))

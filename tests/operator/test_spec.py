@@ -28,6 +28,7 @@ def test_defaults_are_applied() -> None:
     assert md.routing.mode == "router"
     assert md.routing.header_override == DEFAULT_HEADER_OVERRIDE
     assert md.routing.gateway is None
+    assert md.routing.sticky_header is None
     assert md.pod.image is None and md.pod.tolerations == ()
     assert md.variants[0].server.max_batch_size is None
     assert md.uid == "0c4b7a4e-1f0e-4d8a-9a59-0d6f6a1e2b3c"
@@ -141,6 +142,27 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "bad header name",
         model_deployment(routing={"headerOverride": "x variant"}),
         "headerOverride",
+    ),
+    (
+        "bad sticky header name",
+        model_deployment(routing={"stickyHeader": "x user"}),
+        "spec.routing.stickyHeader: 'x user' is not a header name",
+    ),
+    (
+        "sticky header equal to the override header",
+        model_deployment(routing={"headerOverride": "X-User", "stickyHeader": "x-user"}),
+        "spec.routing.stickyHeader: must differ from headerOverride",
+    ),
+    (
+        "sticky header in gateway mode",
+        model_deployment(
+            routing={
+                "mode": "gateway",
+                "gateway": {"parentRefs": [{"name": "gw"}]},
+                "stickyHeader": "x-user",
+            }
+        ),
+        "spec.routing.stickyHeader: only allowed when mode is router",
     ),
     (
         "reserved pod label",

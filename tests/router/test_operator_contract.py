@@ -16,6 +16,7 @@ from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
 from modeldeploy_server.router import parse_settings
 from modeldeploy_server.routing import parse_router_config
+from tests.invalid_manifests import sticky_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -63,3 +64,10 @@ def test_rendered_routes_and_arguments_are_accepted_by_the_router(example: str, 
     )
     assert settings.config == Path(mounts[volume["name"]]) / routes_key
     assert settings.port == container["ports"][0]["containerPort"]
+
+
+def test_rendered_sticky_header_reaches_the_router() -> None:
+    md = parse_model_deployment(sticky_manifest("iris"))
+    config_map = find(render_objects(md, server_image="modeldeploy-server:test"), "ConfigMap")
+    (routes_text,) = config_map["data"].values()
+    assert parse_router_config(routes_text).sticky_header == md.routing.sticky_header == "x-user-id"

@@ -218,6 +218,26 @@ def test_custom_override_header_name(
     assert ignored.headers["x-model-version"] == "v1"
 
 
+def test_sticky_header_keeps_each_user_on_one_variant(
+    iris: BuiltModel, backends: dict[str, RunningProcess], volume: ConfigMapVolume
+) -> None:
+    config = json.loads(split_config(backends, 50, 50))
+    volume.publish(json.dumps({**config, "stickyHeader": "X-User"}))
+    body = infer_body(iris.features[:1])
+    users = [f"user-{i}" for i in range(40)]
+    with route(volume.path) as router, httpx.Client() as client:
+        first = {
+            u: client.post(router.url + INFER, json=body, headers={"x-user": u}) for u in users
+        }
+        again = {
+            u: client.post(router.url + INFER, json=body, headers={"x-user": u}) for u in users
+        }
+    served = {u: served_by([answer]) for u, answer in first.items()}
+    assert served == {u: served_by([answer]) for u, answer in again.items()}
+    # Both variants have a cohort: 40 users at 50/50 all on one side is a 1 in 2**39 event.
+    assert sum(served.values(), Counter()).keys() == {"v1", "v2"}
+
+
 def test_unknown_variant_in_override_is_a_404_naming_it(
     iris: BuiltModel, backends: dict[str, RunningProcess], volume: ConfigMapVolume
 ) -> None:

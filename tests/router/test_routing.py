@@ -230,7 +230,7 @@ def test_request_headers_drop_hop_by_hop_and_extend_forwarded_for() -> None:
         (b"accept", b"*/*"),
         (b"accept", b"text/csv"),
     ]
-    incoming = read_request_headers(raw, "x-model-variant", "127.0.0.1")
+    incoming = read_request_headers(raw, parse_router_config(config_json()), "127.0.0.1")
     assert incoming == IncomingRequest(
         forwarded_headers=[
             ("content-type", "application/json"),
@@ -241,6 +241,7 @@ def test_request_headers_drop_hop_by_hop_and_extend_forwarded_for() -> None:
             ("x-forwarded-for", "10.0.0.1, 127.0.0.1"),
         ],
         override="v2",
+        sticky=None,
         content_length=42,
         chunked=False,
     )
@@ -259,7 +260,8 @@ def test_request_headers_drop_hop_by_hop_and_extend_forwarded_for() -> None:
 def test_request_routing_facts(
     raw: list[tuple[bytes, bytes]], override: str | None, content_length: int | None, chunked: bool
 ) -> None:
-    incoming = read_request_headers(raw, "x-canary", None)
+    config = parse_router_config(config_json(headerOverride="x-canary"))
+    incoming = read_request_headers(raw, config, None)
     assert (incoming.override, incoming.content_length, incoming.chunked) == (
         override,
         content_length,
@@ -291,3 +293,60 @@ def test_response_headers_keep_end_to_end_ones_and_name_the_variant() -> None:
         (b"set-cookie", b"b=2"),
         (b"x-model-variant", b"v2"),
     ]
+
+
+def test_sticky_header_is_parsed_lower_case_and_read_from_requests() -> None:
+    config = parse_router_config(config_json(stickyHeader="X-User"))
+    assert config.sticky_header == "x-user"
+    raw = [(b"x-user", b" alice "), (b"accept", b"*/*")]
+    incoming = read_request_headers(raw, config, None)
+    assert incoming.sticky == "alice"
+    # The header still reaches the variant: it is the application's, not the router's.
+    assert ("x-user", " alice ") in incoming.forwarded_headers
+    assert parse_router_config(config_json()).sticky_header is None
+
+
+@pytest.mark.parametrize(
+    ("sticky", "fragment"),
+    [("x user", "stickyHeader: 'x user' is not an HTTP header name"), ("X-Model-Variant", "too")],
+)
+def test_invalid_sticky_header_is_refused(sticky: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        parse_router_config(config_json(stickyHeader=sticky))
+
+
+def cohorts(config: RouterConfig, values: list[str]) -> dict[str, str]:
+    return {value: config.choose(None, 0.0, value).name for value in values}
+
+
+USERS = [f"user-{i}" for i in range(10_000)]
+
+
+def test_sticky_values_split_by_weight_within_binomial_bounds() -> None:
+    config = parse_router_config(variants_json(90, 10))
+    counts = Counter(cohorts(config, USERS).values())
+    # n=10,000, p=0.1: sd = 30, so 4.5 sd either side is 865..1135.
+    assert 865 <= counts["v2"] <= 1135, counts
+    assert counts["v1"] + counts["v2"] == len(USERS)
+
+
+def test_sticky_value_ignores_the_random_draw_and_the_override_still_wins() -> None:
+    config = parse_router_config(variants_json(50, 50))
+    for value in USERS[:200]:
+        chosen = {config.choose(None, rand, value).name for rand in (0.0, 0.3, 0.7, 0.999)}
+        assert len(chosen) == 1, value
+        assert config.choose("v2", 0.0, value).name == "v2"
+
+
+def test_weight_change_moves_only_the_buckets_it_must() -> None:
+    before = cohorts(parse_router_config(variants_json(90, 10)), USERS)
+    after = cohorts(parse_router_config(variants_json(80, 20)), USERS)
+    moved = {v: (before[v], after[v]) for v in USERS if before[v] != after[v]}
+    assert set(moved.values()) == {("v1", "v2")}
+    # About 10% of values: binomial with p=0.1 again.
+    assert 865 <= len(moved) <= 1135, len(moved)
+
+
+def test_sticky_cohorts_skip_variants_without_weight() -> None:
+    config = parse_router_config(variants_json(0, 100))
+    assert set(cohorts(config, USERS[:500]).values()) == {"v2"}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pandas as pd
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType, StringTensorType
@@ -129,3 +130,28 @@ def build_mixed_pipeline(directory: Path) -> BuiltModel:
     ]
     path, sha = _export(estimator, initial_types, directory, "mixed_pipeline")
     return BuiltModel(path, sha, estimator, frame, target)
+
+
+Dim = int | str | None  # fixed size, symbolic name, or unnamed dynamic
+
+
+def write_graph(
+    directory: Path,
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, tuple[int, list[Dim]]],
+    outputs: dict[str, tuple[int, list[Dim]]],
+) -> Path:
+    """A hand-written ONNX graph (opset 17) as `<name>.onnx`; tensors are {name: (onnx elem type,
+    shape)}."""
+    graph = onnx.helper.make_graph(
+        nodes,
+        name,
+        [onnx.helper.make_tensor_value_info(n, t, shape) for n, (t, shape) in inputs.items()],
+        [onnx.helper.make_tensor_value_info(n, t, shape) for n, (t, shape) in outputs.items()],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    path = directory / f"{name}.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path

@@ -73,7 +73,6 @@ def run(args: argparse.Namespace, stored: dict[str, Any], md: ModelDeployment, o
         base_dir=base_dir,
         claim_dirs=dict(args.pvc),
         cache_dir=args.cache_dir,
-        annotations=stored["metadata"].get("annotations", {}),
     )
     return run_local(md, settings, out, sys.stderr)
 

@@ -25,7 +25,6 @@ LOOPBACK = "127.0.0.1"
 ROUTER_NAME = "router"
 # A records instance (JSON object: input name -> value) to show in the example requests; without
 # it they carry placeholder values, which any model accepts but which mean nothing.
-EXAMPLE_ANNOTATION = "modeldeploy.dev/example-instance"
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def plan_local_run(
             "--port",
             str(port),
         )
-        env = render_server_settings_env(variant.server)
+        env = render_server_settings_env(variant.server, md.example_instance)
         variants.append(LocalProcess(variant.name, argv, env, _loopback_url(port)))
     routes = render_routes_config(md, dict(md.spec_weights))
     urls = {process.name: process.url for process in variants}
@@ -151,18 +150,6 @@ def list_ignored_fields(md: ModelDeployment) -> list[str]:
         if value != field.default:
             notes.append(f"spec.pod.{_camel_case(field.name)}: applies to pods only")
     return notes
-
-
-def parse_example_instance(annotations: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The example records instance from the ModelDeployment's annotation, if it is usable."""
-    text = annotations.get(EXAMPLE_ANNOTATION)
-    if not isinstance(text, str):
-        return None
-    try:
-        instance = json.loads(text)
-    except ValueError:
-        return None
-    return instance if isinstance(instance, dict) else None
 
 
 def render_example_requests(

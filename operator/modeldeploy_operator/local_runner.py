@@ -34,7 +34,6 @@ from modeldeploy_operator.local import (
     LocalProcess,
     list_ignored_fields,
     locate_model,
-    parse_example_instance,
     plan_local_run,
     render_example_requests,
 )
@@ -67,7 +66,6 @@ class LocalRunSettings:
     base_dir: Path  # pvc:// claims default to directories here (the YAML file's directory)
     claim_dirs: Mapping[str, Path]
     cache_dir: Path
-    annotations: Mapping[str, str]
 
 
 class Supervisor:
@@ -198,8 +196,8 @@ def _run(md: ModelDeployment, settings: LocalRunSettings, sup: Supervisor, say: 
         say(f"  {process.name}: {route['weight']}% of traffic, direct: {process.url}")
     say(f"  metrics: {plan.router.url}/metrics (router), <variant URL>/metrics (servers)")
     say("\nTry:")
-    instance = parse_example_instance(settings.annotations)
-    for command in render_example_requests(md, plan.router.url, metadata["inputs"], instance):
+    inputs = metadata["inputs"]
+    for command in render_example_requests(md, plan.router.url, inputs, md.example_instance):
         say(f"  {command}")
     while (name := sup.first_exited()) is None:
         sup.check_stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from modeldeploy_operator import naming
@@ -43,6 +43,7 @@ ROUTER_DRAIN_SECONDS = 25
 # Beyond preStop + drain, before the kubelet's SIGKILL.
 SHUTDOWN_MARGIN_SECONDS = 5
 
+WARMUP_EXAMPLE_ENV = "MODELDEPLOY_WARMUP_EXAMPLE"
 # ServerSettings field -> `modeldeploy-server serve` env var, in rendering order.
 SERVER_ENV: tuple[tuple[str, str], ...] = (
     ("max_batch_size", "MODELDEPLOY_MAX_BATCH_SIZE"),
@@ -190,7 +191,7 @@ def _server_env(md: ModelDeployment, variant: Variant) -> list[Manifest]:
         ("MODELDEPLOY_HOST", "0.0.0.0"),
         ("MODELDEPLOY_PORT", str(naming.SERVER_PORT)),
     ]
-    env.extend(render_server_settings_env(variant.server).items())
+    env.extend(render_server_settings_env(variant.server, md.example_instance).items())
     return [{"name": name, "value": value} for name, value in env]
 
 
@@ -452,10 +453,16 @@ def _object(
     return obj
 
 
-def render_server_settings_env(settings: ServerSettings) -> dict[str, str]:
-    """The `modeldeploy-server serve` env for a variant's `server:` settings (also local mode)."""
-    return {
+def render_server_settings_env(
+    settings: ServerSettings, example_instance: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """The `modeldeploy-server serve` env for a variant's `server:` settings and the
+    ModelDeployment's example instance, its warm-up request (also local mode)."""
+    env = {
         var: _env_value(getattr(settings, field))
         for field, var in SERVER_ENV
         if getattr(settings, field) is not None
     }
+    if example_instance is not None:
+        env[WARMUP_EXAMPLE_ENV] = json.dumps(example_instance, separators=(",", ":"))
+    return env

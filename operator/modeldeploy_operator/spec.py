@@ -8,6 +8,7 @@ the ones admission cannot see, such as names that would not fit the objects deri
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ PLURAL = "modeldeployments"
 MODEL_DEPLOYMENT_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 DEFAULT_HEADER_OVERRIDE = "x-model-variant"
+EXAMPLE_ANNOTATION = "modeldeploy.dev/example-instance"
 DEFAULT_NAMESPACE = "default"
 URI_SCHEMES = ("https", "http", "file", "pvc")
 RoutingMode = Literal["router", "gateway", "none"]
@@ -130,6 +132,9 @@ class ModelDeployment:
     variants: tuple[Variant, ...]
     routing: Routing
     pod: PodSettings
+    # From annotation modeldeploy.dev/example-instance: the servers' warm-up request and the row
+    # of local mode's printed example requests.
+    example_instance: Mapping[str, Any] | None = None
 
     @property
     def spec_weights(self) -> tuple[tuple[str, int], ...]:
@@ -163,7 +168,22 @@ def parse_model_deployment(obj: Mapping[str, Any]) -> ModelDeployment:
         variants=variants,
         routing=_parse_routing(_optional(spec, "routing", "spec", dict, {})),
         pod=_parse_pod(_optional(spec, "pod", "spec", dict, {})),
+        example_instance=parse_example_instance(
+            _optional(metadata, "annotations", "metadata", dict, {})
+        ),
     )
+
+
+def parse_example_instance(annotations: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The example records instance from the ModelDeployment's annotation, if it is usable."""
+    text = annotations.get(EXAMPLE_ANNOTATION)
+    if not isinstance(text, str):
+        return None
+    try:
+        instance = json.loads(text)
+    except ValueError:
+        return None
+    return instance if isinstance(instance, dict) else None
 
 
 def _parse_variant(raw: Mapping[str, Any], path: str, md_name: str) -> Variant:

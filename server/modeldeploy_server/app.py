@@ -36,6 +36,7 @@ from modeldeploy_server.errors import (
     MalformedRequest,
     ModelExecutionError,
     ModelNotFound,
+    ModelRejected,
     NotReady,
     Overloaded,
     PayloadTooLarge,
@@ -46,7 +47,13 @@ from modeldeploy_server.errors import (
 from modeldeploy_server.metadata import validate_inputs
 from modeldeploy_server.metrics import ServerMetrics
 from modeldeploy_server.openapi import build_openapi
-from modeldeploy_server.records import decode_csv, decode_instances, encode_csv, encode_predictions
+from modeldeploy_server.records import (
+    decode_csv,
+    decode_example,
+    decode_instances,
+    encode_csv,
+    encode_predictions,
+)
 from modeldeploy_server.runtime import OnnxModel
 
 logger = logging.getLogger("uvicorn.error")
@@ -58,6 +65,7 @@ ERROR_STATUS: dict[type[ServerError], int] = {
     ModelNotFound: 404,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
+    ModelRejected: 422,
     ModelExecutionError: 500,
     Overloaded: 503,
     NotReady: 503,
@@ -193,7 +201,7 @@ class InferenceService:
         self._deadlines = Deadlines(config.request_timeout_s)
         self._batcher = Batcher(
             self.model.run,
-            batchable=self.metadata.batchable,
+            batchable=self.metadata.batch_axis,
             uniform=self.metadata.uniform,
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_ms / 1000,
@@ -206,11 +214,7 @@ class InferenceService:
             self._capture = PayloadCapture(
                 config.capture_path, config.capture_sample_rate, self.metrics.capture_dropped.inc
             )
-        try:
-            feed = self.model.synthetic_feed()
-            await self._batcher.submit(feed, next(iter(feed.values())).shape[0])
-        except ServerError as exc:
-            raise ConfigError(f"warm-up with a synthetic request failed: {exc}") from exc
+        await self._warm_up()
         self.state.ready = True
         try:
             yield
@@ -220,6 +224,29 @@ class InferenceService:
             await self._deadlines.close()
             if self._capture is not None:
                 self._capture.close()
+
+    async def _warm_up(self) -> None:
+        """Run the user's example, which must succeed, or else a synthetic request (zeros, one
+        row), which a valid model may refuse: inputs that are data (axes, sizes, a shape)."""
+        assert self._batcher is not None, "the lifespan starts the batcher"
+        example = self.config.warmup_example
+        if example is not None:
+            try:
+                tensors = decode_example(example, self.metadata)
+                feed, rows = validate_inputs(tensors, self.metadata, self.config.max_rows)
+                await self._batcher.submit(feed, rows)
+            except ServerError as exc:
+                raise ConfigError(f"warm-up with the example request failed: {exc}") from exc
+            return
+        synthetic = self.model.synthetic_feed()
+        try:
+            await self._batcher.submit(synthetic, 1)
+        except ServerError as exc:
+            logger.warning(
+                "warm-up: the model refused a synthetic request (%s); serving without warm-up "
+                "(give --warmup-example for a request it accepts)",
+                exc,
+            )
 
     # -- the inference path (plain ASGI) -------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -42,6 +43,8 @@ class ServeConfig:
     # balancers stop sending before connections are refused.
     shutdown_delay_s: float = 0.0
     log_level: str = "info"
+    # One request the model must answer before the server is ready (see parse_warmup_example).
+    warmup_example: dict[str, Any] | None = None
 
 
 def _text(value: str) -> str:
@@ -118,6 +121,18 @@ def _log_level(value: str) -> str:
     return lowered
 
 
+def parse_warmup_example(value: str) -> dict[str, Any]:
+    """A JSON object: one records instance (a value per input, as the ModelDeployment annotation
+    modeldeploy.dev/example-instance holds) or a v2 inference request (an `inputs` list)."""
+    try:
+        example = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(example, dict):
+        raise ValueError("must be a JSON object")
+    return example
+
+
 # field name -> (parser, help); the flag is --field-name and the env var MODELDEPLOY_FIELD_NAME,
 # except where _ENV_NAMES says otherwise.
 _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
@@ -139,6 +154,12 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "access_log": (parse_bool, "log one line per request (costs throughput)"),
     "shutdown_delay_s": (_non_negative_float, "seconds between SIGTERM and closing the port"),
     "log_level": (_log_level, "log level"),
+    "warmup_example": (
+        parse_warmup_example,
+        "request the model must answer before the server is ready: a records instance "
+        '(JSON object, a value per input) or a v2 request (JSON object with "inputs"); without '
+        "it, a synthetic request is tried and only logged if the model refuses it",
+    ),
 }
 _ENV_NAMES = {"sha256": "MODELDEPLOY_MODEL_SHA256"}
 _REQUIRED = ("model_path", "model_name")

@@ -15,6 +15,11 @@ class InvalidInput(ServerError):
     """The request parses but does not fit the model (names, datatypes, shapes, values)."""
 
 
+class ModelRejected(ServerError):
+    """The request fits the model's signature, but the model cannot run on its values (a Reshape
+    to an impossible shape, an index out of range)."""
+
+
 class ModelNotFound(ServerError):
     """The path names a model or version this server does not serve."""
 

@@ -68,16 +68,14 @@ class ModelMetadata:
     sha256: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Requests merge along the first dimension, and the row limit applies to it (see
+    # has_batch_axis); a model without one runs each request exactly as sent.
+    batch_axis: bool
 
     @functools.cached_property
     def input_specs(self) -> dict[str, TensorSpec]:
         """Inputs by name."""
         return {spec.name: spec for spec in self.inputs}
-
-    @property
-    def batchable(self) -> bool:
-        """Requests can be merged when every tensor has a dynamic first (batch) dimension."""
-        return all(spec.shape[:1] == (-1,) for spec in (*self.inputs, *self.outputs))
 
     @property
     def uniform(self) -> bool:
@@ -95,6 +93,19 @@ class ModelMetadata:
         }
 
 
+def has_batch_axis(leading_dims: Sequence[int | str | None]) -> bool:
+    """Whether the graph lets requests merge along their first dimension: `leading_dims` holds the
+    first dimension of every input and output as ONNX declares it (an int when fixed, a name when
+    symbolic, None when unnamed, 0 for a scalar). Every one must be dynamic, and all the named
+    ones must share one name: two names are two independent sizes (Concat's [N, 4] and [M, 4])."""
+    names = {dim for dim in leading_dims if isinstance(dim, str)}
+    return (
+        bool(leading_dims)
+        and all(dim is None or isinstance(dim, str) for dim in leading_dims)
+        and len(names) <= 1
+    )
+
+
 # Per-request records are plain slotted dataclasses: a frozen one costs 4x as much to create.
 @dataclass(slots=True)
 class DecodedTensor:
@@ -108,8 +119,10 @@ class DecodedTensor:
 def validate_inputs(
     tensors: Sequence[DecodedTensor], metadata: ModelMetadata, max_rows: int
 ) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
-    """Check names, datatypes and shapes against the model; return the feed and its row count."""
+    """Check names, datatypes and shapes against the model; return the feed and its row count
+    (1 for a model without a batch axis: its requests run as sent, whatever their sizes)."""
     specs = metadata.input_specs
+    batch_axis = metadata.batch_axis
     feed: dict[str, np.ndarray[Any, Any]] = {}
     rows = -1
     for tensor in tensors:
@@ -131,14 +144,19 @@ def validate_inputs(
                 f"input {name!r} has shape {list(shape)}, the model expects {list(spec.shape)} "
                 "(-1: any size)"
             )
-        first = shape[0] if shape else 1
-        if rows not in (-1, first):
-            raise InvalidInput(f"inputs disagree on the batch dimension ({rows} and {first} rows)")
-        rows = first
+        if batch_axis:
+            first = shape[0]
+            if rows not in (-1, first):
+                raise InvalidInput(
+                    f"inputs disagree on the batch dimension ({rows} and {first} rows)"
+                )
+            rows = first
         feed[name] = tensor.array
     if len(feed) != len(specs):
         missing = [name for name in specs if name not in feed]
         raise InvalidInput(f"missing input(s) {missing}; the model needs {list(specs)}")
+    if not batch_axis:
+        return feed, 1
     if rows > max_rows:
         raise PayloadTooLarge(f"request has {rows} rows, the limit is {max_rows}")
     return feed, rows

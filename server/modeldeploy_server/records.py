@@ -8,16 +8,24 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import orjson
 
-from modeldeploy_server.codec import array_from_json, may_hold_booleans, parse_json, string_array
+from modeldeploy_server.codec import (
+    array_from_json,
+    decode_infer_request,
+    may_hold_booleans,
+    parse_json,
+    string_array,
+)
 from modeldeploy_server.errors import InvalidInput, MalformedRequest
-from modeldeploy_server.metadata import V2_TO_NUMPY, DecodedTensor, ModelMetadata, TensorSpec
+from modeldeploy_server.metadata import DecodedTensor, ModelMetadata, TensorSpec
 
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _TRUE = frozenset({"true", "1"})
 _FALSE = frozenset({"false", "0"})
 
@@ -85,6 +93,15 @@ def decode_instances(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor
     return tensors
 
 
+def decode_example(example: Mapping[str, Any], metadata: ModelMetadata) -> list[DecodedTensor]:
+    """The tensors of a warm-up example: a v2 request when it holds an `inputs` list of objects,
+    else one records instance (a value per input)."""
+    inputs = example.get("inputs")
+    if isinstance(inputs, list) and inputs and all(isinstance(entry, dict) for entry in inputs):
+        return list(decode_infer_request(orjson.dumps(example)).inputs)
+    return decode_instances(orjson.dumps({"instances": [example]}), metadata)
+
+
 def encode_predictions(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
     """One prediction per row: the value of a single output, or an object keyed by output."""
     # orjson takes numpy arrays and float scalars, but not every integer scalar type (onnxruntime
@@ -110,17 +127,23 @@ def _column_array(where: str, datatype: str, values: Sequence[str]) -> np.ndarra
         if not all(value in _TRUE or value in _FALSE for value in lowered):
             raise InvalidInput(f"{where}: BOOL values must be true/false/1/0")
         return np.array([value in _TRUE for value in lowered])
-    dtype = V2_TO_NUMPY[datatype]
+    # Numbers follow JSON's rules exactly (no NaN, no infinity, nothing that overflows a double,
+    # and then the same datatype checks): the column is read as one JSON array.
     try:
-        if dtype.kind == "f":
-            return np.array(values).astype(dtype)
-        parsed = np.array([int(value) for value in values])
-    except (ValueError, OverflowError):
-        raise InvalidInput(f"{where}: a value is not {datatype}") from None
-    info = np.iinfo(dtype)
-    if parsed.dtype == object or parsed.min() < info.min or parsed.max() > info.max:
-        raise InvalidInput(f"{where}: a value is out of range for {datatype}")
-    return parsed.astype(dtype)
+        numbers = orjson.loads("[" + ",".join(values) + "]")
+    except orjson.JSONDecodeError:
+        numbers = None
+    if numbers is None or len(numbers) != len(values):
+        for row, value in enumerate(values, start=1):
+            try:
+                number = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidInput(
+                    f"{where}, data row {row}: {value!r} is not a JSON number ({exc.msg})"
+                ) from None
+            if type(number) not in (int, float, bool):
+                raise InvalidInput(f"{where}, data row {row}: {value!r} is not a JSON number")
+    return array_from_json(where, datatype, numbers)
 
 
 def decode_csv(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor]:
@@ -131,6 +154,14 @@ def decode_csv(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor]:
         table = [row for row in csv.reader(io.StringIO(text)) if row]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise MalformedRequest(f"request body is not UTF-8 CSV: {exc}") from None
+    control = _CONTROL.search(text)
+    if control is not None:
+        # JSON refuses unescaped control characters in its strings; CSV has no escapes, so only
+        # the ones a quoted field may hold (tab, CR, LF) are allowed.
+        raise MalformedRequest(
+            f"request body is not UTF-8 CSV: control character {control.group()!r} at "
+            f"character {control.start()}"
+        )
     if len(table) < 2:
         raise MalformedRequest("CSV needs a header row and at least one data row")
     header, rows = table[0], table[1:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,28 @@ import numpy as np
 import onnxruntime as ort
 
 from modeldeploy_server.digest import sha256_file
-from modeldeploy_server.errors import ConfigError, InvalidInput, ModelExecutionError
-from modeldeploy_server.metadata import ONNX_TO_V2, V2_TO_NUMPY, ModelMetadata, TensorSpec
+from modeldeploy_server.errors import ConfigError, ModelExecutionError, ModelRejected
+from modeldeploy_server.metadata import (
+    ONNX_TO_V2,
+    V2_TO_NUMPY,
+    ModelMetadata,
+    TensorSpec,
+    has_batch_axis,
+)
+
+# onnxruntime's messages: "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while
+# running Reshape node. Name:'r' Status Message: /onnxruntime_src/.../reshape_helper.h:91
+# onnxruntime::ReshapeHelper::ReshapeHelper(const ...&, bool) a == b was false. The input ..."
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_NODE_FAILURE = re.compile(
+    r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message: ",
+)
+# A source location, then the C++ function it is in (one level of nested parentheses), then the
+# failed check's expression: internals, not the model's complaint.
+_SOURCE_LOCATION = re.compile(
+    r"\S+\.(?:h|hpp|cc|cpp|c):\d+ (?:[^()]*\((?:[^()]|\([^()]*\))*\)(?: const)? )?"
+    r"(?:.*? was false\. )?"
+)
 
 
 def _spec(node: Any) -> TensorSpec:
@@ -35,11 +56,11 @@ class OnnxModel:
         """Run the model on validated inputs."""
         try:
             results = self._session.run(self._output_names, dict(feed))
-        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
-            # Validation caught names, types and shapes; what is left is about values.
-            raise InvalidInput(f"the model rejected the input: {exc}") from None
         except Exception as exc:
-            raise ModelExecutionError(f"model execution failed: {exc}") from None
+            complaint = describe_rejection(str(exc))
+            if complaint is None:
+                raise ModelExecutionError(f"model execution failed: {exc}") from None
+            raise ModelRejected(complaint) from None
         return dict(zip(self._output_names, results, strict=True))
 
     def synthetic_feed(self) -> dict[str, np.ndarray[Any, Any]]:
@@ -52,6 +73,22 @@ class OnnxModel:
             else:
                 feed[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
         return feed
+
+
+def describe_rejection(message: str) -> str | None:
+    """The client's share of an onnxruntime run failure: which node refused the request's values
+    and why, without source paths; None when the failure is not about the request's values
+    (validation already matched names, datatypes and shapes to the model)."""
+    text = _ORT_PREFIX.sub("", message.strip())
+    node = _NODE_FAILURE.search(text)
+    if node is None:
+        if not message.startswith("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT"):
+            return None
+        return f"the model cannot run on these inputs: {_SOURCE_LOCATION.sub('', text)}"
+    op, name = node.group(1), node.group(2)
+    complaint = _SOURCE_LOCATION.sub("", text[node.end() :]).strip()
+    where = f"{op} node {name!r}" if name else f"{op} node"
+    return f"the model cannot run on these inputs: {where}: {complaint}"
 
 
 def load_model(
@@ -78,11 +115,14 @@ def load_model(
         )
     except Exception as exc:
         raise ConfigError(f"onnxruntime cannot load {path} as an ONNX model: {exc}") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
     metadata = ModelMetadata(
         name=name,
         version=version,
         sha256=sha256,
-        inputs=tuple(_spec(node) for node in session.get_inputs()),
-        outputs=tuple(_spec(node) for node in session.get_outputs()),
+        inputs=tuple(_spec(node) for node in inputs),
+        outputs=tuple(_spec(node) for node in outputs),
+        batch_axis=bool(inputs)
+        and has_batch_axis([node.shape[0] if node.shape else 0 for node in (*inputs, *outputs)]),
     )
     return OnnxModel(session, metadata)

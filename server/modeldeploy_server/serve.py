@@ -67,13 +67,13 @@ def run_server(config: ServeConfig) -> int:
     server = DrainingServer(uvicorn_config, service.state, config.shutdown_delay_s)
     metadata = model.metadata
     logger.info(
-        "model %s version %s sha256 %s (%d inputs, %d outputs, batchable %s)",
+        "model %s version %s sha256 %s (%d inputs, %d outputs, batch axis %s)",
         metadata.name,
         metadata.version,
         metadata.sha256,
         len(metadata.inputs),
         len(metadata.outputs),
-        metadata.batchable,
+        metadata.batch_axis,
     )
     try:
         run_until_stopped(server)

@@ -14,11 +14,10 @@ from modeldeploy_operator.local import (
     LocalFile,
     list_ignored_fields,
     locate_model,
-    parse_example_instance,
     plan_local_run,
     render_example_requests,
 )
-from modeldeploy_operator.spec import ModelSource, parse_model_deployment
+from modeldeploy_operator.spec import ModelSource, parse_example_instance, parse_model_deployment
 from tests.invalid_manifests import SHA_V1, VALID_MANIFESTS
 
 BASE = Path("/work/project")

@@ -17,7 +17,8 @@ from modeldeploy_server.codec import (
     select_outputs,
 )
 from modeldeploy_server.errors import InvalidInput, MalformedRequest
-from modeldeploy_server.metadata import V2_TO_NUMPY
+from modeldeploy_server.metadata import V2_TO_NUMPY, ModelMetadata, TensorSpec
+from modeldeploy_server.records import decode_example
 
 SAMPLES: dict[str, list[Any]] = {
     "BOOL": [True, False, True, True],
@@ -243,3 +244,21 @@ def test_requested_outputs_select_a_subset_in_the_requested_form() -> None:
             decode_infer_request(request("FP32", [1, 2, 3, 4], outputs=[{"name": "nope"}])),
             ["label"],
         )
+
+
+def test_a_warm_up_example_is_a_records_instance_or_a_v2_request() -> None:
+    metadata = ModelMetadata(
+        "m",
+        "1",
+        "0" * 64,
+        (TensorSpec("x", "FP32", (-1, 2)), TensorSpec("inputs", "INT64", (-1, 1))),
+        (TensorSpec("y", "FP32", (-1,)),),
+        batch_axis=True,
+    )
+    # An input may be called "inputs": only a list of objects makes a v2 request.
+    instance = decode_example({"x": [1.5, 2], "inputs": 7}, metadata)
+    assert [(t.name, t.array.tolist()) for t in instance] == [("x", [[1.5, 2]]), ("inputs", [[7]])]
+    v2 = decode_example(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]}, metadata
+    )
+    assert [(t.name, t.datatype, t.array.tolist()) for t in v2] == [("x", "FP32", [1.0, 2.0])]

@@ -43,6 +43,7 @@ def test_env_configures_everything_and_flags_win() -> None:
         "MODELDEPLOY_CAPTURE_PATH": "/tmp/c.jsonl",
         "MODELDEPLOY_CAPTURE_SAMPLE_RATE": "0.5",
         "MODELDEPLOY_ACCESS_LOG": "true",
+        "MODELDEPLOY_WARMUP_EXAMPLE": '{"input": [5.1, 3.5, 1.4, 0.2]}',
     }
     config = parse_serve_config(["--port", "9001"], env)
     assert config == ServeConfig(
@@ -61,6 +62,7 @@ def test_env_configures_everything_and_flags_win() -> None:
         capture_path=Path("/tmp/c.jsonl"),
         capture_sample_rate=0.5,
         access_log=True,
+        warmup_example={"input": [5.1, 3.5, 1.4, 0.2]},
     )
 
 
@@ -81,6 +83,8 @@ def test_env_configures_everything_and_flags_win() -> None:
         ([*REQUIRED, "--max-queue", "many"], {}, "--max-queue='many': invalid literal"),
         ([*REQUIRED, "--access-log", "maybe"], {}, "must be true or false"),
         ([*REQUIRED, "--model-name", " "], {}, "must not be empty"),
+        ([*REQUIRED, "--warmup-example", "[1, 2]"], {}, "must be a JSON object"),
+        ([*REQUIRED, "--warmup-example", "{x"], {}, "--warmup-example='{x': not JSON"),
     ],
 )
 def test_invalid_values_fail_fast_naming_the_source(

@@ -52,6 +52,7 @@ MIXED_METADATA = ModelMetadata(
         + [TensorSpec(name, "FP32", (-1, 1)) for name in MIXED_FLOAT_COLUMNS]
     ),
     outputs=(TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 2))),
+    batch_axis=True,
 )
 schema = schemathesis.openapi.from_dict(build_openapi(MIXED_METADATA))
 schema.config.generation.update(

@@ -9,3 +9,14 @@ from __future__ import annotations
 # A single-file ONNX model is one protobuf message, which cannot exceed 2 GiB: `fetch` refuses
 # anything larger instead of filling the pod's disk.
 MAX_MODEL_BYTES = 2 * 1024 * 1024 * 1024
+
+# The router's routes: the data key of the `<md>-routes` ConfigMap, and the JSON format of a routes
+# file in local mode. The routes carry a `version` (the operator's content hash).
+ROUTES_KEY = "routes.json"
+# After serving routes version V, each router pod sets annotation `<prefix><pod name>: V` on the
+# routes ConfigMap (a JSON merge patch under its own field manager); the operator reads them.
+ROUTES_ACK_ANNOTATION_PREFIX = "acks.modeldeploy.dev/"
+ROUTER_FIELD_MANAGER = "modeldeploy-router"
+# The router pod's env: which ConfigMap to watch (NAMESPACE/NAME) and its own pod name.
+ROUTES_CONFIGMAP_ENV = "MODELDEPLOY_ROUTES_CONFIGMAP"
+POD_NAME_ENV = "MODELDEPLOY_POD_NAME"

@@ -111,9 +111,8 @@ def plan_local_run(
         )
         env = render_server_settings_env(variant.server, md.example_instance)
         variants.append(LocalProcess(variant.name, argv, env, _loopback_url(port)))
-    routes = render_routes_config(md, dict(md.spec_weights))
     urls = {process.name: process.url for process in variants}
-    routes["variants"] = [{**row, "url": urls[row["name"]]} for row in routes["variants"]]
+    routes = render_routes_config(md, dict(md.spec_weights), urls)
     router_argv = (
         *server_command,
         "route",

@@ -27,7 +27,6 @@ RESERVED_LABELS = frozenset(
 MAX_NAME_LENGTH = 63  # DNS-1035 label, the limit for Service names
 SERVER_PORT = 8080
 ROUTER_SERVICE_PORT = 80
-ROUTES_KEY = "routes.json"
 ROUTES_DIR = "/etc/modeldeploy"
 
 

@@ -8,13 +8,14 @@ unchanged ModelDeployment is a no-op: no new generation, no pod restart.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
 from modeldeploy_operator import naming
-from modeldeploy_operator.contract import MAX_MODEL_BYTES
+from modeldeploy_operator.contract import MAX_MODEL_BYTES, ROUTES_KEY
 from modeldeploy_operator.spec import (
     KIND,
     MODEL_DEPLOYMENT_API_VERSION,
@@ -84,8 +85,15 @@ def render_objects(
     return objects
 
 
-def render_routes_config(md: ModelDeployment, weights: dict[str, int]) -> dict[str, Any]:
-    """The router's routes.json (the contract in the team brief), with effective weights."""
+def render_routes_config(
+    md: ModelDeployment, weights: Mapping[str, int], urls: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The router's routes.json (the contract in the team brief), with effective weights.
+
+    Each variant is reached at its Service unless `urls` says otherwise (local mode). `version`
+    is a hash of the rest: the same routes always carry the same version, which the routers
+    acknowledge once they serve with them.
+    """
     routes: dict[str, Any] = {
         "model": md.name,
         "headerOverride": md.routing.header_override,
@@ -95,12 +103,22 @@ def render_routes_config(md: ModelDeployment, weights: dict[str, int]) -> dict[s
     routes["variants"] = [
         {
             "name": v.name,
-            "url": naming.variant_service_url(md.name, v.name, md.namespace),
+            "url": (
+                urls[v.name]
+                if urls is not None
+                else naming.variant_service_url(md.name, v.name, md.namespace)
+            ),
             "weight": weights[v.name],
         }
         for v in md.variants
     ]
-    return routes
+    return {"version": routes_version(routes), **routes}
+
+
+def routes_version(routes: Mapping[str, Any]) -> str:
+    """The content hash of routes (without their version): 16 hex digits of a sha256."""
+    canonical = json.dumps(routes, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str) -> Manifest:
@@ -206,13 +224,13 @@ def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) ->
     config_map_name = naming.routes_config_map_name(md.name)
     config_map = _object(md, "v1", "ConfigMap", config_map_name, labels, None)
     config_map["data"] = {
-        naming.ROUTES_KEY: json.dumps(render_routes_config(md, weights), indent=2) + "\n"
+        ROUTES_KEY: json.dumps(render_routes_config(md, weights), indent=2) + "\n"
     }
     router = {
         "name": "router",
         "image": image,
         "command": ["modeldeploy-server"],
-        "args": ["route", "--config", f"{naming.ROUTES_DIR}/{naming.ROUTES_KEY}"],
+        "args": ["route", "--config", f"{naming.ROUTES_DIR}/{ROUTES_KEY}"],
         "ports": [{"name": "http", "containerPort": naming.SERVER_PORT, "protocol": "TCP"}],
         **_probes(),
         **_pre_stop(),

@@ -2,8 +2,9 @@
 
 The routing decision and the header rules are `modeldeploy_server.routing` (pure); this module is
 the shell around them: the ASGI app (plain ASGI for proxied requests, Starlette for the router's own
-endpoints), the pooled aiohttp client that talks to the variants, the config file watcher, the
-Prometheus metrics and the process entry point.
+endpoints), the pooled aiohttp client that talks to the variants, the Prometheus metrics and the
+process entry point. Where the routes come from (a file, or the ConfigMap through the API) is
+`modeldeploy_server.routes_source`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -40,13 +40,20 @@ from modeldeploy_server.config import (
 )
 from modeldeploy_server.errors import ConfigError as SettingsError
 from modeldeploy_server.http_server import build_uvicorn_config, run_until_stopped
+from modeldeploy_server.routes_source import OPTIONS as ROUTES_OPTIONS
+from modeldeploy_server.routes_source import (
+    RoutesSettings,
+    RoutesSource,
+    build_routes_settings,
+    load_initial_routes,
+)
 from modeldeploy_server.routing import (
+    NO_ROUTES,
     ConfigError,
     IncomingRequest,
     RouterConfig,
     RoutingError,
     Variant,
-    parse_router_config,
     read_request_headers,
     returned_response_headers,
 )
@@ -71,19 +78,17 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class RouterSettings:
     """The router process's configuration, read once from flags and MODELDEPLOY_* env vars."""
 
-    config: Path
+    routes: RoutesSettings
     host: str
     port: int
     timeout_s: float
     connect_timeout_s: float
-    reload_interval_s: float
     access_log: bool
 
 
 # field -> (env var, parser, default, help). The flag is --field-name; flags win over env vars,
 # which win over defaults, and both go through the same parser.
 _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
-    "config": ("MODELDEPLOY_ROUTER_CONFIG", Path, None, "routing config JSON, re-read on change"),
     "host": ("MODELDEPLOY_HOST", str, "0.0.0.0", "address to listen on"),
     "port": ("MODELDEPLOY_PORT", parse_port, "8080", "port to listen on"),
     "timeout_s": ("MODELDEPLOY_ROUTER_TIMEOUT_S", parse_positive_float, "60", "wait for answers"),
@@ -92,12 +97,6 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
         parse_positive_float,
         "5",
         "wait for a connection to a variant",
-    ),
-    "reload_interval_s": (
-        "MODELDEPLOY_ROUTER_RELOAD_INTERVAL_S",
-        parse_positive_float,
-        "1",
-        "seconds between checks of the config file",
     ),
     "access_log": ("MODELDEPLOY_ACCESS_LOG", parse_bool, "false", "log each request (costs speed)"),
 }
@@ -110,22 +109,24 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> RouterSet
         description="Split traffic by weight across a model's variants. Waits are in seconds; "
         "a variant that does not answer in time gives a 504.",
     )
-    for name, (env, _, default, help_) in _OPTIONS.items():
-        shown = "required" if default is None else f"default {default}"
+    options = {**_OPTIONS, **ROUTES_OPTIONS}
+    for name, (env, _, default, help_) in options.items():
+        shown = "" if default is None else f"; default {default}"
         flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, dest=name, help=f"{help_} [env {env}; {shown}]")
+        parser.add_argument(flag, dest=name, help=f"{help_} [env {env}{shown}]")
     args = vars(parser.parse_args(list(argv)))
     try:
         values = resolve_options(
             args,
             environ,
-            {name: (env, parse) for name, (env, parse, _, _) in _OPTIONS.items()},
-            defaults={name: d for name, (_, _, d, _) in _OPTIONS.items() if d is not None},
-            required=[name for name, (_, _, default, _) in _OPTIONS.items() if default is None],
+            {name: (env, parse) for name, (env, parse, _, _) in options.items()},
+            defaults={name: d for name, (_, _, d, _) in options.items() if d is not None},
         )
+        routes = build_routes_settings(values, environ)
     except SettingsError as exc:
         parser.error(str(exc))
-    return RouterSettings(**values)
+    own = {name: value for name, value in values.items() if name in _OPTIONS}
+    return RouterSettings(routes=routes, **own)
 
 
 class RouterMetrics:
@@ -160,8 +161,14 @@ class RouterMetrics:
         )
         self._reloads = Counter(
             "modeldeploy_router_config_reloads",
-            "Config file changes seen, by result (applied or rejected).",
+            "Routes changes seen, by result (applied or rejected).",
             ["result"],
+            registry=self.registry,
+        )
+        self._routes_info = Gauge(
+            "modeldeploy_router_routes_info",
+            "1 for the version of the routes being served ('' for a file without a version).",
+            ["version"],
             registry=self.registry,
         )
 
@@ -186,6 +193,8 @@ class RouterMetrics:
                 self._weight.remove(variant.name)
         for variant in new.variants:
             self._weight.labels(variant.name).set(variant.weight)
+        self._routes_info.clear()
+        self._routes_info.labels(new.version or "").set(1)
 
     def count_reload(self, applied: bool) -> None:
         """Count a config change, applied or rejected."""
@@ -264,12 +273,15 @@ class Router:
     endpoints and runs the lifespan.
     """
 
-    def __init__(self, settings: RouterSettings, config: RouterConfig, config_bytes: bytes) -> None:
+    def __init__(
+        self, settings: RouterSettings, config: RouterConfig | None, routes: RoutesSource
+    ) -> None:
         self.settings = settings
-        self.config = config
+        self.config = config or NO_ROUTES
         self.metrics = RouterMetrics()
-        self.metrics.set_config(None, config)
-        self._config_bytes = config_bytes
+        if config is not None:
+            self.metrics.set_config(None, config)
+        self._routes = routes
         self._session: aiohttp.ClientSession | None = None
         self._own = Starlette(
             routes=[
@@ -289,7 +301,7 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        """Open the client pool and start the config watcher; close both on shutdown."""
+        """Open the client pool and start the routes source; close both on shutdown."""
         # Idle connections are dropped before the variant's uvicorn drops them (its keep-alive is
         # 5 s): a POST sent on a connection the server is closing fails, and aiohttp retries only
         # idempotent methods.
@@ -308,7 +320,7 @@ class Router:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        watcher = asyncio.create_task(self._watch_config())
+        watcher = asyncio.create_task(self._routes.run(self))
         try:
             yield
         finally:
@@ -317,48 +329,35 @@ class Router:
                 await watcher
             await self._session.close()
 
-    async def _watch_config(self) -> None:
-        # ConfigMap volumes change by an atomic swap of the `..data` symlink, so reading the whole
-        # (small) file each interval sees either the old or the new content, never a mix.
-        path = self.settings.config
-        while True:
-            await asyncio.sleep(self.settings.reload_interval_s)
-            try:
-                data = await asyncio.to_thread(path.read_bytes)
-            except OSError as exc:
-                if self._config_bytes != b"":
-                    log.error("cannot read config %s, keeping the current one: %s", path, exc)
-                    self._config_bytes = b""
-                continue
-            if data != self._config_bytes:
-                self._config_bytes = data
-                self.apply_config(data)
-
-    def apply_config(self, data: bytes) -> None:
-        """Swap in a new config if it is valid; otherwise keep serving with the current one."""
-        try:
-            config = parse_router_config(data)
-        except ConfigError as exc:
-            self.metrics.count_reload(applied=False)
-            log.error(
-                "invalid config in %s, keeping the current one: %s", self.settings.config, exc
-            )
-            return
+    def apply_routes(self, config: RouterConfig, origin: str) -> None:
+        """Serve with new routes from now on; requests in flight keep the ones they started with."""
         old, self.config = self.config, config
         self.metrics.set_config(old, config)
         self.metrics.count_reload(applied=True)
-        log.info("config applied: %s", describe(config))
+        log.info("routes version %s from %s applied: %s", config.version, origin, describe(config))
+
+    def reject_routes(self, origin: str, error: ConfigError) -> None:
+        """Count and log invalid routes; the current ones stay."""
+        self.metrics.count_reload(applied=False)
+        log.error("invalid routes in %s, keeping the current ones: %s", origin, error)
 
     async def live(self, _request: Request) -> Response:
         """Liveness: the process answers."""
         return JSONResponse({"live": True})
 
     async def ready(self, _request: Request) -> Response:
-        """Readiness: a config is loaded and at least one variant has a share of traffic."""
-        if not self.config.routable:
-            message = f"no variant of model {self.config.model!r} has a weight above 0"
-            return JSONResponse({"error": message}, status_code=503)
-        return JSONResponse({"ready": True})
+        """Readiness: routes are applied and at least one variant has a share of traffic.
+
+        The body names the applied routes' version (null before any, or for a file without one).
+        """
+        config = self.config
+        if not config.variants:
+            message = "no routes applied yet"
+            return JSONResponse({"error": message, "routesVersion": None}, status_code=503)
+        if not config.routable:
+            message = f"no variant of model {config.model!r} has a weight above 0"
+            return JSONResponse({"error": message, "routesVersion": config.version}, 503)
+        return JSONResponse({"ready": True, "routesVersion": config.version})
 
     async def metrics_endpoint(self, _request: Request) -> Response:
         """Prometheus text exposition of the router's own registry."""
@@ -463,19 +462,19 @@ def describe(config: RouterConfig) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Run the router until SIGTERM/SIGINT; exit 2 with a message if the config is invalid."""
+    """Run the router until SIGTERM/SIGINT; exit 2 with a message if the routes file is invalid."""
     settings = parse_settings(argv, os.environ)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config_bytes = settings.config.read_bytes()
-        config = parse_router_config(config_bytes)
+        routes, config = load_initial_routes(settings.routes)
     except (OSError, ConfigError) as exc:
-        log.error("cannot start: config %s: %s", settings.config, exc)
+        log.error("cannot start: routes %s: %s", settings.routes.config, exc)
         return 2
-    log.info("config loaded: %s", describe(config))
-    router = Router(settings, config, config_bytes)
+    if config is not None:
+        log.info("routes version %s loaded: %s", config.version, describe(config))
+    router = Router(settings, config, routes)
     server = uvicorn.Server(
         build_uvicorn_config(
             router,

@@ -24,7 +24,9 @@ STICKY_BUCKETS = 10_000
 _VARIANT_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 # An HTTP header name is an RFC 9110 token.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_CONFIG_KEYS = frozenset({"model", "headerOverride", "stickyHeader", "variants"})
+_CONFIG_KEYS = frozenset({"version", "model", "headerOverride", "stickyHeader", "variants"})
+# The routes' version (the operator's content hash) becomes a metric label and an annotation value.
+_VERSION = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.:]{0,127}$")
 _VARIANT_KEYS = frozenset({"name", "url", "weight"})
 
 
@@ -82,12 +84,18 @@ class Variant:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """A validated routing table; immutable so a reload swaps it whole."""
+    """A validated routing table; immutable so a reload swaps it whole.
+
+    One without variants stands for "no routes yet" (a router watching its ConfigMap, before the
+    first list): it routes nothing.
+    """
 
     model: str
     header_override: str
     variants: tuple[Variant, ...]
     sticky_header: str | None = None
+    # What the routes' author says they are (the operator's content hash); None in a file without.
+    version: str | None = None
     _by_name: dict[str, Variant] = field(init=False, repr=False, compare=False)
     # Cumulative weights of the variants with weight > 0, for a binary search per request.
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -131,6 +139,8 @@ class RouterConfig:
         if override is not None:
             variant = self._by_name.get(override)
             if variant is None:
+                if not self.variants:
+                    raise NoRoutableVariantError("the router has no routes yet")
                 known = ", ".join(sorted(self._by_name))
                 raise UnknownVariantError(
                     f"unknown variant {override!r} in header {self.header_override}; "
@@ -138,6 +148,8 @@ class RouterConfig:
                 )
             return variant
         if not self._weighted:
+            if not self.variants:
+                raise NoRoutableVariantError("the router has no routes yet")
             raise NoRoutableVariantError(
                 f"no variant of model {self.model!r} has a share of traffic (all weights are 0); "
                 f"name one with header {self.header_override}"
@@ -157,6 +169,10 @@ def sticky_bucket(value: str) -> int:
     return int.from_bytes(digest, "big") % STICKY_BUCKETS
 
 
+# What a router watching its ConfigMap serves with before its first routes arrive.
+NO_ROUTES = RouterConfig(model="", header_override=DEFAULT_HEADER_OVERRIDE, variants=())
+
+
 def parse_router_config(text: str | bytes) -> RouterConfig:
     """Parse and validate the router's JSON config (the `routes.json` key of its ConfigMap)."""
     try:
@@ -165,6 +181,9 @@ def parse_router_config(text: str | bytes) -> RouterConfig:
         raise ConfigError(f"config is not valid JSON: {exc}") from None
     obj = _expect_object(raw, "config")
     _reject_unknown_keys(obj, _CONFIG_KEYS, "config")
+    version = obj.get("version")
+    if version is not None and (not isinstance(version, str) or not _VERSION.match(version)):
+        raise ConfigError(f"version: {version!r} is not 1-128 of [A-Za-z0-9._:-]")
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         raise ConfigError("model: must be a non-empty string")
@@ -188,7 +207,11 @@ def parse_router_config(text: str | bytes) -> RouterConfig:
             f"variants: weights sum to {total}; they must sum to {TOTAL_WEIGHT} (or all be 0)"
         )
     return RouterConfig(
-        model=model, header_override=header, variants=variants, sticky_header=sticky
+        model=model,
+        header_override=header,
+        variants=variants,
+        sticky_header=sticky,
+        version=version,
     )
 
 

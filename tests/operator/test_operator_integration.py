@@ -17,6 +17,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from modeldeploy_operator import naming
+from modeldeploy_operator.contract import ROUTES_KEY
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
 from modeldeploy_operator.status import ready_variants
@@ -143,7 +144,7 @@ class Cluster:
             )
         except ApiException:
             return None
-        config = json.loads((config_map.data or {})[naming.ROUTES_KEY])
+        config = json.loads((config_map.data or {})[ROUTES_KEY])
         return {v["name"]: v["weight"] for v in config["variants"]}
 
     def set_ready(self, deployment_name: str, ready: bool = True) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import yaml
 
 from modeldeploy_operator import naming
 from modeldeploy_operator.contract import MAX_MODEL_BYTES
-from modeldeploy_operator.render import render_objects
+from modeldeploy_operator.render import render_objects, routes_version
 from modeldeploy_operator.spec import ModelDeployment, parse_model_deployment
 from tests.operator.builders import SHA_V1, model_deployment, variant
 
@@ -342,7 +343,9 @@ def routes(objects: list[dict[str, Any]]) -> dict[str, Any]:
 def test_router_config_has_effective_weights_and_service_urls(
     ready: set[str] | None, weights: list[int]
 ) -> None:
-    assert routes(render(model_deployment(), ready)) == {
+    rendered = routes(render(model_deployment(), ready))
+    assert rendered.pop("version") == routes_version(rendered)
+    assert rendered == {
         "model": "iris",
         "headerOverride": "x-model-variant",
         "variants": [
@@ -355,6 +358,20 @@ def test_router_config_has_effective_weights_and_service_urls(
 def test_router_config_carries_the_sticky_header_lower_case() -> None:
     md = model_deployment(routing={"stickyHeader": "X-User-Id"})
     assert routes(render(md))["stickyHeader"] == "x-user-id"
+
+
+def test_routes_version_is_a_content_hash() -> None:
+    versions = {
+        ready: routes(render(model_deployment(), set(ready)))["version"]
+        for ready in [("v1", "v2"), ("v1",), ()]
+    }
+    assert all(re.fullmatch("[0-9a-f]{16}", v) for v in versions.values())
+    assert len(set(versions.values())) == 3, "different routes, different versions"
+    assert routes(render(model_deployment(), {"v2", "v1"}))["version"] == versions[("v1", "v2")]
+    # Routes with the same weights but elsewhere (another namespace) are other routes.
+    elsewhere = model_deployment()
+    elsewhere["metadata"]["namespace"] = "other"
+    assert routes(render(elsewhere, {"v1", "v2"}))["version"] != versions[("v1", "v2")]
 
 
 def test_weight_changes_touch_only_the_router_config() -> None:

@@ -42,6 +42,8 @@ def test_rendered_routes_and_arguments_are_accepted_by_the_router(example: str, 
     config_map = find(objects, "ConfigMap")
     ((routes_key, routes_text),) = config_map["data"].items()
     config = parse_router_config(routes_text)
+    # A ConfigMap's routes must carry the version the routers acknowledge.
+    assert config.version is not None
     assert config.model == md.name
     assert config.header_override == md.routing.header_override.lower()
     assert [v.name for v in config.variants] == names
@@ -62,7 +64,7 @@ def test_rendered_routes_and_arguments_are_accepted_by_the_router(example: str, 
         for v in pod["volumes"]
         if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]
     )
-    assert settings.config == Path(mounts[volume["name"]]) / routes_key
+    assert settings.routes.config == Path(mounts[volume["name"]]) / routes_key
     assert settings.port == container["ports"][0]["containerPort"]
 
 

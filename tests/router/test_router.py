@@ -64,10 +64,15 @@ class ConfigMapVolume:
             shutil.rmtree(self.root / f"..{self._generation - 1}")
 
 
-def routes(variants: dict[str, tuple[str, int]], header: str = "x-model-variant") -> str:
-    """A router config JSON: variant name -> (url, weight)."""
+def routes(
+    variants: dict[str, tuple[str, int]],
+    header: str = "x-model-variant",
+    version: str | None = None,
+) -> str:
+    """A router config JSON: variant name -> (url, weight); `version` only when given."""
     return json.dumps(
         {
+            **({"version": version} if version else {}),
             "model": MODEL,
             "headerOverride": header,
             "variants": [
@@ -338,7 +343,11 @@ def test_weight_change_takes_effect_without_restart_and_bad_update_is_ignored(
         assert served_by([client.post(router.url + INFER, json=body) for _ in range(20)]) == {
             "v1": 20
         }
-        volume.publish(split_config(backends, 0, 100))
+        # A file may carry no version: the readiness body and the info metric say so.
+        assert client.get(router.url + "/v2/health/ready").json()["routesVersion"] is None
+        unversioned = client.get(router.url + "/metrics").text
+        urls = {"v1": (backends["v1"].url, 0), "v2": (backends["v2"].url, 100)}
+        volume.publish(routes(urls, version="b2"))
         deadline = time.monotonic() + 10
         while client.post(router.url + INFER, json=body).headers["x-model-variant"] != "v2":
             assert time.monotonic() < deadline, f"weights not reloaded:\n{router.output()}"
@@ -349,15 +358,20 @@ def test_weight_change_takes_effect_without_restart_and_bad_update_is_ignored(
         # A broken update is logged and ignored: traffic keeps flowing with the last good weights.
         volume.publish(split_config(backends, 50, 60))
         deadline = time.monotonic() + 10
-        while "invalid config" not in router.output():
+        while "invalid routes" not in router.output():
             assert time.monotonic() < deadline, f"bad config not noticed:\n{router.output()}"
             time.sleep(0.05)
         assert served_by([client.post(router.url + INFER, json=body) for _ in range(20)]) == {
             "v2": 20
         }
         metrics = client.get(router.url + "/metrics").text
+        ready = client.get(router.url + "/v2/health/ready")
         assert router.process.poll() is None
     assert "weights sum to 110" in router.output()
+    assert ready.json() == {"ready": True, "routesVersion": "b2"}
+    assert metric(unversioned, "modeldeploy_router_routes_info", version="") == 1
+    assert metric(metrics, "modeldeploy_router_routes_info", version="b2") == 1
+    assert metric(metrics, "modeldeploy_router_routes_info", version="") == 0
     assert metric(metrics, "modeldeploy_router_config_reloads_total", result="applied") == 1
     assert metric(metrics, "modeldeploy_router_config_reloads_total", result="rejected") == 1
     assert metric(metrics, "modeldeploy_router_variant_weight", variant="v2") == 100
@@ -466,7 +480,7 @@ def test_invalid_config_refuses_to_start_with_a_clear_message(
         timeout=30,
     )
     assert done.returncode == 2
-    assert f"cannot start: config {config}: " in done.stderr
+    assert f"cannot start: routes {config}: " in done.stderr
     assert message in done.stderr
 
 

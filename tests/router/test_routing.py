@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from modeldeploy_server.routing import (
+    NO_ROUTES,
     ConfigError,
     IncomingRequest,
     NoRoutableVariantError,
@@ -68,6 +69,18 @@ def test_parse_defaults_and_normalises() -> None:
     assert parse_router_config(config_json(headerOverride="X-Canary")).header_override == "x-canary"
 
 
+def test_version_is_optional_and_kept() -> None:
+    assert parse_router_config(config_json()).version is None
+    assert parse_router_config(config_json(version="0123abcd")).version == "0123abcd"
+
+
+def test_no_routes_yet_routes_nothing() -> None:
+    assert not NO_ROUTES.routable
+    for override in (None, "v1"):
+        with pytest.raises(NoRoutableVariantError, match="the router has no routes yet"):
+            NO_ROUTES.choose(override, 0.5)
+
+
 def test_all_weights_zero_is_valid_but_not_routable() -> None:
     config = parse_router_config(variants_json(0, 0))
     assert not config.routable
@@ -95,6 +108,10 @@ def _variant(**changes: Any) -> str:
         (config_json(variants={"v1": 100}), "variants: must be a non-empty list"),
         (config_json(variants=["v1"]), "variants[0]: must be a JSON object, got str"),
         (config_json(weights=[90, 10]), "config: unknown field(s) weights"),
+        (config_json(version=""), "version: '' is not 1-128 of [A-Za-z0-9._:-]"),
+        (config_json(version=7), "version: 7 is not 1-128 of"),
+        (config_json(version="a b"), "version: 'a b' is not 1-128 of"),
+        (config_json(version="a" * 129), "is not 1-128 of"),
         (_variant(port=8080), "variants[0]: unknown field(s) port"),
         (_variant(name=...), "variants[0].name: None is not a DNS-1035 label"),
         (_variant(name="V1"), "variants[0].name: 'V1' is not a DNS-1035 label"),

@@ -7,18 +7,44 @@ from pathlib import Path
 import pytest
 
 from modeldeploy_server.router import RouterSettings, parse_settings
+from modeldeploy_server.routes_source import ConfigMapRef, RoutesSettings
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+IN_POD = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"}
 
 
 def test_defaults_need_only_the_config() -> None:
     assert parse_settings(["--config", "/etc/router/routes.json"], {}) == RouterSettings(
-        config=Path("/etc/router/routes.json"),
+        routes=RoutesSettings(
+            config=Path("/etc/router/routes.json"),
+            reload_interval_s=1.0,
+            config_map=None,
+            pod_name=None,
+            api_server=None,
+            service_account_dir=SERVICE_ACCOUNT_DIR,
+            watch_timeout_s=300.0,
+        ),
         host="0.0.0.0",
         port=8080,
         timeout_s=60.0,
         connect_timeout_s=5.0,
-        reload_interval_s=1.0,
         access_log=False,
     )
+
+
+def test_in_a_pod_the_routes_come_from_the_config_map_through_the_api() -> None:
+    env = {**IN_POD, "MODELDEPLOY_ROUTES_CONFIGMAP": "ml/iris-routes", "MODELDEPLOY_POD_NAME": "p"}
+    assert parse_settings([], env).routes == RoutesSettings(
+        config=None,
+        reload_interval_s=1.0,
+        config_map=ConfigMapRef("ml", "iris-routes"),
+        pod_name="p",
+        api_server="https://10.0.0.1:443",
+        service_account_dir=SERVICE_ACCOUNT_DIR,
+        watch_timeout_s=300.0,
+    )
+    ipv6 = {**env, "KUBERNETES_SERVICE_HOST": "fd00::1"}
+    assert parse_settings([], ipv6).routes.api_server == "https://[fd00::1]:443"
 
 
 def test_env_sets_and_flags_override() -> None:
@@ -30,7 +56,7 @@ def test_env_sets_and_flags_override() -> None:
         "MODELDEPLOY_ACCESS_LOG": "true",
     }
     from_env = parse_settings([], env)
-    assert (from_env.config, from_env.host, from_env.port) == (
+    assert (from_env.routes.config, from_env.host, from_env.port) == (
         Path("/env/routes.json"),
         "127.0.0.1",
         9000,
@@ -38,7 +64,7 @@ def test_env_sets_and_flags_override() -> None:
     assert (from_env.timeout_s, from_env.access_log) == (2.5, True)
     flags = ["--config", "/flag.json", "--port", "9001", "--access-log", "false"]
     from_flags = parse_settings(flags, env)
-    assert (from_flags.config, from_flags.port, from_flags.access_log) == (
+    assert (from_flags.routes.config, from_flags.port, from_flags.access_log) == (
         Path("/flag.json"),
         9001,
         False,
@@ -48,7 +74,13 @@ def test_env_sets_and_flags_override() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        ([], {}, "--config (or MODELDEPLOY_ROUTER_CONFIG) is required"),
+        ([], {}, "exactly one of --config (MODELDEPLOY_ROUTER_CONFIG) and --routes-configmap"),
+        (["--config", "c", "--routes-configmap", "ns/n"], {}, "exactly one of --config"),
+        (["--routes-configmap", "ns"], IN_POD, "--routes-configmap='ns': must be NAMESPACE/NAME"),
+        (["--routes-configmap", "Ns/n", "--pod-name", "p"], IN_POD, "must be NAMESPACE/NAME"),
+        (["--routes-configmap", "ns/n"], IN_POD, "--routes-configmap needs --pod-name"),
+        (["--routes-configmap", "ns/n", "--pod-name", "p"], {}, "needs KUBERNETES_SERVICE_HOST"),
+        (["--routes-configmap", "ns/n", "--pod-name", "x" * 64], IN_POD, "at most 63 characters"),
         (["--config", "c", "--port", "70000"], {}, "--port='70000': must be a port number"),
         (["--config", "c"], {"MODELDEPLOY_PORT": "http"}, "MODELDEPLOY_PORT='http': invalid"),
         (["--config", "c", "--timeout-s", "0"], {}, "--timeout-s='0': must be a positive"),

@@ -1,0 +1,430 @@
+"""Where the router's routes come from: a file (local mode) or its ConfigMap, through the API.
+
+In a cluster the router lists and watches its routes ConfigMap through the Kubernetes API (by a
+`metadata.name` field selector, which a Role limited to that one name allows), applies each change
+as the watch delivers it, and acknowledges the version it applied with a JSON merge patch of one
+annotation on that ConfigMap, which the operator reads to tell whether every router has the current
+routes:
+
+    metadata.annotations["acks.modeldeploy.dev/<pod name>"] = "<routes version>"
+
+A kubelet-mounted ConfigMap volume would reach the pod only at the kubelet's next sync (about a
+minute); the watch takes well under a second. Locally (`modeldeploy run`) the routes are a file,
+re-read when it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from modeldeploy_operator.contract import (
+    POD_NAME_ENV,
+    ROUTER_FIELD_MANAGER,
+    ROUTES_ACK_ANNOTATION_PREFIX,
+    ROUTES_CONFIGMAP_ENV,
+    ROUTES_KEY,
+)
+from modeldeploy_server.config import parse_positive_float
+from modeldeploy_server.errors import ConfigError as SettingsError
+from modeldeploy_server.routing import ConfigError, RouterConfig, parse_router_config
+
+log = logging.getLogger("modeldeploy.router")
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Projected ServiceAccount tokens are rotated by the kubelet; client-go re-reads them each minute.
+TOKEN_REFRESH_S = 60.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+# A watch event is one JSON line holding a whole ConfigMap (at most 1 MiB of data).
+MAX_EVENT_BYTES = 4 << 20
+# Beyond the watch's own timeout, before the client gives up on a silent connection.
+WATCH_GRACE_S = 30.0
+_DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class ConfigMapRef:
+    """A ConfigMap's namespace and name."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_config_map_ref(value: str) -> ConfigMapRef:
+    """NAMESPACE/NAME, each a valid Kubernetes name."""
+    namespace, slash, name = value.partition("/")
+    if not slash or not _DNS_1123_LABEL.match(namespace) or not _DNS_1123_SUBDOMAIN.match(name):
+        raise ValueError("must be NAMESPACE/NAME of a ConfigMap")
+    return ConfigMapRef(namespace, name)
+
+
+def _pod_name(value: str) -> str:
+    # The name becomes the name part of an annotation key: at most 63 characters.
+    if not _DNS_1123_LABEL.match(value):
+        raise ValueError("must be a pod name of at most 63 characters")
+    return value
+
+
+@dataclass(frozen=True)
+class RoutesSettings:
+    """Where the routes come from: exactly one of `config` (a file) and `config_map`."""
+
+    config: Path | None
+    reload_interval_s: float
+    config_map: ConfigMapRef | None
+    pod_name: str | None
+    api_server: str | None
+    service_account_dir: Path
+    watch_timeout_s: float
+
+
+# The router's options for its routes source: field -> (env var, parser, default, help), the
+# same table shape as the router's own options.
+OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
+    "config": ("MODELDEPLOY_ROUTER_CONFIG", Path, None, "routes JSON file, re-read on change"),
+    "reload_interval_s": (
+        "MODELDEPLOY_ROUTER_RELOAD_INTERVAL_S",
+        parse_positive_float,
+        "1",
+        "seconds between checks of the routes file",
+    ),
+    "routes_configmap": (
+        ROUTES_CONFIGMAP_ENV,
+        parse_config_map_ref,
+        None,
+        "NAMESPACE/NAME of the routes ConfigMap, watched through the Kubernetes API",
+    ),
+    "pod_name": (
+        POD_NAME_ENV,
+        _pod_name,
+        None,
+        "this pod's name, under which the applied routes version is acknowledged",
+    ),
+    "service_account_dir": (
+        "MODELDEPLOY_SERVICE_ACCOUNT_DIR",
+        Path,
+        SERVICE_ACCOUNT_DIR,
+        "where the ServiceAccount token, ca.crt are",
+    ),
+    "watch_timeout_s": (
+        "MODELDEPLOY_ROUTER_WATCH_TIMEOUT_S",
+        parse_positive_float,
+        "300",
+        "seconds the API server keeps one watch open before the router starts the next",
+    ),
+}
+
+
+def build_routes_settings(values: Mapping[str, Any], environ: Mapping[str, str]) -> RoutesSettings:
+    """The routes settings from parsed option values; raises SettingsError if they do not fit."""
+    config, config_map = values.get("config"), values.get("routes_configmap")
+    if (config is None) == (config_map is None):
+        raise SettingsError(
+            "exactly one of --config (MODELDEPLOY_ROUTER_CONFIG) and --routes-configmap "
+            "(MODELDEPLOY_ROUTES_CONFIGMAP) is required"
+        )
+    api_server = None
+    if config_map is not None:
+        if values.get("pod_name") is None:
+            raise SettingsError("--routes-configmap needs --pod-name (or MODELDEPLOY_POD_NAME)")
+        host = environ.get("KUBERNETES_SERVICE_HOST")
+        port = environ.get("KUBERNETES_SERVICE_PORT")
+        if not host or not port:
+            raise SettingsError(
+                "--routes-configmap needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT "
+                "(set in every pod)"
+            )
+        api_server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    return RoutesSettings(
+        config=config,
+        reload_interval_s=values["reload_interval_s"],
+        config_map=config_map,
+        pod_name=values.get("pod_name"),
+        api_server=api_server,
+        service_account_dir=values["service_account_dir"],
+        watch_timeout_s=values["watch_timeout_s"],
+    )
+
+
+class RoutesTarget(Protocol):
+    """What a routes source feeds: the router."""
+
+    def apply_routes(self, config: RouterConfig, origin: str) -> None:
+        """Serve with these routes from now on."""
+
+    def reject_routes(self, origin: str, error: ConfigError) -> None:
+        """Count and report invalid routes; the current ones stay."""
+
+
+class RoutesSource(Protocol):
+    """Feeds the router's routes to `target` until cancelled."""
+
+    async def run(self, target: RoutesTarget) -> None:
+        """Watch for new routes until cancelled."""
+
+
+def offer_routes(
+    target: RoutesTarget, data: bytes, origin: str, *, require_version: bool
+) -> RouterConfig | None:
+    """Parse routes and apply them, or reject them; returns what was applied."""
+    try:
+        config = parse_router_config(data)
+        if require_version and config.version is None:
+            raise ConfigError("version: required in a ConfigMap (the router acknowledges it)")
+    except ConfigError as exc:
+        target.reject_routes(origin, exc)
+        return None
+    target.apply_routes(config, origin)
+    return config
+
+
+def load_initial_routes(settings: RoutesSettings) -> tuple[RoutesSource, RouterConfig | None]:
+    """The routes source, and the routes to start with (a file must hold valid ones).
+
+    Raises OSError or ConfigError when the file cannot be read or is invalid. A ConfigMap source
+    starts with no routes: the router is not ready until the first list applied some.
+    """
+    if settings.config_map is not None:
+        return ConfigMapRoutes(settings), None
+    assert settings.config is not None, "build_routes_settings requires one of the two"
+    data = settings.config.read_bytes()
+    return FileRoutes(settings.config, settings.reload_interval_s, data), parse_router_config(data)
+
+
+class FileRoutes:
+    """Routes from a file, re-read each interval and applied when its content changes."""
+
+    def __init__(self, path: Path, interval_s: float, initial: bytes) -> None:
+        self._path = path
+        self._interval_s = interval_s
+        self._seen = initial
+
+    async def run(self, target: RoutesTarget) -> None:
+        """Poll the file until cancelled."""
+        # A file replaced by an atomic rename (as a ConfigMap volume's `..data` symlink swap) is
+        # read whole as either the old or the new content, never a mix.
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                data = await asyncio.to_thread(self._path.read_bytes)
+            except OSError as exc:
+                if self._seen != b"":
+                    log.error("cannot read %s, keeping the current routes: %s", self._path, exc)
+                    self._seen = b""
+                continue
+            if data != self._seen:
+                self._seen = data
+                offer_routes(target, data, str(self._path), require_version=False)
+
+
+class ApiError(Exception):
+    """The API server refused a request or ended a watch with an error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class KubernetesApi:
+    """The few calls the router makes, authenticated as the pod's ServiceAccount."""
+
+    def __init__(self, server: str, service_account_dir: Path) -> None:
+        self._server = server
+        self._dir = service_account_dir
+        self._token = ""
+        self._token_read_at = -TOKEN_REFRESH_S
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> KubernetesApi:
+        context = await asyncio.to_thread(
+            ssl.create_default_context, cafile=str(self._dir / "ca.crt")
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, limit=4),
+            headers={"Accept": "application/json", "User-Agent": ROUTER_FIELD_MANAGER},
+        )
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._session is not None
+        await self._session.close()
+
+    async def _headers(self) -> dict[str, str]:
+        if time.monotonic() - self._token_read_at >= TOKEN_REFRESH_S:
+            token = await asyncio.to_thread((self._dir / "token").read_text)
+            self._token, self._token_read_at = token.strip(), time.monotonic()
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def _url(self, ref: ConfigMapRef, named: bool) -> str:
+        path = f"/api/v1/namespaces/{quote(ref.namespace)}/configmaps"
+        return self._server + path + (f"/{quote(ref.name)}" if named else "")
+
+    async def list_config_map(self, ref: ConfigMapRef) -> tuple[dict[str, Any] | None, str]:
+        """The ConfigMap (None if it does not exist) and the list's resourceVersion."""
+        assert self._session is not None
+        params = {"fieldSelector": f"metadata.name={ref.name}"}
+        async with self._session.get(
+            self._url(ref, False), params=params, headers=await self._headers()
+        ) as response:
+            body = await _json_body(response)
+        items = body.get("items") or []
+        return (items[0] if items else None), body["metadata"]["resourceVersion"]
+
+    async def watch_config_map(
+        self, ref: ConfigMapRef, resource_version: str, timeout_s: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The watch events after `resource_version`, until the API server ends the watch."""
+        assert self._session is not None
+        params = {
+            "fieldSelector": f"metadata.name={ref.name}",
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(max(1, round(timeout_s))),
+        }
+        async with self._session.get(
+            self._url(ref, False),
+            params=params,
+            headers=await self._headers(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s + WATCH_GRACE_S),
+        ) as response:
+            if response.status != 200:
+                await _json_body(response)  # raises ApiError with the server's message
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                if len(buffer) > MAX_EVENT_BYTES:
+                    raise ApiError(response.status, "watch event over the size limit")
+                for line in lines:
+                    if line.strip():
+                        yield orjson.loads(line)
+
+    async def annotate_config_map(self, ref: ConfigMapRef, key: str, value: str) -> None:
+        """Set one annotation by JSON merge patch."""
+        assert self._session is not None
+        patch = {"metadata": {"annotations": {key: value}}}
+        headers = {**await self._headers(), "Content-Type": "application/merge-patch+json"}
+        async with self._session.patch(
+            self._url(ref, True),
+            params={"fieldManager": ROUTER_FIELD_MANAGER},
+            data=orjson.dumps(patch),
+            headers=headers,
+        ) as response:
+            await _json_body(response)
+
+
+async def _json_body(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    body = await response.read()
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        document = {"message": body[:200].decode("utf-8", "replace")}
+    if response.status >= 300:
+        raise ApiError(response.status, str(document.get("message", document)))
+    if not isinstance(document, dict):
+        raise ApiError(response.status, "answer is not a JSON object")
+    return document
+
+
+class WatchExpired(Exception):
+    """The watch's resourceVersion is too old (410 Gone): list again."""
+
+
+class ConfigMapRoutes:
+    """Routes from the ConfigMap: list, then watch from the list's version; list again on errors."""
+
+    def __init__(self, settings: RoutesSettings) -> None:
+        assert settings.config_map is not None and settings.pod_name is not None
+        assert settings.api_server is not None
+        self._settings = settings
+        self._ref = settings.config_map
+        self._ack_key = ROUTES_ACK_ANNOTATION_PREFIX + settings.pod_name
+        self._seen: str | None = None
+        self._applied_version: str | None = None
+
+    async def run(self, target: RoutesTarget) -> None:
+        """List and watch until cancelled; errors are logged and retried with a growing delay."""
+        settings = self._settings
+        assert settings.api_server is not None
+        delay = BACKOFF_FIRST_S
+        async with KubernetesApi(settings.api_server, settings.service_account_dir) as api:
+            while True:
+                try:
+                    await self._list_and_watch(api, target)
+                except WatchExpired:
+                    log.info("routes watch on %s expired; listing again", self._ref)
+                    delay = BACKOFF_FIRST_S
+                    continue
+                except (ApiError, aiohttp.ClientError, OSError, ValueError) as exc:
+                    # TimeoutError is an OSError; orjson's decode error a ValueError.
+                    log.warning(
+                        "routes from ConfigMap %s: %s; listing again in %.1f s",
+                        self._ref,
+                        exc or type(exc).__name__,
+                        delay,
+                    )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _list_and_watch(self, api: KubernetesApi, target: RoutesTarget) -> None:
+        config_map, version = await api.list_config_map(self._ref)
+        if config_map is None:
+            log.warning("routes ConfigMap %s does not exist (yet)", self._ref)
+        else:
+            await self._observe(api, target, config_map)
+        while True:
+            # The API server ends each watch after the timeout; the next one resumes from the last
+            # version seen (bookmarks keep it fresh while the ConfigMap does not change).
+            version = await self._watch(api, target, version)
+
+    async def _watch(self, api: KubernetesApi, target: RoutesTarget, version: str) -> str:
+        timeout_s = self._settings.watch_timeout_s
+        async for event in api.watch_config_map(self._ref, version, timeout_s):
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                if obj.get("code") == 410:
+                    raise WatchExpired
+                raise ApiError(obj.get("code", 0), str(obj.get("message", obj)))
+            version = obj.get("metadata", {}).get("resourceVersion", version)
+            if kind in ("ADDED", "MODIFIED"):
+                await self._observe(api, target, obj)
+            elif kind == "DELETED":
+                log.warning("routes ConfigMap %s deleted; keeping the current routes", self._ref)
+        return version
+
+    async def _observe(
+        self, api: KubernetesApi, target: RoutesTarget, config_map: dict[str, Any]
+    ) -> None:
+        """Apply the ConfigMap's routes if they changed; acknowledge the applied version."""
+        data = (config_map.get("data") or {}).get(ROUTES_KEY, "")
+        if data != self._seen:
+            self._seen = data
+            applied = offer_routes(
+                target, data.encode(), f"ConfigMap {self._ref}", require_version=True
+            )
+            if applied is not None:
+                self._applied_version = applied.version
+        annotations = config_map.get("metadata", {}).get("annotations") or {}
+        if self._applied_version is not None and annotations.get(self._ack_key) != (
+            self._applied_version
+        ):
+            # Also when the operator dropped the ack or the ConfigMap was recreated.
+            await api.annotate_config_map(self._ref, self._ack_key, self._applied_version)

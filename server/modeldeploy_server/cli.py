@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "serve": ("modeldeploy_server.serve", "serve one ONNX model over HTTP"),
     "fetch": ("modeldeploy_server.fetch", "download a model and verify its sha256"),
     "route": ("modeldeploy_server.router", "split traffic by weight across variants"),
+    "batch": ("modeldeploy_server.batch", "score a CSV or JSON-lines file (one shard of it)"),
 }
 
 

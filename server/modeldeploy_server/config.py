@@ -53,7 +53,8 @@ def _text(value: str) -> str:
     return value
 
 
-def _positive_int(value: str) -> int:
+def parse_positive_int(value: str) -> int:
+    """An integer above 0."""
     number = int(value)
     if number <= 0:
         raise ValueError("must be a positive integer")
@@ -97,7 +98,8 @@ def _rate(value: str) -> float:
     return number
 
 
-def _sha256(value: str) -> str:
+def parse_sha256(value: str) -> str:
+    """64 hexadecimal characters, lowercased."""
     digest = value.strip().lower()
     if not _SHA256.match(digest):
         raise ValueError("must be 64 hexadecimal characters")
@@ -141,13 +143,13 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "model_version": (_text, "model version"),
     "host": (_text, "address to listen on"),
     "port": (parse_port, "port to listen on"),
-    "sha256": (_sha256, "expected sha256 of the model file; refuse to start on mismatch"),
-    "max_request_bytes": (_positive_int, "largest request body accepted (413 above)"),
-    "max_rows": (_positive_int, "most rows (batch dimension) per request (413 above)"),
+    "sha256": (parse_sha256, "expected sha256 of the model file; refuse to start on mismatch"),
+    "max_request_bytes": (parse_positive_int, "largest request body accepted (413 above)"),
+    "max_rows": (parse_positive_int, "most rows (batch dimension) per request (413 above)"),
     "request_timeout_s": (parse_positive_float, "time limit per request, in seconds (504 above)"),
-    "max_batch_size": (_positive_int, "most rows merged into one model run"),
+    "max_batch_size": (parse_positive_int, "most rows merged into one model run"),
     "max_batch_delay_ms": (_non_negative_float, "time to wait for more requests to merge"),
-    "max_queue": (_positive_int, "most requests waiting for the model (503 above)"),
+    "max_queue": (parse_positive_int, "most requests waiting for the model (503 above)"),
     "intra_op_threads": (_non_negative_int, "onnxruntime intra-op threads (0: its default)"),
     "capture_path": (Path, "append sampled request/response pairs to this JSON-lines file"),
     "capture_sample_rate": (_rate, "fraction of requests captured"),

@@ -84,7 +84,8 @@ def _deadline(uri: str, timeout_s: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _declared_length(source: BinaryIO) -> int | None:
+def declared_length(source: BinaryIO) -> int | None:
+    """The Content-Length of an HTTP response, None for other sources or when there is none."""
     headers = getattr(source, "headers", None)
     value = headers.get("Content-Length") if headers is not None else None
     return int(value) if value is not None and value.strip().isdigit() else None
@@ -102,7 +103,7 @@ def _check_destination(dest: Path) -> None:
 
 def _copy(uri: str, source: BinaryIO, sink: BinaryIO, max_bytes: int) -> str:
     """Copy source to sink, refusing past max_bytes or short of a declared length; the sha256."""
-    declared = _declared_length(source)
+    declared = declared_length(source)
     if declared is not None and declared > max_bytes:
         raise FetchError(f"{uri} is {declared} bytes, over the --max-bytes limit of {max_bytes}")
     digest = hashlib.sha256()

@@ -48,7 +48,13 @@ def decode_instances(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor
     document = parse_json(body)
     if not isinstance(document, dict) or not isinstance(document.get("instances"), list):
         raise MalformedRequest('request body must be an object with an "instances" list')
-    instances: list[Any] = document["instances"]
+    return tensors_from_instances(document["instances"], metadata, may_hold_booleans(body))
+
+
+def tensors_from_instances(
+    instances: list[Any], metadata: ModelMetadata, may_hold_bool: bool = True
+) -> list[DecodedTensor]:
+    """The input tensors of parsed instances (the records endpoint and batch JSON lines)."""
     if not instances:
         raise MalformedRequest('"instances" must not be empty')
     specs = metadata.inputs
@@ -75,7 +81,6 @@ def decode_instances(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor
     else:
         raise MalformedRequest("instances must all be lists or all be objects")
     tensors = []
-    may_hold_bool = may_hold_booleans(body)
     for spec in specs:
         where = f"instances, input {spec.name!r}"
         array = array_from_json(
@@ -104,6 +109,17 @@ def decode_example(example: Mapping[str, Any], metadata: ModelMetadata) -> list[
 
 def encode_predictions(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
     """One prediction per row: the value of a single output, or an object keyed by output."""
+    return orjson.dumps({"predictions": predictions(outputs)}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def encode_prediction_lines(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
+    """JSON lines: each line one of the predictions `encode_predictions` lists."""
+    option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+    return b"".join(orjson.dumps(prediction, option=option) for prediction in predictions(outputs))
+
+
+def predictions(outputs: Mapping[str, np.ndarray[Any, Any]]) -> Any:
+    """The predictions, one per row, as orjson serializes them (with OPT_SERIALIZE_NUMPY)."""
     # orjson takes numpy arrays and float scalars, but not every integer scalar type (onnxruntime
     # returns np.longlong), so per-row integers and strings become Python values first.
     arrays = {
@@ -112,11 +128,9 @@ def encode_predictions(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
     }
     if len(arrays) == 1:
         (only,) = arrays.values()
-        predictions: Any = only
-    else:
-        rows = len(next(iter(outputs.values())))
-        predictions = [{name: a[row] for name, a in arrays.items()} for row in range(rows)]
-    return orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
+        return only
+    rows = len(next(iter(outputs.values())))
+    return [{name: a[row] for name, a in arrays.items()} for row in range(rows)]
 
 
 def _column_array(where: str, datatype: str, values: Sequence[str]) -> np.ndarray[Any, Any]:
@@ -166,33 +180,52 @@ def decode_csv(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor]:
         raise MalformedRequest("CSV needs a header row and at least one data row")
     header, rows = table[0], table[1:]
     for number, row in enumerate(rows, start=2):
-        if len(row) != len(header):
-            raise MalformedRequest(
-                f"CSV line {number} has {len(row)} fields, header has {len(header)}"
-            )
-    columns = list(zip(*rows, strict=True))
+        check_csv_fields(number, row, header)
+    return tensors_from_csv(header, rows, metadata)
+
+
+def check_csv_fields(line: int, row: Sequence[str], header: Sequence[str]) -> None:
+    """A data row has as many fields as the header."""
+    if len(row) != len(header):
+        raise MalformedRequest(f"CSV line {line} has {len(row)} fields, header has {len(header)}")
+
+
+def check_csv_header(header: Sequence[str], metadata: ModelMetadata) -> bool:
+    """Whether the columns name the inputs (True) or are the features of a single input (False);
+    raises InvalidInput when they are neither."""
     specs = metadata.inputs
     names = [spec.name for spec in specs]
-    tensors = []
     if sorted(header) == sorted(names):
-        for spec in specs:
+        return True
+    if len(specs) == 1 and len(specs[0].shape) == 2 and specs[0].shape[1] in (-1, len(header)):
+        return False
+    raise InvalidInput(
+        f"CSV columns {list(header)} do not match the model's inputs {names} (name them, or "
+        "give the features of a single input)"
+    )
+
+
+def tensors_from_csv(
+    header: Sequence[str], rows: Sequence[Sequence[str]], metadata: ModelMetadata
+) -> list[DecodedTensor]:
+    """The input tensors of parsed CSV rows, each as long as the header (the records endpoint
+    and batch CSV)."""
+    columns = list(zip(*rows, strict=True))
+    if check_csv_header(header, metadata):
+        tensors = []
+        for spec in metadata.inputs:
             where = f"CSV column {spec.name!r}"
             array = _column_array(where, spec.datatype, columns[header.index(spec.name)])
             tensors.append(
                 DecodedTensor(spec.name, spec.datatype, _fit_rows(where, array, len(rows), spec))
             )
         return tensors
-    if len(specs) == 1 and len(specs[0].shape) == 2 and specs[0].shape[1] in (-1, len(header)):
-        spec = specs[0]
-        arrays = [
-            _column_array(f"CSV column {name!r}", spec.datatype, column)
-            for name, column in zip(header, columns, strict=True)
-        ]
-        return [DecodedTensor(spec.name, spec.datatype, np.stack(arrays, axis=1))]
-    raise InvalidInput(
-        f"CSV columns {header} do not match the model's inputs {names} (name them, or give "
-        "the features of a single input)"
-    )
+    spec = metadata.inputs[0]
+    arrays = [
+        _column_array(f"CSV column {name!r}", spec.datatype, column)
+        for name, column in zip(header, columns, strict=True)
+    ]
+    return [DecodedTensor(spec.name, spec.datatype, np.stack(arrays, axis=1))]
 
 
 def encode_csv(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:

@@ -1,0 +1,404 @@
+"""`modeldeploy-server batch`: score a CSV or JSON-lines file with one model, one shard at a time.
+
+    modeldeploy-server batch --model-path M.onnx --sha256 HEX --input data.csv --output out/ \
+        [--format csv|jsonl] [--shard I/N] [--batch-rows N] [--on-error fail|skip]
+
+Streams the input (http(s)://, file:// or a path), verifying the model's sha256 before anything
+else and the input's (`--input-sha256`) as it goes. Writes into the output directory, for shard I
+of N: `part-0000I-of-0000N.<format>` (the predictions of the shard's rows, in input order),
+`part-...skipped.jsonl` (with `--on-error skip`, when rows were skipped) and, last,
+`part-...manifest.json`: a part is complete when its manifest exists. On failure nothing of the
+shard is left but the reason, on stderr and in `--termination-message-path`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import orjson
+
+from modeldeploy_server.batchio import (
+    FORMATS,
+    ONE_SHARD,
+    BatchError,
+    DecodedChunk,
+    FileDigest,
+    PartEncoder,
+    Shard,
+    ShardResult,
+    SkippedRow,
+    chunk_lines,
+    decode_chunk,
+    manifest_bytes,
+    number_lines,
+    parse_csv_header,
+    parse_shard,
+    progress_line,
+    shard_bounds,
+    skipped_lines,
+    stack_rows,
+)
+from modeldeploy_server.config import (
+    parse_positive_float,
+    parse_positive_int,
+    parse_sha256,
+    resolve_options,
+)
+from modeldeploy_server.digest import CHUNK_BYTES
+from modeldeploy_server.errors import ConfigError, InvalidInput, ServerError
+from modeldeploy_server.fetch import FetchError, open_source
+from modeldeploy_server.runtime import OnnxModel, load_model
+
+# Kubernetes keeps at most 4096 bytes of a termination message.
+_MESSAGE_LIMIT = 4096
+_PROGRESS_EVERY_S = 0.5
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Everything one `modeldeploy-server batch` run needs, validated."""
+
+    model_path: Path
+    input: str
+    output: Path
+    format: str = "csv"
+    shard: Shard = ONE_SHARD
+    batch_rows: int = 8192
+    on_error: str = "fail"
+    sha256: str | None = None
+    input_sha256: str | None = None
+    intra_op_threads: int = 1
+    timeout_s: float = 60.0
+    termination_message_path: Path | None = None
+
+
+def _choice(*allowed: str) -> Any:
+    def parse(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+# field -> (env var, parser, help)
+_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "model_path": ("MODELDEPLOY_MODEL_PATH", Path, "ONNX model file (required)"),
+    "sha256": ("MODELDEPLOY_MODEL_SHA256", parse_sha256, "expected sha256 of the model file"),
+    "input": ("MODELDEPLOY_BATCH_INPUT", str, "input: http(s)://, file:// or a path (required)"),
+    "input_sha256": ("MODELDEPLOY_BATCH_INPUT_SHA256", parse_sha256, "expected input sha256"),
+    "output": ("MODELDEPLOY_BATCH_OUTPUT", Path, "output directory (required)"),
+    "format": ("MODELDEPLOY_BATCH_FORMAT", _choice(*FORMATS), "csv or jsonl; default csv"),
+    "shard": ("MODELDEPLOY_BATCH_SHARD", parse_shard, "this shard, I/N (0-based); default 0/1"),
+    "batch_rows": (
+        "MODELDEPLOY_BATCH_ROWS",
+        parse_positive_int,
+        "rows per model run; default 8192",
+    ),
+    "on_error": ("MODELDEPLOY_BATCH_ON_ERROR", _choice("fail", "skip"), "bad rows: fail or skip"),
+    "intra_op_threads": (
+        "MODELDEPLOY_INTRA_OP_THREADS",
+        parse_positive_int,
+        "onnxruntime intra-op threads; default 1",
+    ),
+    "timeout_s": ("MODELDEPLOY_BATCH_TIMEOUT_S", parse_positive_float, "network timeout (s)"),
+    "termination_message_path": (
+        "MODELDEPLOY_TERMINATION_MESSAGE_PATH",
+        Path,
+        "write the outcome here as JSON (a Kubernetes termination message)",
+    ),
+}
+
+
+def parse_batch_config(argv: Sequence[str], env: Mapping[str, str]) -> BatchConfig:
+    """Flags win over MODELDEPLOY_* variables, which win over defaults; raises ConfigError."""
+    parser = argparse.ArgumentParser(
+        prog="modeldeploy-server batch",
+        description="Score a CSV or JSON-lines file with one ONNX model (one shard of it).",
+    )
+    for name, (env_var, _, help_) in _OPTIONS.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, help=f"{help_} [env {env_var}]"
+        )
+    args = vars(parser.parse_args(list(argv)))
+    options = {name: (env_var, parse) for name, (env_var, parse, _) in _OPTIONS.items()}
+    values = resolve_options(args, env, options, required=("model_path", "input", "output"))
+    return BatchConfig(**values)
+
+
+class _HashingReader(io.RawIOBase):
+    """Counts and hashes what the buffered reader above it pulls from the source."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._source = source
+        self.digest = hashlib.sha256()
+        self.bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count: int = self._source.readinto(buffer)  # type: ignore[attr-defined]
+        if count:
+            self.digest.update(memoryview(buffer)[:count])
+            self.bytes += count
+        return count
+
+
+class _HashingWriter:
+    """A file written through a sha256."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("wb")
+        self._digest = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+        self.bytes += len(data)
+
+    def commit(self, final: Path) -> FileDigest:
+        """Flush to disk and rename into place."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.path, final)
+        return FileDigest(final.name, self.bytes, self._digest.hexdigest())
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _input_size(source: BinaryIO, uri: str) -> int | None:
+    headers = getattr(source, "headers", None)
+    if headers is not None:
+        length = headers.get("Content-Length")
+        return int(length) if length is not None and length.isdigit() else None
+    try:
+        return os.fstat(source.fileno()).st_size
+    except (OSError, io.UnsupportedOperation):
+        return None
+
+
+def _score(model: OnnxModel, decoded: DecodedChunk) -> tuple[dict[str, Any], list[SkippedRow]]:
+    """Run the chunk; when the model rejects it, row by row to find the rows it rejects."""
+    if not decoded.lines:
+        return {}, []
+    try:
+        return model.run(decoded.feed), []
+    except InvalidInput:
+        if len(decoded.lines) == 1:
+            raise
+    outputs: list[dict[str, np.ndarray[Any, Any]]] = []
+    skipped: list[SkippedRow] = []
+    for row, number in enumerate(decoded.lines):
+        try:
+            outputs.append(model.run({k: v[row : row + 1] for k, v in decoded.feed.items()}))
+        except InvalidInput as exc:
+            skipped.append(SkippedRow(number, str(exc)))
+    return stack_rows(outputs), skipped
+
+
+class _Progress:
+    """Rows, rows/s and ETA on a terminal, at most every half second."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self.started = time.monotonic()
+        self._shown = 0.0
+
+    def show(self, rows: int, fraction: float | None, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self._enabled or (not final and now - self._shown < _PROGRESS_EVERY_S):
+            return
+        self._shown = now
+        line = progress_line(rows, now - self.started, fraction)
+        print(f"\r{line}\x1b[K", end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+def run_batch(config: BatchConfig, progress: bool) -> ShardResult:
+    """Score the shard; raises BatchError (after removing what it wrote) when it cannot."""
+    shard = config.shard
+    output = config.output
+    part_path = output / f"{shard.name}.{config.format}"
+    skipped_path = output / f"{shard.name}.skipped.jsonl"
+    manifest_path = output / f"{shard.name}.manifest.json"
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        # What an earlier run left would present this run's output as complete.
+        for stale in (manifest_path, part_path, skipped_path):
+            stale.unlink(missing_ok=True)
+        part = _HashingWriter(output / f".{part_path.name}.tmp")
+        side = _HashingWriter(output / f".{skipped_path.name}.tmp")
+    except OSError as exc:
+        raise BatchError(f"cannot write to the output directory {output}: {exc}") from None
+    try:
+        return _run(config, part, side, (part_path, skipped_path, manifest_path), progress)
+    except BaseException:
+        part.discard()
+        side.discard()
+        raise
+
+
+def _run(
+    config: BatchConfig,
+    part: _HashingWriter,
+    side: _HashingWriter,
+    paths: tuple[Path, Path, Path],
+    progress: bool,
+) -> ShardResult:
+    try:
+        model = load_model(config.model_path, "batch", "1", config.sha256, config.intra_op_threads)
+    except ConfigError as exc:
+        raise BatchError(str(exc)) from None
+    metadata = model.metadata
+    try:
+        source = open_source(config.input, config.timeout_s)
+    except FetchError as exc:
+        raise BatchError(str(exc)) from None
+    shard = config.shard
+    with source:
+        size = _input_size(source, config.input)
+        if size is None and shard.count > 1:
+            raise BatchError(
+                f"the size of {config.input} is unknown (no Content-Length): sharding needs it"
+            )
+        hashing = _HashingReader(source)
+        lines = number_lines(io.BufferedReader(hashing, CHUNK_BYTES))
+        header: list[str] = []
+        data_start = 0
+        if config.format == "csv":
+            first = next(lines, None)
+            if first is None:
+                raise BatchError(f"{config.input} is empty: CSV needs a header row")
+            header = parse_csv_header(first[2], metadata)
+            data_start = len(first[2])
+        counted = _Counted(lines)
+        bounds = shard_bounds(data_start, size if size is not None else 1 << 62, shard)
+        meter = _Progress(progress)
+        encoder = PartEncoder(config.format)
+        rows_in = rows_out = 0
+        try:
+            for chunk in chunk_lines(counted, data_start, bounds, config.batch_rows):
+                decoded = decode_chunk(chunk, config.format, header, metadata)
+                outputs, rejected = _score(model, decoded)
+                skipped = sorted([*decoded.skipped, *rejected], key=lambda row: row.line)
+                if skipped and config.on_error == "fail":
+                    first_bad = skipped[0]
+                    raise BatchError(
+                        f"line {first_bad.line}: {first_bad.reason} (--on-error skip skips "
+                        "bad rows)"
+                    )
+                rows_in += len(chunk.lines)
+                if outputs:
+                    part.write(encoder.encode(outputs))
+                    rows_out += len(next(iter(outputs.values())))
+                side.write(skipped_lines(skipped))
+                meter.show(rows_in, hashing.bytes / size if size else None)
+        except ServerError as exc:
+            raise BatchError(str(exc)) from None
+        except OSError as exc:
+            raise BatchError(f"cannot read {config.input}: {exc}") from None
+        meter.show(rows_in, 1.0, final=True)
+    if size is not None and hashing.bytes != size:
+        raise BatchError(f"{config.input} is truncated: read {hashing.bytes} of {size} bytes")
+    input_sha256 = hashing.digest.hexdigest()
+    if config.input_sha256 is not None and input_sha256 != config.input_sha256:
+        raise BatchError(
+            f"{config.input} has sha256 {input_sha256}, expected {config.input_sha256}"
+        )
+    if counted.data_rows == 0:
+        raise BatchError(f"{config.input} has no data rows")
+    part_path, skipped_path, manifest_path = paths
+    part_digest = part.commit(part_path)
+    skipped_digest = side.commit(skipped_path) if side.bytes else None
+    if skipped_digest is None:
+        side.discard()
+        skipped_path.unlink(missing_ok=True)
+    result = ShardResult(
+        shard=shard,
+        file_format=config.format,
+        model_sha256=metadata.sha256,
+        input_uri=config.input,
+        input_sha256=input_sha256,
+        input_bytes=hashing.bytes,
+        rows_in=rows_in,
+        rows_out=rows_out,
+        part=part_digest,
+        skipped=skipped_digest,
+    )
+    manifest = _HashingWriter(manifest_path.with_name(f".{manifest_path.name}.tmp"))
+    manifest.write(manifest_bytes(result.manifest()))
+    manifest.commit(manifest_path)
+    return result
+
+
+class _Counted:
+    """Passes numbered lines through, counting the non-blank ones (all shards' data rows)."""
+
+    def __init__(self, lines: Iterator[tuple[int, int, bytes]]) -> None:
+        self._lines = lines
+        self.data_rows = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
+        for item in self._lines:
+            if item[2].strip():
+                self.data_rows += 1
+            yield item
+
+
+def _write_message(path: Path | None, document: Mapping[str, Any]) -> None:
+    if path is None:
+        return
+    data = orjson.dumps(document)
+    if len(data) > _MESSAGE_LIMIT:
+        data = orjson.dumps({"error": str(document.get("error", "result too long"))[:1024]})
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        print(f"modeldeploy-server batch: cannot write {path}: {exc}", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `modeldeploy-server batch`."""
+    try:
+        config = parse_batch_config(argv, os.environ)
+    except ConfigError as exc:
+        print(f"modeldeploy-server batch: error: {exc}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    try:
+        result = run_batch(config, progress=sys.stderr.isatty())
+    except BatchError as exc:
+        print(f"modeldeploy-server batch: error: {exc}", file=sys.stderr)
+        _write_message(config.termination_message_path, {"error": str(exc)[:1024]})
+        return 1
+    except KeyboardInterrupt:
+        print("modeldeploy-server batch: interrupted; nothing written", file=sys.stderr)
+        return 130
+    seconds = time.monotonic() - started
+    rate = result.rows_in / seconds if seconds > 0 else 0.0
+    _write_message(
+        config.termination_message_path,
+        {**result.manifest(), "seconds": round(seconds, 3), "rowsPerSecond": round(rate, 1)},
+    )
+    print(
+        f"shard {result.shard.index}/{result.shard.count}: {result.rows_in} rows in, "
+        f"{result.rows_out} out, {result.rows_in - result.rows_out} skipped, {rate:,.0f} rows/s; "
+        f"{config.output / result.part.name} sha256 {result.part.sha256}",
+        file=sys.stderr,
+    )
+    return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import io
 import os
 import sys
@@ -55,8 +56,8 @@ from modeldeploy_server.config import (
     resolve_options,
 )
 from modeldeploy_server.digest import CHUNK_BYTES
-from modeldeploy_server.errors import ConfigError, InvalidInput, ServerError
-from modeldeploy_server.fetch import FetchError, open_source
+from modeldeploy_server.errors import ConfigError, ModelRejected, ServerError
+from modeldeploy_server.fetch import FetchError, declared_length, open_source
 from modeldeploy_server.runtime import OnnxModel, load_model
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
@@ -165,7 +166,10 @@ class _HashingWriter:
         self.bytes = 0
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise BatchError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self._digest.update(data)
         self.bytes += len(data)
 
@@ -182,11 +186,9 @@ class _HashingWriter:
         self.path.unlink(missing_ok=True)
 
 
-def _input_size(source: BinaryIO, uri: str) -> int | None:
-    headers = getattr(source, "headers", None)
-    if headers is not None:
-        length = headers.get("Content-Length")
-        return int(length) if length is not None and length.isdigit() else None
+def _input_size(source: BinaryIO) -> int | None:
+    if getattr(source, "headers", None) is not None:
+        return declared_length(source)
     try:
         return os.fstat(source.fileno()).st_size
     except (OSError, io.UnsupportedOperation):
@@ -199,15 +201,15 @@ def _score(model: OnnxModel, decoded: DecodedChunk) -> tuple[dict[str, Any], lis
         return {}, []
     try:
         return model.run(decoded.feed), []
-    except InvalidInput:
+    except ModelRejected as exc:
         if len(decoded.lines) == 1:
-            raise
+            return {}, [SkippedRow(decoded.lines[0], str(exc))]
     outputs: list[dict[str, np.ndarray[Any, Any]]] = []
     skipped: list[SkippedRow] = []
     for row, number in enumerate(decoded.lines):
         try:
             outputs.append(model.run({k: v[row : row + 1] for k, v in decoded.feed.items()}))
-        except InvalidInput as exc:
+        except ModelRejected as exc:
             skipped.append(SkippedRow(number, str(exc)))
     return stack_rows(outputs), skipped
 
@@ -271,7 +273,7 @@ def _run(
         raise BatchError(str(exc)) from None
     shard = config.shard
     with source:
-        size = _input_size(source, config.input)
+        size = _input_size(source)
         if size is None and shard.count > 1:
             raise BatchError(
                 f"the size of {config.input} is unknown (no Content-Length): sharding needs it"
@@ -292,7 +294,9 @@ def _run(
         encoder = PartEncoder(config.format)
         rows_in = rows_out = 0
         try:
-            for chunk in chunk_lines(counted, data_start, bounds, config.batch_rows):
+            # A model without a batch axis runs each row as the server runs a one-row request.
+            rows_per_run = config.batch_rows if metadata.batch_axis else 1
+            for chunk in chunk_lines(counted, data_start, bounds, rows_per_run):
                 decoded = decode_chunk(chunk, config.format, header, metadata)
                 outputs, rejected = _score(model, decoded)
                 skipped = sorted([*decoded.skipped, *rejected], key=lambda row: row.line)
@@ -305,13 +309,13 @@ def _run(
                 rows_in += len(chunk.lines)
                 if outputs:
                     part.write(encoder.encode(outputs))
-                    rows_out += len(next(iter(outputs.values())))
+                rows_out += len(decoded.lines) - len(rejected)
                 side.write(skipped_lines(skipped))
                 meter.show(rows_in, hashing.bytes / size if size else None)
         except ServerError as exc:
             raise BatchError(str(exc)) from None
-        except OSError as exc:
-            raise BatchError(f"cannot read {config.input}: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise BatchError(f"cannot read {config.input}: {exc or type(exc).__name__}") from None
         meter.show(rows_in, 1.0, final=True)
     if size is not None and hashing.bytes != size:
         raise BatchError(f"{config.input} is truncated: read {hashing.bytes} of {size} bytes")

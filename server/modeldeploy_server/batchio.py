@@ -22,6 +22,7 @@ from modeldeploy_server.metadata import ModelMetadata, validate_inputs
 from modeldeploy_server.records import (
     check_csv_fields,
     check_csv_header,
+    check_csv_text,
     encode_csv,
     encode_prediction_lines,
     tensors_from_csv,
@@ -130,9 +131,12 @@ class DecodedChunk:
 
 def _parse_csv_line(line: bytes) -> list[str]:
     try:
-        return next(csv.reader([line.decode("utf-8")], strict=True))
+        text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedRequest("not UTF-8") from None
+    check_csv_text(text, "the line")
+    try:
+        return next(csv.reader([text], strict=True))
     except csv.Error as exc:
         raise MalformedRequest(
             f"malformed CSV: {exc} (in batch input every line is one row: quoted fields may not "
@@ -156,6 +160,7 @@ def _csv_rows(lines: Sequence[tuple[int, bytes]], header: Sequence[str]) -> list
         texts = [line.decode("utf-8") for _, line in lines]
     except UnicodeDecodeError:
         raise MalformedRequest("not UTF-8") from None
+    check_csv_text("".join(texts), "the chunk")
     reader = csv.reader(texts, strict=True)
     try:
         rows = list(reader)

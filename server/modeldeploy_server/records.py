@@ -168,20 +168,25 @@ def decode_csv(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor]:
         table = [row for row in csv.reader(io.StringIO(text)) if row]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise MalformedRequest(f"request body is not UTF-8 CSV: {exc}") from None
-    control = _CONTROL.search(text)
-    if control is not None:
-        # JSON refuses unescaped control characters in its strings; CSV has no escapes, so only
-        # the ones a quoted field may hold (tab, CR, LF) are allowed.
-        raise MalformedRequest(
-            f"request body is not UTF-8 CSV: control character {control.group()!r} at "
-            f"character {control.start()}"
-        )
+    check_csv_text(text)
     if len(table) < 2:
         raise MalformedRequest("CSV needs a header row and at least one data row")
     header, rows = table[0], table[1:]
     for number, row in enumerate(rows, start=2):
         check_csv_fields(number, row, header)
     return tensors_from_csv(header, rows, metadata)
+
+
+def check_csv_text(text: str, where: str = "request body") -> None:
+    """CSV text holds no control characters but the ones a quoted field may hold."""
+    control = _CONTROL.search(text)
+    if control is not None:
+        # JSON refuses unescaped control characters in its strings; CSV has no escapes, so only
+        # the ones a quoted field may hold (tab, CR, LF) are allowed.
+        raise MalformedRequest(
+            f"{where} is not UTF-8 CSV: control character {control.group()!r} at "
+            f"character {control.start()}"
+        )
 
 
 def check_csv_fields(line: int, row: Sequence[str], header: Sequence[str]) -> None:

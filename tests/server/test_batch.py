@@ -260,7 +260,7 @@ def assert_nothing_complete(output: Path) -> None:
     ("extra", "message"),
     [
         ("5.1,3.5,1.4", "line 4: CSV line 4 has 3 fields, header has 4"),
-        ("5.1,3.5,abc,0.2", "line 4: CSV column 'petal_l': a value is not FP32"),
+        ("5.1,3.5,abc,0.2", "line 4: CSV column 'petal_l', data row 1: 'abc' is not a JSON number"),
         ('5.1,"3.5,1.4,0.2', "line 4: malformed CSV"),
     ],
 )
@@ -293,7 +293,10 @@ def test_skip_lists_bad_rows_with_line_numbers_and_scores_the_rest(
         .splitlines()
     ]
     assert [row["line"] for row in skipped] == [4, 13]
-    assert "not FP32" in skipped[0]["error"] and "has 2 fields" in skipped[1]["error"]
+    assert (
+        "'abc' is not a JSON number" in skipped[0]["error"]
+        and "has 2 fields" in skipped[1]["error"]
+    )
     manifest = orjson.loads((tmp_path / "out" / "part-00000-of-00001.manifest.json").read_bytes())
     assert (manifest["rowsIn"], manifest["rowsOut"], manifest["rowsSkipped"]) == (13, 11, 2)
     part = (tmp_path / "out" / "part-00000-of-00001.csv").read_text().splitlines()

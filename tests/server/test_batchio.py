@@ -28,6 +28,7 @@ IRIS = ModelMetadata(
     sha256="0" * 64,
     inputs=(TensorSpec("input", "FP32", (-1, 4)),),
     outputs=(TensorSpec("label", "INT64", (-1,)),),
+    batch_axis=True,
 )
 
 
@@ -84,7 +85,11 @@ def test_a_bad_row_is_found_and_the_others_still_form_one_feed() -> None:
     decoded = decode_chunk(Chunk(lines), "csv", ["a", "b", "c", "d"], IRIS)
     assert decoded.lines == [2, 4]
     assert [(row.line, row.reason) for row in decoded.skipped] == [
-        (3, "CSV column 'b': a value is not FP32"),
+        (
+            3,
+            "CSV column 'b', data row 1: 'x' is not a JSON number (unexpected character, "
+            "expected a JSON value)",
+        ),
         (5, "not UTF-8"),
     ]
     np.testing.assert_array_equal(decoded.feed["input"], [[1, 2, 3, 4], [5, 6, 7, 8]])
@@ -97,6 +102,7 @@ def test_json_lines_of_lists_and_objects_mixed_decode_row_by_row() -> None:
         "0" * 64,
         (TensorSpec("x", "INT64", (-1, 1)), TensorSpec("y", "INT64", (-1, 1))),
         (),
+        batch_axis=True,
     )
     lines = [(1, b"[1, 2]\n"), (2, b'{"x": 3, "y": 4}\n'), (3, b"7\n")]
     decoded = decode_chunk(Chunk(lines), "jsonl", [], meta)

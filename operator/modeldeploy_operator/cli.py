@@ -8,12 +8,14 @@ import dataclasses
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import yaml
 
 from modeldeploy_operator.config import DEFAULT_SERVER_IMAGE
+from modeldeploy_operator.kubeyaml import Document, KubeYAMLError, load_documents
 from modeldeploy_operator.local_runner import LocalRunSettings, run_local
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import InvalidSpecError, ModelDeployment, parse_model_deployment
@@ -23,41 +25,86 @@ DEFAULT_PORT = 8080
 
 
 class ManifestError(Exception):
-    """The file is not one valid ModelDeployment; each line of the message names a field."""
+    """A document is not a valid ModelDeployment; each line of the message names a field."""
 
 
-def load_model_deployment(path: str) -> tuple[dict[str, Any], ModelDeployment]:
-    """Read one ModelDeployment from a YAML file ('-': stdin), validated as admission would.
+@dataclass(frozen=True)
+class Loaded:
+    """One valid document, parsed as the API server would store it (CRD defaults filled in)."""
 
-    Returns the object as the API server would store it (CRD defaults filled in) and its parse.
-    """
+    label: str
+    md: ModelDeployment
+
+
+@dataclass(frozen=True)
+class Refused:
+    """One invalid document and why, one field per line."""
+
+    label: str
+    reason: str
+
+
+def read_documents(path: str) -> list[Document]:
+    """The YAML documents of a file ('-': stdin), parsed as `kubectl apply -f` parses them."""
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        return load_documents(text)
+    except (OSError, UnicodeDecodeError, KubeYAMLError) as error:
         raise ManifestError(f"cannot read {path}: {error}") from None
-    if len(documents) != 1:
-        raise ManifestError(f"{path}: expected one YAML document, found {len(documents)}")
-    errors = validate_model_deployment(documents[0])
+
+
+def check_document(obj: object) -> ModelDeployment:
+    """Validate one document as admission would; parse it as the API server would store it."""
+    errors = validate_model_deployment(obj)
     if errors:
         raise ManifestError("\n".join(f"{e.field}: {e.message}" for e in errors))
-    stored = default_model_deployment(documents[0])
+    stored = default_model_deployment(cast(dict[str, Any], obj))
     try:
-        return stored, parse_model_deployment(stored)
+        return parse_model_deployment(stored)
     except InvalidSpecError as error:
         raise ManifestError(str(error)) from None
+
+
+def check_file(path: str) -> list[Loaded | Refused]:
+    """One verdict per document, in file order, each labelled with the file (and document)."""
+    documents = read_documents(path)
+    if not documents:
+        raise ManifestError(f"{path}: no YAML document in it")
+    verdicts: list[Loaded | Refused] = []
+    for document in documents:
+        label = path if len(documents) == 1 else f"{path}, document {document.number}"
+        label += "" if len(documents) == 1 else f" (line {document.line})"
+        try:
+            verdicts.append(Loaded(label, check_document(document.value)))
+        except ManifestError as error:
+            label += f": invalid ModelDeployment{_named(document)}"
+            verdicts.append(Refused(label, str(error)))
+    return verdicts
+
+
+def _named(document: Document) -> str:
+    metadata = document.value.get("metadata") if isinstance(document.value, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return f" {name!r}" if isinstance(name, str) and name else ""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `modeldeploy` console script."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        stored, md = load_model_deployment(args.file)
+        verdicts = check_file(args.file)
     except ManifestError as error:
-        print(f"{args.file}: invalid ModelDeployment:\n{_indent(str(error))}", file=sys.stderr)
+        print(error, file=sys.stderr)
         return 1
+    loaded = [v for v in verdicts if isinstance(v, Loaded)]
+    if args.command is not validate:
+        for refused in verdicts:
+            if isinstance(refused, Refused):
+                print(f"{refused.label}:\n{_indent(refused.reason)}", file=sys.stderr)
+        if len(loaded) != len(verdicts):
+            return 1
     try:
-        exit_code: int = args.command(args, stored, md, sys.stdout)
+        exit_code: int = args.command(args, verdicts, sys.stdout)
     except BrokenPipeError:
         # The reader went away (`modeldeploy render | head`): stop quietly, as cat does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -65,8 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code
 
 
-def run(args: argparse.Namespace, stored: dict[str, Any], md: ModelDeployment, out: TextIO) -> int:
+def run(args: argparse.Namespace, verdicts: list[Loaded | Refused], out: TextIO) -> int:
     """`modeldeploy run`: the servers and the router on loopback, until Ctrl-C or SIGTERM."""
+    if len(verdicts) != 1:
+        print(
+            f"{args.file}: run takes one ModelDeployment, the file has {len(verdicts)}:"
+            " put each in a file of its own",
+            file=sys.stderr,
+        )
+        return 1
+    (only,) = verdicts
+    assert isinstance(only, Loaded)
     base_dir = Path.cwd() if args.file == "-" else Path(args.file).resolve().parent
     settings = LocalRunSettings(
         port=args.port,
@@ -74,26 +130,35 @@ def run(args: argparse.Namespace, stored: dict[str, Any], md: ModelDeployment, o
         claim_dirs=dict(args.pvc),
         cache_dir=args.cache_dir,
     )
-    return run_local(md, settings, out, sys.stderr)
+    return run_local(only.md, settings, out, sys.stderr)
 
 
-def render(
-    args: argparse.Namespace, stored: dict[str, Any], md: ModelDeployment, out: TextIO
-) -> int:
-    """`modeldeploy render`: what the operator applies, as a YAML stream, every variant Ready."""
-    if args.namespace is not None:
-        md = dataclasses.replace(md, namespace=args.namespace)
-    objects = render_objects(md, server_image=args.server_image)
+def render(args: argparse.Namespace, verdicts: list[Loaded | Refused], out: TextIO) -> int:
+    """`modeldeploy render`: what the operator applies, as one YAML stream, every variant Ready."""
+    objects = []
+    for loaded in verdicts:
+        assert isinstance(loaded, Loaded)
+        md = loaded.md
+        if args.namespace is not None:
+            md = dataclasses.replace(md, namespace=args.namespace)
+        objects += render_objects(md, server_image=args.server_image)
     yaml.dump_all(objects, out, Dumper=_BlockStringDumper, sort_keys=False)
     return 0
 
 
-def validate(
-    args: argparse.Namespace, stored: dict[str, Any], md: ModelDeployment, out: TextIO
-) -> int:
-    """`modeldeploy validate`: loading already validated; say so."""
-    print(f"{args.file}: valid ModelDeployment {md.name!r} ({len(md.variants)} variants)", file=out)
-    return 0
+def validate(args: argparse.Namespace, verdicts: list[Loaded | Refused], out: TextIO) -> int:
+    """`modeldeploy validate`: one verdict per document; exit 1 if any is invalid."""
+    for verdict in verdicts:
+        if isinstance(verdict, Refused):
+            print(f"{verdict.label}:\n{_indent(verdict.reason)}", file=sys.stderr, flush=True)
+        else:
+            md = verdict.md
+            print(
+                f"{verdict.label}: valid ModelDeployment {md.name!r} ({len(md.variants)} variants)",
+                file=out,
+                flush=True,
+            )
+    return 0 if all(isinstance(v, Loaded) for v in verdicts) else 1
 
 
 class _BlockStringDumper(yaml.SafeDumper):

@@ -111,14 +111,16 @@ def test_routes_config_is_a_readable_block(
 def test_invalid_manifest_renders_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Not even the valid documents before it."""
     manifest = VALID_MANIFESTS["two-variants"]("iris")
     manifest["spec"]["variants"][1]["weight"] = 20
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(manifest))
+    path.write_text(yaml.safe_dump_all([VALID_MANIFESTS["minimal"]("first"), manifest]))
     assert main(["render", "-f", str(path)]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "spec.variants: " in captured.err
+    assert f"{path}, document 2 (line " in captured.err
+    assert "invalid ModelDeployment 'iris':\n  spec.variants: " in captured.err
 
 
 def test_console_script_reads_stdin() -> None:
@@ -132,3 +134,18 @@ def test_console_script_reads_stdin() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert list(yaml.safe_load_all(result.stdout)) == operator_objects(yaml.safe_load(manifest))
+
+
+def test_a_multi_document_file_renders_every_model_deployment_in_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = VALID_MANIFESTS["minimal"]("first"), VALID_MANIFESTS["two-variants"]("second")
+    path = tmp_path / "manifests.yaml"
+    path.write_text(yaml.safe_dump_all([first, second]))
+
+    exit_code = main(["render", "-f", str(path)])
+
+    captured = capsys.readouterr()
+    assert exit_code == 0, captured.err
+    rendered = list(yaml.safe_load_all(captured.out))
+    assert rendered == operator_objects(first) + operator_objects(second)

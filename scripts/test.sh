@@ -33,13 +33,22 @@ summary() {
 }
 
 install() {
-    [[ -x .venv/bin/python ]] || python3 -m venv .venv || return
-    .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+    if [[ ! -x .venv/bin/python ]]; then
+        echo "creating .venv with $(python3 --version)"
+        python3 -m venv .venv || return
+    fi
+    echo "installing the project and its test extra into .venv (pip; a cold install fetches about 130 packages)"
+    # pip's own lines show progress (Collecting, Downloading, Installing...); the ~100 lines of
+    # "Requirement already satisfied" of a warm install are counted instead.
+    .venv/bin/pip install --disable-pip-version-check --progress-bar off -e '.[test]' 2>&1 |
+        awk '/^Requirement already satisfied/ { n++; next } { print; fflush() }
+             END { if (n) print n " requirements already satisfied" }'
 }
 
 build_control_plane() {
     if ! command -v go >/dev/null; then
-        echo "Go is not installed: control-plane tests will be skipped (install Go >= 1.25)."
+        echo "Go is not installed: control-plane tests will be skipped" \
+            "(install Go >= $(sed -n 's/^GO_VERSION=//p' tests/controlplane/versions.env))."
         [[ $ci == false ]]
         return
     fi

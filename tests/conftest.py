@@ -32,8 +32,9 @@ def control_plane_binaries() -> harness.Binaries:
     build = harness.BUILD_SCRIPT.relative_to(REPO_ROOT)
     if shutil.which("go") is None:
         reason = (
-            "control-plane binaries are not built and no Go toolchain was found: install Go >= 1.25"
-            f" (https://go.dev/dl/ or your distribution's golang package), then run {build}"
+            "control-plane binaries are not built and no Go toolchain was found: install Go >="
+            f" {harness.read_versions()['GO_VERSION']} (https://go.dev/dl/ or your distribution's"
+            f" golang package), then run {build}"
             " (or scripts/test.sh, which runs it)"
         )
     else:

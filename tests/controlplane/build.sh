@@ -17,11 +17,29 @@ gw_dir="$cache/gateway-api-$GATEWAY_API_VERSION"
 export GOTOOLCHAIN=local CGO_ENABLED=0
 export GOFLAGS="${GOFLAGS:-} -buildvcs=false -trimpath"
 
+json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 log() { printf '[controlplane-build %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 command -v go >/dev/null || {
-    log "Go toolchain not found: install Go >= 1.25 (https://go.dev/dl/) and re-run $0"
+    log "Go toolchain not found: install Go >= $GO_VERSION (https://go.dev/dl/) and re-run $0"
     exit 2
+}
+# `major.minor` of a Go version: go1.26.8 -> 1.26, 1.25.0 -> 1.25.
+go_minor() { local v="${1#go}"; v="${v%%[!0-9.]*}"; printf '%s' "$(cut -d. -f1-2 <<<"$v")"; }
+at_least() { [[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" == "$2" ]]; }
+local_go="$(go_minor "$(go env GOVERSION)")"
+at_least "$local_go" "$GO_VERSION" || {
+    log "Go $local_go is too old: these components need Go >= $GO_VERSION (https://go.dev/dl/)"
+    exit 2
+}
+# Keeps versions.env's GO_VERSION (quoted by the README) true when a pinned version moves.
+check_go_line() {
+    local what="$1" gomod="$2" needs
+    needs="$(go_minor "$(go mod edit -json "$gomod" | json_field Go)")"
+    at_least "$GO_VERSION" "$needs" || {
+        log "$what needs Go >= $needs but versions.env says GO_VERSION=$GO_VERSION: update it (and the README)"
+        exit 2
+    }
 }
 
 # A fresh throwaway module per component; removed on exit.
@@ -44,7 +62,6 @@ publish() {
     mv "$staged" "$final"
 }
 
-json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
 # Reads `go mod edit -json` of upstream's go.mod; prints `go mod edit` flags that re-point every
 # staging module at its published tag (argv[1]) and copy upstream's godebug defaults.
@@ -69,13 +86,16 @@ count_packages() {
 
 build_etcd() {
     if [[ -x "$etcd_dir/etcd" ]]; then log "etcd $ETCD_VERSION: cached at $etcd_dir"; return; fi
-    log "etcd $ETCD_VERSION: resolving modules"
+    log "etcd $ETCD_VERSION: resolving modules (go get -tool; cold: a minute of downloads)"
     local w
     w="$(new_module etcdbin)"
     (cd "$w" && go get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION")
-    log "etcd $ETCD_VERSION: compiling"
+    check_go_line "etcd $ETCD_VERSION" \
+        "$(go mod download -json "go.etcd.io/etcd/server/v3@$ETCD_VERSION" | json_field GoMod)"
+    log "etcd $ETCD_VERSION: compiling (cold build: about 1 min on 2 cores)"
     mkdir -p "$w/out"
-    (cd "$w" && go build -ldflags="-s -w" -o out/etcd go.etcd.io/etcd/server/v3)
+    (cd "$w" && go build -v -ldflags="-s -w" -o out/etcd go.etcd.io/etcd/server/v3 2>&1) |
+        count_packages
     publish "$w/out" "$etcd_dir"
     log "etcd $ETCD_VERSION: done -> $etcd_dir/etcd"
 }
@@ -103,6 +123,7 @@ build_kubernetes() {
     local w upstream_gomod staging_version minor
     log "kubernetes $KUBERNETES_VERSION: downloading k8s.io/kubernetes"
     upstream_gomod="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | json_field GoMod)"
+    check_go_line "k8s.io/kubernetes $KUBERNETES_VERSION" "$upstream_gomod"
     # Staging modules are published as k8s.io/<name> v0.<minor>.<patch> for Kubernetes v1.<minor>.<patch>.
     staging_version="v0.${KUBERNETES_VERSION#v1.}"
     minor="${KUBERNETES_VERSION#v1.}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from modeldeploy_server.config import ServeConfig
+from tests.controlplane.harness import read_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,3 +50,25 @@ def test_readme_limits_are_the_server_defaults() -> None:
             f"waits up to {defaults.max_batch_delay_ms:g} ms for more"
         ),
     }
+
+
+def test_one_go_version_is_stated_everywhere() -> None:
+    """README, scripts and skip messages quote versions.env's GO_VERSION, which build.sh checks
+    against the go.mod of each pinned component (k8s.io/kubernetes v1.35.4 needs Go 1.25)."""
+    go_version = read_versions()["GO_VERSION"]
+    places = [
+        REPO_ROOT / "README.md",
+        REPO_ROOT / "scripts" / "test.sh",
+        REPO_ROOT / "tests" / "controlplane" / "build.sh",
+        REPO_ROOT / "tests" / "conftest.py",
+        *(REPO_ROOT / "docs").glob("*.md"),
+        *(REPO_ROOT / "bench").glob("*.md"),
+    ]
+    stated = {
+        (path.name, version)
+        for path in places
+        for version in re.findall(r"Go >= ?([0-9][0-9.]*[0-9])", path.read_text())
+    }
+
+    assert go_version == "1.25"
+    assert stated == {("README.md", go_version)}

@@ -14,6 +14,7 @@ def _error_responses(*codes: int) -> dict[str, Any]:
         404: "unknown model or version",
         413: "body or row count over the limit",
         415: "unsupported Content-Encoding",
+        422: "the model cannot run on the input's values",
         503: "not ready or overloaded (Retry-After)",
         504: "request timeout",
     }
@@ -37,6 +38,7 @@ def _path_parameters(*names: str, metadata: ModelMetadata) -> list[dict[str, Any
 def build_openapi(metadata: ModelMetadata) -> dict[str, Any]:
     """OpenAPI 3.0.3 for every route of the server."""
     ok_json = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    inference_errors = _error_responses(400, 404, 413, 415, 422, 503, 504)
     infer = {
         "post": {
             "summary": "Open Inference Protocol v2 inference",
@@ -55,7 +57,7 @@ def build_openapi(metadata: ModelMetadata) -> dict[str, Any]:
                         }
                     },
                 },
-                **_error_responses(400, 404, 413, 415, 503, 504),
+                **inference_errors,
             },
         }
     }
@@ -95,7 +97,7 @@ def build_openapi(metadata: ModelMetadata) -> dict[str, Any]:
                         "text/csv": {"schema": {"type": "string"}},
                     },
                 },
-                "responses": {"200": ok_json, **_error_responses(400, 404, 413, 415, 503, 504)},
+                "responses": {"200": ok_json, **inference_errors},
             },
             "parameters": _path_parameters("name", metadata=metadata),
         },
@@ -110,7 +112,8 @@ def build_openapi(metadata: ModelMetadata) -> dict[str, Any]:
             }
         },
     }
-    tensor_names = [spec.name for spec in metadata.inputs]
+    # A model may have no inputs (a Constant), never no outputs.
+    example_tensor = (metadata.inputs or metadata.outputs)[0].name
     schemas: dict[str, Any] = {
         "Error": {
             "type": "object",
@@ -121,7 +124,7 @@ def build_openapi(metadata: ModelMetadata) -> dict[str, Any]:
             "type": "object",
             "required": ["name", "shape", "datatype"],
             "properties": {
-                "name": {"type": "string", "example": tensor_names[0]},
+                "name": {"type": "string", "example": example_tensor},
                 "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
                 "datatype": {"type": "string", "enum": list(V2_TO_NUMPY)},
                 "parameters": {"type": "object"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from modeldeploy_server.metadata import (
     TensorSpec,
     has_batch_axis,
 )
+
+logger = logging.getLogger("uvicorn.error")
 
 # onnxruntime's messages: "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while
 # running Reshape node. Name:'r' Status Message: /onnxruntime_src/.../reshape_helper.h:91
@@ -51,14 +54,19 @@ class OnnxModel:
         self._session = session
         self.metadata = metadata
         self._output_names = [spec.name for spec in metadata.outputs]
+        # onnxruntime would print every failed run with its source paths; a refusal is the
+        # client's answer (422) and a fault is logged below, once.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     def run(self, feed: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         """Run the model on validated inputs."""
         try:
-            results = self._session.run(self._output_names, dict(feed))
+            results = self._session.run(self._output_names, dict(feed), self._run_options)
         except Exception as exc:
             complaint = describe_rejection(str(exc))
             if complaint is None:
+                logger.error("model execution failed: %s", exc)
                 raise ModelExecutionError(f"model execution failed: {exc}") from None
             raise ModelRejected(complaint) from None
         return dict(zip(self._output_names, results, strict=True))

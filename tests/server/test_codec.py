@@ -166,7 +166,7 @@ def test_every_datatype_encodes_to_json(datatype: str) -> None:
         (b"", MalformedRequest, "not valid UTF-8 JSON"),
         (b"\xff\xfe{}", MalformedRequest, "not valid UTF-8 JSON"),
         (b"[]", MalformedRequest, "must be a JSON object"),
-        (b'{"inputs": []}', MalformedRequest, "non-empty list"),
+        (b'{"inputs": {}}', MalformedRequest, "inputs must be a list"),
         (b'{"inputs": [1]}', MalformedRequest, "inputs[0] must be an object"),
         (b'{"inputs": [{"name": 3}]}', MalformedRequest, "name must be a non-empty string"),
         (b'{"id": 5, "inputs": []}', MalformedRequest, "id must be a string"),

@@ -50,6 +50,7 @@ def assert_error(response: httpx.Response, status: int, fragment: str) -> None:
         (orjson.dumps(v2(shape=[4])), {}, "has shape [4]"),
         (orjson.dumps(v2(name="other")), {}, "unknown input 'other'"),
         (orjson.dumps({"inputs": [v2()["inputs"][0]] * 2}), {}, "more than once"),
+        (orjson.dumps({"inputs": []}), {}, "missing input(s) ['input']"),
         (orjson.dumps(v2(data=["a", "b", "c", "d"])), {}, "does not hold FP32"),
         (orjson.dumps(v2(data=[True, 3.5, 1.4, 0.2])), {}, "'input': data does not hold FP32"),
         (orjson.dumps({**v2(), "outputs": [{"name": "nope"}]}), {}, "unknown output"),

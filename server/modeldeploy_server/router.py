@@ -1,9 +1,10 @@
 """`modeldeploy-server route`: a weighted reverse proxy in front of a model's variants.
 
-The routing decision and the header rules are `modeldeploy_server.routing` (pure); this module is
-the shell around them: the ASGI app (plain ASGI for proxied requests, Starlette for the router's own
-endpoints), the pooled aiohttp client that talks to the variants, the Prometheus metrics and the
-process entry point. Where the routes come from (a file, or the ConfigMap through the API) is
+The routing decision and the header rules are `modeldeploy_server.routing` (pure), the request
+path is `modeldeploy_server.proxy` and the client that talks to the variants
+`modeldeploy_server.upstream`; this module is the shell around them: settings, the ASGI entry
+(Starlette for the router's own endpoints), the Prometheus metrics and the process entry point.
+Where the routes come from (a file, or the ConfigMap through the API) is
 `modeldeploy_server.routes_source`.
 """
 
@@ -14,23 +15,21 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-import orjson
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 from modeldeploy_server.config import (
     parse_bool,
@@ -39,7 +38,9 @@ from modeldeploy_server.config import (
     resolve_options,
 )
 from modeldeploy_server.errors import ConfigError as SettingsError
+from modeldeploy_server.health import PassiveHealth
 from modeldeploy_server.http_server import build_uvicorn_config, run_until_stopped
+from modeldeploy_server.proxy import Proxy, ProxySettings
 from modeldeploy_server.routes_source import OPTIONS as ROUTES_OPTIONS
 from modeldeploy_server.routes_source import (
     RoutesSettings,
@@ -50,26 +51,16 @@ from modeldeploy_server.routes_source import (
 from modeldeploy_server.routing import (
     NO_ROUTES,
     ConfigError,
-    IncomingRequest,
     RouterConfig,
-    RoutingError,
-    Variant,
-    read_request_headers,
-    returned_response_headers,
+    TrustedProxies,
+    parse_trusted_proxies,
 )
+from modeldeploy_server.upstream import Upstream
 
 log = logging.getLogger("modeldeploy.router")
 
-# Bodies up to this size are read whole (one write to the backend, a Content-Length on the answer);
-# larger or unsized ones stream through in chunks, so the router's memory stays bounded.
-BUFFER_LIMIT_BYTES = 1 << 20
-STREAM_CHUNK_BYTES = 64 << 10
-# uvicorn's default keep-alive, which `modeldeploy-server serve` keeps.
-VARIANT_KEEPALIVE_S = 5
 # Below Kubernetes' default 30 s termination grace period, so in-flight requests finish first.
 DRAIN_TIMEOUT_S = 25
-# The status nginx made conventional for "the client closed the connection first"; only a label.
-CLIENT_CLOSED_REQUEST = 499
 _OWN_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -83,6 +74,8 @@ class RouterSettings:
     port: int
     timeout_s: float
     connect_timeout_s: float
+    body_timeout_s: float
+    trusted_proxies: TrustedProxies
     access_log: bool
 
 
@@ -91,12 +84,30 @@ class RouterSettings:
 _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
     "host": ("MODELDEPLOY_HOST", str, "0.0.0.0", "address to listen on"),
     "port": ("MODELDEPLOY_PORT", parse_port, "8080", "port to listen on"),
-    "timeout_s": ("MODELDEPLOY_ROUTER_TIMEOUT_S", parse_positive_float, "60", "wait for answers"),
+    "timeout_s": (
+        "MODELDEPLOY_ROUTER_TIMEOUT_S",
+        parse_positive_float,
+        "60",
+        "per request: wait for a variant's answer (504 after), and for each piece of a long one",
+    ),
     "connect_timeout_s": (
         "MODELDEPLOY_ROUTER_CONNECT_TIMEOUT_S",
         parse_positive_float,
         "5",
         "wait for a connection to a variant",
+    ),
+    "body_timeout_s": (
+        "MODELDEPLOY_ROUTER_BODY_TIMEOUT_S",
+        parse_positive_float,
+        "30",
+        "wait for each piece of a request body (408 after)",
+    ),
+    "trusted_proxies": (
+        "MODELDEPLOY_ROUTER_TRUSTED_PROXIES",
+        parse_trusted_proxies,
+        "",
+        "comma-separated networks whose X-Forwarded-For/Forwarded/X-Real-IP are kept "
+        "(from any other peer they are dropped)",
     ),
     "access_log": ("MODELDEPLOY_ACCESS_LOG", parse_bool, "false", "log each request (costs speed)"),
 }
@@ -129,6 +140,23 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> RouterSet
     return RouterSettings(routes=routes, **own)
 
 
+class _EjectedGauge(Collector):
+    def __init__(self, health: PassiveHealth, current: Callable[[], RouterConfig]) -> None:
+        self._health = health
+        self._current = current
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "modeldeploy_router_variant_ejected",
+            "1 while a variant is left out of weighted routing after failures, else 0.",
+            labels=["variant"],
+        )
+        now = time.monotonic()
+        for variant in self._current().variants:
+            family.add_metric([variant.name], float(self._health.is_ejected(variant.name, now)))
+        yield family
+
+
 class RouterMetrics:
     """The router's Prometheus metrics on its own registry; labels are bounded by the config."""
 
@@ -159,6 +187,19 @@ class RouterMetrics:
             ["variant"],
             registry=self.registry,
         )
+        self._retries = Counter(
+            "modeldeploy_router_retries",
+            "Requests sent once more, to another variant, after this one refused the connection "
+            "or closed it before answering.",
+            ["variant"],
+            registry=self.registry,
+        )
+        self._ejections = Counter(
+            "modeldeploy_router_ejections",
+            "Times a failing variant was left out of weighted routing for a short, growing time.",
+            ["variant"],
+            registry=self.registry,
+        )
         self._reloads = Counter(
             "modeldeploy_router_config_reloads",
             "Routes changes seen, by result (applied or rejected).",
@@ -185,6 +226,18 @@ class RouterMetrics:
         """Count a request the variant failed to answer."""
         self._errors.labels(variant, reason).inc()
 
+    def count_retry(self, variant: str) -> None:
+        """Count a request sent to another variant after `variant` refused or reset it."""
+        self._retries.labels(variant).inc()
+
+    def count_ejection(self, variant: str) -> None:
+        """Count a variant being left out of weighted routing for a while."""
+        self._ejections.labels(variant).inc()
+
+    def track_ejections(self, health: PassiveHealth, current: Callable[[], RouterConfig]) -> None:
+        """Publish, at scrape time, which variants of the current config are ejected."""
+        self.registry.register(_EjectedGauge(health, current))
+
     def set_config(self, old: RouterConfig | None, new: RouterConfig) -> None:
         """Publish the weights of a newly applied config, forgetting removed variants."""
         names = {v.name for v in new.variants}
@@ -205,72 +258,11 @@ class RouterMetrics:
         return generate_latest(self.registry)
 
 
-class BackendError(Exception):
-    """A variant did not answer; `status` and `reason` say how the edge reports it."""
-
-    def __init__(self, variant: Variant, status: int, reason: str, detail: str) -> None:
-        super().__init__(f"variant {variant.name!r} at {variant.url}: {detail}")
-        self.status = status
-        self.reason = reason
-
-
-# What talking to a variant can raise (aiohttp's errors, and OSError from the request body's
-# stream), mapped to the answer in one table: first match wins, so timeouts (which are also
-# ClientErrors and OSErrors) come first. The reason is a metric label.
-_CLIENT_FAILURES = (aiohttp.ClientError, OSError)
-_BACKEND_ERRORS: tuple[tuple[type[BaseException], int, str, str], ...] = (
-    (TimeoutError, 504, "timeout", "no answer in time"),
-    (aiohttp.ClientConnectorError, 502, "unreachable", "cannot connect"),
-    (BaseException, 502, "broken", "connection failed"),
-)
-
-
-def backend_error(variant: Variant, exc: BaseException) -> BackendError:
-    """The BackendError that reports a failure to talk to a variant."""
-    for kind, status, reason, summary in _BACKEND_ERRORS:
-        if isinstance(exc, kind):
-            # Some aiohttp errors (timeouts) have no message of their own.
-            return BackendError(variant, status, reason, f"{summary}: {exc or type(exc).__name__}")
-    raise AssertionError("the table ends with a catch-all")
-
-
-async def send_json(send: Send, status: int, document: object, variant: str | None = None) -> None:
-    """Answer with a JSON document (errors are `{"error": "..."}`)."""
-    body = orjson.dumps(document)
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    if variant is not None:
-        headers.append((b"x-model-variant", variant.encode("latin-1")))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def read_body(receive: Receive) -> bytes:
-    """The whole request body."""
-    return b"".join([chunk async for chunk in stream_body(receive)])
-
-
-class ClientGone(Exception):
-    """The client disconnected before sending its whole body."""
-
-
-async def stream_body(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body as it arrives; raises ClientGone if the client goes away mid-body."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            # Raising aborts the upload to the variant rather than ending it as a short, valid body.
-            raise ClientGone
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return
-
-
 class Router:
     """One router process: the current config, the client pool, metrics and the ASGI entry.
 
-    Proxied requests are handled as plain ASGI, without Starlette's Request/Response objects: it
-    measured faster, and a proxy needs none of their parsing. Starlette serves the router's own
-    endpoints and runs the lifespan.
+    Proxied requests go to `Proxy` as plain ASGI; Starlette serves the router's own endpoints and
+    runs the lifespan.
     """
 
     def __init__(
@@ -282,7 +274,14 @@ class Router:
         if config is not None:
             self.metrics.set_config(None, config)
         self._routes = routes
-        self._session: aiohttp.ClientSession | None = None
+        self.upstream = Upstream(settings.connect_timeout_s)
+        self.proxy = Proxy(
+            ProxySettings(settings.timeout_s, settings.body_timeout_s, settings.trusted_proxies),
+            lambda: self.config,
+            self.upstream,
+            self.metrics,
+        )
+        self.metrics.track_ejections(self.proxy.health, lambda: self.config)
         self._own = Starlette(
             routes=[
                 Route("/metrics", self.metrics_endpoint, methods=["GET"]),
@@ -301,25 +300,7 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        """Open the client pool and start the routes source; close both on shutdown."""
-        # Idle connections are dropped before the variant's uvicorn drops them (its keep-alive is
-        # 5 s): a POST sent on a connection the server is closing fails, and aiohttp retries only
-        # idempotent methods.
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=512, keepalive_timeout=VARIANT_KEEPALIVE_S - 1
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self.settings.connect_timeout_s,
-                sock_read=self.settings.timeout_s,
-            ),
-            # A proxy passes bodies through untouched and adds no headers of its own.
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        """Start the routes source; stop it and close idle connections on shutdown."""
         watcher = asyncio.create_task(self._routes.run(self))
         try:
             yield
@@ -327,7 +308,7 @@ class Router:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            await self._session.close()
+            self.upstream.close()
 
     def apply_routes(self, config: RouterConfig, origin: str) -> None:
         """Serve with new routes from now on; requests in flight keep the ones they started with."""
@@ -362,97 +343,6 @@ class Router:
     async def metrics_endpoint(self, _request: Request) -> Response:
         """Prometheus text exposition of the router's own registry."""
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Send the request to the chosen variant and pass its answer back."""
-        started = time.perf_counter()
-        config = self.config  # one snapshot per request; a reload swaps the attribute whole
-        client = scope.get("client")
-        incoming = read_request_headers(scope["headers"], config, client[0] if client else None)
-        try:
-            variant = config.choose(
-                config.pinned_variant(scope["path"], incoming.override),
-                random.random(),
-                incoming.sticky,
-            )
-        except RoutingError as exc:
-            self.metrics.count_unrouted(exc.status)
-            await send_json(send, exc.status, {"error": str(exc)})
-            return
-        try:
-            status = await self._forward(scope, receive, send, variant, incoming)
-        except ClientGone:
-            status = CLIENT_CLOSED_REQUEST
-        except BackendError as exc:
-            self.metrics.count_backend_error(variant.name, exc.reason)
-            log.warning("%s %s: %s", scope["method"], scope["path"], exc)
-            status = exc.status
-            await send_json(send, status, {"error": str(exc)}, variant.name)
-        self.metrics.observe(variant.name, status, time.perf_counter() - started)
-
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        variant: Variant,
-        incoming: IncomingRequest,
-    ) -> int:
-        assert self._session is not None, "the lifespan opens the session before any request"
-        target = variant.url + scope["raw_path"].decode("latin-1")
-        if scope["query_string"]:
-            target += "?" + scope["query_string"].decode("latin-1")
-        body: bytes | AsyncIterator[bytes] | None = None
-        length = incoming.content_length
-        if length is not None and length <= BUFFER_LIMIT_BYTES:
-            body = await read_body(receive)
-        elif length is not None or incoming.chunked:
-            body = stream_body(receive)
-        try:
-            upstream = await self._session.request(
-                scope["method"],
-                URL(target, encoded=True),
-                headers=incoming.forwarded_headers,
-                data=body,
-                allow_redirects=False,
-            )
-        except _CLIENT_FAILURES as exc:
-            # aiohttp wraps what the body stream raised, keeping it as the cause.
-            if isinstance(exc.__cause__, ClientGone):
-                raise ClientGone from None
-            raise backend_error(variant, exc) from None
-        try:
-            headers = returned_response_headers(upstream.raw_headers, variant.name)
-            answer = None
-            length = upstream.content_length
-            if length is not None and length <= BUFFER_LIMIT_BYTES:
-                try:
-                    answer = await upstream.read()
-                except _CLIENT_FAILURES as exc:
-                    raise backend_error(variant, exc) from None
-            start = {"type": "http.response.start", "status": upstream.status, "headers": headers}
-            await send(start)
-            if answer is None:
-                await self._stream_answer(send, upstream, variant)
-            else:
-                await send({"type": "http.response.body", "body": answer})
-            return upstream.status
-        finally:
-            upstream.release()
-
-    async def _stream_answer(
-        self, send: Send, upstream: aiohttp.ClientResponse, variant: Variant
-    ) -> None:
-        try:
-            async for chunk in upstream.content.iter_chunked(STREAM_CHUNK_BYTES):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except _CLIENT_FAILURES as exc:
-            # The status line is gone already: returning without finishing the body makes uvicorn
-            # close the connection, so the client sees a cut answer rather than a short, valid one.
-            self.metrics.count_backend_error(variant.name, "broken")
-            log.warning("variant %r broke off its answer: %r", variant.name, exc)
-            return
-        await send({"type": "http.response.body", "body": b""})
 
 
 def describe(config: RouterConfig) -> str:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import ipaddress
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -129,12 +131,20 @@ class RouterConfig:
                 return version
         return header_value
 
-    def choose(self, override: str | None, rand: float, sticky: str | None = None) -> Variant:
+    def choose(
+        self,
+        override: str | None,
+        rand: float,
+        sticky: str | None = None,
+        avoid: frozenset[str] = frozenset(),
+    ) -> Variant:
         """Pick the variant for a request: the one the override names, else by weight.
 
         `rand` is uniform in [0, 1); the override wins even over a weight of 0 (dark launch). A
         `sticky` value (the sticky header's) replaces `rand` by its bucket, so the same value
-        always lands on the same variant for the same weights.
+        always lands on the same variant for the same weights. A weighted choice that falls on a
+        variant in `avoid` (ejected, or one that just failed) goes to the others by their weights,
+        unless every weighted variant is to be avoided.
         """
         if override is not None:
             variant = self._by_name.get(override)
@@ -159,8 +169,25 @@ class RouterConfig:
         else:
             # Integer arithmetic: every replica draws exactly the same line between variants.
             point = sticky_bucket(sticky) * self._bounds[-1] // STICKY_BUCKETS
-        index = bisect.bisect_right(self._bounds, point)
-        return self._weighted[min(index, len(self._weighted) - 1)]
+        index = min(bisect.bisect_right(self._bounds, point), len(self._weighted) - 1)
+        variant = self._weighted[index]
+        if variant.name in avoid:
+            others = [v for v in self._weighted if v.name not in avoid]
+            if others:
+                # Where the draw fell inside the avoided variant's share, spread over the others.
+                start = self._bounds[index] - variant.weight
+                return _by_weight(others, (point - start) / variant.weight)
+        return variant
+
+
+def _by_weight(variants: list[Variant], fraction: float) -> Variant:
+    total = sum(v.weight for v in variants)
+    point = fraction * total
+    for variant in variants:
+        point -= variant.weight
+        if point < 0:
+            return variant
+    return variants[-1]
 
 
 def sticky_bucket(value: str) -> int:
@@ -263,11 +290,67 @@ def _reject_unknown_keys(obj: dict[str, Any], allowed: frozenset[str], where: st
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
 
 
+# Headers that say who the client is, or how it reached us: set by proxies in front. The router is
+# the edge, so from an untrusted peer they are lies or noise, and are dropped.
+FORWARDING_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+    }
+)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_TRUST_CACHE_SIZE = 4096
+
+
 @dataclass(frozen=True)
+class TrustedProxies:
+    """The peers whose forwarding headers are believed (CIDR networks; none by default)."""
+
+    networks: tuple[IPNetwork, ...] = ()
+    # host -> trusted, so that a request from a known peer parses no address.
+    _seen: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, host: str) -> bool:
+        """Whether the peer at `host` is one of the trusted proxies."""
+        known = self._seen.get(host)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in network for network in self.networks)
+            if len(self._seen) >= _TRUST_CACHE_SIZE:
+                self._seen.clear()
+            self._seen[host] = known
+        return known
+
+
+def parse_trusted_proxies(text: str) -> TrustedProxies:
+    """Comma-separated CIDR networks or addresses (e.g. `10.0.0.0/8,127.0.0.1`); empty: none."""
+    networks = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network like 10.0.0.0/8") from None
+    return TrustedProxies(tuple(networks))
+
+
+@dataclass(frozen=True, slots=True)
 class IncomingRequest:
     """What the proxy needs from a request's headers, read in one pass."""
 
-    forwarded_headers: list[tuple[str, str]]
+    forwarded_headers: list[tuple[bytes, bytes]]
     override: str | None
     sticky: str | None
     content_length: int | None  # None when absent or not a number
@@ -275,18 +358,25 @@ class IncomingRequest:
 
 
 def read_request_headers(
-    raw: list[tuple[bytes, bytes]], config: RouterConfig, client_host: str | None
+    raw: list[tuple[bytes, bytes]],
+    config: RouterConfig,
+    client_host: str | None,
+    trusted: TrustedProxies,
 ) -> IncomingRequest:
     """Split ASGI request headers into those forwarded to the variant and the routing facts.
 
-    Hop-by-hop headers (and those the Connection header names) are dropped and the client is
-    appended to X-Forwarded-For; header names arrive lower-cased from the ASGI server.
+    Hop-by-hop headers (and those the Connection header names) are dropped. X-Forwarded-For gets
+    the peer appended; it and the other forwarding headers are kept only from a trusted proxy
+    (otherwise X-Forwarded-For is the peer alone). Header names arrive lower-cased from the ASGI
+    server.
     """
     dropped = _NOT_FORWARDED_REQUEST | connection_tokens(raw)
+    if not (client_host and trusted and trusted.trusts(client_host)):
+        dropped |= FORWARDING_HEADERS
     override_name = config.header_override.encode("latin-1")
     sticky_name = config.sticky_header.encode("latin-1") if config.sticky_header else None
-    forwarded: list[tuple[str, str]] = []
-    forwarded_for: list[str] = []
+    forwarded: list[tuple[bytes, bytes]] = []
+    forwarded_for: list[bytes] = []
     override = sticky = None
     content_length = None
     chunked = False
@@ -300,19 +390,20 @@ def read_request_headers(
         elif name == b"transfer-encoding":
             chunked = True
         elif name == b"x-forwarded-for":
-            forwarded_for.append(value.decode("latin-1"))
+            if name not in dropped:
+                forwarded_for.append(value)
             continue
         if name not in dropped:
-            forwarded.append((name.decode("latin-1"), value.decode("latin-1")))
+            forwarded.append((name, value))
     if client_host:
-        forwarded_for.append(client_host)
+        forwarded_for.append(client_host.encode("latin-1"))
     if forwarded_for:
-        forwarded.append(("x-forwarded-for", ", ".join(forwarded_for)))
+        forwarded.append((b"x-forwarded-for", b", ".join(forwarded_for)))
     return IncomingRequest(forwarded, override, sticky, content_length, chunked)
 
 
 def returned_response_headers(
-    raw: tuple[tuple[bytes, bytes], ...], variant: str
+    raw: Sequence[tuple[bytes, bytes]], variant: str
 ) -> list[tuple[bytes, bytes]]:
     """The variant's response headers for the client: end-to-end ones plus `x-model-variant`."""
     lowered = [(name.lower(), value) for name, value in raw]

@@ -17,6 +17,7 @@ from modeldeploy_server.routing import (
     UnknownVariantError,
     Variant,
     parse_router_config,
+    parse_trusted_proxies,
     read_request_headers,
     returned_response_headers,
 )
@@ -231,7 +232,10 @@ def test_pinned_variant_from_versioned_path_or_header(
     assert config.pinned_variant(path, header) == expected
 
 
-def test_request_headers_drop_hop_by_hop_and_extend_forwarded_for() -> None:
+NO_TRUST = parse_trusted_proxies("")
+
+
+def test_request_headers_drop_hop_by_hop_and_extend_forwarded_for_from_a_trusted_proxy() -> None:
     raw = [
         (b"host", b"router:8080"),
         (b"content-type", b"application/json"),
@@ -242,26 +246,69 @@ def test_request_headers_drop_hop_by_hop_and_extend_forwarded_for() -> None:
         (b"te", b"trailers"),
         (b"expect", b"100-continue"),
         (b"x-forwarded-for", b"10.0.0.1"),
+        (b"x-real-ip", b"10.0.0.1"),
         (b"x-model-variant", b" v2 "),
         (b"authorization", b"Bearer t"),
         (b"accept", b"*/*"),
         (b"accept", b"text/csv"),
     ]
-    incoming = read_request_headers(raw, parse_router_config(config_json()), "127.0.0.1")
+    trusted = parse_trusted_proxies("127.0.0.0/8, ::1")
+    incoming = read_request_headers(raw, parse_router_config(config_json()), "127.0.0.1", trusted)
     assert incoming == IncomingRequest(
         forwarded_headers=[
-            ("content-type", "application/json"),
-            ("x-model-variant", " v2 "),
-            ("authorization", "Bearer t"),
-            ("accept", "*/*"),
-            ("accept", "text/csv"),
-            ("x-forwarded-for", "10.0.0.1, 127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"x-real-ip", b"10.0.0.1"),
+            (b"x-model-variant", b" v2 "),
+            (b"authorization", b"Bearer t"),
+            (b"accept", b"*/*"),
+            (b"accept", b"text/csv"),
+            (b"x-forwarded-for", b"10.0.0.1, 127.0.0.1"),
         ],
         override="v2",
         sticky=None,
         content_length=42,
         chunked=False,
     )
+
+
+SPOOFED = [
+    (b"x-forwarded-for", b"1.2.3.4"),
+    (b"x-forwarded-for", b"5.6.7.8"),
+    (b"forwarded", b"for=1.2.3.4;proto=https"),
+    (b"x-real-ip", b"1.2.3.4"),
+    (b"x-forwarded-proto", b"https"),
+    (b"x-forwarded-host", b"admin.example.com"),
+    (b"x-forwarded-port", b"443"),
+    (b"accept", b"*/*"),
+]
+
+
+@pytest.mark.parametrize(
+    ("peer", "trusted"),
+    [("192.0.2.7", ""), ("192.0.2.7", "10.0.0.0/8,127.0.0.1"), ("::1", "127.0.0.0/8")],
+)
+def test_forwarding_headers_from_an_untrusted_peer_are_replaced_by_the_peer(
+    peer: str, trusted: str
+) -> None:
+    config = parse_router_config(config_json())
+    incoming = read_request_headers(SPOOFED, config, peer, parse_trusted_proxies(trusted))
+    assert incoming.forwarded_headers == [(b"accept", b"*/*"), (b"x-forwarded-for", peer.encode())]
+
+
+def test_forwarding_headers_from_a_trusted_peer_pass_and_the_peer_is_appended() -> None:
+    config = parse_router_config(config_json())
+    trusted = parse_trusted_proxies("10.1.0.0/16")
+    incoming = read_request_headers(SPOOFED, config, "10.1.2.3", trusted)
+    assert incoming.forwarded_headers == [
+        *[(n, v) for n, v in SPOOFED if n != b"x-forwarded-for"],
+        (b"x-forwarded-for", b"1.2.3.4, 5.6.7.8, 10.1.2.3"),
+    ]
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/33", "example.com", "10.0.0.0/8,,nope"])
+def test_trusted_proxies_must_be_networks(text: str) -> None:
+    with pytest.raises(ValueError, match="is not an IP network"):
+        parse_trusted_proxies(text)
 
 
 @pytest.mark.parametrize(
@@ -278,13 +325,13 @@ def test_request_routing_facts(
     raw: list[tuple[bytes, bytes]], override: str | None, content_length: int | None, chunked: bool
 ) -> None:
     config = parse_router_config(config_json(headerOverride="x-canary"))
-    incoming = read_request_headers(raw, config, None)
+    incoming = read_request_headers(raw, config, None, NO_TRUST)
     assert (incoming.override, incoming.content_length, incoming.chunked) == (
         override,
         content_length,
         chunked,
     )
-    assert all(name != "x-forwarded-for" for name, _ in incoming.forwarded_headers)
+    assert all(name != b"x-forwarded-for" for name, _ in incoming.forwarded_headers)
 
 
 def test_response_headers_keep_end_to_end_ones_and_name_the_variant() -> None:
@@ -316,10 +363,10 @@ def test_sticky_header_is_parsed_lower_case_and_read_from_requests() -> None:
     config = parse_router_config(config_json(stickyHeader="X-User"))
     assert config.sticky_header == "x-user"
     raw = [(b"x-user", b" alice "), (b"accept", b"*/*")]
-    incoming = read_request_headers(raw, config, None)
+    incoming = read_request_headers(raw, config, None, NO_TRUST)
     assert incoming.sticky == "alice"
     # The header still reaches the variant: it is the application's, not the router's.
-    assert ("x-user", " alice ") in incoming.forwarded_headers
+    assert (b"x-user", b" alice ") in incoming.forwarded_headers
     assert parse_router_config(config_json()).sticky_header is None
 
 
@@ -367,3 +414,26 @@ def test_weight_change_moves_only_the_buckets_it_must() -> None:
 def test_sticky_cohorts_skip_variants_without_weight() -> None:
     config = parse_router_config(variants_json(0, 100))
     assert set(cohorts(config, USERS[:500]).values()) == {"v2"}
+
+
+@pytest.mark.parametrize("sticky", [None, "user-7"])
+def test_avoided_variant_hands_its_share_to_the_others_by_weight(sticky: str | None) -> None:
+    config = parse_router_config(variants_json(50, 30, 20))
+    draws = [i / 1000 for i in range(1000)]
+    chosen = Counter(config.choose(None, r, None, frozenset({"v1"})).name for r in draws)
+    assert chosen == {"v2": 600, "v3": 400}
+    assert config.choose(None, 0.0, sticky, frozenset({"v1"})).name in {"v2", "v3"}
+    # Nothing left to fall back on: the weighted choice stands (fail open).
+    every = frozenset({"v1", "v2", "v3"})
+    assert config.choose(None, 0.0, sticky, every) == config.choose(None, 0.0, sticky)
+    # A pinned request goes where it is pinned, ejected or not.
+    assert config.choose("v1", 0.5, sticky, frozenset({"v1"})).name == "v1"
+
+
+def test_avoidance_keeps_the_other_variants_choices() -> None:
+    """Draws that fell on v2 or v3 stay there when v1 is left out."""
+    config = parse_router_config(variants_json(50, 30, 20))
+    for i in range(1000):
+        usual = config.choose(None, i / 1000).name
+        if usual != "v1":
+            assert config.choose(None, i / 1000, None, frozenset({"v1"})).name == usual

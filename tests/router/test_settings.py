@@ -8,6 +8,7 @@ import pytest
 
 from modeldeploy_server.router import RouterSettings, parse_settings
 from modeldeploy_server.routes_source import ConfigMapRef, RoutesSettings
+from modeldeploy_server.routing import TrustedProxies, parse_trusted_proxies
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 IN_POD = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"}
@@ -28,6 +29,8 @@ def test_defaults_need_only_the_config() -> None:
         port=8080,
         timeout_s=60.0,
         connect_timeout_s=5.0,
+        body_timeout_s=30.0,
+        trusted_proxies=TrustedProxies(),
         access_log=False,
     )
 
@@ -90,6 +93,12 @@ def test_env_sets_and_flags_override() -> None:
             "MODELDEPLOY_ROUTER_RELOAD_INTERVAL_S='-1': must be a positive",
         ),
         (["--config", "c", "--access-log", "maybe"], {}, "--access-log='maybe': must be true"),
+        (
+            ["--config", "c", "--trusted-proxies", "10.0.0.0/8,proxy"],
+            {},
+            "--trusted-proxies='10.0.0.0/8,proxy': 'proxy' is not an IP network",
+        ),
+        (["--config", "c", "--body-timeout-s", "-2"], {}, "--body-timeout-s='-2': must be"),
     ],
 )
 def test_invalid_settings_exit_2_naming_the_source(
@@ -99,3 +108,15 @@ def test_invalid_settings_exit_2_naming_the_source(
         parse_settings(argv, env)
     assert caught.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_trusted_proxies_and_body_timeout_from_env() -> None:
+    env = {
+        "MODELDEPLOY_ROUTER_TRUSTED_PROXIES": "10.0.0.0/8, 2001:db8::/32",
+        "MODELDEPLOY_ROUTER_BODY_TIMEOUT_S": "4",
+    }
+    settings = parse_settings(["--config", "c"], env)
+    assert settings.trusted_proxies == parse_trusted_proxies("10.0.0.0/8,2001:db8::/32")
+    assert settings.trusted_proxies.trusts("10.9.8.7")
+    assert not settings.trusted_proxies.trusts("192.0.2.1")
+    assert settings.body_timeout_s == 4.0

@@ -1,0 +1,416 @@
+"""A small pooled HTTP/1.1 client for the router's calls to its variants.
+
+The response framing is httptools' (llhttp, the parser uvicorn itself uses): this module only
+writes requests, keeps idle connections per variant and hands the parser's events to the proxy.
+It exists because the general-purpose client it replaces (aiohttp) spent about three quarters of
+the router's CPU per request; a proxy needs none of its cookies, redirects, encodings or URL
+handling. What it guarantees the proxy:
+
+- A failure says whether any byte of the answer had arrived (`UpstreamError.replayable`): only a
+  request that the variant refused, or whose connection was reset before it answered anything,
+  may be sent again elsewhere.
+- A connection goes back to the pool only after a complete answer that allows keep-alive, to a
+  request that was sent whole; anything else (errors, early answers, HEAD) closes it, so a reused
+  connection never starts in the middle of an old message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from typing import Literal, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+# Idle connections are dropped before the variant's uvicorn drops them (its keep-alive is 5 s), so
+# that a request is rarely written to a connection the server is closing.
+IDLE_TIMEOUT_S = 4.0
+MAX_IDLE_PER_VARIANT = 256
+# Answers up to this size are handed over whole (one write to the client, with its length);
+# larger ones stream, and reading from the variant pauses while this much waits unsent.
+BUFFER_LIMIT_BYTES = 1 << 20
+
+Reason = Literal["unreachable", "reset", "timeout", "broken"]
+
+
+class UpstreamError(Exception):
+    """A variant did not answer. `replayable`: nothing of an answer arrived and the request may
+    be sent to another variant; `reason` is a metric label."""
+
+    def __init__(self, reason: Reason, detail: str, *, replayable: bool = False) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.replayable = replayable
+
+
+class BodySourceError(Exception):
+    """Reading the request body (from the client) failed; the cause says why."""
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to a variant, carrying one exchange at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._begin(head_only=False)
+        self._active = False
+
+    def _begin(self, head_only: bool) -> None:
+        self._active = True
+        self._waiter: asyncio.Future[None] | None = None
+        self._head_only = head_only
+        self._received = False
+        self._sent_whole = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self.head_done = False
+        self.complete = False
+        self._streaming = False
+        self._keep_alive = False
+        self._framed = False
+        self._stray = False
+        self.error: UpstreamError | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._active:
+            # Bytes on an idle connection belong to no request: the connection cannot be trusted.
+            self.close()
+            return
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError("broken", f"malformed answer: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        if self.complete:
+            return
+        if self.head_done and not self._framed:
+            # An answer without Content-Length or chunking ends where the connection does.
+            self._finish()
+            return
+        if self._received:
+            self._fail(UpstreamError("broken", "connection closed in the middle of the answer"))
+        else:
+            self._fail(
+                UpstreamError(
+                    "reset", f"connection closed before any answer: {exc or 'EOF'}", replayable=True
+                )
+            )
+
+    def pause_writing(self) -> None:
+        self._drain = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer to one request: the connection's framing cannot be trusted.
+            self._keep_alive = False
+            self._stray = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            return
+        lowered = name.lower()
+        if lowered in (b"content-length", b"transfer-encoding"):
+            self._framed = True
+        self.headers.append((lowered, value))
+
+    def on_headers_complete(self) -> None:
+        if self.complete:
+            return
+        self.status = self._parser.get_status_code()
+        self._keep_alive = self._parser.should_keep_alive()
+        self.head_done = True
+        if self._head_only:
+            # The parser cannot be told that a HEAD answer has no body: the connection is not
+            # reused, so whatever it holds is never read as the next answer.
+            self._keep_alive = False
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
+        self._body.append(body)
+        self._buffered += len(body)
+        if self._buffered > BUFFER_LIMIT_BYTES:
+            if self._transport is not None:
+                self._transport.pause_reading()
+            if not self._streaming:
+                self._streaming = True
+        if self._streaming:
+            self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self.complete and not self._stray:
+            self._finish()
+
+    # the exchange
+
+    def _finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        """Close the connection; an exchange in progress fails."""
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+            self.closed = True
+            self._pool.forget(self)
+
+    def _expire(self, what: str) -> None:
+        self._fail(UpstreamError("timeout", f"no {what} in time"))
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _wait(self, timeout_s: float, what: str) -> None:
+        """Until the parser or the connection has news, or `timeout_s` without any."""
+        self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout_s, self._expire, what)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def exchange(
+        self,
+        head: bytes,
+        body: bytes | AsyncIterator[bytes],
+        *,
+        head_only: bool,
+        chunked: bool,
+        timeout_s: float,
+    ) -> Answer:
+        """Send one request and wait for the head of its answer (the whole answer if small)."""
+        assert self._transport is not None
+        self._begin(head_only)
+        if isinstance(body, bytes):
+            self._transport.write(head + body if body else head)
+            self._sent_whole = True
+        else:
+            self._transport.write(head)
+            await self._send_streamed(body, chunked, timeout_s)
+        while not (self.complete or self.error or self._streaming):
+            await self._wait(timeout_s, "answer")
+        if self.error is not None:
+            self.close()
+            raise self.error
+        answer = Answer(self)
+        if self.complete:
+            answer.body = self._take_body()
+            self.release()
+        return answer
+
+    async def _send_streamed(
+        self, body: AsyncIterator[bytes], chunked: bool, timeout_s: float
+    ) -> None:
+        # A task, so that an answer arriving before the upload ends (a 413 on the declared
+        # length) is not held up by a slow client; the upload then stops.
+        sender = self._loop.create_task(self._write_body(body, chunked, timeout_s))
+        self._waiter = self._loop.create_future()
+        try:
+            await asyncio.wait((sender, self._waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiter = None
+        if not sender.done():
+            sender.cancel()
+            self._keep_alive = False
+            return
+        exc = sender.exception()
+        if isinstance(exc, UpstreamError):
+            raise exc
+        if exc is not None:
+            self.close()
+            raise BodySourceError from exc
+        self._sent_whole = True
+
+    async def _drain_in_time(self, timeout_s: float) -> None:
+        assert self._drain is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._drain), timeout_s)
+        except TimeoutError:
+            self._expire("progress sending the request")
+            raise self.error or UpstreamError("timeout", "no progress") from None
+
+    async def _write_body(
+        self, body: AsyncIterator[bytes], chunked: bool, timeout_s: float
+    ) -> None:
+        assert self._transport is not None
+        async for chunk in body:
+            if self.closed:
+                break
+            if chunked:
+                if chunk:
+                    self._transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                self._transport.write(chunk)
+            if self._drain is not None:
+                await self._drain_in_time(timeout_s)
+        if chunked and not self.closed:
+            # The last chunk; the client's trailers, if any, are not passed on.
+            self._transport.write(b"0\r\n\r\n")
+
+    def _take_body(self) -> bytes:
+        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        self._body.clear()
+        self._buffered = 0
+        return body
+
+    async def chunks(self, timeout_s: float) -> AsyncIterator[bytes]:
+        """The rest of a streamed answer; raises UpstreamError if it breaks off."""
+        while True:
+            if self._body:
+                yield self._take_body()
+                if self._transport is not None and not self.closed:
+                    self._transport.resume_reading()
+                continue
+            if self.complete:
+                return
+            if self.error is not None:
+                raise self.error
+            await self._wait(timeout_s, "data")
+
+    def release(self) -> None:
+        """Return the connection to the pool if it can carry another exchange, else close it."""
+        self._active = False
+        reusable = self._keep_alive and self._sent_whole and not self._stray
+        if self.complete and reusable and not self.closed:
+            self.idle_since = self._loop.time()
+            self._pool.put_back(self)
+        else:
+            self.close()
+
+
+class Answer:
+    """The head of a variant's answer, and its whole body when it was small (else None)."""
+
+    __slots__ = ("body", "connection", "headers", "status")
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.status = connection.status
+        self.headers = connection.headers
+        self.body: bytes | None = None
+
+
+class Pool:
+    """Idle connections to one variant (scheme, host, port), most recently used first."""
+
+    def __init__(self, url: str, connect_timeout_s: float) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        # Host header and the path prefix every target starts with.
+        self.host_header = parts.netloc.encode("latin-1")
+        self.prefix = parts.path.rstrip("/").encode("latin-1")
+        self._connect_timeout_s = connect_timeout_s
+        self._idle: list[Connection] = []
+
+    async def acquire(self) -> Connection:
+        """An idle connection that is still fresh, or a new one."""
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and now - connection.idle_since < IDLE_TIMEOUT_S:
+                connection.reused = True
+                return connection
+            connection.close()
+        return await self.connect()
+
+    async def connect(self) -> Connection:
+        """A new connection."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, protocol = await loop.create_connection(
+                    lambda: Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None,
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                "unreachable", "cannot connect: no connection in time", replayable=True
+            ) from None
+        except OSError as exc:
+            raise UpstreamError("unreachable", f"cannot connect: {exc}", replayable=True) from None
+        return protocol
+
+    def put_back(self, connection: Connection) -> None:
+        """Keep a connection for the next request, up to the idle limit."""
+        if len(self._idle) >= MAX_IDLE_PER_VARIANT:
+            connection.close()
+        else:
+            self._idle.append(connection)
+
+    def forget(self, connection: Connection) -> None:
+        """Drop a closed connection from the idle list."""
+        if connection in self._idle:
+            self._idle.remove(connection)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for connection in list(self._idle):
+            connection.close()
+        self._idle.clear()
+
+
+class Upstream:
+    """The pools of every variant URL seen, created on first use and closed together."""
+
+    def __init__(self, connect_timeout_s: float) -> None:
+        self._connect_timeout_s = connect_timeout_s
+        self._pools: dict[str, Pool] = {}
+
+    def pool(self, url: str) -> Pool:
+        """The pool for a variant's base URL."""
+        pool = self._pools.get(url)
+        if pool is None:
+            pool = self._pools[url] = Pool(url, self._connect_timeout_s)
+        return pool
+
+    def close(self) -> None:
+        """Close every idle connection of every pool."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()

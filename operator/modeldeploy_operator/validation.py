@@ -30,6 +30,12 @@ from modeldeploy_operator.spec import KIND, MODEL_DEPLOYMENT_API_VERSION
 CRD_FILE = "modeldeployments.modeldeploy.dev.yaml"
 
 Schema = Mapping[str, Any]
+
+
+class _MapKey(str):
+    """A path step into a map (additionalProperties): rules name it `labels[team]`."""
+
+
 PathPart = str | int
 
 # metadata.name of any custom resource must be a DNS-1123 subdomain (checked by the apiserver
@@ -268,7 +274,7 @@ def _show(value: object) -> str:
 def _format_path(parts: Sequence[PathPart]) -> str:
     """Render a path like the apiserver: `spec.variants[1].weight`, map keys as fields too."""
     return "".join(
-        f"[{part}]" if isinstance(part, int) else f".{part}" if index else part
+        f"[{part}]" if isinstance(part, int | _MapKey) else f".{part}" if index else part
         for index, part in enumerate(parts)
     )
 
@@ -282,7 +288,7 @@ def _children(schema: Schema, value: Any) -> Iterator[tuple[Schema, Any, PathPar
             if key in properties:
                 yield properties[key], child, key
             elif isinstance(extra, Mapping):
-                yield extra, child, key
+                yield extra, child, _MapKey(key)
     elif isinstance(value, list) and "items" in schema:
         for index, child in enumerate(value):
             yield schema["items"], child, index

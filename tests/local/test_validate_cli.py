@@ -12,7 +12,13 @@ import pytest
 import yaml
 
 from modeldeploy_operator.cli import main
-from tests.invalid_manifests import INVALID_MANIFESTS, VALID_MANIFESTS, InvalidManifest
+from tests.invalid_manifests import (
+    INVALID_MANIFESTS,
+    KUBECTL_SCALARS,
+    VALID_MANIFESTS,
+    InvalidManifest,
+    kubectl_scalar_file,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
@@ -110,61 +116,6 @@ def test_every_document_valid_exits_zero(
         "valid ModelDeployment 'a' (1 variants)",
         "valid ModelDeployment 'b' (1 variants)",
     ]
-
-
-# What kubectl's YAML (go-yaml v2 through sigs.k8s.io/yaml, then JSON) makes of unquoted scalars
-# where PyYAML's safe_load differs: (field line, kubectl's verdict). Proven against the real
-# apiserver with a real kubectl in tests/operator/test_crd_admission.py.
-KUBECTL_SCALARS = {
-    # An all-digit sha256 is a float64 for go-yaml (too big for an int64): a JSON number.
-    "all-digit-sha256": (
-        "sha256: " + "1" * 64,
-        'spec.variants[0].model.sha256: Invalid value: "number":'
-        ' spec.variants[0].model.sha256 in body must be of type string: "number"',
-    ),
-    # y and n are booleans in YAML 1.1 as go-yaml reads it; PyYAML keeps them strings.
-    "label-y-is-a-boolean": (
-        "labels: {canary: y}",
-        'spec.pod.labels.canary: Invalid value: "boolean":'
-        ' spec.pod.labels.canary in body must be of type string: "boolean"',
-    ),
-    # 1e2 is a float for go-yaml, written as 100 in JSON: an integer for the apiserver.
-    "weight-1e2": ("weight: 1e2", None),
-    "weight-0o144-octal": ("weight: 0o144", None),
-    # A date stays a string in go-yaml; PyYAML makes it a datetime.date.
-    "annotation-date": ("annotations: {released: 2026-10-02}", None),
-    # Sexagesimal is not YAML for go-yaml: a string; PyYAML makes it the int 100.
-    "weight-sexagesimal": (
-        "weight: 1:40",
-        'spec.variants[0].weight: Invalid value: "string":'
-        ' spec.variants[0].weight in body must be of type integer: "string"',
-    ),
-}
-KUBECTL_BASE = """apiVersion: modeldeploy.dev/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: iris
-spec:
-  variants:
-    - name: v1
-      model:
-        uri: https://models.example.com/iris/v1.onnx
-        sha256: 3f4a8c2d9e1b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c
-      weight: 100
-  pod:
-    labels: {team: ml}
-    annotations: {owner: ml}
-"""
-
-
-def kubectl_scalar_file(line: str) -> str:
-    """KUBECTL_BASE with `line` replacing the line that sets the same field."""
-    key = line.split(":", 1)[0]
-    lines = KUBECTL_BASE.splitlines()
-    (index,) = [i for i, old in enumerate(lines) if old.strip().startswith(f"{key}:")]
-    indent = lines[index][: len(lines[index]) - len(lines[index].lstrip())]
-    lines[index] = indent + line
-    return "\n".join(lines) + "\n"
 
 
 @pytest.mark.parametrize("case", sorted(KUBECTL_SCALARS))

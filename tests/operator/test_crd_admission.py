@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from modeldeploy_operator.kubeyaml import load_documents
 from modeldeploy_operator.validation import (
     default_model_deployment,
     load_crd,
@@ -28,12 +29,14 @@ from modeldeploy_operator.validation import (
 from tests.controlplane.harness import ControlPlane
 from tests.invalid_manifests import (
     INVALID_MANIFESTS,
+    KUBECTL_SCALARS,
     QUANTITY_ORDER,
     VALID_MANIFESTS,
     InvalidManifest,
     Manifest,
     field_changes,
     field_mutations,
+    kubectl_scalar_file,
     two_variant_manifest,
     with_cpu,
 )
@@ -389,3 +392,25 @@ def test_kubectl_explain_and_get_show_the_api(
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split("\n")[0].split() == ["NAME", "READY", "VARIANTS", "TRAFFIC", "AGE"]
     assert listed.stdout.split("\n")[1].split()[0] == "iris"
+
+
+@pytest.mark.parametrize("case", sorted(KUBECTL_SCALARS))
+def test_kubectl_reads_unquoted_scalars_as_validate_does(
+    control_plane: ControlPlane, namespace: str, case: str
+) -> None:
+    """The same file bytes through a real kubectl to the real apiserver and through `validate`."""
+    text = kubectl_scalar_file(KUBECTL_SCALARS[case][0])
+    ((_, _, obj),) = load_documents(text)
+    offline = validate_model_deployment(obj)
+
+    created = _kubectl(
+        control_plane, "create", "--dry-run=server", "-n", namespace, "-f", "-", stdin=text
+    )
+
+    if not offline:
+        assert created.returncode == 0, created.stderr
+        assert "created (server dry run)" in created.stdout
+    else:
+        assert created.returncode != 0
+        for error in offline:
+            assert f"{error.field}: {error.message}" in created.stderr, created.stderr

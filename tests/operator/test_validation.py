@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 
 from modeldeploy_operator.validation import (
@@ -66,9 +69,10 @@ def _rules(schema: dict[str, object], path: str) -> list[tuple[str, str]]:
     if isinstance(properties, dict):
         for name, sub in properties.items():
             found += _rules(sub, f"{path}.{name}")
-    items = schema.get("items")
-    if isinstance(items, dict):
-        found += _rules(items, path)
+    for key in ("items", "additionalProperties"):
+        sub = schema.get(key)
+        if isinstance(sub, dict):
+            found += _rules(sub, path)
     return found
 
 
@@ -188,3 +192,46 @@ def test_requests_are_compared_with_limits_as_quantities(
         ]
     )
     assert errors == expected
+
+
+SCHEMES = "must start with https://, http://, file:// or pvc://"
+FORMS = "must be https://host/path, http://host/path, file:///absolute/path or pvc://claim/path"
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/iris.onnx", f"unsupported scheme: the model URI {SCHEMES}"),
+        ("HTTPS://models.example.com/iris.onnx", f"unsupported scheme: the model URI {SCHEMES}"),
+        ("file://iris.onnx", FORMS),
+        ("pvc://Models/iris.onnx", FORMS),
+        ("https://models.example.com/my model.onnx", FORMS),
+    ],
+)
+def test_uri_errors_name_the_allowed_schemes_not_a_regex(uri: str, expected: str) -> None:
+    manifest = minimal_manifest()
+    manifest["spec"]["variants"][0]["model"]["uri"] = uri
+
+    (error,) = validate_model_deployment(manifest)
+
+    assert error.field == "spec.variants[0].model.uri"
+    assert error.message.startswith(f"Invalid value: {json.dumps(uri)}: {expected}")
+    assert "should match" not in error.message
+
+
+@pytest.mark.parametrize(
+    "case_id",
+    ["pod-label-value-too-long", "pod-annotation-value-too-long", "node-selector-value-too-long"],
+)
+def test_length_limits_that_bound_no_rule_leave_the_rules_checked(case_id: str) -> None:
+    """A CEL rule, not maxLength: the apiserver skips every rule after a TooLong error and says
+    `<nil>: ... some validation rules were not checked`; here the weights rule still answers."""
+    (case,) = [c for c in INVALID_MANIFESTS if c.id == case_id]
+    manifest = copy.deepcopy(case.manifest)
+    manifest["spec"]["variants"][1]["weight"] = 20
+
+    errors = validate_model_deployment(manifest)
+
+    assert sorted(e.field for e in errors) == sorted([case.field, "spec.variants"])
+    (length,) = [e.message for e in errors if e.field == case.field]
+    assert length.endswith((": must be no more than 63 characters", "65536 characters"))

@@ -12,7 +12,10 @@ Feed = Mapping[str, np.ndarray[Any, Any]]
 
 
 def merge_key(feed: Feed) -> Hashable:
-    """Requests merge only when every input agrees on everything but the batch dimension."""
+    """Requests merge only when every input agrees on everything but the batch dimension, and a
+    request's own inputs agree on that one: one whose first dimensions differ runs alone."""
+    if len({array.shape[0] for array in feed.values()}) > 1:
+        return object()
     return tuple(sorted((name, array.dtype.str, array.shape[1:]) for name, array in feed.items()))
 
 

@@ -71,6 +71,9 @@ class ModelMetadata:
     # Requests merge along the first dimension, and the row limit applies to it (see
     # has_batch_axis); a model without one runs each request exactly as sent.
     batch_axis: bool
+    # The graph names the batch axis, so a request's inputs must agree on its size; unnamed, they
+    # may differ (nothing ties them), and such a request runs alone.
+    batch_axis_named: bool = False
 
     @functools.cached_property
     def input_specs(self) -> dict[str, TensorSpec]:
@@ -79,8 +82,11 @@ class ModelMetadata:
 
     @property
     def uniform(self) -> bool:
-        """No input has a dynamic dimension besides the batch one (so valid requests merge)."""
-        return all(-1 not in spec.shape[1:] for spec in self.inputs)
+        """No input has a dynamic dimension besides the batch one, and a request's inputs cannot
+        disagree on that one (so valid requests merge)."""
+        return (self.batch_axis_named or len(self.inputs) == 1) and all(
+            -1 not in spec.shape[1:] for spec in self.inputs
+        )
 
     def as_json(self) -> dict[str, Any]:
         """The v2 model metadata response."""
@@ -120,7 +126,8 @@ def validate_inputs(
     tensors: Sequence[DecodedTensor], metadata: ModelMetadata, max_rows: int
 ) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
     """Check names, datatypes and shapes against the model; return the feed and its row count
-    (1 for a model without a batch axis: its requests run as sent, whatever their sizes)."""
+    (1 for a model without a batch axis: its requests run as sent, whatever their sizes; the
+    largest first dimension when the inputs' unnamed batch dimensions differ)."""
     specs = metadata.input_specs
     batch_axis = metadata.batch_axis
     feed: dict[str, np.ndarray[Any, Any]] = {}
@@ -146,11 +153,11 @@ def validate_inputs(
             )
         if batch_axis:
             first = shape[0]
-            if rows not in (-1, first):
+            if rows not in (-1, first) and metadata.batch_axis_named:
                 raise InvalidInput(
                     f"inputs disagree on the batch dimension ({rows} and {first} rows)"
                 )
-            rows = first
+            rows = max(rows, first)
         feed[name] = tensor.array
     if len(feed) != len(specs):
         missing = [name for name in specs if name not in feed]

@@ -124,13 +124,15 @@ def load_model(
     except Exception as exc:
         raise ConfigError(f"onnxruntime cannot load {path} as an ONNX model: {exc}") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
+    leading = [node.shape[0] if node.shape else 0 for node in (*inputs, *outputs)]
+    batch_axis = bool(inputs) and has_batch_axis(leading)
     metadata = ModelMetadata(
         name=name,
         version=version,
         sha256=sha256,
         inputs=tuple(_spec(node) for node in inputs),
         outputs=tuple(_spec(node) for node in outputs),
-        batch_axis=bool(inputs)
-        and has_batch_axis([node.shape[0] if node.shape else 0 for node in (*inputs, *outputs)]),
+        batch_axis=batch_axis,
+        batch_axis_named=batch_axis and any(isinstance(dim, str) for dim in leading),
     )
     return OnnxModel(session, metadata)

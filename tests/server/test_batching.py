@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from modeldeploy_server.batching import merge_feeds, merge_key, plan_batches, split_outputs
+from modeldeploy_server.errors import InvalidInput
+from modeldeploy_server.metadata import DecodedTensor, ModelMetadata, TensorSpec, validate_inputs
 
 
 def feed(rows: int, start: float = 0.0, width: int = 4) -> dict[str, np.ndarray]:
@@ -34,6 +36,36 @@ def test_merge_key_separates_shapes_and_dtypes_but_not_batch_size() -> None:
     assert merge_key(feed(1)) == merge_key(feed(7))
     assert merge_key(feed(1)) != merge_key(feed(1, width=5))
     assert merge_key(feed(1)) != merge_key({"input": np.zeros((1, 4), dtype=np.float64)})
+
+
+def test_a_request_whose_inputs_differ_in_rows_merges_with_nothing() -> None:
+    ragged = {"x": np.zeros((5, 4)), "indices": np.zeros(2, dtype=np.int64)}
+    assert merge_key(ragged) != merge_key(ragged)
+
+
+def two_inputs(named: bool) -> ModelMetadata:
+    return ModelMetadata(
+        "gather",
+        "1",
+        "0" * 64,
+        (TensorSpec("x", "FP32", (-1, 4)), TensorSpec("indices", "INT64", (-1,))),
+        (TensorSpec("y", "FP32", (-1, 4)),),
+        batch_axis=True,
+        batch_axis_named=named,
+    )
+
+
+def test_only_a_named_batch_axis_makes_inputs_agree_on_it() -> None:
+    tensors = [
+        DecodedTensor("x", "FP32", np.zeros((5, 4), dtype=np.float32)),
+        DecodedTensor("indices", "INT64", np.zeros(2, dtype=np.int64)),
+    ]
+    # Unnamed (x[?, 4], indices[?]): nothing ties the sizes; the larger counts for the limit.
+    assert validate_inputs(tensors, two_inputs(named=False), 5)[1] == 5
+    assert not two_inputs(named=False).uniform
+    with pytest.raises(InvalidInput, match="inputs disagree on the batch dimension"):
+        validate_inputs(tensors, two_inputs(named=True), 5)
+    assert two_inputs(named=True).uniform
 
 
 def test_merge_then_split_gives_each_request_its_own_rows() -> None:

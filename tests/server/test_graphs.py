@@ -44,6 +44,14 @@ def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             {"a": (FLOAT, ["N", 4]), "b": (FLOAT, ["M", 4])},
             {"c": (FLOAT, [None, 4])},
         ),
+        # Every first dimension dynamic and unnamed: a batch axis, but nothing ties the sizes.
+        "gather": write_graph(
+            directory,
+            "gather",
+            [node("Gather", ["x", "indices"], ["y"])],
+            {"x": (FLOAT, [None, 4]), "indices": (INT64, [None])},
+            {"y": (FLOAT, [None, 4])},
+        ),
         # Split sizes are data: zeros (the synthetic warm-up) do not add up to the input.
         "split": write_graph(
             directory,
@@ -118,12 +126,18 @@ def test_inputs_without_a_shared_batch_dimension_are_run_as_sent(
     with (
         serve_model(graphs["matmul"], "matmul", extra_args=["--max-rows", "1"]) as matmul,
         serve_model(graphs["concat"], "concat") as concat,
+        serve_model(graphs["gather"], "gather", extra_args=["--max-rows", "5"]) as gather,
     ):
         # 2 rows against a row limit of 1: the limit counts a batch axis, and there is none.
         np.testing.assert_allclose(outputs(infer(matmul, "matmul", x=x, w=w))["y"], x @ w, 1e-5)
         np.testing.assert_array_equal(
             outputs(infer(concat, "concat", a=a, b=b))["c"], np.concatenate([a, b])
         )
+        table = np.arange(20, dtype=np.float32).reshape(5, 4)
+        picked = outputs(infer(gather, "gather", x=table, indices=np.array([4, 0])))["y"]
+        np.testing.assert_array_equal(picked, table[[4, 0]])
+        too_many = infer(gather, "gather", x=np.zeros((6, 4), np.float32), indices=np.array([0]))
+        assert too_many.status_code == 413, too_many.text
         # Still validated against the metadata: w's shape is fixed.
         wrong = infer(matmul, "matmul", x=x, w=w[:2])
         assert wrong.status_code == 400

@@ -27,7 +27,6 @@ RESERVED_LABELS = frozenset(
 MAX_NAME_LENGTH = 63  # DNS-1035 label, the limit for Service names
 SERVER_PORT = 8080
 ROUTER_SERVICE_PORT = 80
-ROUTES_DIR = "/etc/modeldeploy"
 
 
 def variant_object_name(md_name: str, variant: str) -> str:
@@ -42,6 +41,11 @@ def router_object_name(md_name: str) -> str:
 
 def routes_config_map_name(md_name: str) -> str:
     return f"{md_name}-routes"
+
+
+def router_service_account_name(md_name: str) -> str:
+    """The router pods' ServiceAccount, and its Role and RoleBinding."""
+    return f"{md_name}-router"
 
 
 def variant_service_url(md_name: str, variant: str, namespace: str) -> str:

@@ -15,7 +15,12 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from modeldeploy_operator import naming
-from modeldeploy_operator.contract import MAX_MODEL_BYTES, ROUTES_KEY
+from modeldeploy_operator.contract import (
+    MAX_MODEL_BYTES,
+    POD_NAME_ENV,
+    ROUTES_CONFIGMAP_ENV,
+    ROUTES_KEY,
+)
 from modeldeploy_operator.spec import (
     KIND,
     MODEL_DEPLOYMENT_API_VERSION,
@@ -226,27 +231,26 @@ def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) ->
     config_map["data"] = {
         ROUTES_KEY: json.dumps(render_routes_config(md, weights), indent=2) + "\n"
     }
+    # The router watches its ConfigMap through the API (a mounted one reaches the pod only at the
+    # kubelet's next sync, about a minute) and acknowledges the version it serves on it: weight
+    # changes never restart a pod, so no config-hash annotation.
     router = {
         "name": "router",
         "image": image,
         "command": ["modeldeploy-server"],
-        "args": ["route", "--config", f"{naming.ROUTES_DIR}/{ROUTES_KEY}"],
+        "args": ["route"],
+        "env": [
+            {"name": ROUTES_CONFIGMAP_ENV, "value": f"{md.namespace}/{config_map_name}"},
+            {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
         "ports": [{"name": "http", "containerPort": naming.SERVER_PORT, "protocol": "TCP"}],
         **_probes(),
         **_pre_stop(),
         "resources": copy.deepcopy(ROUTER_RESOURCES),
         "securityContext": _container_security_context(),
-        # A whole-directory ConfigMap mount (no subPath) is updated in place by the kubelet, and
-        # the router reloads it: weight changes never restart a pod, so no config-hash annotation.
-        "volumeMounts": [
-            {"name": "routes", "mountPath": naming.ROUTES_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
-    volumes = [
-        {"name": "routes", "configMap": {"name": config_map_name}},
-        {"name": "tmp", "emptyDir": {}},
-    ]
+    account = naming.router_service_account_name(md.name)
     selector = naming.router_selector(md.name)
     deployment_spec = {
         "replicas": ROUTER_REPLICAS,
@@ -260,17 +264,43 @@ def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) ->
                 md,
                 init_containers=[],
                 containers=[router],
-                volumes=volumes,
+                volumes=[{"name": "tmp", "emptyDir": {}}],
                 drain_seconds=ROUTER_DRAIN_SECONDS,
+                service_account=account,
             ),
         },
     }
     return [
         config_map,
+        *_router_access(md, account, config_map_name, labels),
         _object(md, "apps/v1", "Deployment", name, labels, deployment_spec),
         _service(md, name, selector, labels, naming.ROUTER_SERVICE_PORT),
         _pod_disruption_budget(md, name, selector, labels),
     ]
+
+
+def _router_access(
+    md: ModelDeployment, account: str, config_map_name: str, labels: dict[str, str]
+) -> list[Manifest]:
+    """The router pods' ServiceAccount, bound to a Role that reaches only the routes ConfigMap.
+
+    list and watch with resourceNames are allowed for requests that select that one name
+    (fieldSelector=metadata.name=...); patch writes the router's ack annotation.
+    """
+    service_account = _object(md, "v1", "ServiceAccount", account, labels, None)
+    role = _object(md, "rbac.authorization.k8s.io/v1", "Role", account, labels, None)
+    role["rules"] = [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [config_map_name],
+            "verbs": ["get", "list", "watch", "patch"],
+        }
+    ]
+    binding = _object(md, "rbac.authorization.k8s.io/v1", "RoleBinding", account, labels, None)
+    binding["roleRef"] = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account}
+    binding["subjects"] = [{"kind": "ServiceAccount", "name": account, "namespace": md.namespace}]
+    return [service_account, role, binding]
 
 
 def _http_route(md: ModelDeployment, weights: dict[str, int]) -> Manifest:
@@ -372,13 +402,15 @@ def _pod_spec(
     containers: list[Manifest],
     volumes: list[Manifest],
     drain_seconds: int,
+    service_account: str | None = None,
 ) -> Manifest:
+    """A pod spec; only a pod given its own `service_account` (the router) gets an API token."""
     pod = md.pod
     spec: Manifest = {}
-    if pod.service_account_name:
-        spec["serviceAccountName"] = pod.service_account_name
-    # Neither the server nor the router talks to the API server.
-    spec["automountServiceAccountToken"] = False
+    if service_account or pod.service_account_name:
+        spec["serviceAccountName"] = service_account or pod.service_account_name
+    # The router reads its routes ConfigMap through the API; the model servers never talk to it.
+    spec["automountServiceAccountToken"] = service_account is not None
     # Service links inject `<SERVICE>_PORT` variables; a Service named `modeldeploy` would
     # otherwise collide with MODELDEPLOY_PORT.
     spec["enableServiceLinks"] = False

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from modeldeploy_operator.kube import RESOURCES
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
 from modeldeploy_operator.validation import validate_model_deployment
@@ -52,6 +53,24 @@ def test_kustomization_installs_the_crd_and_every_manifest() -> None:
     assert sorted(kustomization["resources"]) == sorted(["../crds", *others])
 
 
+def granted_verbs(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs of a ClusterRole (each pair is in one rule only)."""
+    return {
+        (group, resource): set(rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+
+
+def test_operator_may_apply_and_prune_every_kind_it_renders() -> None:
+    role, _ = manifest_documents("rbac.yaml")
+    granted = granted_verbs(role)
+    for (api_version, _kind), plural in RESOURCES.items():
+        group = api_version.rpartition("/")[0]
+        assert {"list", "create", "patch", "delete"} <= granted.get((group, plural), set()), plural
+
+
 def test_rbac_is_least_privilege() -> None:
     role, binding = manifest_documents("rbac.yaml")
     for rule in role["rules"]:
@@ -60,6 +79,15 @@ def test_rbac_is_least_privilege() -> None:
         assert not {"secrets", "pods", "pods/exec"} & set(rule["resources"]), rule
         # Nothing the operator only reads is writable, and no one gets escalate/bind/impersonate.
         assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
+    granted = granted_verbs(role)
+    # Read-only where the operator only observes (the router Service's endpoints).
+    assert granted[("discovery.k8s.io", "endpointslices")] == {"get", "list", "watch"}
+    # The router's Role grants configmaps get/list/watch/patch: RBAC lets the operator create it
+    # only because it holds those verbs itself (no escalate, no bind).
+    assert {"get", "list", "watch", "patch"} <= granted[("", "configmaps")]
+    for kind in [("", "serviceaccounts"), ("rbac.authorization.k8s.io", "roles")]:
+        assert {"create", "patch", "delete", "list"} <= granted[kind]
+    assert granted[("rbac.authorization.k8s.io", "rolebindings")] == granted[kind]
     (account,) = manifest_documents("serviceaccount.yaml")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [

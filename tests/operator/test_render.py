@@ -67,6 +67,9 @@ def test_rendering_is_deterministic_and_returns_fresh_objects() -> None:
                 ("Deployment", "iris-v2"),
                 ("Service", "iris-v2"),
                 ("ConfigMap", "iris-routes"),
+                ("ServiceAccount", "iris-router"),
+                ("Role", "iris-router"),
+                ("RoleBinding", "iris-router"),
                 ("Deployment", "iris"),
                 ("Service", "iris"),
                 ("PodDisruptionBudget", "iris"),
@@ -158,7 +161,9 @@ def test_pods_pass_the_restricted_pod_security_standard() -> None:
         assert isinstance(pod["securityContext"]["runAsUser"], int)
         assert pod["securityContext"]["runAsUser"] > 0
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert pod["automountServiceAccountToken"] is False
+        # Only the router, which watches its routes ConfigMap, holds an API token.
+        is_router = template["metadata"]["labels"][naming.COMPONENT] == naming.COMPONENT_ROUTER
+        assert pod["automountServiceAccountToken"] is is_router
         for volume in pod["volumes"]:
             assert set(volume) & {"emptyDir", "configMap", "persistentVolumeClaim"}
         for container in pod.get("initContainers", []) + pod["containers"]:
@@ -321,7 +326,8 @@ def test_pod_settings_and_image_override() -> None:
         pod = template["spec"]
         assert {c["image"] for c in pod["containers"]} == {"mirror.example/server:2"}
         assert pod["imagePullSecrets"] == [{"name": "pull"}]
-        assert pod["serviceAccountName"] == "models-reader"
+        router = template["metadata"]["labels"][naming.COMPONENT] == naming.COMPONENT_ROUTER
+        assert pod["serviceAccountName"] == ("iris-router" if router else "models-reader")
         assert pod["nodeSelector"] == {"pool": "cpu"}
         assert pod["tolerations"] == pod_settings["tolerations"]
         assert pod["affinity"] == {"podAntiAffinity": {}}
@@ -381,14 +387,38 @@ def test_weight_changes_touch_only_the_router_config() -> None:
     assert changed == [("ConfigMap", "iris-routes")]
 
 
-def test_router_mounts_the_config_directory_so_updates_propagate() -> None:
-    router = by_kind_name(render(model_deployment()))[("Deployment", "iris")]
-    template = router["spec"]["template"]
-    (container,) = template["spec"]["containers"]
-    assert container["args"] == ["route", "--config", "/etc/modeldeploy/routes.json"]
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "routes")
-    assert mount == {"name": "routes", "mountPath": "/etc/modeldeploy", "readOnly": True}
-    assert {"name": "routes", "configMap": {"name": "iris-routes"}} in template["spec"]["volumes"]
+def test_router_watches_its_config_map_as_its_own_least_privileged_account() -> None:
+    objects = by_kind_name(render(model_deployment()))
+    template = objects[("Deployment", "iris")]["spec"]["template"]
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["route"]
+    assert container["env"] == [
+        {"name": "MODELDEPLOY_ROUTES_CONFIGMAP", "value": "ml/iris-routes"},
+        {"name": "MODELDEPLOY_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    # No ConfigMap volume: the kubelet would deliver changes only at its next sync.
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {}}]
+    assert pod["serviceAccountName"] == "iris-router"
+    assert pod["automountServiceAccountToken"] is True
+    assert objects[("Role", "iris-router")]["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["iris-routes"],
+            "verbs": ["get", "list", "watch", "patch"],
+        }
+    ]
+    binding = objects[("RoleBinding", "iris-router")]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "iris-router",
+    }
+    account = {"kind": "ServiceAccount", "name": "iris-router", "namespace": "ml"}
+    assert binding["subjects"] == [account]
+    assert objects[("ServiceAccount", "iris-router")]["metadata"]["namespace"] == "ml"
+    # Weight changes never restart a router pod.
     assert not any(
         "hash" in key or "checksum" in key for key in template["metadata"]["annotations"]
     )

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
+from modeldeploy_operator.contract import ROUTES_KEY
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
 from modeldeploy_server.router import parse_settings
+from modeldeploy_server.routes_source import ConfigMapRef
 from modeldeploy_server.routing import parse_router_config
 from tests.invalid_manifests import sticky_manifest
 
@@ -56,16 +58,31 @@ def test_rendered_routes_and_arguments_are_accepted_by_the_router(example: str, 
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["args"][0] == "route"
-    env = {e["name"]: e["value"] for e in container.get("env", [])}
-    settings = parse_settings(container["args"][1:], env)
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    volume = next(
-        v
-        for v in pod["volumes"]
-        if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]
+    # What the kubelet gives the container: its env (the pod name from the downward API) and the
+    # API server's address, which it sets in every pod.
+    in_pod = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    for var in container["env"]:
+        field = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        in_pod[var["name"]] = "iris-7d4b9c-x2x9z" if field == "metadata.name" else var["value"]
+    settings = parse_settings(container["args"][1:], in_pod)
+    assert settings.routes.config is None
+    assert settings.routes.config_map == ConfigMapRef(
+        config_map["metadata"]["namespace"], config_map["metadata"]["name"]
     )
-    assert settings.routes.config == Path(mounts[volume["name"]]) / routes_key
+    assert routes_key == ROUTES_KEY
+    assert settings.routes.pod_name == "iris-7d4b9c-x2x9z"
+    assert pod["serviceAccountName"] == routes_reader(objects)
     assert settings.port == container["ports"][0]["containerPort"]
+
+
+def routes_reader(objects: list[dict[str, Any]]) -> str:
+    """The ServiceAccount bound to the rendered Role that reaches the routes ConfigMap."""
+    (role,) = [o for o in objects if o["kind"] == "Role"]
+    (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (subject,) = binding["subjects"]
+    name: str = subject["name"]
+    return name
 
 
 def test_rendered_sticky_header_reaches_the_router() -> None:

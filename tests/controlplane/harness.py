@@ -325,12 +325,9 @@ class ControlPlane:
         """A client acting as the admin (system:masters); close it, e.g. with `with`."""
         return api_client_from_kubeconfig(self.kubeconfig_path)
 
-    def service_account_kubeconfig(self, namespace: str, name: str) -> str:
-        """Path of a kubeconfig that authenticates as ServiceAccount namespace/name.
-
-        The token comes from the TokenRequest API, so requests carry the ServiceAccount's real
-        RBAC: what the shipped manifests grant, nothing more.
-        """
+    def service_account_token(self, namespace: str, name: str) -> str:
+        """A token for ServiceAccount namespace/name from the TokenRequest API (as the kubelet
+        gets one for a pod), so requests carry the ServiceAccount's real RBAC, nothing more."""
         request = client.AuthenticationV1TokenRequest(
             spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
         )
@@ -339,13 +336,18 @@ class ControlPlane:
                 name, namespace, request
             )
         assert response.status is not None and response.status.token
+        token: str = response.status.token
+        return token
+
+    def service_account_kubeconfig(self, namespace: str, name: str) -> str:
+        """Path of a kubeconfig that authenticates as ServiceAccount namespace/name."""
         path = self.workdir / f"sa-{namespace}-{name}.kubeconfig"
         write_kubeconfig(
             path,
             self.server_url,
             self.pki.ca_cert,
             f"{namespace}-{name}",
-            {"token": response.status.token},
+            {"token": self.service_account_token(namespace, name)},
         )
         return str(path)
 

@@ -52,6 +52,8 @@ BACKOFF_MAX_S = 30.0
 MAX_EVENT_BYTES = 4 << 20
 # Beyond the watch's own timeout, before the client gives up on a silent connection.
 WATCH_GRACE_S = 30.0
+# A list or a patch.
+REQUEST_TIMEOUT_S = 30.0
 _DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -259,6 +261,7 @@ class KubernetesApi:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=context, limit=4),
             headers={"Accept": "application/json", "User-Agent": ROUTER_FIELD_MANAGER},
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
         )
         return self
 
@@ -344,8 +347,8 @@ async def _json_body(response: aiohttp.ClientResponse) -> dict[str, Any]:
     return document
 
 
-class WatchExpired(Exception):
-    """The watch's resourceVersion is too old (410 Gone): list again."""
+# TimeoutError is an OSError, orjson's decode error a ValueError.
+_EXPECTED_FAILURES = (ApiError, aiohttp.ClientError, OSError, ValueError)
 
 
 class ConfigMapRoutes:
@@ -359,33 +362,42 @@ class ConfigMapRoutes:
         self._ack_key = ROUTES_ACK_ANNOTATION_PREFIX + settings.pod_name
         self._seen: str | None = None
         self._applied_version: str | None = None
+        self._delay_s = BACKOFF_FIRST_S
 
     async def run(self, target: RoutesTarget) -> None:
         """List and watch until cancelled; errors are logged and retried with a growing delay."""
         settings = self._settings
         assert settings.api_server is not None
-        delay = BACKOFF_FIRST_S
-        async with KubernetesApi(settings.api_server, settings.service_account_dir) as api:
-            while True:
-                try:
-                    await self._list_and_watch(api, target)
-                except WatchExpired:
-                    log.info("routes watch on %s expired; listing again", self._ref)
-                    delay = BACKOFF_FIRST_S
-                    continue
-                except (ApiError, aiohttp.ClientError, OSError, ValueError) as exc:
-                    # TimeoutError is an OSError; orjson's decode error a ValueError.
-                    log.warning(
-                        "routes from ConfigMap %s: %s; listing again in %.1f s",
-                        self._ref,
-                        exc or type(exc).__name__,
-                        delay,
-                    )
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, BACKOFF_MAX_S)
+        while True:
+            try:
+                async with KubernetesApi(settings.api_server, settings.service_account_dir) as api:
+                    await self._follow(api, target)
+            except _EXPECTED_FAILURES as exc:
+                log.warning(
+                    "routes from ConfigMap %s: %s; listing again in %.1f s",
+                    self._ref,
+                    exc or type(exc).__name__,
+                    self._delay_s,
+                )
+            except Exception:
+                # A bug must not stop the routes from coming: say so loudly and keep trying.
+                log.exception("routes from ConfigMap %s: unexpected error", self._ref)
+            await asyncio.sleep(self._delay_s * random.uniform(0.8, 1.2))
+            self._delay_s = min(self._delay_s * 2, BACKOFF_MAX_S)
+
+    async def _follow(self, api: KubernetesApi, target: RoutesTarget) -> None:
+        while True:
+            try:
+                await self._list_and_watch(api, target)
+            except ApiError as exc:
+                # 410 Gone: the last version seen is older than the API server keeps.
+                if exc.status != 410:
+                    raise
+                log.info("routes watch on %s expired; listing again", self._ref)
 
     async def _list_and_watch(self, api: KubernetesApi, target: RoutesTarget) -> None:
         config_map, version = await api.list_config_map(self._ref)
+        self._delay_s = BACKOFF_FIRST_S
         if config_map is None:
             log.warning("routes ConfigMap %s does not exist (yet)", self._ref)
         else:
@@ -400,8 +412,6 @@ class ConfigMapRoutes:
         async for event in api.watch_config_map(self._ref, version, timeout_s):
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
-                if obj.get("code") == 410:
-                    raise WatchExpired
                 raise ApiError(obj.get("code", 0), str(obj.get("message", obj)))
             version = obj.get("metadata", {}).get("resourceVersion", version)
             if kind in ("ADDED", "MODIFIED"):

@@ -39,6 +39,9 @@ KINDS = {
     "Deployment": ("apps/v1", "list_namespaced_deployment"),
     "Service": ("v1", "list_namespaced_service"),
     "ConfigMap": ("v1", "list_namespaced_config_map"),
+    "ServiceAccount": ("v1", "list_namespaced_service_account"),
+    "Role": ("rbac.authorization.k8s.io/v1", "list_namespaced_role"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "list_namespaced_role_binding"),
     "PodDisruptionBudget": ("policy/v1", "list_namespaced_pod_disruption_budget"),
     "HorizontalPodAutoscaler": ("autoscaling/v2", "list_namespaced_horizontal_pod_autoscaler"),
 }
@@ -59,6 +62,7 @@ class Cluster:
             "v1": self.core,
             "policy/v1": client.PolicyV1Api(api),
             "autoscaling/v2": client.AutoscalingV2Api(api),
+            "rbac.authorization.k8s.io/v1": client.RbacAuthorizationV1Api(api),
         }
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -264,7 +268,13 @@ def assert_matches_render(cluster: Cluster, name: str) -> None:
         )
 
 
-ROUTER_KEYS = {
+# The router pods' ServiceAccount and what lets it read its routes ConfigMap.
+ROUTER_ACCESS = {
+    ("ServiceAccount", "iris-router"),
+    ("Role", "iris-router"),
+    ("RoleBinding", "iris-router"),
+}
+ROUTER_KEYS = ROUTER_ACCESS | {
     ("Deployment", "iris-v1"),
     ("Service", "iris-v1"),
     ("PodDisruptionBudget", "iris-v1"),
@@ -411,6 +421,7 @@ def test_add_and_remove_variants_and_switch_routing(cluster: Cluster) -> None:
         ("Deployment", "iris"),
         ("Service", "iris"),
         ("PodDisruptionBudget", "iris"),
+        *ROUTER_ACCESS,
     }
     cluster.wait_owned("iris", keys)
     cluster.wait_routes("iris", {"v1": 0, "v3": 0})
@@ -431,6 +442,7 @@ def test_add_and_remove_variants_and_switch_routing(cluster: Cluster) -> None:
         },
     )
     variant_keys = {k for k in keys if k[1] != "iris"} - {("ConfigMap", "iris-routes")}
+    variant_keys -= ROUTER_ACCESS
     found = cluster.wait_owned("iris", variant_keys | {("HTTPRoute", "iris")})
     split = found[("HTTPRoute", "iris")]["spec"]["rules"][-1]["backendRefs"]
     assert [(b["name"], b["weight"]) for b in split] == [("iris-v1", 0), ("iris-v3", 100)]

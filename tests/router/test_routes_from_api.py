@@ -160,7 +160,9 @@ def cluster(
         backends = {
             name: stack.enter_context(serve_model(iris.path, MODEL, name)) for name in ("v1", "v2")
         }
-        spec = model_deployment(MODEL, namespace)
+        # No uid: owner references to a ModelDeployment that does not exist would have the garbage
+        # collector delete the objects.
+        spec = model_deployment(MODEL, namespace, uid=None)
         cluster = Cluster(control_plane, namespace, KubeApi(api), core, spec, backends)
         # What the operator renders for the routers' access, applied as the operator applies it.
         for kind in ("ServiceAccount", "Role", "RoleBinding"):

@@ -67,7 +67,9 @@ class OnnxModel:
             complaint = describe_rejection(str(exc))
             if complaint is None:
                 logger.error("model execution failed: %s", exc)
-                raise ModelExecutionError(f"model execution failed: {exc}") from None
+                raise ModelExecutionError(
+                    f"model execution failed: {_without_internals(str(exc))}"
+                ) from None
             raise ModelRejected(complaint) from None
         return dict(zip(self._output_names, results, strict=True))
 
@@ -87,16 +89,21 @@ def describe_rejection(message: str) -> str | None:
     """The client's share of an onnxruntime run failure: which node refused the request's values
     and why, without source paths; None when the failure is not about the request's values
     (validation already matched names, datatypes and shapes to the model)."""
-    text = _ORT_PREFIX.sub("", message.strip())
+    text = _without_internals(message)
     node = _NODE_FAILURE.search(text)
     if node is None:
         if not message.startswith("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT"):
             return None
-        return f"the model cannot run on these inputs: {_SOURCE_LOCATION.sub('', text)}"
+        return f"the model cannot run on these inputs: {text}"
     op, name = node.group(1), node.group(2)
-    complaint = _SOURCE_LOCATION.sub("", text[node.end() :]).strip()
     where = f"{op} node {name!r}" if name else f"{op} node"
-    return f"the model cannot run on these inputs: {where}: {complaint}"
+    return f"the model cannot run on these inputs: {where}: {text[node.end() :]}"
+
+
+def _without_internals(message: str) -> str:
+    """An onnxruntime message without its error-code prefix, source locations, C++ function
+    names and failed-check expressions."""
+    return _SOURCE_LOCATION.sub("", _ORT_PREFIX.sub("", message.strip())).strip()
 
 
 def load_model(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-import aiohttp
+import httpx
 import orjson
 
 from modeldeploy_operator.contract import (
@@ -252,22 +252,23 @@ class KubernetesApi:
         self._dir = service_account_dir
         self._token = ""
         self._token_read_at = -TOKEN_REFRESH_S
-        self._session: aiohttp.ClientSession | None = None
+        self._client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> KubernetesApi:
         context = await asyncio.to_thread(
             ssl.create_default_context, cafile=str(self._dir / "ca.crt")
         )
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context, limit=4),
+        self._client = httpx.AsyncClient(
+            base_url=self._server,
+            verify=context,
             headers={"Accept": "application/json", "User-Agent": ROUTER_FIELD_MANAGER},
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+            timeout=REQUEST_TIMEOUT_S,
         )
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
-        assert self._session is not None
-        await self._session.close()
+        assert self._client is not None
+        await self._client.aclose()
 
     async def _headers(self) -> dict[str, str]:
         if time.monotonic() - self._token_read_at >= TOKEN_REFRESH_S:
@@ -275,18 +276,20 @@ class KubernetesApi:
             self._token, self._token_read_at = token.strip(), time.monotonic()
         return {"Authorization": f"Bearer {self._token}"}
 
-    def _url(self, ref: ConfigMapRef, named: bool) -> str:
+    @staticmethod
+    def _path(ref: ConfigMapRef, named: bool) -> str:
         path = f"/api/v1/namespaces/{quote(ref.namespace)}/configmaps"
-        return self._server + path + (f"/{quote(ref.name)}" if named else "")
+        return path + (f"/{quote(ref.name)}" if named else "")
 
     async def list_config_map(self, ref: ConfigMapRef) -> tuple[dict[str, Any] | None, str]:
         """The ConfigMap (None if it does not exist) and the list's resourceVersion."""
-        assert self._session is not None
-        params = {"fieldSelector": f"metadata.name={ref.name}"}
-        async with self._session.get(
-            self._url(ref, False), params=params, headers=await self._headers()
-        ) as response:
-            body = await _json_body(response)
+        assert self._client is not None
+        response = await self._client.get(
+            self._path(ref, False),
+            params={"fieldSelector": f"metadata.name={ref.name}"},
+            headers=await self._headers(),
+        )
+        body = _json_body(response.status_code, response.content)
         items = body.get("items") or []
         return (items[0] if items else None), body["metadata"]["resourceVersion"]
 
@@ -294,7 +297,7 @@ class KubernetesApi:
         self, ref: ConfigMapRef, resource_version: str, timeout_s: float
     ) -> AsyncIterator[dict[str, Any]]:
         """The watch events after `resource_version`, until the API server ends the watch."""
-        assert self._session is not None
+        assert self._client is not None
         params = {
             "fieldSelector": f"metadata.name={ref.name}",
             "watch": "1",
@@ -302,53 +305,54 @@ class KubernetesApi:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(max(1, round(timeout_s))),
         }
-        async with self._session.get(
-            self._url(ref, False),
+        async with self._client.stream(
+            "GET",
+            self._path(ref, False),
             params=params,
             headers=await self._headers(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s + WATCH_GRACE_S),
+            timeout=httpx.Timeout(REQUEST_TIMEOUT_S, read=timeout_s + WATCH_GRACE_S),
         ) as response:
-            if response.status != 200:
-                await _json_body(response)  # raises ApiError with the server's message
+            if response.status_code != 200:
+                # Raises ApiError with the server's message.
+                _json_body(response.status_code, await response.aread())
             buffer = b""
-            async for chunk in response.content.iter_any():
+            async for chunk in response.aiter_bytes():
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 if len(buffer) > MAX_EVENT_BYTES:
-                    raise ApiError(response.status, "watch event over the size limit")
+                    raise ApiError(response.status_code, "watch event over the size limit")
                 for line in lines:
                     if line.strip():
                         yield orjson.loads(line)
 
     async def annotate_config_map(self, ref: ConfigMapRef, key: str, value: str) -> None:
         """Set one annotation by JSON merge patch."""
-        assert self._session is not None
+        assert self._client is not None
         patch = {"metadata": {"annotations": {key: value}}}
-        headers = {**await self._headers(), "Content-Type": "application/merge-patch+json"}
-        async with self._session.patch(
-            self._url(ref, True),
+        response = await self._client.patch(
+            self._path(ref, True),
             params={"fieldManager": ROUTER_FIELD_MANAGER},
-            data=orjson.dumps(patch),
-            headers=headers,
-        ) as response:
-            await _json_body(response)
+            content=orjson.dumps(patch),
+            headers={**await self._headers(), "Content-Type": "application/merge-patch+json"},
+        )
+        _json_body(response.status_code, response.content)
 
 
-async def _json_body(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    body = await response.read()
+def _json_body(status: int, body: bytes) -> dict[str, Any]:
+    """The answer's JSON object; raises ApiError for an error status or a non-object."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        document = {"message": body[:200].decode("utf-8", "replace")}
-    if response.status >= 300:
-        raise ApiError(response.status, str(document.get("message", document)))
+        document = None
     if not isinstance(document, dict):
-        raise ApiError(response.status, "answer is not a JSON object")
+        raise ApiError(status, f"not a JSON object: {body[:200].decode('utf-8', 'replace')}")
+    if status >= 300:
+        raise ApiError(status, str(document.get("message", document)))
     return document
 
 
 # TimeoutError is an OSError, orjson's decode error a ValueError.
-_EXPECTED_FAILURES = (ApiError, aiohttp.ClientError, OSError, ValueError)
+_EXPECTED_FAILURES = (ApiError, httpx.HTTPError, OSError, ValueError)
 
 
 class ConfigMapRoutes:

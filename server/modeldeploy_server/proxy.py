@@ -16,6 +16,7 @@ Plain ASGI (no Starlette Request/Response: a proxy needs none of their parsing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
+from modeldeploy_server.deadlines import Deadlines
 from modeldeploy_server.health import PassiveHealth
 from modeldeploy_server.routing import (
     IncomingRequest,
@@ -82,7 +84,8 @@ class ProxySettings:
     """The waits and trust rules of the request path."""
 
     timeout_s: float  # for a variant's answer (its head, then each piece of a streamed body)
-    body_timeout_s: float  # for each piece of the client's request body
+    # For a body read whole (up to 1 MiB), for all of it; for a streamed one, for each piece.
+    body_timeout_s: float
     trusted: TrustedProxies
 
 
@@ -111,6 +114,17 @@ class Proxy:
         self._upstream = upstream
         self._metrics = metrics
         self.health = PassiveHealth()
+        self._body_deadlines: Deadlines | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Serve requests inside the block (run in the lifespan); close idle connections after."""
+        self._body_deadlines = Deadlines(self._settings.body_timeout_s)
+        try:
+            yield
+        finally:
+            await self._body_deadlines.close()
+            self._upstream.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Route, forward and answer one request."""
@@ -189,15 +203,27 @@ class Proxy:
         return b""
 
     async def _read_body(self, receive: Receive) -> bytes:
-        message = await self._receive(receive)
-        body: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
-            return body
-        parts = [body]
-        while message.get("more_body", False):
-            message = await self._receive(receive)
-            parts.append(message.get("body", b""))
-        return b"".join(parts)
+        # One deadline for the whole (small) body, kept by a shared sweeper: cheaper per request
+        # than a timer per read.
+        assert self._body_deadlines is not None, "the lifespan starts the proxy first"
+        task = asyncio.current_task()
+        assert task is not None
+        self._body_deadlines.start(task)
+        try:
+            parts = []
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                parts.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return parts[0] if len(parts) == 1 else b"".join(parts)
+        except asyncio.CancelledError:
+            if self._body_deadlines.expired(task):
+                raise BodyTimeout from None
+            raise
+        finally:
+            self._body_deadlines.finish(task)
 
     async def _stream_body(self, receive: Receive) -> AsyncIterator[bytes]:
         while True:
@@ -207,6 +233,7 @@ class Proxy:
                 return
 
     async def _receive(self, receive: Receive) -> Message:
+        """The next piece of a streamed body, with the body timeout for each piece."""
         try:
             async with asyncio.timeout(self._settings.body_timeout_s):
                 message = await receive()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -41,6 +41,7 @@ from modeldeploy_server.errors import ConfigError as SettingsError
 from modeldeploy_server.health import PassiveHealth
 from modeldeploy_server.http_server import build_uvicorn_config, run_until_stopped
 from modeldeploy_server.proxy import Proxy, ProxySettings
+from modeldeploy_server.request_stats import RequestFamilies, RequestStats
 from modeldeploy_server.routes_source import OPTIONS as ROUTES_OPTIONS
 from modeldeploy_server.routes_source import (
     RoutesSettings,
@@ -162,23 +163,23 @@ class RouterMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            "modeldeploy_router_requests",
-            "Requests answered, by served variant ('' when none was chosen) and status code.",
-            ["variant", "code"],
-            registry=self.registry,
+        self._requests = RequestStats(
+            RequestFamilies(
+                "modeldeploy_router_requests",
+                "Requests answered, by served variant ('' when none was chosen) and status code.",
+                "modeldeploy_router_request_duration_seconds",
+                "Time from receiving a request to passing on the variant's whole answer.",
+                fixed=(),
+                key="variant",
+                buckets=_LATENCY_BUCKETS,
+            )
         )
+        self.registry.register(self._requests)
+        self.observe = self._requests.observe
         self._errors = Counter(
             "modeldeploy_router_backend_errors",
             "Requests the variant did not answer: unreachable, timeout or broken connection.",
             ["variant", "reason"],
-            registry=self.registry,
-        )
-        self._latency = Histogram(
-            "modeldeploy_router_request_duration_seconds",
-            "Time from receiving a request to passing on the variant's whole answer, by variant.",
-            ["variant"],
-            buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self._weight = Gauge(
@@ -213,14 +214,9 @@ class RouterMetrics:
             registry=self.registry,
         )
 
-    def observe(self, variant: str, code: int, seconds: float) -> None:
-        """Count one answered request and its latency."""
-        self._requests.labels(variant, str(code)).inc()
-        self._latency.labels(variant).observe(seconds)
-
     def count_unrouted(self, code: int) -> None:
         """Count a request that no variant was chosen for."""
-        self._requests.labels("", str(code)).inc()
+        self._requests.count("", code)
 
     def count_backend_error(self, variant: str, reason: str) -> None:
         """Count a request the variant failed to answer."""
@@ -274,11 +270,10 @@ class Router:
         if config is not None:
             self.metrics.set_config(None, config)
         self._routes = routes
-        self.upstream = Upstream(settings.connect_timeout_s)
         self.proxy = Proxy(
             ProxySettings(settings.timeout_s, settings.body_timeout_s, settings.trusted_proxies),
             lambda: self.config,
-            self.upstream,
+            Upstream(settings.connect_timeout_s),
             self.metrics,
         )
         self.metrics.track_ejections(self.proxy.health, lambda: self.config)
@@ -300,15 +295,15 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        """Start the routes source; stop it and close idle connections on shutdown."""
+        """Start the routes source and the proxy; stop both on shutdown."""
         watcher = asyncio.create_task(self._routes.run(self))
         try:
-            yield
+            async with self.proxy.running():
+                yield
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            self.upstream.close()
 
     def apply_routes(self, config: RouterConfig, origin: str) -> None:
         """Serve with new routes from now on; requests in flight keep the ones they started with."""

@@ -308,6 +308,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _TRUST_CACHE_SIZE = 4096
 
 
+_NOT_FORWARDED_FROM_UNTRUSTED = _NOT_FORWARDED_REQUEST | FORWARDING_HEADERS
+
+
 @dataclass(frozen=True)
 class TrustedProxies:
     """The peers whose forwarding headers are believed (CIDR networks; none by default)."""
@@ -370,9 +373,13 @@ def read_request_headers(
     (otherwise X-Forwarded-For is the peer alone). Header names arrive lower-cased from the ASGI
     server.
     """
-    dropped = _NOT_FORWARDED_REQUEST | connection_tokens(raw)
-    if not (client_host and trusted and trusted.trusts(client_host)):
-        dropped |= FORWARDING_HEADERS
+    if client_host and trusted and trusted.trusts(client_host):
+        dropped = _NOT_FORWARDED_REQUEST
+    else:
+        dropped = _NOT_FORWARDED_FROM_UNTRUSTED
+    tokens = connection_tokens(raw)
+    if tokens:
+        dropped = dropped | tokens
     override_name = config.header_override.encode("latin-1")
     sticky_name = config.sticky_header.encode("latin-1") if config.sticky_header else None
     forwarded: list[tuple[bytes, bytes]] = []

@@ -391,6 +391,69 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "spec.pod.nodeSelector[pool]",
         lambda m: _spec(m).update(pod={"nodeSelector": {"pool": "x" * 64}}),
     ),
+    *[
+        _case(
+            f"gateway-parent-ref-{name.lower()}-too-long",
+            f"spec.routing.gateway.parentRefs[0].{name}",
+            lambda m, name=name, size=size: _spec(m).update(
+                routing={"mode": "gateway", "gateway": {"parentRefs": [{"name": "gw", name: size}]}}
+            ),
+        )
+        for name, size in [
+            ("group", "g" * 254),
+            ("kind", "K" * 64),
+            ("name", "n" * 254),
+            ("namespace", "n" * 64),
+            ("sectionName", "s" * 254),
+        ]
+    ],
+    _case(
+        "gateway-too-many-parent-refs",
+        "spec.routing.gateway.parentRefs",
+        lambda m: _spec(m).update(
+            routing={
+                "mode": "gateway",
+                "gateway": {"parentRefs": [{"name": f"gw{i}"} for i in range(17)]},
+            }
+        ),
+    ),
+    _case(
+        "gateway-too-many-hostnames",
+        "spec.routing.gateway.hostnames",
+        lambda m: _spec(m).update(
+            routing=_gateway_routing(hostnames=[f"h{i}.example.com" for i in range(17)])
+        ),
+    ),
+    _case(
+        "gateway-hostname-too-long",
+        "spec.routing.gateway.hostnames[0]",
+        lambda m: _spec(m).update(routing=_gateway_routing(hostnames=["h" * 254])),
+    ),
+    _case(
+        "pod-image-too-long",
+        "spec.pod.image",
+        lambda m: _spec(m).update(pod={"image": "i" * 513}),
+    ),
+    _case(
+        "pod-too-many-pull-secrets",
+        "spec.pod.imagePullSecrets",
+        lambda m: _spec(m).update(pod={"imagePullSecrets": [{"name": f"s{i}"} for i in range(9)]}),
+    ),
+    _case(
+        "pod-pull-secret-name-too-long",
+        "spec.pod.imagePullSecrets[0].name",
+        lambda m: _spec(m).update(pod={"imagePullSecrets": [{"name": "s" * 254}]}),
+    ),
+    _case(
+        "pod-service-account-name-too-long",
+        "spec.pod.serviceAccountName",
+        lambda m: _spec(m).update(pod={"serviceAccountName": "s" * 254}),
+    ),
+    _case(
+        "toleration-key-too-long",
+        "spec.pod.tolerations[0].key",
+        lambda m: _spec(m).update(pod={"tolerations": [{"key": "k" * 317, "operator": "Exists"}]}),
+    ),
     _case(
         "pod-image-with-space",
         "spec.pod.image",

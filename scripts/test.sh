@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The project's test command (README; .ci/run runs it). On a fresh machine it creates .venv,
 # installs the project with its test extra, builds or reuses the test control plane
-# (tests/controlplane/build.sh), runs the linters, then pytest over tests/. Arguments go to pytest
-# (e.g. `scripts/test.sh tests/controlplane -x`). With CI=true a missing Go toolchain or a failed
-# control-plane build is fatal.
+# (tests/controlplane/build.sh), runs the linters, then pytest over tests/ except the real-cluster
+# suite, then (without arguments) builds the real single-node cluster (tests/cluster/build.sh)
+# and runs that suite (`-m cluster`). Arguments go to pytest and skip the cluster phases
+# (e.g. `scripts/test.sh tests/controlplane -x`). With CI=true a missing Go toolchain, a failed
+# control-plane build, or a machine that cannot run the cluster is fatal.
+# MODELDEPLOY_CLUSTER=0 leaves the cluster phases out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +58,27 @@ build_control_plane() {
     bash tests/controlplane/build.sh
 }
 
+# What the real-cluster phases need and this machine lacks (nothing printed: all there).
+cluster_missing() {
+    [[ $(id -u) == 0 ]] || echo "root (the cluster runs containerd, kubelet and iptables)"
+    command -v go >/dev/null || echo "a Go toolchain >= 1.25"
+    command -v apt-get >/dev/null || command -v buildah >/dev/null ||
+        echo "apt-get (Debian's containerd, runc, CNI plugins, iptables, buildah, debootstrap)"
+    [[ -d /sys/fs/cgroup ]] || echo "cgroups (/sys/fs/cgroup)"
+}
+
+build_cluster() {
+    local missing
+    missing="$(cluster_missing)"
+    if [[ -n $missing ]]; then
+        echo "The real-cluster suite cannot run on this machine; missing:"
+        printf '  - %s\n' "$missing"
+        [[ $ci == false ]]
+        return
+    fi
+    bash tests/cluster/build.sh all
+}
+
 lint() {
     local rc=0
     echo "--- ruff check"
@@ -84,7 +108,13 @@ fi
 phase lint lint
 # Any non-zero pytest exit fails the phase, including 5 (no tests collected). Without arguments
 # pytest runs its configured testpaths (tests/).
-phase tests .venv/bin/pytest "$@"
+phase tests .venv/bin/pytest -m "not cluster" "$@"
+if [[ $# == 0 && ${MODELDEPLOY_CLUSTER:-1} != 0 ]]; then
+    phase cluster-build build_cluster
+    # The suite's fixture starts the cluster, and stops it afterwards, removing what it made.
+    # Without the build (a machine that cannot run it, outside CI) it skips with the reason.
+    phase cluster .venv/bin/pytest -m cluster tests/cluster
+fi
 summary
 if [[ ${#failed[@]} != 0 ]]; then
     echo "failed phases: ${failed[*]}" >&2

@@ -2,7 +2,10 @@
 # Builds (or reuses) the test control plane: kube-apiserver and kube-controller-manager from
 # k8s.io/kubernetes, etcd from go.etcd.io/etcd/server/v3, and the Gateway API standard CRDs, all
 # through the Go module proxy, into a cache outside the repo keyed by version.
-# Usage: tests/controlplane/build.sh   (env MODELDEPLOY_CONTROLPLANE_CACHE overrides the cache root)
+# `node` also builds what a real node needs (tests/cluster): kubelet, kube-proxy, kube-scheduler
+# and kubectl from the same pinned k8s.io/kubernetes, and CoreDNS from its Go module.
+# Usage: tests/controlplane/build.sh [node]
+#        (env MODELDEPLOY_CONTROLPLANE_CACHE overrides the cache root)
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -12,6 +15,8 @@ cache="${MODELDEPLOY_CONTROLPLANE_CACHE:-$HOME/.cache/modeldeploy-controlplane}"
 k8s_dir="$cache/kubernetes-$KUBERNETES_VERSION"
 etcd_dir="$cache/etcd-$ETCD_VERSION"
 gw_dir="$cache/gateway-api-$GATEWAY_API_VERSION"
+node_dir="$cache/kubernetes-node-$KUBERNETES_VERSION"
+coredns_dir="$cache/coredns-$COREDNS_VERSION"
 
 # The release's own go line may be older than the local toolchain; never let Go download another.
 export GOTOOLCHAIN=local CGO_ENABLED=0
@@ -115,9 +120,14 @@ fetch_gateway_crds() {
     log "Gateway API $GATEWAY_API_VERSION: done -> $gw_dir"
 }
 
+# build_kubernetes DIR CMD...: builds k8s.io/kubernetes/cmd/<CMD> for each CMD into DIR.
 build_kubernetes() {
-    if [[ -x "$k8s_dir/kube-apiserver" && -x "$k8s_dir/kube-controller-manager" ]]; then
-        log "kubernetes $KUBERNETES_VERSION: cached at $k8s_dir"
+    local out_dir="$1"
+    shift
+    local cmds=("$@") cmd missing=()
+    for cmd in "${cmds[@]}"; do [[ -x "$out_dir/$cmd" ]] || missing+=("$cmd"); done
+    if ((${#missing[@]} == 0)); then
+        log "kubernetes $KUBERNETES_VERSION: ${cmds[*]} cached at $out_dir"
         return
     fi
     local w upstream_gomod staging_version minor
@@ -134,29 +144,59 @@ build_kubernetes() {
     go mod edit -json "$upstream_gomod" | python3 -c "$replace_edits_py" "$staging_version" >"$w/edits"
     log "kubernetes $KUBERNETES_VERSION: $(grep -c -- -replace= "$w/edits") staging modules at $staging_version"
     (cd "$w" && xargs go mod edit <edits && go mod edit -require="k8s.io/kubernetes@$KUBERNETES_VERSION")
+    local packages=() tools=()
+    for cmd in "${cmds[@]}"; do
+        packages+=("k8s.io/kubernetes/cmd/$cmd")
+        # The @version matters: without it `go get` upgrades k8s.io/kubernetes to its latest release.
+        tools+=("k8s.io/kubernetes/cmd/$cmd@$KUBERNETES_VERSION")
+    done
     log "kubernetes $KUBERNETES_VERSION: resolving modules (go get -tool)"
-    # The @version matters: without it `go get` upgrades k8s.io/kubernetes to its latest release.
-    (cd "$w" && go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" \
-        "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBERNETES_VERSION")
+    (cd "$w" && go get -tool "${tools[@]}")
     # Without these the binaries report v0.0.0-master, which clients print as a version skew.
     local v="k8s.io/component-base/version" c="k8s.io/client-go/pkg/version" ldflags="-s -w"
     for pkg in "$v" "$c"; do
         ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
         ldflags+=" -X $pkg.gitTreeState=clean"
     done
-    log "kubernetes $KUBERNETES_VERSION: compiling kube-apiserver and kube-controller-manager" \
+    log "kubernetes $KUBERNETES_VERSION: compiling ${cmds[*]}" \
         "(GOMAXPROCS=${GOMAXPROCS:-all}; cold build: about 4 min on 2 cores)"
     mkdir -p "$w/out"
-    (cd "$w" && go build -v -ldflags="$ldflags" -o out/ \
-        k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager 2>&1) \
+    (cd "$w" && go build -v -ldflags="$ldflags" -o out/ "${packages[@]}" 2>&1) | count_packages
+    for cmd in "${cmds[@]}"; do [[ -x "$w/out/$cmd" ]]; done
+    publish "$w/out" "$out_dir"
+    log "kubernetes $KUBERNETES_VERSION: done -> $out_dir"
+}
+
+build_coredns() {
+    if [[ -x "$coredns_dir/coredns" ]]; then log "CoreDNS $COREDNS_VERSION: cached at $coredns_dir"; return; fi
+    log "CoreDNS $COREDNS_VERSION: resolving modules"
+    local w
+    w="$(new_module corednsbin)"
+    (cd "$w" && go get -tool "github.com/coredns/coredns@$COREDNS_VERSION")
+    log "CoreDNS $COREDNS_VERSION: compiling (cold build: about 3 min on 2 cores)"
+    mkdir -p "$w/out"
+    (cd "$w" && go build -v -ldflags="-s -w" -o out/coredns github.com/coredns/coredns 2>&1) \
         | count_packages
-    [[ -x "$w/out/kube-apiserver" && -x "$w/out/kube-controller-manager" ]]
-    publish "$w/out" "$k8s_dir"
-    log "kubernetes $KUBERNETES_VERSION: done -> $k8s_dir"
+    [[ -x "$w/out/coredns" ]]
+    publish "$w/out" "$coredns_dir"
+    log "CoreDNS $COREDNS_VERSION: done -> $coredns_dir/coredns"
 }
 
 started=$SECONDS
-build_etcd
-fetch_gateway_crds
-build_kubernetes
+case "${1:-}" in
+"")
+    build_etcd
+    fetch_gateway_crds
+    build_kubernetes "$k8s_dir" kube-apiserver kube-controller-manager
+    ;;
+node)
+    build_kubernetes "$node_dir" kubelet kube-proxy kube-scheduler kubectl
+    build_coredns
+    ;;
+coredns) build_coredns ;;
+*)
+    log "usage: $0 [node|coredns]"
+    exit 2
+    ;;
+esac
 log "all components ready in $((SECONDS - started))s under $cache"

@@ -157,9 +157,9 @@ def _write_cert(cert: x509.Certificate, path: Path) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def make_pki(directory: Path) -> Pki:
-    """A throwaway CA, the apiserver's serving cert, an admin client cert and the SA signing key."""
-    pki = Pki(
+def pki_paths(directory: Path) -> Pki:
+    """Where `make_pki` writes its files in `directory`."""
+    return Pki(
         ca_cert=directory / "ca.crt",
         serving_cert=directory / "apiserver.crt",
         serving_key=directory / "apiserver.key",
@@ -167,6 +167,14 @@ def make_pki(directory: Path) -> Pki:
         admin_key=directory / "admin.key",
         sa_key=directory / "sa.key",
     )
+
+
+def make_pki(
+    directory: Path, ips: Iterable[str] = ("127.0.0.1",), dns: Iterable[str] = ("localhost",)
+) -> Pki:
+    """A throwaway CA, the apiserver's serving cert (valid for `ips` and `dns` names), an admin
+    client cert and the SA signing key."""
+    pki = pki_paths(directory)
     ca_key = _new_key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "modeldeploy-test-ca")])
     ca = _sign(
@@ -183,7 +191,8 @@ def make_pki(directory: Path) -> Pki:
 
     serving_key = _new_key()
     sans = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
+        [x509.DNSName(name) for name in dns]
+        + [x509.IPAddress(ipaddress.IPv4Address(ip)) for ip in ips]
     )
     serving = _sign(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
@@ -387,7 +396,8 @@ def write_kubeconfig(
     path.chmod(0o600)
 
 
-def _readyz(url: str, pki: Pki) -> bool:
+def readyz(url: str, pki: Pki) -> bool:
+    """The apiserver at `url` answers /readyz with 200 (admin credentials)."""
     context = ssl.create_default_context(cafile=str(pki.ca_cert))
     context.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
     try:
@@ -476,48 +486,76 @@ def _tmpfs_or_default() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-def _start_processes(plane: ControlPlane, binaries: Binaries, api_port: int) -> None:
-    workdir, pki = plane.workdir, plane.pki
-    etcd_port, peer_port = free_port(), free_port()
-    etcd_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
-    etcd = start_process(
-        "etcd",
-        [
-            str(binaries.etcd),
-            "--name=default",
-            f"--data-dir={workdir / 'etcd'}",
-            f"--listen-client-urls={etcd_url}",
-            f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=default={peer_url}",
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-        ],
-        workdir,
-    )
-    plane.processes.append(etcd)
+def etcd_argv(etcd: Path, data_dir: Path, client_port: int, peer_port: int) -> list[str]:
+    """etcd on loopback ports, without fsync (test data only)."""
+    client_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    return [
+        str(etcd),
+        "--name=default",
+        f"--data-dir={data_dir}",
+        f"--listen-client-urls={client_url}",
+        f"--advertise-client-urls={client_url}",
+        f"--listen-peer-urls={peer_url}",
+        f"--initial-advertise-peer-urls={peer_url}",
+        f"--initial-cluster=default={peer_url}",
+        "--unsafe-no-fsync",
+        "--log-level=warn",
+    ]
 
-    apiserver_args = [
-        str(binaries.kube_apiserver),
+
+def apiserver_argv(
+    binary: Path,
+    etcd_url: str,
+    pki: Pki,
+    *,
+    bind_address: str,
+    port: int,
+    service_cidr: str,
+    issuer: str,
+) -> list[str]:
+    """kube-apiserver flags shared by the test control plane and the real-node cluster."""
+    return [
+        str(binary),
         f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1",
-        f"--secure-port={api_port}",
+        f"--bind-address={bind_address}",
+        f"--secure-port={port}",
         f"--tls-cert-file={pki.serving_cert}",
         f"--tls-private-key-file={pki.serving_key}",
         f"--client-ca-file={pki.ca_cert}",
-        "--authorization-mode=RBAC",
-        "--service-cluster-ip-range=10.0.0.0/16",
-        f"--service-account-issuer={plane.server_url}/",
+        f"--service-cluster-ip-range={service_cidr}",
+        f"--service-account-issuer={issuer}",
         f"--service-account-key-file={pki.sa_key}",
         f"--service-account-signing-key-file={pki.sa_key}",
         "--allow-privileged=true",
         "--profiling=false",
+    ]
+
+
+def _start_processes(plane: ControlPlane, binaries: Binaries, api_port: int) -> None:
+    workdir, pki = plane.workdir, plane.pki
+    etcd_port, peer_port = free_port(), free_port()
+    etcd_url = f"http://127.0.0.1:{etcd_port}"
+    etcd = start_process(
+        "etcd", etcd_argv(binaries.etcd, workdir / "etcd", etcd_port, peer_port), workdir
+    )
+    plane.processes.append(etcd)
+
+    apiserver_args = [
+        *apiserver_argv(
+            binaries.kube_apiserver,
+            etcd_url,
+            pki,
+            bind_address="127.0.0.1",
+            port=api_port,
+            service_cidr="10.0.0.0/16",
+            issuer=f"{plane.server_url}/",
+        ),
+        "--authorization-mode=RBAC",
         f"--advertise-address={non_loopback_ipv4()}",
     ]
     apiserver = start_process("kube-apiserver", apiserver_args, workdir)
     plane.processes.append(apiserver)
-    wait_for("kube-apiserver /readyz", lambda: _readyz(plane.server_url, pki), [etcd, apiserver])
+    wait_for("kube-apiserver /readyz", lambda: readyz(plane.server_url, pki), [etcd, apiserver])
 
     kcm = start_process(
         "kube-controller-manager",

@@ -1,0 +1,605 @@
+"""The product on a real single-node cluster (tests/cluster): our images built from the
+Dockerfiles, installed as the README says, real pods, real requests through the router's ClusterIP
+Service (kube-proxy) from this host.
+
+The tests run in file order and share one installation and one `iris` ModelDeployment; each test
+leaves iris as examples/iris.yaml has it, and the last test uninstalls.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime
+import pytest
+import yaml
+
+from tests.cluster.conftest import REPO_ROOT, Cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
+
+NAMESPACE = "modeldeploy-e2e"
+SYSTEM_NAMESPACE = "modeldeploy-system"
+EXAMPLE = REPO_ROOT / "examples" / "iris.yaml"
+MODELS = REPO_ROOT / "examples" / "models"
+FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+# Rows from the iris data set (setosa, versicolor, virginica and the row where v1 and v2 disagree).
+ROWS = [
+    [5.1, 3.5, 1.4, 0.2],
+    [4.9, 3.0, 1.4, 0.2],
+    [7.0, 3.2, 4.7, 1.4],
+    [6.4, 3.2, 4.5, 1.5],
+    [6.3, 3.3, 6.0, 2.5],
+    [5.8, 2.7, 5.1, 1.9],
+    [6.7, 3.0, 5.0, 1.7],
+    [5.9, 3.0, 5.1, 1.8],
+]
+READY_TIMEOUT_S = 300.0
+# A split check passes when the count is within this many standard deviations of the expected
+# count: the chance that a correct 90/10 router fails it is below 1e-5.
+BINOMIAL_SIGMAS = 4.5
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def poll(condition: Callable[[], Any], timeout_s: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def v2_body(rows: list[list[float]]) -> dict[str, Any]:
+    return {
+        "inputs": [
+            {
+                "name": name,
+                "shape": [len(rows), 1],
+                "datatype": "FP32",
+                "data": [r[i] for r in rows],
+            }
+            for i, name in enumerate(FEATURES)
+        ]
+    }
+
+
+def reference(model: Path, rows: list[list[float]]) -> tuple[list[int], np.ndarray[Any, Any]]:
+    """onnxruntime's labels and probabilities for `rows`, computed here."""
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    feeds = {
+        name: np.array([[r[i]] for r in rows], dtype=np.float32) for i, name in enumerate(FEATURES)
+    }
+    labels, probabilities = session.run(["label", "probabilities"], feeds)
+    return [int(x) for x in labels], np.asarray(probabilities, dtype=np.float64)
+
+
+# --- the ModelDeployment as a user edits it -------------------------------------------------------
+
+
+def example_document() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    return document
+
+
+def iris_document(
+    weights: tuple[int, int] | None = None, v2_model: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """examples/iris.yaml with other weights (v1, v2) or another v2 model (uri, sha256)."""
+    document = example_document()
+    v1, v2 = document["spec"]["variants"]
+    if weights is not None:
+        v1["weight"], v2["weight"] = weights
+    if v2_model is not None:
+        v2["model"] = {"uri": v2_model[0], "sha256": v2_model[1]}
+    return document
+
+
+def condition(md: dict[str, Any], type_: str) -> dict[str, Any]:
+    for item in md.get("status", {}).get("conditions", []):
+        if item["type"] == type_:
+            return dict(item)
+    return {}
+
+
+def is_ready(md: dict[str, Any]) -> bool:
+    return (
+        condition(md, "Ready").get("status") == "True"
+        and md.get("status", {}).get("observedGeneration") == md["metadata"]["generation"]
+    )
+
+
+# --- load -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    started: float
+    status: int  # 0: no HTTP answer (connection error or timeout)
+    variant: str | None
+    sha256: str | None
+    error: str = ""
+
+
+@dataclass
+class Load:
+    """`concurrency` clients sending v2 requests in a loop until stopped (bounded in time)."""
+
+    url: str
+    concurrency: int = 8
+    headers: dict[str, str] = field(default_factory=dict)
+    max_seconds: float = 240.0
+    answers: list[Answer] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> Load:
+        for _ in range(self.concurrency):
+            thread = threading.Thread(target=self._client, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _client(self) -> None:
+        body = v2_body(ROWS[:1])
+        deadline = time.monotonic() + self.max_seconds
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                self.answers.append(send(client, self.url, body, self.headers))
+
+    def failures(self) -> list[Answer]:
+        return [a for a in list(self.answers) if a.status != 200]
+
+    def since(self, start: float, until: float = math.inf) -> list[Answer]:
+        return [a for a in list(self.answers) if start <= a.started < until]
+
+
+def send(
+    client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Answer:
+    started = time.monotonic()
+    try:
+        response = client.post(f"{url}/v2/models/iris/infer", json=body, headers=headers)
+    except httpx.HTTPError as error:
+        return Answer(started, 0, None, None, repr(error))
+    return Answer(
+        started,
+        response.status_code,
+        response.headers.get("x-model-variant"),
+        response.headers.get("x-model-sha256"),
+        "" if response.status_code == 200 else response.text[:200],
+    )
+
+
+def within_binomial(count: int, n: int, p: float) -> bool:
+    sigma = math.sqrt(n * p * (1 - p))
+    return abs(count - n * p) <= BINOMIAL_SIGMAS * sigma
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed(real_cluster: Cluster, overlay: Path) -> Cluster:
+    """`kubectl apply -k` of manifests/ through a kustomize overlay that sets the images."""
+    real_cluster.kubectl("apply", "-k", str(overlay))
+    return real_cluster
+
+
+@pytest.fixture(scope="module")
+def models_pvc(installed: Cluster) -> Cluster:
+    """Namespace enforcing Pod Security `restricted`, and the claim `models` that
+    examples/iris.yaml reads (a static hostPath PersistentVolume holding the example models)."""
+    for model in MODELS.glob("*.onnx"):
+        shutil.copyfile(model, installed.models_dir / model.name)
+    # A second file with v1's content: a new URI and sha256 for v2 in the model-change test.
+    shutil.copyfile(MODELS / "iris-v1.onnx", installed.models_dir / "iris-v1-copy.onnx")
+    for path in installed.models_dir.iterdir():
+        path.chmod(0o644)
+    installed.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": NAMESPACE,
+                    "labels": {
+                        "pod-security.kubernetes.io/enforce": "restricted",
+                        "pod-security.kubernetes.io/enforce-version": "latest",
+                    },
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": "modeldeploy-models"},
+                "spec": {
+                    "capacity": {"storage": "16Mi"},
+                    "accessModes": ["ReadOnlyMany", "ReadWriteOnce"],
+                    "storageClassName": "",
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": {"path": str(installed.models_dir), "type": "Directory"},
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "models", "namespace": NAMESPACE},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "",
+                    "volumeName": "modeldeploy-models",
+                    "resources": {"requests": {"storage": "16Mi"}},
+                },
+            },
+        ]
+    )
+    return installed
+
+
+@dataclass
+class Iris:
+    cluster: Cluster
+    url: str  # the router's ClusterIP Service, reached from this host through kube-proxy
+
+    def md(self, name: str = "iris") -> dict[str, Any]:
+        document: dict[str, Any] = self.cluster.get("-n", NAMESPACE, "modeldeployment", name)
+        return document
+
+    def apply(self, document: dict[str, Any]) -> None:
+        self.cluster.apply([document], NAMESPACE)
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            md = self.md()
+            return md if is_ready(md) else None
+
+        found: dict[str, Any] = poll(ready, timeout_s, "iris Ready=True", interval=0.1)
+        return found
+
+    def restore(self) -> None:
+        self.apply(example_document())
+        self.wait_ready()
+
+
+@pytest.fixture(scope="module")
+def iris(models_pvc: Cluster) -> Iterator[Iris]:
+    """examples/iris.yaml applied as a user would, once the operator is running."""
+    wait_operator_available(models_pvc)
+    models_pvc.kubectl("-n", NAMESPACE, "apply", "-f", str(EXAMPLE))
+    service = poll(lambda: _service(models_pvc, "iris"), READY_TIMEOUT_S, "Service iris")
+    yield Iris(models_pvc, f"http://{service['spec']['clusterIP']}:80")
+
+
+def _service(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    out = cluster.kubectl(
+        "-n", NAMESPACE, "get", "service", name, "-o", "json", "--ignore-not-found"
+    )
+    return yaml.safe_load(out) if out.strip() else None
+
+
+def operator_pods(cluster: Cluster) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = cluster.get(
+        "-n", SYSTEM_NAMESPACE, "pods", "-l", "app.kubernetes.io/name=modeldeploy-operator"
+    )["items"]
+    return pods
+
+
+def wait_operator_available(cluster: Cluster) -> None:
+    cluster.kubectl(
+        "-n",
+        SYSTEM_NAMESPACE,
+        "rollout",
+        "status",
+        "deployment/modeldeploy-operator",
+        "--timeout=240s",
+        timeout=260,
+    )
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+
+def test_operator_runs_in_its_own_pod_from_its_image(installed: Cluster) -> None:
+    """The operator's image starts and stays up as uid 65532 under `restricted` (it used to
+    crash-loop: kopf calls getpass.getuser(), and that uid had no passwd entry)."""
+    poll(
+        lambda: any(_ready(p) for p in operator_pods(installed)),
+        240,
+        "the operator pod to be Ready",
+    )
+    # A crash loop shows as restarts: watch the pod for longer than kopf's start-up.
+    time.sleep(20)
+    (pod,) = operator_pods(installed)
+    (container,) = pod["status"]["containerStatuses"]
+    assert container["image"].endswith(installed.images["OPERATOR_IMAGE"].split("/", 1)[1])
+    assert container["restartCount"] == 0, installed.kubectl(
+        "-n", SYSTEM_NAMESPACE, "logs", pod["metadata"]["name"], "--previous", check=False
+    )
+    assert container["ready"] is True
+    assert pod["spec"]["securityContext"]["runAsUser"] == 65532
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env", [])}
+    assert env["MODELDEPLOY_SERVER_IMAGE"] == installed.images["SERVER_IMAGE"]
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in pod.get("status", {}).get("conditions", [])
+    )
+
+
+def test_ready_means_served(iris: Iris) -> None:
+    """From the moment the ModelDeployment reports Ready=True, its URL serves: no 503 window."""
+    md = iris.wait_ready()
+    with httpx.Client(timeout=10) as client:
+        answers = [send(client, iris.url, v2_body(ROWS[:1])) for _ in range(40)]
+    assert md["status"]["url"] == f"http://iris.{NAMESPACE}.svc"
+    assert [a.status for a in answers] == [200] * len(answers), [
+        (a.status, a.error) for a in answers if a.status != 200
+    ]
+
+
+def test_split_override_and_answers_equal_onnxruntime(iris: Iris) -> None:
+    iris.wait_ready()
+    n = 2000
+    with Load(iris.url, concurrency=8) as load:
+        poll(lambda: len(load.answers) >= n, 300, f"{n} answers", interval=0.2)
+    answers = load.answers[:n]
+    assert not [a for a in answers if a.status != 200]
+    v2 = sum(a.variant == "v2" for a in answers)
+    assert sum(a.variant == "v1" for a in answers) + v2 == n
+    assert within_binomial(v2, n, 0.10), f"v2 answered {v2} of {n}, expected about {n // 10}"
+
+    with httpx.Client(timeout=10) as client:
+        for variant, model in (("v1", "iris-v1.onnx"), ("v2", "iris-v2.onnx")):
+            pinned = {"x-model-variant": variant}
+            labels, probabilities = reference(MODELS / model, ROWS)
+            answers = [send(client, iris.url, v2_body(ROWS), pinned) for _ in range(20)]
+            assert {a.variant for a in answers} == {variant}
+            assert {a.sha256 for a in answers} == {sha256_of(MODELS / model)}
+
+            v2_json = client.post(
+                f"{iris.url}/v2/models/iris/infer", json=v2_body(ROWS), headers=pinned
+            ).json()
+            outputs = {o["name"]: o for o in v2_json["outputs"]}
+            assert outputs["label"]["data"] == labels
+            np.testing.assert_allclose(
+                np.reshape(outputs["probabilities"]["data"], (len(ROWS), 3)),
+                probabilities,
+                rtol=1e-6,
+            )
+
+            records = client.post(
+                f"{iris.url}/v1/models/iris:predict",
+                headers=pinned,
+                json={"instances": [dict(zip(FEATURES, r, strict=True)) for r in ROWS]},
+            ).json()["predictions"]
+            assert [p["label"] for p in records] == labels
+            np.testing.assert_allclose(
+                [p["probabilities"] for p in records], probabilities, rtol=1e-6
+            )
+
+            body = ",".join(FEATURES) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in ROWS)
+            text = client.post(
+                f"{iris.url}/v1/models/iris:predict",
+                content=body.encode(),
+                headers={**pinned, "content-type": "text/csv", "accept": "text/csv"},
+            ).text
+            table = list(csv.DictReader(io.StringIO(text)))
+            assert [int(row["label"]) for row in table] == labels
+            np.testing.assert_allclose(
+                [[float(row[f"probabilities_{k}"]) for k in range(3)] for row in table],
+                probabilities,
+                rtol=1e-6,
+            )
+
+
+def test_weight_change_by_apply_shows_within_5s_without_failures(iris: Iris) -> None:
+    """GitOps style: `kubectl apply` of new weights. Every request sent 5 s after the apply
+    returned follows the new split, and none fails under steady load (c=8) meanwhile."""
+    iris.wait_ready()
+    with Load(iris.url, concurrency=8) as load:
+        poll(lambda: len(load.answers) >= 200, 120, "load to start", interval=0.2)
+        iris.apply(iris_document(weights=(50, 50)))
+        applied = time.monotonic()
+        window_start = applied + 5.0
+        poll(
+            lambda: len(load.since(window_start)) >= 400,
+            120,
+            "400 answers after the 5 s",
+            interval=0.2,
+        )
+    after = load.since(window_start)
+    v2 = sum(a.variant == "v2" for a in after)
+    assert not load.failures(), [(a.status, a.error) for a in load.failures()[:10]]
+    assert within_binomial(v2, len(after), 0.5), (
+        f"{v2} of {len(after)} requests sent 5 s or more after the apply went to v2; "
+        f"50/50 expected ({_first_new_split(load, applied)})"
+    )
+    iris.restore()
+
+
+def _first_new_split(load: Load, applied: float) -> str:
+    """When the observed split changed: the first v2 share >= 30% in a 1 s window."""
+    answers = load.since(applied)
+    for second in range(int((answers[-1].started - applied) if answers else 0)):
+        window = [a for a in answers if applied + second <= a.started < applied + second + 1]
+        if window and sum(a.variant == "v2" for a in window) / len(window) >= 0.3:
+            return f"the split first changed {second}-{second + 1} s after the apply"
+    return "the split never changed while measured"
+
+
+def test_model_change_rolls_without_failures(iris: Iris) -> None:
+    iris.wait_ready()
+    new_sha = sha256_of(MODELS / "iris-v1.onnx")
+    with Load(iris.url, concurrency=8) as load:
+        poll(lambda: len(load.answers) >= 100, 120, "load to start", interval=0.2)
+        iris.apply(iris_document(v2_model=("pvc://models/iris-v1-copy.onnx", new_sha)))
+        poll(lambda: _v2_serves(iris, new_sha), READY_TIMEOUT_S, "v2 serving the new model")
+        iris.wait_ready()
+        settled = len(load.answers)
+        poll(lambda: len(load.answers) >= settled + 100, 60, "load after the rollout")
+    assert load.answers, "no load was sent"
+    assert not load.failures(), [(a.status, a.error) for a in load.failures()[:10]]
+    iris.restore()
+
+
+def _v2_serves(iris: Iris, sha256: str) -> bool:
+    with httpx.Client(timeout=10) as client:
+        answers = [
+            send(client, iris.url, v2_body(ROWS[:1]), {"x-model-variant": "v2"}) for _ in range(10)
+        ]
+    return all(a.status == 200 and a.sha256 == sha256 for a in answers)
+
+
+def test_wrong_sha256_never_ready_never_served_and_status_says_why(iris: Iris) -> None:
+    iris.wait_ready()
+    served_sha = sha256_of(MODELS / "iris-v2.onnx")
+    wrong = sha256_of(MODELS / "iris-v1.onnx")  # a real digest, of another file
+    iris.apply(iris_document(v2_model=("pvc://models/iris-v2.onnx", wrong)))
+    pods = lambda: installed_pods(iris.cluster, "v2", wrong)  # noqa: E731
+    poll(lambda: any(_init_failed(p) for p in pods()), 180, "the wrong-digest pod to fail")
+    with httpx.Client(timeout=10) as client:
+        answers = [
+            send(client, iris.url, v2_body(ROWS[:1]), {"x-model-variant": "v2"}) for _ in range(30)
+        ]
+    assert {(a.status, a.sha256) for a in answers} == {(200, served_sha)}
+    assert not any(_ready(p) for p in pods())
+    md = iris.md()
+    said = yaml.safe_dump(md.get("status", {}))
+    assert "sha256" in said.lower(), f"the status does not say why v2 is not rolling:\n{said}"
+    iris.restore()
+
+
+def installed_pods(cluster: Cluster, variant: str, sha256: str) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = cluster.get(
+        "-n",
+        NAMESPACE,
+        "pods",
+        "-l",
+        f"modeldeploy.dev/model-deployment=iris,modeldeploy.dev/variant={variant},"
+        f"modeldeploy.dev/model-digest={sha256[:63]}",
+    )["items"]
+    return pods
+
+
+def _init_failed(pod: dict[str, Any]) -> bool:
+    for status in pod.get("status", {}).get("initContainerStatuses", []):
+        terminated = (
+            status.get("lastState", {}).get("terminated")
+            or status.get("state", {}).get("terminated")
+            or {}
+        )
+        if terminated.get("exitCode", 0) != 0:
+            return True
+    return False
+
+
+def test_pod_deletion_under_load(iris: Iris) -> None:
+    """The Deployment replaces a deleted variant pod; at most a handful of requests fail."""
+    iris.wait_ready()
+    (victim,) = [
+        p
+        for p in installed_pods(iris.cluster, "v1", sha256_of(MODELS / "iris-v1.onnx"))
+        if not p["metadata"].get("deletionTimestamp")
+    ]
+    with Load(iris.url, concurrency=8) as load:
+        poll(lambda: len(load.answers) >= 100, 120, "load to start", interval=0.2)
+        iris.cluster.kubectl(
+            "-n", NAMESPACE, "delete", "pod", victim["metadata"]["name"], "--wait=false"
+        )
+        poll(
+            lambda: any(
+                _ready(p) and p["metadata"]["name"] != victim["metadata"]["name"]
+                for p in installed_pods(iris.cluster, "v1", sha256_of(MODELS / "iris-v1.onnx"))
+            ),
+            READY_TIMEOUT_S,
+            "a replacement v1 pod",
+        )
+        iris.wait_ready()
+        settled = len(load.answers)
+        poll(lambda: len(load.answers) >= settled + 100, 60, "load after the replacement")
+    failed = load.failures()
+    print(f"pod deletion under load: {len(failed)} of {len(load.answers)} requests failed")
+    assert len(failed) <= 5, [(a.status, a.error) for a in failed[:10]]
+
+
+def test_gateway_mode_renders_an_accepted_httproute(iris: Iris) -> None:
+    """routing.mode gateway: the operator's HTTPRoute passes the apiserver's validation of the
+    Gateway API CRDs. No gateway controller runs on this cluster, so nothing routes by it and
+    its status stays without parents: only acceptance by the apiserver is proven here."""
+    document = copy.deepcopy(example_document())
+    document["metadata"] = {"name": "iris-gw"}
+    document["spec"]["routing"] = {"mode": "gateway"}
+    iris.apply(document)
+    route = poll(
+        lambda: _get_or_none(iris.cluster, "httproute", "iris-gw"), 120, "HTTPRoute iris-gw"
+    )
+    backends = {
+        (b["name"], b.get("weight"))
+        for rule in route["spec"]["rules"]
+        for b in rule.get("backendRefs", [])
+    }
+    assert {name for name, _ in backends} == {"iris-gw-v1", "iris-gw-v2"}
+    assert not route.get("status", {}).get("parents")
+    iris.cluster.kubectl("-n", NAMESPACE, "delete", "modeldeployment", "iris-gw", timeout=120)
+
+
+def _get_or_none(cluster: Cluster, kind: str, name: str) -> dict[str, Any] | None:
+    out = cluster.kubectl("-n", NAMESPACE, "get", kind, name, "-o", "json", "--ignore-not-found")
+    return yaml.safe_load(out) if out.strip() else None
+
+
+CHILD_KINDS = (
+    "deployments,replicasets,pods,services,configmaps,poddisruptionbudgets,"
+    "horizontalpodautoscalers,httproutes"
+)
+
+
+def test_deleting_the_modeldeployment_removes_every_child(iris: Iris) -> None:
+    selector = "modeldeploy.dev/model-deployment=iris"
+    assert iris.cluster.get("-n", NAMESPACE, CHILD_KINDS, "-l", selector)["items"]
+    iris.cluster.kubectl("-n", NAMESPACE, "delete", "modeldeployment", "iris", timeout=120)
+    poll(
+        lambda: not iris.cluster.get("-n", NAMESPACE, CHILD_KINDS, "-l", selector)["items"],
+        120,
+        "every child of iris to be gone",
+    )
+
+
+def test_uninstall_as_the_readme_says_leaves_nothing(installed: Cluster) -> None:
+    """README: delete the ModelDeployments first, then `kubectl delete -k manifests/`."""
+    installed.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
+    installed.kubectl("delete", "mdep", "--all", "-A", "--timeout=120s", timeout=150)
+    installed.kubectl("delete", "-k", str(REPO_ROOT / "manifests"), "--timeout=120s", timeout=150)
+    crds = installed.get("crd")["items"]
+    assert not [c for c in crds if c["spec"]["group"] == "modeldeploy.dev"]
+    assert not installed.kubectl("get", "namespace", SYSTEM_NAMESPACE, "--ignore-not-found")
+    assert not installed.kubectl(
+        "get", "clusterrole,clusterrolebinding", "modeldeploy-operator", "--ignore-not-found"
+    )
+    assert not installed.get("-n", NAMESPACE, "all")["items"]

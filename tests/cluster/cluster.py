@@ -139,6 +139,8 @@ def missing_prerequisites() -> list[str]:
     if os.geteuid() != 0:
         missing.append("root (the cluster runs containerd, kubelet and iptables)")
     missing += [f"{tool} (tests/cluster/build.sh packages)" for tool in TOOLS if not _which(tool)]
+    if not _sysctl_path("net/bridge/bridge-nf-call-iptables").exists():
+        missing.append("the br_netfilter kernel module (net.bridge.bridge-nf-call-iptables)")
     if not (CNI_BIN_DIR / "bridge").exists():
         missing.append(f"CNI plugins in {CNI_BIN_DIR} (tests/cluster/build.sh packages)")
     if not _which("go"):
@@ -230,12 +232,20 @@ def ctr(paths: Paths, *args: str, check: bool = True, timeout: float = 300) -> s
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat), or None if gone."""
+    """The process's start time in clock ticks (field 22 of /proc/PID/stat); None once it has
+    exited (gone, or a zombie: reaped here when it is this process's child)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    if fields[0] == "Z":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return None
+    return fields[19]
+
+
+_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def spawn(paths: Paths, name: str, argv: list[str]) -> dict[str, Any]:
@@ -250,6 +260,8 @@ def spawn(paths: Paths, name: str, argv: list[str]) -> dict[str, Any]:
         cwd=paths.root,
     )
     log.close()
+    # Kept, so that no Popen is collected (with a ResourceWarning) while its process runs.
+    _children[popen.pid] = popen
     record = {"name": name, "pid": popen.pid, "start": _start_time(popen.pid)}
     _record_process(paths, record)
     return record
@@ -277,6 +289,9 @@ def stop_process(record: dict[str, Any]) -> None:
         os.kill(record["pid"], signal.SIGKILL)
         while alive(record):
             time.sleep(0.05)
+    child = _children.pop(record["pid"], None)
+    if child is not None:
+        child.wait()
 
 
 def read_state(paths: Paths) -> dict[str, Any] | None:
@@ -484,7 +499,6 @@ def _sysctl_path(key: str) -> Path:
 
 
 def save_and_set_sysctls(paths: Paths) -> None:
-    run("modprobe", "br_netfilter", check=False)
     saved = {}
     for key, value in SYSCTLS.items():
         path = _sysctl_path(key)

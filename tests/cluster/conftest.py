@@ -25,6 +25,14 @@ LOCK_FILE = Path("/tmp/modeldeploy-cluster.lock")
 LOCK_WAIT_S = 1800.0
 
 
+_timings: list[tuple[str, float]] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for what, seconds in _timings:
+        terminalreporter.write_line(f"{what}: {seconds:.1f}s")
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
@@ -77,7 +85,11 @@ def real_cluster() -> Iterator[Cluster]:
         paths = cluster.Paths(cluster.state_dir())
         state = cluster.read_state(paths)
         started_here = not (state is not None and cluster.healthy(paths, state))
+        started = time.monotonic()
         state = cluster.up()
+        _timings.append(
+            ("cluster up" if started_here else "cluster reused", time.monotonic() - started)
+        )
         images = cluster.image_names()
         cluster.import_images(
             paths,
@@ -89,7 +101,9 @@ def real_cluster() -> Iterator[Cluster]:
             yield Cluster(paths.kubeconfig, state["kubectl"], images, paths.models)
         finally:
             if started_here and os.environ.get("MODELDEPLOY_CLUSTER_KEEP") != "1":
+                started = time.monotonic()
                 left = cluster.down()
+                _timings.append(("cluster down", time.monotonic() - started))
                 assert not left, f"the teardown left these behind: {left}"
 
 

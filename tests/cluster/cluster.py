@@ -619,6 +619,10 @@ def _start(paths: Paths, binaries: Binaries, images: dict[str, str]) -> dict[str
         paths, "kube-apiserver /readyz", lambda: harness.readyz(server_url, pki), [etcd, apiserver]
     )
 
+    # The Gateway API CRDs (standard channel), as a cluster offering gateway mode has them.
+    with harness.api_client_from_kubeconfig(paths.kubeconfig) as api:
+        harness.install_crds(api, harness.crd_documents(cp.gateway_crds.glob("*.yaml")))
+
     controllers = spawn(
         paths,
         "kube-controller-manager",

@@ -127,6 +127,11 @@ def is_ready(md: dict[str, Any]) -> bool:
     )
 
 
+def is_settled(md: dict[str, Any]) -> bool:
+    """Ready, and no rollout in progress (old pods gone)."""
+    return is_ready(md) and condition(md, "Progressing").get("status") == "False"
+
+
 # --- load -----------------------------------------------------------------------------------------
 
 
@@ -219,6 +224,11 @@ def models_pvc(installed: Cluster) -> Cluster:
     shutil.copyfile(MODELS / "iris-v1.onnx", installed.models_dir / "iris-v1-copy.onnx")
     for path in installed.models_dir.iterdir():
         path.chmod(0o644)
+    # A namespace left by an earlier session on a kept cluster would hide a first rollout.
+    installed.kubectl(
+        "delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=180s", timeout=200
+    )
+    installed.kubectl("delete", "persistentvolume", "modeldeploy-models", "--ignore-not-found")
     installed.apply(
         [
             {
@@ -280,18 +290,52 @@ class Iris:
         found: dict[str, Any] = poll(ready, timeout_s, "iris Ready=True", interval=0.1)
         return found
 
+    def wait_settled(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        poll(lambda: is_settled(self.md()), timeout_s, "iris Ready with no rollout in progress")
+
+    def wait_servable(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until 20 requests in a row are answered (whatever the status said meanwhile)."""
+        with httpx.Client(timeout=10) as client:
+            poll(
+                lambda: all(
+                    send(client, self.url, v2_body(ROWS[:1])).status == 200 for _ in range(20)
+                ),
+                timeout_s,
+                "iris to serve",
+                interval=1,
+            )
+
     def restore(self) -> None:
         self.apply(example_document())
-        self.wait_ready()
+        self.wait_settled()
+        self.wait_servable()
 
 
 @pytest.fixture(scope="module")
-def iris(models_pvc: Cluster) -> Iterator[Iris]:
+def iris_applied(models_pvc: Cluster) -> Iris:
     """examples/iris.yaml applied as a user would, once the operator is running."""
     wait_operator_available(models_pvc)
     models_pvc.kubectl("-n", NAMESPACE, "apply", "-f", str(EXAMPLE))
     service = poll(lambda: _service(models_pvc, "iris"), READY_TIMEOUT_S, "Service iris")
-    yield Iris(models_pvc, f"http://{service['spec']['clusterIP']}:80")
+    return Iris(models_pvc, f"http://{service['spec']['clusterIP']}:80")
+
+
+@pytest.fixture
+def iris(iris_applied: Iris) -> Iris:
+    """iris, Ready and serving: each test below checks its own claim, not the Ready one."""
+    iris_applied.wait_settled()
+    iris_applied.wait_servable()
+    return iris_applied
+
+
+@pytest.fixture
+def edited_iris(iris: Iris) -> Iterator[Iris]:
+    """iris for a test that edits it; afterwards it is back to examples/iris.yaml, settled and
+    serving, whether the test passed or not."""
+    try:
+        yield iris
+    finally:
+        iris.restore()
 
 
 def _service(cluster: Cluster, name: str) -> dict[str, Any] | None:
@@ -352,8 +396,9 @@ def _ready(pod: dict[str, Any]) -> bool:
     )
 
 
-def test_ready_means_served(iris: Iris) -> None:
+def test_ready_means_served(iris_applied: Iris) -> None:
     """From the moment the ModelDeployment reports Ready=True, its URL serves: no 503 window."""
+    iris = iris_applied
     md = iris.wait_ready()
     with httpx.Client(timeout=10) as client:
         answers = [send(client, iris.url, v2_body(ROWS[:1])) for _ in range(40)]
@@ -364,7 +409,6 @@ def test_ready_means_served(iris: Iris) -> None:
 
 
 def test_split_override_and_answers_equal_onnxruntime(iris: Iris) -> None:
-    iris.wait_ready()
     n = 2000
     with Load(iris.url, concurrency=8) as load:
         poll(lambda: len(load.answers) >= n, 300, f"{n} answers", interval=0.2)
@@ -418,10 +462,10 @@ def test_split_override_and_answers_equal_onnxruntime(iris: Iris) -> None:
             )
 
 
-def test_weight_change_by_apply_shows_within_5s_without_failures(iris: Iris) -> None:
+def test_weight_change_by_apply_shows_within_5s_without_failures(edited_iris: Iris) -> None:
     """GitOps style: `kubectl apply` of new weights. Every request sent 5 s after the apply
     returned follows the new split, and none fails under steady load (c=8) meanwhile."""
-    iris.wait_ready()
+    iris = edited_iris
     with Load(iris.url, concurrency=8) as load:
         poll(lambda: len(load.answers) >= 200, 120, "load to start", interval=0.2)
         iris.apply(iris_document(weights=(50, 50)))
@@ -440,7 +484,6 @@ def test_weight_change_by_apply_shows_within_5s_without_failures(iris: Iris) -> 
         f"{v2} of {len(after)} requests sent 5 s or more after the apply went to v2; "
         f"50/50 expected ({_first_new_split(load, applied)})"
     )
-    iris.restore()
 
 
 def _first_new_split(load: Load, applied: float) -> str:
@@ -453,19 +496,18 @@ def _first_new_split(load: Load, applied: float) -> str:
     return "the split never changed while measured"
 
 
-def test_model_change_rolls_without_failures(iris: Iris) -> None:
-    iris.wait_ready()
+def test_model_change_rolls_without_failures(edited_iris: Iris) -> None:
+    """A new URI and sha256 for v2 rolls its pods; no request fails under load (c=8)."""
+    iris = edited_iris
     new_sha = sha256_of(MODELS / "iris-v1.onnx")
     with Load(iris.url, concurrency=8) as load:
         poll(lambda: len(load.answers) >= 100, 120, "load to start", interval=0.2)
         iris.apply(iris_document(v2_model=("pvc://models/iris-v1-copy.onnx", new_sha)))
         poll(lambda: _v2_serves(iris, new_sha), READY_TIMEOUT_S, "v2 serving the new model")
-        iris.wait_ready()
+        iris.wait_settled()
         settled = len(load.answers)
         poll(lambda: len(load.answers) >= settled + 100, 60, "load after the rollout")
-    assert load.answers, "no load was sent"
     assert not load.failures(), [(a.status, a.error) for a in load.failures()[:10]]
-    iris.restore()
 
 
 def _v2_serves(iris: Iris, sha256: str) -> bool:
@@ -476,8 +518,8 @@ def _v2_serves(iris: Iris, sha256: str) -> bool:
     return all(a.status == 200 and a.sha256 == sha256 for a in answers)
 
 
-def test_wrong_sha256_never_ready_never_served_and_status_says_why(iris: Iris) -> None:
-    iris.wait_ready()
+def test_wrong_sha256_never_ready_never_served_and_status_says_why(edited_iris: Iris) -> None:
+    iris = edited_iris
     served_sha = sha256_of(MODELS / "iris-v2.onnx")
     wrong = sha256_of(MODELS / "iris-v1.onnx")  # a real digest, of another file
     iris.apply(iris_document(v2_model=("pvc://models/iris-v2.onnx", wrong)))
@@ -489,10 +531,11 @@ def test_wrong_sha256_never_ready_never_served_and_status_says_why(iris: Iris) -
         ]
     assert {(a.status, a.sha256) for a in answers} == {(200, served_sha)}
     assert not any(_ready(p) for p in pods())
-    md = iris.md()
-    said = yaml.safe_dump(md.get("status", {}))
-    assert "sha256" in said.lower(), f"the status does not say why v2 is not rolling:\n{said}"
-    iris.restore()
+    status = iris.md().get("status", {})
+    said = " ".join(c.get("message", "") for c in status.get("conditions", []))
+    assert "sha256" in said.lower(), (
+        f"no condition says why v2 does not roll out:\n{yaml.safe_dump(status)}"
+    )
 
 
 def installed_pods(cluster: Cluster, variant: str, sha256: str) -> list[dict[str, Any]]:
@@ -521,7 +564,6 @@ def _init_failed(pod: dict[str, Any]) -> bool:
 
 def test_pod_deletion_under_load(iris: Iris) -> None:
     """The Deployment replaces a deleted variant pod; at most a handful of requests fail."""
-    iris.wait_ready()
     (victim,) = [
         p
         for p in installed_pods(iris.cluster, "v1", sha256_of(MODELS / "iris-v1.onnx"))
@@ -548,13 +590,18 @@ def test_pod_deletion_under_load(iris: Iris) -> None:
     assert len(failed) <= 5, [(a.status, a.error) for a in failed[:10]]
 
 
-def test_gateway_mode_renders_an_accepted_httproute(iris: Iris) -> None:
+def test_gateway_mode_renders_an_accepted_httproute(iris_applied: Iris) -> None:
     """routing.mode gateway: the operator's HTTPRoute passes the apiserver's validation of the
     Gateway API CRDs. No gateway controller runs on this cluster, so nothing routes by it and
     its status stays without parents: only acceptance by the apiserver is proven here."""
+    iris = iris_applied
     document = copy.deepcopy(example_document())
     document["metadata"] = {"name": "iris-gw"}
-    document["spec"]["routing"] = {"mode": "gateway"}
+    # A Gateway that does not exist: the HTTPRoute is still valid and stored.
+    document["spec"]["routing"] = {
+        "mode": "gateway",
+        "gateway": {"parentRefs": [{"name": "models"}], "hostnames": ["iris.example.test"]},
+    }
     iris.apply(document)
     route = poll(
         lambda: _get_or_none(iris.cluster, "httproute", "iris-gw"), 120, "HTTPRoute iris-gw"
@@ -580,7 +627,8 @@ CHILD_KINDS = (
 )
 
 
-def test_deleting_the_modeldeployment_removes_every_child(iris: Iris) -> None:
+def test_deleting_the_modeldeployment_removes_every_child(iris_applied: Iris) -> None:
+    iris = iris_applied
     selector = "modeldeploy.dev/model-deployment=iris"
     assert iris.cluster.get("-n", NAMESPACE, CHILD_KINDS, "-l", selector)["items"]
     iris.cluster.kubectl("-n", NAMESPACE, "delete", "modeldeployment", "iris", timeout=120)
@@ -602,4 +650,8 @@ def test_uninstall_as_the_readme_says_leaves_nothing(installed: Cluster) -> None
     assert not installed.kubectl(
         "get", "clusterrole,clusterrolebinding", "modeldeploy-operator", "--ignore-not-found"
     )
-    assert not installed.get("-n", NAMESPACE, "all")["items"]
+    poll(
+        lambda: not installed.get("-n", NAMESPACE, "all")["items"],
+        120,
+        f"every object in {NAMESPACE} to be gone",
+    )

@@ -127,7 +127,7 @@ build_kubernetes() {
     local cmds=("$@") cmd missing=()
     for cmd in "${cmds[@]}"; do [[ -x "$out_dir/$cmd" ]] || missing+=("$cmd"); done
     if ((${#missing[@]} == 0)); then
-        log "kubernetes $KUBERNETES_VERSION: ${cmds[*]} cached at $out_dir"
+        log "kubernetes $KUBERNETES_VERSION: cached at $out_dir (${cmds[*]})"
         return
     fi
     local w upstream_gomod staging_version minor

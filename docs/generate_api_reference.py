@@ -1,6 +1,7 @@
-"""Write docs/api.md, the ModelDeployment API reference, from the CRD's own schema.
+"""Write docs/api.md, the ModelDeployment and BatchPrediction API reference, from the CRDs' own
+schemas.
 
-The CRD (crds/modeldeployments.modeldeploy.dev.yaml) is the one source of truth: its descriptions
+The CRDs (crds/*.modeldeploy.dev.yaml) are the one source of truth: their descriptions
 are what `kubectl explain` shows, and its rules are what admission enforces. Run after changing it:
     .venv/bin/python docs/generate_api_reference.py          # rewrite docs/api.md
     .venv/bin/python docs/generate_api_reference.py --check  # exit 1 if docs/api.md is stale
@@ -17,7 +18,10 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CRD = ROOT / "crds" / "modeldeployments.modeldeploy.dev.yaml"
+CRDS = (
+    ROOT / "crds" / "modeldeployments.modeldeploy.dev.yaml",
+    ROOT / "crds" / "batchpredictions.modeldeploy.dev.yaml",
+)
 OUTPUT = ROOT / "docs" / "api.md"
 # Constraints shown next to the type, in this order.
 CONSTRAINTS = (
@@ -32,8 +36,8 @@ CONSTRAINTS = (
 )
 
 
-def render_reference(crd: Mapping[str, Any]) -> str:
-    """The whole Markdown page for the CRD's storage version."""
+def render_reference(crd: Mapping[str, Any], source: Path) -> str:
+    """The Markdown reference of the CRD's storage version."""
     names = crd["spec"]["names"]
     (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
     schema = version["schema"]["openAPIV3Schema"]
@@ -41,7 +45,7 @@ def render_reference(crd: Mapping[str, Any]) -> str:
     lines = [
         f"# {names['kind']} API reference ({api_version})",
         "",
-        f"<!-- Generated from {CRD.relative_to(ROOT)} by docs/generate_api_reference.py;"
+        f"<!-- Generated from {source.relative_to(ROOT)} by docs/generate_api_reference.py;"
         " edit the CRD, not this file. -->",
         "",
         _text(schema.get("description", "")),
@@ -49,7 +53,7 @@ def render_reference(crd: Mapping[str, Any]) -> str:
         f"`apiVersion: {api_version}`, `kind: {names['kind']}`, namespaced, plural "
         f"`{names['plural']}`, short names {', '.join(f'`{n}`' for n in names['shortNames'])}, "
         f"categories {', '.join(f'`{c}`' for c in names['categories'])}. "
-        "`kubectl explain modeldeployment.spec` shows the same descriptions.",
+        f"`kubectl explain {names['singular']}.spec` shows the same descriptions.",
         "",
     ]
     for section in ("spec", "status"):
@@ -62,7 +66,7 @@ def render_reference(crd: Mapping[str, Any]) -> str:
     lines += ["## Cross-field rules (CEL, checked at admission)", ""]
     lines += ["| Field | Rule |", "| --- | --- |"]
     lines += [f"| `{path or '(object)'}` | {_text(message)} |" for path, message in rules]
-    lines += ["", "## Printer columns (`kubectl get mdep`)", ""]
+    lines += ["", f"## Printer columns (`kubectl get {names['shortNames'][0]}`)", ""]
     lines += ["| Column | Description |", "| --- | --- |"]
     lines += [
         f"| {c['name']} | {_text(c.get('description', ''))} |"
@@ -145,10 +149,12 @@ def _text(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="Generate docs/api.md from the CRD.")
+    parser = argparse.ArgumentParser(description="Generate docs/api.md from the CRDs.")
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/api.md is stale")
     args = parser.parse_args(argv)
-    text = render_reference(yaml.safe_load(CRD.read_text(encoding="utf-8")))
+    text = "\n".join(
+        render_reference(yaml.safe_load(crd.read_text(encoding="utf-8")), crd) for crd in CRDS
+    )
     if args.check:
         if OUTPUT.read_text(encoding="utf-8") != text:
             print(f"{OUTPUT} is stale: run python {Path(__file__).relative_to(ROOT)}")

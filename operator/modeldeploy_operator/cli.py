@@ -1,5 +1,6 @@
 """`modeldeploy`: the user CLI. `run` a ModelDeployment on this machine, `render` the objects the
-operator would create for it, `validate` it offline as the cluster would at admission."""
+operator would create for it, `validate` it offline as the cluster would at admission; `batch`
+runs a BatchPrediction on this machine (render and validate take BatchPredictions too)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,29 @@ from typing import Any, TextIO, cast
 
 import yaml
 
+from modeldeploy_operator.batch_render import UnresolvedModel, render_batch_job, resolve_model
 from modeldeploy_operator.config import DEFAULT_SERVER_IMAGE
 from modeldeploy_operator.kubeyaml import Document, KubeYAMLError, load_documents
+from modeldeploy_operator.local_batch import LocalBatchSettings, run_local_batch
 from modeldeploy_operator.local_runner import LocalRunSettings, run_local
 from modeldeploy_operator.render import render_objects
-from modeldeploy_operator.spec import InvalidSpecError, ModelDeployment, parse_model_deployment
+from modeldeploy_operator.spec import (
+    BATCH_KIND,
+    KIND,
+    BatchPrediction,
+    InvalidSpecError,
+    ModelDeployment,
+    parse_batch_prediction,
+    parse_model_deployment,
+)
 from modeldeploy_operator.validation import default_model_deployment, validate_model_deployment
 
 DEFAULT_PORT = 8080
 
 
 class ManifestError(Exception):
-    """A document is not a valid ModelDeployment; each line of the message names a field."""
+    """A document is not a valid ModelDeployment (or BatchPrediction); each line of the message
+    names a field."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +49,22 @@ class Loaded:
 
 
 @dataclass(frozen=True)
+class LoadedBatch:
+    """One valid BatchPrediction document, parsed as the API server would store it."""
+
+    label: str
+    bp: BatchPrediction
+
+
+@dataclass(frozen=True)
 class Refused:
     """One invalid document and why, one field per line."""
 
     label: str
     reason: str
+
+
+Verdict = Loaded | LoadedBatch | Refused
 
 
 def read_documents(path: str) -> list[Document]:
@@ -53,32 +76,45 @@ def read_documents(path: str) -> list[Document]:
         raise ManifestError(f"cannot read {path}: {error}") from None
 
 
-def check_document(obj: object) -> ModelDeployment:
+def document_kind(obj: object) -> str:
+    """BatchPrediction for a document that says so, else ModelDeployment (checked as one)."""
+    return BATCH_KIND if isinstance(obj, dict) and obj.get("kind") == BATCH_KIND else KIND
+
+
+def check_document(obj: object) -> ModelDeployment | BatchPrediction:
     """Validate one document as admission would; parse it as the API server would store it."""
-    errors = validate_model_deployment(obj)
+    kind = document_kind(obj)
+    errors = validate_model_deployment(obj, kind)
     if errors:
         raise ManifestError("\n".join(f"{e.field}: {e.message}" for e in errors))
-    stored = default_model_deployment(cast(dict[str, Any], obj))
+    stored = default_model_deployment(cast(dict[str, Any], obj), kind)
     try:
+        if kind == BATCH_KIND:
+            return parse_batch_prediction(stored)
         return parse_model_deployment(stored)
     except InvalidSpecError as error:
         raise ManifestError(str(error)) from None
 
 
-def check_file(path: str) -> list[Loaded | Refused]:
+def check_file(path: str) -> list[Verdict]:
     """One verdict per document, in file order, each labelled with the file (and document)."""
     documents = read_documents(path)
     if not documents:
         raise ManifestError(f"{path}: no YAML document in it")
-    verdicts: list[Loaded | Refused] = []
+    verdicts: list[Verdict] = []
     for document in documents:
         label = path if len(documents) == 1 else f"{path}, document {document.number}"
         label += "" if len(documents) == 1 else f" (line {document.line})"
         try:
-            verdicts.append(Loaded(label, check_document(document.value)))
+            parsed = check_document(document.value)
         except ManifestError as error:
-            label += f": invalid ModelDeployment{_named(document)}"
+            label += f": invalid {document_kind(document.value)}{_named(document)}"
             verdicts.append(Refused(label, str(error)))
+            continue
+        if isinstance(parsed, BatchPrediction):
+            verdicts.append(LoadedBatch(label, parsed))
+        else:
+            verdicts.append(Loaded(label, parsed))
     return verdicts
 
 
@@ -96,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as error:
         print(error, file=sys.stderr)
         return 1
-    loaded = [v for v in verdicts if isinstance(v, Loaded)]
+    loaded = [v for v in verdicts if not isinstance(v, Refused)]
     if args.command is not validate:
         for refused in verdicts:
             if isinstance(refused, Refused):
@@ -112,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code
 
 
-def run(args: argparse.Namespace, verdicts: list[Loaded | Refused], out: TextIO) -> int:
+def run(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> int:
     """`modeldeploy run`: the servers and the router on loopback, until Ctrl-C or SIGTERM."""
+    if any(isinstance(v, LoadedBatch) for v in verdicts):
+        print(f"{args.file}: a BatchPrediction runs with `modeldeploy batch`", file=sys.stderr)
+        return 1
     if len(verdicts) != 1:
         print(
             f"{args.file}: run takes one ModelDeployment, the file has {len(verdicts)}:"
@@ -133,10 +172,26 @@ def run(args: argparse.Namespace, verdicts: list[Loaded | Refused], out: TextIO)
     return run_local(only.md, settings, out, sys.stderr)
 
 
-def render(args: argparse.Namespace, verdicts: list[Loaded | Refused], out: TextIO) -> int:
+def render(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> int:
     """`modeldeploy render`: what the operator applies, as one YAML stream, every variant Ready."""
     objects = []
+    models = {v.md.name: v.md for v in verdicts if isinstance(v, Loaded)}
     for loaded in verdicts:
+        if isinstance(loaded, LoadedBatch):
+            bp = loaded.bp
+            if args.namespace is not None:
+                bp = dataclasses.replace(bp, namespace=args.namespace)
+            try:
+                model = resolve_model(bp, models.get(bp.model_ref.name) if bp.model_ref else None)
+            except UnresolvedModel as error:
+                print(
+                    f"{loaded.label}: spec.model.modelDeployment: {error} in this file (render "
+                    "reads the referenced ModelDeployment from the same file)",
+                    file=sys.stderr,
+                )
+                return 1
+            objects.append(render_batch_job(bp, model, server_image=args.server_image))
+            continue
         assert isinstance(loaded, Loaded)
         md = loaded.md
         if args.namespace is not None:
@@ -146,11 +201,37 @@ def render(args: argparse.Namespace, verdicts: list[Loaded | Refused], out: Text
     return 0
 
 
-def validate(args: argparse.Namespace, verdicts: list[Loaded | Refused], out: TextIO) -> int:
+def batch(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> int:
+    """`modeldeploy batch`: the BatchPrediction's shards as processes on this machine."""
+    batches = [v.bp for v in verdicts if isinstance(v, LoadedBatch)]
+    if len(batches) != 1:
+        print(
+            f"{args.file}: batch takes one BatchPrediction (and the ModelDeployment it names, if "
+            f"any); the file has {len(batches)}",
+            file=sys.stderr,
+        )
+        return 1
+    settings = LocalBatchSettings(
+        base_dir=Path.cwd() if args.file == "-" else Path(args.file).resolve().parent,
+        claim_dirs=dict(args.pvc),
+        cache_dir=args.cache_dir,
+    )
+    models = [v.md for v in verdicts if isinstance(v, Loaded)]
+    return run_local_batch(batches[0], models, settings, out)
+
+
+def validate(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> int:
     """`modeldeploy validate`: one verdict per document; exit 1 if any is invalid."""
     for verdict in verdicts:
         if isinstance(verdict, Refused):
             print(f"{verdict.label}:\n{_indent(verdict.reason)}", file=sys.stderr, flush=True)
+        elif isinstance(verdict, LoadedBatch):
+            bp = verdict.bp
+            print(
+                f"{verdict.label}: valid BatchPrediction {bp.name!r} ({bp.shards} shards)",
+                file=out,
+                flush=True,
+            )
         else:
             md = verdict.md
             print(
@@ -158,7 +239,7 @@ def validate(args: argparse.Namespace, verdicts: list[Loaded | Refused], out: Te
                 file=out,
                 flush=True,
             )
-    return 0 if all(isinstance(v, Loaded) for v in verdicts) else 1
+    return 0 if not any(isinstance(v, Refused) for v in verdicts) else 1
 
 
 class _BlockStringDumper(yaml.SafeDumper):
@@ -192,12 +273,31 @@ def _default_cache_dir(env: Mapping[str, str]) -> Path:
     return Path(cache_home) / "modeldeploy" / "models"
 
 
+def _add_local_locations(parser: argparse.ArgumentParser) -> None:
+    """--pvc and --cache-dir: where local mode finds what pvc:// and http(s):// name."""
+    parser.add_argument(
+        "--pvc",
+        type=_claim_dir,
+        action="append",
+        default=[],
+        metavar="CLAIM=DIR",
+        help="read pvc://CLAIM/PATH from DIR/PATH (default: the directory CLAIM beside the YAML "
+        "file, or in the working directory with -f -)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=_default_cache_dir(os.environ),
+        help="where http(s) models are downloaded, by sha256 (default ~/.cache/modeldeploy/models)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modeldeploy",
         description="Run, render or validate a ModelDeployment (modeldeploy.dev/v1alpha1).",
     )
-    commands = parser.add_subparsers(required=True, metavar="{run,render,validate}")
+    commands = parser.add_subparsers(required=True, metavar="{run,render,validate,batch}")
     file_help = "the ModelDeployment YAML file ('-' reads stdin)"
 
     run_parser = commands.add_parser(
@@ -211,21 +311,7 @@ def _parser() -> argparse.ArgumentParser:
     run_parser.add_argument(
         "--port", type=_port, default=DEFAULT_PORT, help="the router's port (default 8080)"
     )
-    run_parser.add_argument(
-        "--pvc",
-        type=_claim_dir,
-        action="append",
-        default=[],
-        metavar="CLAIM=DIR",
-        help="read pvc://CLAIM/PATH from DIR/PATH (default: the directory CLAIM beside the YAML "
-        "file, or in the working directory with -f -)",
-    )
-    run_parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=_default_cache_dir(os.environ),
-        help="where http(s) models are downloaded, by sha256 (default ~/.cache/modeldeploy/models)",
-    )
+    _add_local_locations(run_parser)
     run_parser.set_defaults(command=run)
 
     render_parser = commands.add_parser(
@@ -255,6 +341,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate_parser.add_argument("-f", "--file", required=True, help=file_help)
     validate_parser.set_defaults(command=validate)
+
+    batch_parser = commands.add_parser(
+        "batch",
+        help="run a BatchPrediction on this machine, its shards as processes",
+        description="Score the BatchPrediction's input with its model: each shard is "
+        "`modeldeploy-server batch --shard I/N`, as in the Job's pods; then write manifest.json "
+        "in the output directory. A model named by a ModelDeployment variant is read from a "
+        "ModelDeployment in the same file.",
+    )
+    batch_parser.add_argument(
+        "-f", "--file", required=True, help="the BatchPrediction YAML file ('-' reads stdin)"
+    )
+    _add_local_locations(batch_parser)
+    batch_parser.set_defaults(command=batch)
     return parser
 
 

@@ -17,7 +17,13 @@ import urllib3
 from kubernetes import client, config
 
 from modeldeploy_operator import naming
-from modeldeploy_operator.spec import KIND, MODEL_DEPLOYMENT_API_VERSION, PLURAL
+from modeldeploy_operator.spec import (
+    BATCH_KIND,
+    BATCH_PLURAL,
+    KIND,
+    MODEL_DEPLOYMENT_API_VERSION,
+    PLURAL,
+)
 
 Manifest = dict[str, Any]
 
@@ -100,6 +106,47 @@ class KubeApi:
         }
         path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, PLURAL, namespace) + f"/{name}/status"
         return self._apply(path, body)
+
+    def apply_job(self, job: Manifest) -> Manifest:
+        """Server-side apply a BatchPrediction's Job."""
+        meta = job["metadata"]
+        path = _collection_path("batch/v1", "jobs", meta["namespace"]) + f"/{meta['name']}"
+        return self._apply(path, job)
+
+    def apply_batch_status(self, namespace: str, name: str, status: Manifest) -> Manifest:
+        """Server-side apply a BatchPrediction's whole status."""
+        body = {
+            "apiVersion": MODEL_DEPLOYMENT_API_VERSION,
+            "kind": BATCH_KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "status": status,
+        }
+        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, BATCH_PLURAL, namespace)
+        return self._apply(f"{path}/{name}/status", body)
+
+    def get_batch_job(self, namespace: str, name: str) -> Manifest | None:
+        """The Job of a BatchPrediction (named after it), or None."""
+        return self._get_or_none(_collection_path("batch/v1", "jobs", namespace) + f"/{name}")
+
+    def get_batch_prediction(self, namespace: str, name: str) -> Manifest | None:
+        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, BATCH_PLURAL, namespace)
+        return self._get_or_none(f"{path}/{name}")
+
+    def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
+        """Pods by label selector (a BatchPrediction's shards, for their termination messages)."""
+        listing = self._request(
+            "GET", _collection_path("v1", "pods", namespace), {"labelSelector": selector}
+        )
+        pods: list[Manifest] = listing.get("items", [])
+        return pods
+
+    def _get_or_none(self, path: str) -> Manifest | None:
+        try:
+            return self._request("GET", path, {})
+        except RejectedError as error:
+            if error.status == 404:
+                return None
+            raise
 
     def _apply(self, path: str, body: Manifest) -> Manifest:
         # force: fields someone else changed by hand on our objects come back to us (drift).

@@ -71,10 +71,15 @@ def locate_model(
     """
     if source.scheme in ("http", "https"):
         return Download(source.uri, cache_dir / f"{source.sha256}.onnx")
-    if source.scheme == "file":
-        return LocalFile(Path(unquote(urlsplit(source.uri).path)))
-    claim, path = source.pvc_claim_and_path
-    return LocalFile(claim_dirs.get(claim, base_dir / claim) / path)
+    return LocalFile(local_path(source.uri, base_dir=base_dir, claim_dirs=claim_dirs))
+
+
+def local_path(uri: str, *, base_dir: Path, claim_dirs: Mapping[str, Path]) -> Path:
+    """The file (or directory) on this machine that a file:// or pvc:// URI names."""
+    if uri.startswith("file:"):
+        return Path(unquote(urlsplit(uri).path))
+    claim, _, path = uri.removeprefix("pvc://").partition("/")
+    return claim_dirs.get(claim, base_dir / claim) / path
 
 
 def plan_local_run(

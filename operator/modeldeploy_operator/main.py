@@ -10,7 +10,10 @@ import os
 
 import kopf
 
+from modeldeploy_operator import batch_handlers
 from modeldeploy_operator.config import OperatorConfig
 from modeldeploy_operator.handlers import register
 
-register(kopf.get_default_registry(), OperatorConfig.from_env(os.environ))
+CONFIG = OperatorConfig.from_env(os.environ)
+register(kopf.get_default_registry(), CONFIG)
+batch_handlers.register(kopf.get_default_registry(), CONFIG)

@@ -25,6 +25,7 @@ from modeldeploy_operator.spec import (
     KIND,
     MODEL_DEPLOYMENT_API_VERSION,
     ModelDeployment,
+    PodSettings,
     ServerSettings,
     Variant,
 )
@@ -161,7 +162,7 @@ def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str)
         # Same resources as the server: a pod's request is the max of init and main, so this
         # costs nothing extra and satisfies quotas that demand limits on every container.
         **({"resources": copy.deepcopy(variant.resources)} if variant.resources else {}),
-        "securityContext": _container_security_context(),
+        "securityContext": container_security_context(),
         "volumeMounts": fetch_mounts,
     }
     server = {
@@ -174,7 +175,7 @@ def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str)
         **_probes(),
         **_pre_stop(),
         **({"resources": copy.deepcopy(variant.resources)} if variant.resources else {}),
-        "securityContext": _container_security_context(),
+        "securityContext": container_security_context(),
         "volumeMounts": [
             {"name": "models", "mountPath": MODEL_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -190,8 +191,8 @@ def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str)
             "labels": {**(md.pod.labels or {}), **labels},
             "annotations": _pod_annotations(md),
         },
-        "spec": _pod_spec(
-            md,
+        "spec": render_pod_spec(
+            md.pod,
             init_containers=[fetch],
             containers=[server],
             volumes=volumes,
@@ -247,7 +248,7 @@ def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) ->
         **_probes(),
         **_pre_stop(),
         "resources": copy.deepcopy(ROUTER_RESOURCES),
-        "securityContext": _container_security_context(),
+        "securityContext": container_security_context(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     account = naming.router_service_account_name(md.name)
@@ -260,8 +261,8 @@ def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) ->
                 "labels": {**(md.pod.labels or {}), **labels},
                 "annotations": _pod_annotations(md),
             },
-            "spec": _pod_spec(
-                md,
+            "spec": render_pod_spec(
+                md.pod,
                 init_containers=[],
                 containers=[router],
                 volumes=[{"name": "tmp", "emptyDir": {}}],
@@ -395,8 +396,8 @@ def _horizontal_pod_autoscaler(md: ModelDeployment, variant: Variant) -> Manifes
     return _object(md, "autoscaling/v2", "HorizontalPodAutoscaler", name, labels, spec)
 
 
-def _pod_spec(
-    md: ModelDeployment,
+def render_pod_spec(
+    pod: PodSettings,
     *,
     init_containers: list[Manifest],
     containers: list[Manifest],
@@ -404,8 +405,8 @@ def _pod_spec(
     drain_seconds: int,
     service_account: str | None = None,
 ) -> Manifest:
-    """A pod spec; only a pod given its own `service_account` (the router) gets an API token."""
-    pod = md.pod
+    """A pod spec with `spec.pod`'s settings and the restricted Pod Security Standard; only a pod
+    given its own `service_account` (the router) gets an API token."""
     spec: Manifest = {}
     if service_account or pod.service_account_name:
         spec["serviceAccountName"] = service_account or pod.service_account_name
@@ -468,7 +469,8 @@ def _probes() -> Manifest:
     }
 
 
-def _container_security_context() -> Manifest:
+def container_security_context() -> Manifest:
+    """The restricted Pod Security Standard, per container."""
     return {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,

@@ -20,6 +20,8 @@ API_GROUP = "modeldeploy.dev"
 API_VERSION = "v1alpha1"
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
+BATCH_KIND = "BatchPrediction"
+BATCH_PLURAL = "batchpredictions"
 MODEL_DEPLOYMENT_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 DEFAULT_HEADER_OVERRIDE = "x-model-variant"
@@ -361,3 +363,84 @@ def _as(value: Any, path: str, kind: type[T]) -> T:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+@dataclass(frozen=True)
+class ModelDeploymentRef:
+    """A variant of a ModelDeployment in the same namespace, whose model a BatchPrediction uses."""
+
+    name: str
+    variant: str
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """A parsed BatchPrediction; its model is given (`model`) or referenced (`model_ref`)."""
+
+    name: str
+    namespace: str
+    uid: str | None
+    generation: int
+    model: ModelSource | None
+    model_ref: ModelDeploymentRef | None
+    input_uri: str
+    input_sha256: str | None
+    file_format: str
+    output_uri: str
+    shards: int
+    parallelism: int
+    retries_per_shard: int
+    batch_rows: int
+    on_error: str
+    resources: Mapping[str, Any] | None
+    pod: PodSettings
+
+    @property
+    def output_claim_and_dir(self) -> tuple[str, str]:
+        """`pvc://claim/dir/` -> ("claim", "dir"); the claim's root is ("claim", "")."""
+        claim, _, path = self.output_uri.removeprefix("pvc://").partition("/")
+        return claim, path.rstrip("/")
+
+
+def parse_batch_prediction(obj: Mapping[str, Any]) -> BatchPrediction:
+    """Parse a BatchPrediction (a plain dict, as the API server stores it, defaults filled in)."""
+    obj = copy.deepcopy(dict(obj))
+    metadata = _optional(obj, "metadata", "", dict, {})
+    spec = _required(obj, "spec", "", dict)
+    name = _required(metadata, "name", "metadata", str)
+    raw_model = _required(spec, "model", "spec", dict)
+    raw_ref = _optional(raw_model, "modelDeployment", "spec.model", dict, None)
+    model = None
+    model_ref = None
+    if raw_ref is not None:
+        path = "spec.model.modelDeployment"
+        model_ref = ModelDeploymentRef(
+            _required(raw_ref, "name", path, str), _required(raw_ref, "variant", path, str)
+        )
+    else:
+        model = ModelSource(
+            uri=_required(raw_model, "uri", "spec.model", str),
+            sha256=_required(raw_model, "sha256", "spec.model", str),
+        )
+        _check_model(model, "spec.model")
+    raw_input = _required(spec, "input", "spec", dict)
+    shards = _optional(spec, "shards", "spec", int, 1)
+    return BatchPrediction(
+        name=name,
+        namespace=_optional(metadata, "namespace", "metadata", str, DEFAULT_NAMESPACE),
+        uid=_optional(metadata, "uid", "metadata", str, None),
+        generation=_optional(metadata, "generation", "metadata", int, 1),
+        model=model,
+        model_ref=model_ref,
+        input_uri=_required(raw_input, "uri", "spec.input", str),
+        input_sha256=_optional(raw_input, "sha256", "spec.input", str, None),
+        file_format=_optional(raw_input, "format", "spec.input", str, "csv"),
+        output_uri=_required(_required(spec, "output", "spec", dict), "uri", "spec.output", str),
+        shards=shards,
+        parallelism=_optional(spec, "parallelism", "spec", int, shards),
+        retries_per_shard=_optional(spec, "retriesPerShard", "spec", int, 2),
+        batch_rows=_optional(spec, "batchRows", "spec", int, 8192),
+        on_error=_optional(spec, "onError", "spec", str, "fail"),
+        resources=_optional(spec, "resources", "spec", dict, None),
+        pod=_parse_pod(_optional(spec, "pod", "spec", dict, {})),
+    )

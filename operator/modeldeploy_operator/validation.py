@@ -1,9 +1,11 @@
-"""Offline validation of a ModelDeployment against the CRD's own schema and CEL rules.
+"""Offline validation of a ModelDeployment or BatchPrediction against its CRD's own schema and
+CEL rules.
 
 The apiserver is the authority; this module reproduces what it checks at admission from the very
 same file (crds/), so `modeldeploy validate` and `kubectl apply` refuse the same manifests and name
 the same fields: structural defaulting, the OpenAPI schema, list-map key uniqueness, then the
-`x-kubernetes-validations` rules evaluated with cel-python.
+`x-kubernetes-validations` rules evaluated with cel-python. Transition rules (those that read
+`oldSelf`) apply to updates only, so, as for a create, they are not evaluated.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from celpy import celtypes
 from celpy.adapter import json_to_cel
 from celpy.evaluation import CELEvalError
 
-from modeldeploy_operator.spec import KIND, MODEL_DEPLOYMENT_API_VERSION
+from modeldeploy_operator.spec import BATCH_KIND, KIND, MODEL_DEPLOYMENT_API_VERSION
 
-CRD_FILE = "modeldeployments.modeldeploy.dev.yaml"
+CRD_FILES = {
+    KIND: "modeldeployments.modeldeploy.dev.yaml",
+    BATCH_KIND: "batchpredictions.modeldeploy.dev.yaml",
+}
 
 Schema = Mapping[str, Any]
 
@@ -41,6 +46,7 @@ PathPart = str | int
 # metadata.name of any custom resource must be a DNS-1123 subdomain (checked by the apiserver
 # before the CRD's own rules, which narrow it further).
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_TRANSITION = re.compile(r"\boldSelf\b")
 _FIELD_PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
 # The apiserver skips the CEL rules after errors of these kinds (its hasBlockingErr: TypeInvalid,
 # Required, NotSupported, TooLong, TooMany), and says so in these words.
@@ -60,37 +66,40 @@ class FieldError(NamedTuple):
 
 
 @functools.cache
-def load_crd() -> dict[str, Any]:
-    """The ModelDeployment CustomResourceDefinition shipped in the modeldeploy_crds package."""
-    text = files("modeldeploy_crds").joinpath(CRD_FILE).read_text(encoding="utf-8")
+def load_crd(kind: str = KIND) -> dict[str, Any]:
+    """The CustomResourceDefinition of `kind` shipped in the modeldeploy_crds package."""
+    text = files("modeldeploy_crds").joinpath(CRD_FILES[kind]).read_text(encoding="utf-8")
     crd: dict[str, Any] = yaml.safe_load(text)
     return crd
 
 
-def load_schema() -> dict[str, Any]:
+def load_schema(kind: str = KIND) -> dict[str, Any]:
     """The openAPIV3Schema of the CRD's storage version."""
-    (version,) = [v for v in load_crd()["spec"]["versions"] if v["storage"]]
+    (version,) = [v for v in load_crd(kind)["spec"]["versions"] if v["storage"]]
     schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
     return schema
 
 
-def default_model_deployment(obj: Mapping[str, Any]) -> dict[str, Any]:
+def default_model_deployment(obj: Mapping[str, Any], kind: str = KIND) -> dict[str, Any]:
     """A copy of `obj` with the CRD's defaults filled in, as the apiserver stores it."""
     defaulted = copy.deepcopy(dict(obj))
-    _apply_defaults(load_schema(), defaulted)
+    _apply_defaults(load_schema(kind), defaulted)
     return defaulted
 
 
-def validate_model_deployment(obj: object) -> list[FieldError]:
-    """Every reason the apiserver would refuse `obj` as a ModelDeployment (empty when valid)."""
+def validate_model_deployment(obj: object, kind: str = KIND) -> list[FieldError]:
+    """Every reason the apiserver would refuse `obj` as a ModelDeployment (or another `kind` of
+    ours) at creation (empty when valid)."""
     if not isinstance(obj, Mapping):
-        return [FieldError("<root>", "must be a mapping (a ModelDeployment object)")]
+        return [FieldError("<root>", f"must be a mapping (a {kind} object)")]
     name_errors = list(_check_name(obj.get("metadata")))
-    errors = [*_check_type_meta(obj), *name_errors]
-    schema = load_schema()
-    defaulted = default_model_deployment(obj)
+    errors = [*_check_type_meta(obj, kind), *name_errors]
+    schema = load_schema(kind)
+    defaulted = default_model_deployment(obj, kind)
     schema_errors = _first_string_failures(
-        sorted(_validator().iter_errors(defaulted), key=lambda e: [str(p) for p in e.absolute_path])
+        sorted(
+            _validator(kind).iter_errors(defaulted), key=lambda e: [str(p) for p in e.absolute_path]
+        )
     )
     # One `required` error per missing field, each listing them all: keep each field once.
     errors += dict.fromkeys(error for e in schema_errors for error in _describe(e))
@@ -103,8 +112,8 @@ def validate_model_deployment(obj: object) -> list[FieldError]:
     return errors
 
 
-def _check_type_meta(obj: Mapping[str, Any]) -> Iterator[FieldError]:
-    for field, expected in (("apiVersion", MODEL_DEPLOYMENT_API_VERSION), ("kind", KIND)):
+def _check_type_meta(obj: Mapping[str, Any], kind: str) -> Iterator[FieldError]:
+    for field, expected in (("apiVersion", MODEL_DEPLOYMENT_API_VERSION), ("kind", kind)):
         if obj.get(field) != expected:
             yield FieldError(field, f'Unsupported value: {_show(obj.get(field))}: "{expected}"')
 
@@ -186,11 +195,11 @@ _Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
 
 
 @functools.cache
-def _validator() -> jsonschema.protocols.Validator:
-    schema = _to_json_schema(load_schema())
+def _validator(kind: str) -> jsonschema.protocols.Validator:
+    schema = _to_json_schema(load_schema(kind))
     # ObjectMeta is the apiserver's own type; the CRD may only narrow its name.
     schema["properties"]["metadata"] = _to_json_schema(
-        load_schema()["properties"]["metadata"], closed=False
+        load_schema(kind)["properties"]["metadata"], closed=False
     )
     validator: jsonschema.protocols.Validator = _Validator(schema)
     return validator
@@ -339,6 +348,8 @@ def _rule_errors(schema: Schema, value: Any, path: list[PathPart]) -> list[Field
     """Evaluate every `x-kubernetes-validations` rule on every value present, top-down."""
     errors: list[FieldError] = []
     for rule in schema.get("x-kubernetes-validations", []):
+        if _TRANSITION.search(rule["rule"]):
+            continue
         failure = _evaluate_rule(rule, value)
         if failure is not None:
             steps = _FIELD_PATH_STEP.findall(rule.get("fieldPath", ""))

@@ -34,6 +34,7 @@ from modeldeploy_server.batchio import (
     BatchError,
     DecodedChunk,
     FileDigest,
+    InputReadError,
     PartEncoder,
     Shard,
     ShardResult,
@@ -60,6 +61,9 @@ from modeldeploy_server.errors import ConfigError, ModelRejected, ServerError
 from modeldeploy_server.fetch import FetchError, declared_length, open_source
 from modeldeploy_server.runtime import OnnxModel, load_model
 
+# Exit codes: 1 bad input, model or output (a retry fails the same way), 2 bad configuration,
+# 3 the input could not be read to its end (worth retrying).
+EXIT_RETRYABLE = 3
 # Kubernetes keeps at most 4096 bytes of a termination message.
 _MESSAGE_LIMIT = 4096
 _PROGRESS_EVERY_S = 0.5
@@ -315,10 +319,11 @@ def _run(
         except ServerError as exc:
             raise BatchError(str(exc)) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise BatchError(f"cannot read {config.input}: {exc or type(exc).__name__}") from None
+            reason = exc or type(exc).__name__
+            raise InputReadError(f"cannot read {config.input}: {reason}") from None
         meter.show(rows_in, 1.0, final=True)
     if size is not None and hashing.bytes != size:
-        raise BatchError(f"{config.input} is truncated: read {hashing.bytes} of {size} bytes")
+        raise InputReadError(f"{config.input} is truncated: read {hashing.bytes} of {size} bytes")
     input_sha256 = hashing.digest.hexdigest()
     if config.input_sha256 is not None and input_sha256 != config.input_sha256:
         raise BatchError(
@@ -389,7 +394,7 @@ def main(argv: list[str]) -> int:
     except BatchError as exc:
         print(f"modeldeploy-server batch: error: {exc}", file=sys.stderr)
         _write_message(config.termination_message_path, {"error": str(exc)[:1024]})
-        return 1
+        return EXIT_RETRYABLE if isinstance(exc, InputReadError) else 1
     except KeyboardInterrupt:
         print("modeldeploy-server batch: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -37,6 +37,10 @@ class BatchError(Exception):
     """Why a batch run stopped, in words (with the input line number where there is one)."""
 
 
+class InputReadError(BatchError):
+    """The input stopped arriving (network, volume): unlike bad content, worth retrying."""
+
+
 @dataclass(frozen=True)
 class Shard:
     """Shard `index` of `count` (0-based)."""

@@ -123,7 +123,8 @@ def compute_batch_status(
     elif _job_condition(job, "Failed"):
         phase = "Failed"
     else:
-        phase = "Running"
+        # The Job controller sets startTime when it starts creating pods.
+        phase = "Running" if job_status.get("startTime") else "Pending"
     rows_in = sum(int(r.get("rowsIn", 0)) for r in reports)
     status |= {
         "phase": phase,

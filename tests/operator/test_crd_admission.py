@@ -391,7 +391,8 @@ def test_kubectl_explain_and_get_show_the_api(
     listed = _kubectl(control_plane, "get", "ml", "-n", namespace)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split("\n")[0].split() == ["NAME", "READY", "VARIANTS", "TRAFFIC", "AGE"]
-    assert listed.stdout.split("\n")[1].split()[0] == "iris"
+    # The category `ml` holds BatchPredictions too, so kubectl names each row with its kind.
+    assert listed.stdout.split("\n")[1].split()[0] == "modeldeployment.modeldeploy.dev/iris"
 
 
 @pytest.mark.parametrize("case", sorted(KUBECTL_SCALARS))

@@ -164,7 +164,8 @@ def test_kubectl_apply_k_installs_everything(control_plane: ControlPlane) -> Non
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Warning" not in result.stderr, result.stderr
         applied = [line for line in result.stdout.splitlines() if "serverside-applied" in line]
-        assert len(applied) == 1 + len(all_manifests()), result.stdout
+        crds = yaml.safe_load((REPO_ROOT / "crds" / "kustomization.yaml").read_text())
+        assert len(applied) == len(crds["resources"]) + len(all_manifests()), result.stdout
         with control_plane.api_client() as api:
             deployment = client.AppsV1Api(api).read_namespaced_deployment(
                 "modeldeploy-operator", "modeldeploy-system"

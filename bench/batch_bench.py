@@ -1,0 +1,198 @@
+"""Batch predictions benchmark: `modeldeploy-server batch` against raw onnxruntime, and its memory.
+
+One command (from the repository root):
+
+    .venv/bin/python bench/batch_bench.py [--rows 1000000] [--rss-rows 10000000]
+        [--out bench/results/batch.json]
+
+For the iris logistic regression and the digits MLP (tests/models.py), at the same batch size
+(--batch-rows, default 8192):
+- raw onnxruntime: `session.run` in this process, one thread, pinned to CPU 0, on ready numpy
+  arrays (the ceiling: no file, no parsing, no output);
+- raw file loop: the least a script does for the same job in this process, pinned to CPU 0:
+  read the CSV with the csv module in chunks, np.array(..., float32), session.run, csv.writer;
+- one shard: `modeldeploy-server batch` on one core (taskset -c 0, --intra-op-threads 1);
+- two shards: `--shard 0/2` on CPU 0 and `--shard 1/2` on CPU 1 at once (wall time of both).
+Then the resident memory of one shard over a --rss-rows-row iris CSV, sampled every 0.2 s.
+Prints `uptime` first: on a shared machine the numbers are only as good as its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.models import BuiltModel, build_digits_mlp, build_iris_logreg  # noqa: E402
+from tests.processes import server_command  # noqa: E402
+
+
+def write_csv(path: Path, features: np.ndarray[Any, Any], rows: int) -> None:
+    """`rows` rows cycling through the data set's rows, float32 text, a header of feature names."""
+    block = "".join(",".join(str(np.float32(v)) for v in row) + "\n" for row in features)
+    header = ",".join(f"f{i}" for i in range(features.shape[1])) + "\n"
+    whole, rest = divmod(rows, len(features))
+    tail = "".join(block.splitlines(keepends=True)[:rest])
+    with path.open("w") as stream:
+        stream.write(header)
+        for _ in range(whole):
+            stream.write(block)
+        stream.write(tail)
+
+
+def session(built: BuiltModel) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(built.path), options, providers=["CPUExecutionProvider"])
+
+
+def raw_onnxruntime(built: BuiltModel, rows: int, batch_rows: int) -> float:
+    """rows/s of session.run alone on ready arrays of batch_rows rows."""
+    sess = session(built)
+    reps = -(-batch_rows // len(built.features))
+    batch = np.tile(built.features, (reps, 1))[:batch_rows].astype(np.float32)
+    runs = max(rows // batch_rows, 1)
+    sess.run(None, {"input": batch})
+    started = time.perf_counter()
+    for _ in range(runs):
+        sess.run(None, {"input": batch})
+    return runs * batch_rows / (time.perf_counter() - started)
+
+
+def raw_file_loop(built: BuiltModel, source: Path, batch_rows: int) -> float:
+    """rows/s of a minimal in-process CSV-to-CSV loop (no validation, no sharding, no digests)."""
+    sess = session(built)
+    names = [o.name for o in sess.get_outputs()]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    rows = 0
+    started = time.perf_counter()
+    with source.open(newline="") as stream:
+        reader = csv.reader(stream)
+        next(reader)
+        while chunk := [row for _, row in zip(range(batch_rows), reader, strict=False)]:
+            label, probabilities = sess.run(names, {"input": np.array(chunk, dtype=np.float32)})
+            writer.writerows(np.column_stack([label, probabilities]).astype(str).tolist())
+            out.seek(0)
+            out.truncate()
+            rows += len(chunk)
+    return rows / (time.perf_counter() - started)
+
+
+def shards(
+    built: BuiltModel, source: Path, output: Path, count: int, batch_rows: int
+) -> dict[str, Any]:
+    """Run `count` shards at once, shard i pinned to CPU i; rows/s over the wall time, peak RSS."""
+    processes = []
+    started = time.perf_counter()
+    for index in range(count):
+        argv = [
+            "taskset", "-c", str(index % os.cpu_count()),  # type: ignore[operator]
+            *server_command(), "batch", "--model-path", str(built.path),
+            "--sha256", built.sha256, "--input", str(source), "--output", str(output),
+            "--shard", f"{index}/{count}", "--batch-rows", str(batch_rows),
+            "--intra-op-threads", "1",
+            "--termination-message-path", str(output / f"message-{index}.json"),
+        ]  # fmt: skip
+        processes.append(subprocess.Popen(argv, stderr=subprocess.PIPE))
+    peak = 0
+    samples: list[int] = []
+    while any(p.poll() is None for p in processes):
+        rss = 0
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rss += psutil.Process(process.pid).memory_info().rss
+        peak = max(peak, rss)
+        samples.append(rss)
+        time.sleep(0.2)
+    seconds = time.perf_counter() - started
+    for process in processes:
+        _, err = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(err.decode())
+    messages = [json.loads((output / f"message-{i}.json").read_text()) for i in range(count)]
+    rows = sum(m["rowsIn"] for m in messages)
+    return {
+        "shards": count,
+        "rows": rows,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows / seconds),
+        "peak_rss_mib": round(peak / 2**20, 1),
+        "rss_mib_at_10_50_90_percent": [
+            round(samples[int(len(samples) * f)] / 2**20, 1) for f in (0.1, 0.5, 0.9)
+        ]
+        if samples
+        else [],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows per model for speed")
+    parser.add_argument("--rss-rows", type=int, default=10_000_000, help="rows for the RSS run")
+    parser.add_argument("--batch-rows", type=int, default=8192)
+    parser.add_argument("--models", default="iris,mlp")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "batch.json")
+    args = parser.parse_args()
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    os.sched_setaffinity(0, {0})
+    results: dict[str, Any] = {"uptime_before": os.getloadavg(), "batch_rows": args.batch_rows}
+    with tempfile.TemporaryDirectory(prefix="batch-bench-") as scratch:
+        work = Path(scratch)
+        builders = {"iris": build_iris_logreg, "mlp": build_digits_mlp}
+        for name in args.models.split(","):
+            built = builders[name](work)
+            # The MLP costs ~100x iris per row: fewer rows keep each cell to seconds.
+            rows = args.rows if name == "iris" else args.rows // 10
+            source = work / f"{name}.csv"
+            write_csv(source, built.features, rows)
+            cell: dict[str, Any] = {"rows": rows, "csv_bytes": source.stat().st_size}
+            cell["raw_onnxruntime_rows_per_s"] = round(
+                raw_onnxruntime(built, rows, args.batch_rows)
+            )
+            cell["raw_file_loop_rows_per_s"] = round(raw_file_loop(built, source, args.batch_rows))
+            for count in (1, 2):
+                out = work / f"{name}-out-{count}"
+                cell[f"shards_{count}"] = shards(built, source, out, count, args.batch_rows)
+            one = cell["shards_1"]["rows_per_s"]
+            cell["one_shard_vs_raw_onnxruntime"] = round(
+                one / cell["raw_onnxruntime_rows_per_s"], 3
+            )
+            cell["one_shard_vs_raw_file_loop"] = round(one / cell["raw_file_loop_rows_per_s"], 3)
+            results[name] = cell
+            print(name, json.dumps(cell), flush=True)
+            source.unlink()
+        if args.rss_rows:
+            built = build_iris_logreg(work)
+            source = work / "big.csv"
+            write_csv(source, built.features, args.rss_rows)
+            rss = shards(built, source, work / "big-out", 1, args.batch_rows)
+            rss["csv_bytes"] = source.stat().st_size
+            results["rss"] = rss
+            print("rss", json.dumps(rss), flush=True)
+    results["uptime_after"] = os.getloadavg()
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ import hashlib
 import io
 import math
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import REPO_ROOT, Cluster
+from tests.processes import server_command
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -625,6 +627,77 @@ CHILD_KINDS = (
     "deployments,replicasets,pods,services,configmaps,poddisruptionbudgets,"
     "horizontalpodautoscalers,httproutes"
 )
+
+
+BATCH_ROWS = 300_000
+
+
+def test_batch_prediction_in_4_shards_equals_the_local_run_byte_for_byte(
+    models_pvc: Cluster, tmp_path: Path
+) -> None:
+    """A BatchPrediction over 300,000 rows as 4 real pods of an Indexed Job (the model and the
+    input on the claim, the output written to it), against `modeldeploy-server batch` here."""
+    work = models_pvc.models_dir / "batch"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    work.chmod(0o777)  # the shards run as uid 65532
+    source = work / "input.csv"
+    lines = [",".join(FEATURES)] + [
+        ",".join(map(str, ROWS[i % len(ROWS)])) for i in range(BATCH_ROWS)
+    ]
+    source.write_text("\n".join(lines) + "\n")
+    source.chmod(0o644)
+    model = MODELS / "iris-v1.onnx"
+    document = {
+        "apiVersion": "modeldeploy.dev/v1alpha1",
+        "kind": "BatchPrediction",
+        "metadata": {"name": "iris-batch", "namespace": NAMESPACE},
+        "spec": {
+            "model": {"uri": "pvc://models/iris-v1.onnx", "sha256": sha256_of(model)},
+            "input": {"uri": "pvc://models/batch/input.csv", "sha256": sha256_of(source)},
+            "output": {"uri": "pvc://models/batch/out/"},
+            "shards": 4,
+            "parallelism": 4,
+        },
+    }
+    models_pvc.apply([document])
+
+    def finished() -> dict[str, Any] | None:
+        obj = models_pvc.get("-n", NAMESPACE, "batchprediction", "iris-batch")
+        status: dict[str, Any] = obj.get("status") or {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = poll(finished, 600, "the BatchPrediction to finish")
+    assert status["phase"] == "Succeeded", status
+    assert (status["rowsIn"], status["rowsOut"], status["shardsDone"]) == (
+        BATCH_ROWS,
+        BATCH_ROWS,
+        "4/4",
+    )
+    local = tmp_path / "local"
+    for index in range(4):
+        subprocess.run(
+            [
+                *server_command(), "batch", "--model-path", str(model), "--input", str(source),
+                "--output", str(local), "--shard", f"{index}/4",
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+    for output in status["outputs"]:
+        in_cluster = (work / "out" / output["name"]).read_bytes()
+        assert in_cluster == (local / output["name"]).read_bytes(), output["name"]
+        assert output["sha256"] == hashlib.sha256(in_cluster).hexdigest()
+    models_pvc.kubectl("-n", NAMESPACE, "delete", "batchprediction", "iris-batch", timeout=120)
+    poll(
+        lambda: (
+            not models_pvc.get(
+                "-n", NAMESPACE, "jobs,pods", "-l", "modeldeploy.dev/batch-prediction=iris-batch"
+            )["items"]
+        ),
+        120,
+        "the Job and its pods to be gone",
+    )
 
 
 def test_deleting_the_modeldeployment_removes_every_child(iris_applied: Iris) -> None:

@@ -25,6 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.tree import DecisionTreeClassifier
 
 # skl2onnx emits ai.onnx opset up to this; onnxruntime in the server must support it.
 TARGET_OPSET = 17
@@ -73,6 +74,16 @@ def build_iris_logreg(directory: Path) -> BuiltModel:
 def build_iris_fixed_batch(directory: Path, batch: int = 1) -> BuiltModel:
     """The iris logistic regression exported with a fixed batch dimension ([batch, 4])."""
     return _build_iris(directory, batch, f"iris_fixed_batch{batch}")
+
+
+def build_iris_stump(directory: Path) -> BuiltModel:
+    """A depth-1 decision tree on iris (same input and outputs as the logistic regression, other
+    answers: it never predicts one of the three classes)."""
+    features, target = load_iris(return_X_y=True)
+    features = features.astype(np.float32)
+    estimator = DecisionTreeClassifier(max_depth=1, random_state=0).fit(features, target)
+    path, sha = _export(estimator, [("input", FloatTensorType([None, 4]))], directory, "iris_stump")
+    return BuiltModel(path, sha, estimator, features, target)
 
 
 def build_digits_mlp(directory: Path) -> BuiltModel:

@@ -133,7 +133,8 @@ class DecodedChunk:
     skipped: list[SkippedRow]
 
 
-def _parse_csv_line(line: bytes) -> list[str]:
+def parse_csv_line(line: bytes) -> list[str]:
+    """The fields of one CSV line (a row never spans lines here); raises MalformedRequest."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -148,7 +149,8 @@ def _parse_csv_line(line: bytes) -> list[str]:
         ) from None
 
 
-def _parse_json_line(line: bytes) -> Any:
+def parse_json_line(line: bytes) -> Any:
+    """The instance on one JSON line (a list or an object); raises MalformedRequest."""
     try:
         instance = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -210,11 +212,11 @@ def decode_row(
 ) -> dict[str, np.ndarray[Any, Any]]:
     """One line's feed, exactly as the server decodes and validates a request of that row."""
     if file_format == "csv":
-        row = _parse_csv_line(line)
+        row = parse_csv_line(line)
         check_csv_fields(number, row, header)
         tensors = tensors_from_csv(header, [row], metadata)
     else:
-        instance = _parse_json_line(line)
+        instance = parse_json_line(line)
         tensors = tensors_from_instances([instance], metadata, _may_hold_bool([(number, line)]))
     feed, _ = validate_inputs(tensors, metadata, 1)
     return feed

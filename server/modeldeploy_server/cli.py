@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "fetch": ("modeldeploy_server.fetch", "download a model and verify its sha256"),
     "route": ("modeldeploy_server.router", "split traffic by weight across variants"),
     "batch": ("modeldeploy_server.batch", "score a CSV or JSON-lines file (one shard of it)"),
+    "gate": ("modeldeploy_server.gate", "judge a variant's answers to a golden dataset"),
 }
 
 

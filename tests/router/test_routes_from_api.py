@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -70,12 +71,38 @@ class Cluster:
     core: client.CoreV1Api
     spec: dict[str, Any]
     backends: dict[str, RunningProcess]
+    api_port: int
     routers: dict[str, RunningProcess] = field(default_factory=dict)
     before_routes: list[httpx.Response] = field(default_factory=list)
 
     @property
     def config_map_name(self) -> str:
         return f"{MODEL}-routes"
+
+    @property
+    def account(self) -> str:
+        name: str = self.rendered("ServiceAccount")["metadata"]["name"]
+        return name
+
+    def router_env(self, pod: str, secrets: Path) -> dict[str, str]:
+        """A router pod's environment, its ServiceAccount token and CA in `secrets`."""
+        return {
+            ROUTES_CONFIGMAP_ENV: f"{self.namespace}/{self.config_map_name}",
+            POD_NAME_ENV: pod,
+            "MODELDEPLOY_SERVICE_ACCOUNT_DIR": str(secrets),
+            "MODELDEPLOY_ROUTER_WATCH_TIMEOUT_S": str(WATCH_TIMEOUT_S),
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.api_port),
+        }
+
+    def secrets(self, directory: Path, token: str | None = None) -> Path:
+        """A ServiceAccount directory as the kubelet projects it: token and ca.crt."""
+        directory.mkdir()
+        (directory / "token").write_text(
+            token or self.plane.service_account_token(self.namespace, self.account)
+        )
+        shutil.copy(self.plane.pki.ca_cert, directory / "ca.crt")
+        return directory
 
     def rendered(self, kind: str) -> dict[str, Any]:
         md = parse_model_deployment(self.spec)
@@ -163,24 +190,15 @@ def cluster(
         # No uid: owner references to a ModelDeployment that does not exist would have the garbage
         # collector delete the objects.
         spec = model_deployment(MODEL, namespace, uid=None)
-        cluster = Cluster(control_plane, namespace, KubeApi(api), core, spec, backends)
+        api_port = urlsplit(control_plane.server_url).port
+        assert api_port is not None
+        cluster = Cluster(control_plane, namespace, KubeApi(api), core, spec, backends, api_port)
         # What the operator renders for the routers' access, applied as the operator applies it.
         for kind in ("ServiceAccount", "Role", "RoleBinding"):
             cluster.kube.apply(cluster.rendered(kind))
-        account = cluster.rendered("ServiceAccount")["metadata"]["name"]
-        secrets = tmp_path_factory.mktemp("serviceaccount")
-        (secrets / "token").write_text(control_plane.service_account_token(namespace, account))
-        shutil.copy(control_plane.pki.ca_cert, secrets / "ca.crt")
-        api_port = str(urlsplit(control_plane.server_url).port)
+        secrets = cluster.secrets(tmp_path_factory.mktemp("pods") / "serviceaccount")
         for pod in ROUTERS:
-            env = {
-                ROUTES_CONFIGMAP_ENV: f"{namespace}/{cluster.config_map_name}",
-                POD_NAME_ENV: pod,
-                "MODELDEPLOY_SERVICE_ACCOUNT_DIR": str(secrets),
-                "MODELDEPLOY_ROUTER_WATCH_TIMEOUT_S": str(WATCH_TIMEOUT_S),
-                "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-                "KUBERNETES_SERVICE_PORT": api_port,
-            }
+            env = cluster.router_env(pod, secrets)
             router = stack.enter_context(running(["route"], env=env, ready_path="/v2/health/live"))
             cluster.routers[pod] = router
         # The ConfigMap does not exist yet: the routers run but are not ready.
@@ -293,8 +311,7 @@ def test_router_account_reaches_only_its_routes_config_map(cluster: Cluster) -> 
         cluster.namespace,
         client.V1ConfigMap(metadata=client.V1ObjectMeta(name="other"), data={"a": "1"}),
     )
-    account = cluster.rendered("ServiceAccount")["metadata"]["name"]
-    kubeconfig = cluster.plane.service_account_kubeconfig(cluster.namespace, account)
+    kubeconfig = cluster.plane.service_account_kubeconfig(cluster.namespace, cluster.account)
     name, namespace = cluster.config_map_name, cluster.namespace
     with harness.api_client_from_kubeconfig(kubeconfig) as api:
         router = client.CoreV1Api(api)
@@ -320,3 +337,23 @@ def test_router_account_reaches_only_its_routes_config_map(cluster: Cluster) -> 
             with pytest.raises(ApiException) as caught:
                 call()
             assert caught.value.status == 403
+
+
+def test_a_rotated_token_is_read_again(cluster: Cluster, tmp_path: Path) -> None:
+    # The kubelet rotates projected tokens in place; this pod starts with one the API server
+    # refuses and gets a valid one while running.
+    secrets = cluster.secrets(tmp_path / "serviceaccount", token="expired")
+    pod = "iris-7c9f8d-g5h6i"
+    env = cluster.router_env(pod, secrets)
+    with running(["route"], env=env, ready_path="/v2/health/live") as router:
+        poll(lambda: "401: " in router.output(), 30)
+        assert httpx.get(router.url + "/v2/health/ready").status_code == 503
+        (secrets / "token").write_text(
+            cluster.plane.service_account_token(cluster.namespace, cluster.account)
+        )
+        poll(lambda: httpx.get(router.url + "/v2/health/ready").status_code == 200, 30)
+        served = httpx.get(router.url + "/v2/health/ready").json()["routesVersion"]
+        poll(lambda: cluster.acks().get(pod) == served, PROPAGATION_BOUND_S)
+    # The operator removes the acks of pods that are gone.
+    patch = {"metadata": {"annotations": {ROUTES_ACK_ANNOTATION_PREFIX + pod: None}}}
+    cluster.core.patch_namespaced_config_map(cluster.config_map_name, cluster.namespace, patch)

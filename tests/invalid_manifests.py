@@ -141,10 +141,20 @@ def sticky_manifest(name: str = "iris") -> Manifest:
     return manifest
 
 
+def shadow_manifest(name: str = "iris") -> Manifest:
+    """v1 live, v2 dark and shadowed on 10% of the requests."""
+    manifest = two_variant_manifest(name)
+    manifest["spec"]["variants"][0]["weight"] = 100
+    manifest["spec"]["variants"][1]["weight"] = 0
+    manifest["spec"]["routing"] = {"shadow": {"variant": "v2", "percent": 10, "tolerance": 0.001}}
+    return manifest
+
+
 VALID_MANIFESTS: dict[str, Callable[[str], Manifest]] = {
     "minimal": minimal_manifest,
     "two-variants": two_variant_manifest,
     "sticky": sticky_manifest,
+    "shadow": shadow_manifest,
     "full": full_manifest,
 }
 
@@ -338,6 +348,38 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "header-override-standard-header",
         "spec.routing.headerOverride",
         lambda m: _spec(m).update(routing={"headerOverride": "host"}),
+    ),
+    _case(
+        "shadow-variant-with-weight",
+        "spec.routing.shadow.variant",
+        lambda m: _spec(m).update(routing={"shadow": {"variant": "v2", "percent": 10}}),
+    ),
+    _case(
+        "shadow-variant-unknown",
+        "spec.routing.shadow.variant",
+        lambda m: _spec(m).update(routing={"shadow": {"variant": "v9", "percent": 10}}),
+    ),
+    _case(
+        "shadow-percent-above-100",
+        "spec.routing.shadow.percent",
+        lambda m: _spec(m).update(routing={"shadow": {"variant": "v2", "percent": 101}}),
+    ),
+    _case(
+        "shadow-in-mode-none",
+        "spec.routing.shadow",
+        lambda m: _spec(m).update(
+            routing={"mode": "none", "shadow": {"variant": "v2", "percent": 10}}
+        ),
+    ),
+    _case(
+        "shadow-tolerance-in-gateway-mode",
+        "spec.routing.shadow.tolerance",
+        lambda m: _spec(m).update(
+            routing={
+                **_gateway_routing(),
+                "shadow": {"variant": "v2", "percent": 1, "tolerance": 0},
+            }
+        ),
     ),
     _case(
         "sticky-header-in-gateway-mode",

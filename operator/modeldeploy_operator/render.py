@@ -106,6 +106,11 @@ def render_routes_config(
     }
     if md.routing.sticky_header is not None:
         routes["stickyHeader"] = md.routing.sticky_header
+    shadow = md.routing.shadow
+    if shadow is not None:
+        routes["shadow"] = {"variant": shadow.variant, "percent": shadow.percent}
+        if shadow.tolerance is not None:
+            routes["shadow"]["tolerance"] = shadow.tolerance
     routes["variants"] = [
         {
             "name": v.name,
@@ -334,10 +339,21 @@ def _http_route(md: ModelDeployment, weights: dict[str, int]) -> Manifest:
         }
         for v in md.variants
     ]
-    split = {
+    split: Manifest = {
         "matches": [{"path": path()}],
         "backendRefs": [backend(v, weights[v.name]) for v in md.variants],
     }
+    shadow = md.routing.shadow
+    if shadow is not None:
+        mirrored = next(v for v in md.variants if v.name == shadow.variant)
+        mirror = backend(mirrored, 0)
+        del mirror["weight"]
+        split["filters"] = [
+            {
+                "type": "RequestMirror",
+                "requestMirror": {"backendRef": mirror, "percent": shadow.percent},
+            }
+        ]
     spec: Manifest = {"parentRefs": copy.deepcopy(list(gateway.parent_refs))}
     if gateway.hostnames:
         spec["hostnames"] = list(gateway.hostnames)

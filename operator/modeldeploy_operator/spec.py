@@ -111,6 +111,14 @@ class Routing:
     gateway: GatewaySettings | None
     # Lower-case header whose value keeps a client on one variant (router mode only).
     sticky_header: str | None = None
+    shadow: Shadow | None = None
+
+
+@dataclass(frozen=True)
+class Shadow:
+    variant: str
+    percent: int
+    tolerance: float | None  # router mode only; None: the router's default
 
 
 @dataclass(frozen=True)
@@ -162,13 +170,21 @@ def parse_model_deployment(obj: Mapping[str, Any]) -> ModelDeployment:
         for i, raw in enumerate(raw_variants)
     )
     _check_variants(variants)
+    routing = _parse_routing(_optional(spec, "routing", "spec", dict, {}))
+    if routing.shadow is not None:
+        shadow = next((v for v in variants if v.name == routing.shadow.variant), None)
+        if shadow is None or shadow.weight != 0:
+            raise InvalidSpecError(
+                f"spec.routing.shadow.variant: {routing.shadow.variant!r} must name a variant "
+                "with weight 0"
+            )
     return ModelDeployment(
         name=name,
         namespace=_optional(metadata, "namespace", "metadata", str, DEFAULT_NAMESPACE),
         uid=_optional(metadata, "uid", "metadata", str, None),
         generation=_optional(metadata, "generation", "metadata", int, 1),
         variants=variants,
-        routing=_parse_routing(_optional(spec, "routing", "spec", dict, {})),
+        routing=routing,
         pod=_parse_pod(_optional(spec, "pod", "spec", dict, {})),
         example_instance=parse_example_instance(
             _optional(metadata, "annotations", "metadata", dict, {})
@@ -304,7 +320,30 @@ def _parse_routing(raw: Mapping[str, Any]) -> Routing:
             hostnames=tuple(_optional(raw_gateway, "hostnames", sub, list, ())),
             path_prefix=_optional(raw_gateway, "pathPrefix", sub, str, "/"),
         )
-    return Routing(mode=mode, header_override=header.lower(), gateway=gateway, sticky_header=sticky)
+    return Routing(
+        mode=mode,
+        header_override=header.lower(),
+        gateway=gateway,
+        sticky_header=sticky,
+        shadow=_parse_shadow(raw, mode),
+    )
+
+
+def _parse_shadow(routing: Mapping[str, Any], mode: str) -> Shadow | None:
+    raw = _optional(routing, "shadow", "spec.routing", dict, None)
+    if raw is None:
+        return None
+    path = "spec.routing.shadow"
+    if mode == "none":
+        raise InvalidSpecError(f"{path}: needs routing mode router or gateway")
+    percent = _required(raw, "percent", path, int)
+    if not 0 <= percent <= 100:
+        raise InvalidSpecError(f"{path}.percent: {percent} is not in 0..100")
+    tolerance = _optional(raw, "tolerance", path, float, None)
+    if tolerance is not None and (tolerance < 0 or mode != "router"):
+        raise InvalidSpecError(f"{path}.tolerance: a number >= 0, in router mode only")
+    return Shadow(_required(raw, "variant", path, str), percent, tolerance)
+
 
 
 def _parse_pod(raw: Mapping[str, Any]) -> PodSettings:

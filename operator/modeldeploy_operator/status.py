@@ -75,7 +75,7 @@ def compute_status(
         if failures
         else ("False", "AsExpected", "no problem observed")
     )
-    return {
+    status: Status = {
         "observedGeneration": md.generation,
         "url": _url(md),
         "readyVariants": f"{len(ready)}/{len(md.variants)}",
@@ -85,6 +85,27 @@ def compute_status(
         ),
         "variants": rows,
     }
+    shadow = describe_shadow(md)
+    if shadow:
+        status["shadow"] = shadow
+    return status
+
+
+def describe_shadow(md: ModelDeployment) -> str:
+    """What the shadow variant gets and who compares its answers ("" without a shadow)."""
+    shadow = md.routing.shadow
+    if shadow is None:
+        return ""
+    copies = f"{shadow.variant} gets a copy of {shadow.percent}% of the weighted requests"
+    if md.routing.mode == "gateway":
+        return (
+            f"{copies} (HTTPRoute RequestMirror); the Gateway discards its answers and makes no "
+            "comparison: use routing mode router to compare them"
+        )
+    return (
+        f"{copies}; the router compares its answers with the live variant's "
+        "(metrics modeldeploy_router_shadow_*)"
+    )
 
 
 def compute_failed_status(

@@ -91,7 +91,8 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
-def _rate(value: str) -> float:
+def parse_fraction(value: str) -> float:
+    """A number from 0 to 1."""
     number = float(value)
     if not 0 <= number <= 1:
         raise ValueError("must be between 0 and 1")
@@ -152,7 +153,7 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_queue": (parse_positive_int, "most requests waiting for the model (503 above)"),
     "intra_op_threads": (_non_negative_int, "onnxruntime intra-op threads (0: its default)"),
     "capture_path": (Path, "append sampled request/response pairs to this JSON-lines file"),
-    "capture_sample_rate": (_rate, "fraction of requests captured"),
+    "capture_sample_rate": (parse_fraction, "fraction of requests captured"),
     "access_log": (parse_bool, "log one line per request (costs throughput)"),
     "shutdown_delay_s": (_non_negative_float, "seconds between SIGTERM and closing the port"),
     "log_level": (_log_level, "log level"),

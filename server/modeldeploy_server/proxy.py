@@ -29,6 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from modeldeploy_server.deadlines import Deadlines
 from modeldeploy_server.health import PassiveHealth
+from modeldeploy_server.mirror import Mirror, MirroredRequest
 from modeldeploy_server.routing import (
     IncomingRequest,
     RouterConfig,
@@ -108,8 +109,10 @@ class Proxy:
         current: Callable[[], RouterConfig],
         upstream: Upstream,
         metrics: RouterMetrics,
+        mirror: Mirror,
     ) -> None:
         self._settings = settings
+        self._mirror = mirror
         self._current = current
         self._upstream = upstream
         self._metrics = metrics
@@ -121,7 +124,8 @@ class Proxy:
         """Serve requests inside the block (run in the lifespan); close idle connections after."""
         self._body_deadlines = Deadlines(self._settings.body_timeout_s)
         try:
-            yield
+            async with self._mirror.running():
+                yield
         finally:
             await self._body_deadlines.close()
             self._upstream.close()
@@ -171,6 +175,26 @@ class Proxy:
                     self._count_failure(variant, again)
                     raise BackendError(variant, again) from None
             status = await self._answer(send, answer, variant)
+            shadow = config.shadow
+            if (
+                shadow is not None
+                and pinned is None
+                and isinstance(body, bytes)
+                and answer.body is not None
+                and random.random() * 100 < shadow.percent
+            ):
+                self._mirror.offer(
+                    MirroredRequest(
+                        primary=variant.name,
+                        shadow=shadow,
+                        shadow_url=config.choose(shadow.variant, 0.0).url,
+                        method=scope["method"].encode("ascii"),
+                        target=_target(scope),
+                        head=head,
+                        body=body,
+                        answer=answer.body,
+                    )
+                )
         except BackendError as exc:
             status = _STATUS_OF_REASON[exc.error.reason]
             log.warning("%s %s: %s", scope["method"], scope["path"], exc)

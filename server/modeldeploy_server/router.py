@@ -18,10 +18,11 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -33,13 +34,16 @@ from starlette.types import Receive, Scope, Send
 
 from modeldeploy_server.config import (
     parse_bool,
+    parse_fraction,
     parse_port,
     parse_positive_float,
+    parse_positive_int,
     resolve_options,
 )
 from modeldeploy_server.errors import ConfigError as SettingsError
 from modeldeploy_server.health import PassiveHealth
 from modeldeploy_server.http_server import build_uvicorn_config, run_until_stopped
+from modeldeploy_server.mirror import Mirror, MirrorSettings
 from modeldeploy_server.proxy import Proxy, ProxySettings
 from modeldeploy_server.request_stats import RequestFamilies, RequestStats
 from modeldeploy_server.routes_source import OPTIONS as ROUTES_OPTIONS
@@ -63,6 +67,7 @@ log = logging.getLogger("modeldeploy.router")
 # Below Kubernetes' default 30 s termination grace period, so in-flight requests finish first.
 DRAIN_TIMEOUT_S = 25
 _OWN_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
+_DIFFERENCE_BUCKETS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 0.5, 1.0)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -77,7 +82,11 @@ class RouterSettings:
     connect_timeout_s: float
     body_timeout_s: float
     trusted_proxies: TrustedProxies
+    shadow_queue: int
+    shadow_log_sample: float
+    shadow_log_max_bytes: int
     access_log: bool
+    shadow_log: Path | None = None
 
 
 # field -> (env var, parser, default, help). The flag is --field-name; flags win over env vars,
@@ -109,6 +118,30 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
         "",
         "comma-separated networks whose X-Forwarded-For/Forwarded/X-Real-IP are kept "
         "(from any other peer they are dropped)",
+    ),
+    "shadow_queue": (
+        "MODELDEPLOY_ROUTER_SHADOW_QUEUE",
+        parse_positive_int,
+        "256",
+        "shadow copies waiting to be sent; more are dropped (and counted)",
+    ),
+    "shadow_log": (
+        "MODELDEPLOY_ROUTER_SHADOW_LOG",
+        Path,
+        None,
+        "JSON-lines file for sampled disagreeing shadow answers (off when unset)",
+    ),
+    "shadow_log_sample": (
+        "MODELDEPLOY_ROUTER_SHADOW_LOG_SAMPLE",
+        parse_fraction,
+        "0.1",
+        "fraction of disagreements written to --shadow-log",
+    ),
+    "shadow_log_max_bytes": (
+        "MODELDEPLOY_ROUTER_SHADOW_LOG_MAX_BYTES",
+        parse_positive_int,
+        str(10 << 20),
+        "size at which --shadow-log rotates to <file>.1 (one old file kept)",
     ),
     "access_log": ("MODELDEPLOY_ACCESS_LOG", parse_bool, "false", "log each request (costs speed)"),
 }
@@ -201,6 +234,29 @@ class RouterMetrics:
             ["variant"],
             registry=self.registry,
         )
+        self._shadow = {
+            kind: Counter(
+                f"modeldeploy_router_shadow_{kind}",
+                f"Shadow copies of requests, by (primary, shadow) variant: {help_}.",
+                ["primary", "shadow"],
+                registry=self.registry,
+            )
+            for kind, help_ in (
+                ("requests", "offered to the queue"),
+                ("dropped", "dropped because the queue was full"),
+                ("errors", "the shadow failed or answered with an error"),
+                ("agreements", "answers that agree"),
+                ("disagreements", "answers that differ beyond the tolerances"),
+            )
+        }
+        self._shadow_difference = Histogram(
+            "modeldeploy_router_shadow_abs_difference",
+            "Largest absolute difference between the float outputs of a shadow answer and the "
+            "primary's.",
+            ["primary", "shadow"],
+            buckets=_DIFFERENCE_BUCKETS,
+            registry=self.registry,
+        )
         self._reloads = Counter(
             "modeldeploy_router_config_reloads",
             "Routes changes seen, by result (applied or rejected).",
@@ -213,6 +269,18 @@ class RouterMetrics:
             ["version"],
             registry=self.registry,
         )
+
+    def count_shadow(self, primary: str, shadow: str, kind: str) -> None:
+        """Count a shadow copy: `requests` (offered), `dropped` (queue full) or `errors`."""
+        self._shadow[kind].labels(primary, shadow).inc()
+
+    def observe_shadow(
+        self, primary: str, shadow: str, agree: bool, difference: float | None
+    ) -> None:
+        """Count one comparison of a shadow answer with the primary's."""
+        self._shadow["agreements" if agree else "disagreements"].labels(primary, shadow).inc()
+        if difference is not None:
+            self._shadow_difference.labels(primary, shadow).observe(difference)
 
     def count_unrouted(self, code: int) -> None:
         """Count a request that no variant was chosen for."""
@@ -270,11 +338,24 @@ class Router:
         if config is not None:
             self.metrics.set_config(None, config)
         self._routes = routes
+        upstream = Upstream(settings.connect_timeout_s)
+        mirror = Mirror(
+            MirrorSettings(
+                queue_size=settings.shadow_queue,
+                timeout_s=settings.timeout_s,
+                log_path=settings.shadow_log,
+                log_sample=settings.shadow_log_sample,
+                log_max_bytes=settings.shadow_log_max_bytes,
+            ),
+            upstream,
+            self.metrics,
+        )
         self.proxy = Proxy(
             ProxySettings(settings.timeout_s, settings.body_timeout_s, settings.trusted_proxies),
             lambda: self.config,
-            Upstream(settings.connect_timeout_s),
+            upstream,
             self.metrics,
+            mirror,
         )
         self.metrics.track_ejections(self.proxy.health, lambda: self.config)
         self._own = Starlette(

@@ -26,7 +26,11 @@ STICKY_BUCKETS = 10_000
 _VARIANT_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 # An HTTP header name is an RFC 9110 token.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_CONFIG_KEYS = frozenset({"version", "model", "headerOverride", "stickyHeader", "variants"})
+_CONFIG_KEYS = frozenset(
+    {"version", "model", "headerOverride", "stickyHeader", "shadow", "variants"}
+)
+_SHADOW_KEYS = frozenset({"variant", "percent", "tolerance"})
+DEFAULT_SHADOW_TOLERANCE = 1e-4
 # The routes' version (the operator's content hash) becomes a metric label and an annotation value.
 _VERSION = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.:]{0,127}$")
 _VARIANT_KEYS = frozenset({"name", "url", "weight"})
@@ -85,6 +89,19 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class ShadowConfig:
+    """Mirror `percent` of weighted requests to `variant` (weight 0) and compare its answers.
+
+    Float outputs agree when every row's argmax is the same and no value differs by more than
+    `tolerance`; other outputs must be equal.
+    """
+
+    variant: str
+    percent: float
+    tolerance: float = DEFAULT_SHADOW_TOLERANCE
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """A validated routing table; immutable so a reload swaps it whole.
 
@@ -98,6 +115,7 @@ class RouterConfig:
     sticky_header: str | None = None
     # What the routes' author says they are (the operator's content hash); None in a file without.
     version: str | None = None
+    shadow: ShadowConfig | None = None
     _by_name: dict[str, Variant] = field(init=False, repr=False, compare=False)
     # Cumulative weights of the variants with weight > 0, for a binary search per request.
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -233,13 +251,38 @@ def parse_router_config(text: str | bytes) -> RouterConfig:
         raise ConfigError(
             f"variants: weights sum to {total}; they must sum to {TOTAL_WEIGHT} (or all be 0)"
         )
+    raw_shadow = obj.get("shadow")
+    shadow = None if raw_shadow is None else _parse_shadow(raw_shadow, variants)
     return RouterConfig(
         model=model,
         header_override=header,
         variants=variants,
         sticky_header=sticky,
         version=version,
+        shadow=shadow,
     )
+
+
+def _parse_shadow(raw: Any, variants: tuple[Variant, ...]) -> ShadowConfig:
+    obj = _expect_object(raw, "shadow")
+    _reject_unknown_keys(obj, _SHADOW_KEYS, "shadow")
+    name = obj.get("variant")
+    variant = next((v for v in variants if v.name == name), None)
+    if variant is None:
+        raise ConfigError(f"shadow.variant: {name!r} is not one of the variants")
+    if variant.weight != 0:
+        raise ConfigError(f"shadow.variant: {name!r} has weight {variant.weight}; it must be 0")
+    percent: Any = obj.get("percent")
+    if not _is_number(percent) or not 0 <= percent <= 100:
+        raise ConfigError(f"shadow.percent: {percent!r} is not a number in 0..100")
+    tolerance = obj.get("tolerance", DEFAULT_SHADOW_TOLERANCE)
+    if not _is_number(tolerance) or tolerance < 0:
+        raise ConfigError(f"shadow.tolerance: {tolerance!r} is not a number >= 0")
+    return ShadowConfig(variant=variant.name, percent=float(percent), tolerance=float(tolerance))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _header_name(value: Any, where: str) -> str:

@@ -380,6 +380,35 @@ def test_routes_version_is_a_content_hash() -> None:
     assert routes(render(elsewhere, {"v1", "v2"}))["version"] != versions[("v1", "v2")]
 
 
+SHADOWED = [variant("v1", 100), variant("v2", 0)]
+
+
+def test_router_config_carries_the_shadow() -> None:
+    shadow = {"variant": "v2", "percent": 25, "tolerance": 0.01}
+    config = routes(render(model_deployment(variants=SHADOWED, routing={"shadow": shadow})))
+    assert config["shadow"] == shadow
+    del shadow["tolerance"]
+    config = routes(render(model_deployment(variants=SHADOWED, routing={"shadow": shadow})))
+    assert config["shadow"] == {"variant": "v2", "percent": 25}
+
+
+def test_gateway_shadow_is_a_request_mirror_on_the_weighted_rule() -> None:
+    routing = {
+        "mode": "gateway",
+        "gateway": {"parentRefs": [{"name": "gw"}]},
+        "shadow": {"variant": "v2", "percent": 25},
+    }
+    route = render(model_deployment(variants=SHADOWED, routing=routing))[-1]
+    *pinned, split = route["spec"]["rules"]
+    assert split["filters"] == [
+        {
+            "type": "RequestMirror",
+            "requestMirror": {"backendRef": {"name": "iris-v2", "port": 8080}, "percent": 25},
+        }
+    ]
+    assert all("filters" not in rule for rule in pinned)
+
+
 def test_weight_changes_touch_only_the_router_config() -> None:
     before = by_kind_name(render(model_deployment(), {"v1", "v2"}))
     after = by_kind_name(render(model_deployment(), {"v1"}))

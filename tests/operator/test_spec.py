@@ -12,6 +12,7 @@ from modeldeploy_operator.spec import (
     DEFAULT_HEADER_OVERRIDE,
     InvalidSpecError,
     ModelSource,
+    Shadow,
     parse_model_deployment,
 )
 from tests.operator.builders import SHA_V1, model_deployment, variant
@@ -144,6 +145,27 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "headerOverride",
     ),
     (
+        "shadow variant with live weight",
+        model_deployment(routing={"shadow": {"variant": "v2", "percent": 5}}),
+        "spec.routing.shadow.variant: 'v2' must name a variant with weight 0",
+    ),
+    (
+        "shadow percent above 100",
+        model_deployment(
+            variants=[variant("v1", 100), variant("v2", 0)],
+            routing={"shadow": {"variant": "v2", "percent": 150}},
+        ),
+        "spec.routing.shadow.percent: 150 is not in 0..100",
+    ),
+    (
+        "shadow in mode none",
+        model_deployment(
+            variants=[variant("v1", 100), variant("v2", 0)],
+            routing={"mode": "none", "shadow": {"variant": "v2", "percent": 5}},
+        ),
+        "spec.routing.shadow: needs routing mode router or gateway",
+    ),
+    (
         "bad sticky header name",
         model_deployment(routing={"stickyHeader": "x user"}),
         "spec.routing.stickyHeader: 'x user' is not a header name",
@@ -177,3 +199,13 @@ def test_invalid_specs_are_refused_with_the_field_named(obj: dict[str, Any], fra
     with pytest.raises(InvalidSpecError) as caught:
         parse_model_deployment(obj)
     assert fragment in str(caught.value)
+
+
+def test_shadow_is_parsed() -> None:
+    md = parse_model_deployment(
+        model_deployment(
+            variants=[variant("v1", 100), variant("v2", 0)],
+            routing={"shadow": {"variant": "v2", "percent": 5, "tolerance": 0.5}},
+        )
+    )
+    assert md.routing.shadow == Shadow(variant="v2", percent=5, tolerance=0.5)

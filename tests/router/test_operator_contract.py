@@ -17,8 +17,8 @@ from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
 from modeldeploy_server.router import parse_settings
 from modeldeploy_server.routes_source import ConfigMapRef
-from modeldeploy_server.routing import parse_router_config
-from tests.invalid_manifests import sticky_manifest
+from modeldeploy_server.routing import ShadowConfig, parse_router_config
+from tests.invalid_manifests import shadow_manifest, sticky_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -90,3 +90,11 @@ def test_rendered_sticky_header_reaches_the_router() -> None:
     config_map = find(render_objects(md, server_image="modeldeploy-server:test"), "ConfigMap")
     (routes_text,) = config_map["data"].values()
     assert parse_router_config(routes_text).sticky_header == md.routing.sticky_header == "x-user-id"
+
+
+@pytest.mark.parametrize("ready", [None, {"v1"}, {"v1", "v2"}, set()])
+def test_rendered_shadow_reaches_the_router(ready: set[str] | None) -> None:
+    md = parse_model_deployment(shadow_manifest("iris"))
+    objects = render_objects(md, server_image="modeldeploy-server:test", ready_variants=ready)
+    (routes_text,) = find(objects, "ConfigMap")["data"].values()
+    assert parse_router_config(routes_text).shadow == ShadowConfig("v2", 10.0, 0.001)

@@ -31,6 +31,9 @@ def test_defaults_need_only_the_config() -> None:
         connect_timeout_s=5.0,
         body_timeout_s=30.0,
         trusted_proxies=TrustedProxies(),
+        shadow_queue=256,
+        shadow_log_sample=0.1,
+        shadow_log_max_bytes=10 << 20,
         access_log=False,
     )
 

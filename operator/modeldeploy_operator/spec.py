@@ -345,7 +345,6 @@ def _parse_shadow(routing: Mapping[str, Any], mode: str) -> Shadow | None:
     return Shadow(_required(raw, "variant", path, str), percent, tolerance)
 
 
-
 def _parse_pod(raw: Mapping[str, Any]) -> PodSettings:
     path = "spec.pod"
     labels = _optional(raw, "labels", path, dict, None)

@@ -166,10 +166,25 @@ build_project_image() {
     log "$what image: done -> $file"
 }
 
+# Every code change makes new images: keep only this tree's, so the cache stays bounded.
+prune_images() {
+    local file
+    for file in "$cache"/images/{server,operator}-*.tar; do
+        [[ -e $file ]] || continue
+        [[ $file == "$(archive server "$server_tag")" || $file == "$(archive operator "$operator_tag")" ]] ||
+            rm -f "$file"
+    done
+    bah images --format '{{.Name}}:{{.Tag}}' |
+        grep -E '^localhost/modeldeploy-(server|operator):' |
+        grep -vxF -e "$server_image" -e "$operator_image" |
+        xargs -r buildah "${buildah_store[@]}" rmi >/dev/null || true
+}
+
 build_images() {
     build_python_base
     build_project_image server "$server_image" "$server_tag"
     build_project_image operator "$operator_image" "$operator_tag"
+    prune_images
 }
 
 steps=("$@")
@@ -185,10 +200,13 @@ for step in "${steps[@]}"; do
     names) names; continue ;;
     all)
         install_packages
-        build_binaries
         need_root buildah
+        # The Go builds use the CPUs, debootstrap and pip mostly wait on the network: overlap.
+        build_binaries &
+        binaries_pid=$!
         build_pause
         build_images
+        wait "$binaries_pid" || { log "binaries: build failed"; exit 1; }
         ;;
     *) log "unknown step $step (packages|binaries|base|images|names|all)"; exit 2 ;;
     esac

@@ -734,6 +734,11 @@ def import_images(paths: Paths, archives: dict[str, str]) -> None:
     skipping images it already has."""
     known = set(ctr(paths, "images", "list", "--quiet").split())
     for image, archive in archives.items():
+        repository = image.rsplit(":", 1)[0]
+        # Older builds of the same image only fill the disk (the cache keeps one per image).
+        stale = [k for k in known if k.rsplit(":", 1)[0] == repository and k != image]
+        if stale:
+            ctr(paths, "images", "remove", *stale)
         if image not in known:
             ctr(paths, "images", "import", archive, timeout=600)
 

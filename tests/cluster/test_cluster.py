@@ -28,7 +28,7 @@ import onnxruntime
 import pytest
 import yaml
 
-from tests.cluster.conftest import REPO_ROOT, Cluster
+from tests.cluster.conftest import MEASURED, REPO_ROOT, Cluster
 from tests.processes import server_command
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -481,6 +481,7 @@ def test_weight_change_by_apply_shows_within_5s_without_failures(edited_iris: Ir
         )
     after = load.since(window_start)
     v2 = sum(a.variant == "v2" for a in after)
+    MEASURED.append(f"weight change by apply: {_first_new_split(load, applied)}")
     assert not load.failures(), [(a.status, a.error) for a in load.failures()[:10]]
     assert within_binomial(v2, len(after), 0.5), (
         f"{v2} of {len(after)} requests sent 5 s or more after the apply went to v2; "
@@ -588,7 +589,7 @@ def test_pod_deletion_under_load(iris: Iris) -> None:
         settled = len(load.answers)
         poll(lambda: len(load.answers) >= settled + 100, 60, "load after the replacement")
     failed = load.failures()
-    print(f"pod deletion under load: {len(failed)} of {len(load.answers)} requests failed")
+    MEASURED.append(f"pod deletion under load: {len(failed)} of {len(load.answers)} failed")
     assert len(failed) <= 5, [(a.status, a.error) for a in failed[:10]]
 
 

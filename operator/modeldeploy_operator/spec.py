@@ -82,6 +82,51 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class Bound:
+    """A limit on a candidate's metric: absolute, relative to the stable variants', or both."""
+
+    max: float | None = None
+    max_ratio_to_stable: float | None = None
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What a candidate's metrics over a step's window must stay within."""
+
+    error_rate: Bound = Bound()
+    p99_latency_ms: Bound = Bound()
+    shadow_disagreement: Bound = Bound()
+
+
+@dataclass(frozen=True)
+class RolloutStep:
+    """One step: the share of the way from the traffic flowing when the rollout began to the
+    spec's weights (percent), held for hold_seconds."""
+
+    percent: int
+    hold_seconds: int
+
+
+LowTrafficPolicy = Literal["hold", "rollback", "promote"]
+LOW_TRAFFIC_POLICIES: tuple[LowTrafficPolicy, ...] = ("hold", "rollback", "promote")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a new spec generation's weights are reached: steps judged on live metrics."""
+
+    steps: tuple[RolloutStep, ...] = ()
+    analysis: Analysis = Analysis()
+    # Requests each candidate must have answered in a step's window before it is judged.
+    min_samples: int = 100
+    # Failed analyses tolerated before rolling back.
+    failure_limit: int = 0
+    low_traffic: LowTrafficPolicy = "hold"
+    interval_seconds: int = 30
+    deadline_seconds: int | None = None
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str
     model: ModelSource

@@ -120,10 +120,11 @@ class Cluster:
         version: str = routes["version"]
         return version
 
-    def write_routes_text(self, text: str) -> None:
+    def write_routes_text(self, text: str) -> dict[str, Any]:
+        """Apply the rendered ConfigMap with this routes.json; returns the object as applied."""
         config_map = self.rendered("ConfigMap")
         config_map["data"] = {ROUTES_KEY: text}
-        self.kube.apply(config_map)
+        return self.kube.apply(config_map)
 
     def wait_served(self, version: str, timeout_s: float = PROPAGATION_BOUND_S) -> list[float]:
         """Seconds until each router served `version` (measured one after the other)."""
@@ -249,6 +250,7 @@ def test_routes_changes_reach_every_router_within_2_s_and_are_acknowledged(
 def test_invalid_routes_keep_the_last_good_ones(cluster: Cluster) -> None:
     good = cluster.write_routes(0, 100)
     cluster.wait_served(good)
+    cluster.wait_acked(good)
     rejected_before = {
         pod: metric(
             httpx.get(r.url + "/metrics").text,
@@ -260,7 +262,12 @@ def test_invalid_routes_keep_the_last_good_ones(cluster: Cluster) -> None:
     bad = json.loads(cluster.rendered("ConfigMap")["data"][ROUTES_KEY])
     bad["version"] = "broken"
     bad["variants"][0]["weight"], bad["variants"][1]["weight"] = 50, 10  # no longer 100
-    cluster.write_routes_text(json.dumps(bad))
+    applied = cluster.write_routes_text(json.dumps(bad))
+    # The operator's apply (forced) leaves the routers' acks alone: they are not its fields.
+    annotations = applied["metadata"]["annotations"]
+    assert {pod: annotations[ROUTES_ACK_ANNOTATION_PREFIX + pod] for pod in ROUTERS} == (
+        dict.fromkeys(ROUTERS, good)
+    )
     unversioned = json.loads(cluster.rendered("ConfigMap")["data"][ROUTES_KEY])
     del unversioned["version"]
     cluster.wait_logged("weights sum to 60")

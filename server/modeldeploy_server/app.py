@@ -26,6 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modeldeploy_server.batcher import Batcher
+from modeldeploy_server.batching import Feed, answers_row_by_row, merge_feeds, shifted
 from modeldeploy_server.capture import PayloadCapture
 from modeldeploy_server.codec import decode_infer_request, encode_infer_response, select_outputs
 from modeldeploy_server.config import ServeConfig
@@ -198,10 +199,14 @@ class InferenceService:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         """Start the batcher and capture, warm the model up, then become ready."""
         config = self.config
+        warm_up = self._warm_up_request()
+        batchable = self.metadata.batch_axis and await asyncio.to_thread(
+            self._merges_row_by_row, warm_up[0]
+        )
         self._deadlines = Deadlines(config.request_timeout_s)
         self._batcher = Batcher(
             self.model.run,
-            batchable=self.metadata.batch_axis,
+            batchable=batchable,
             uniform=self.metadata.uniform,
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_ms / 1000,
@@ -214,7 +219,7 @@ class InferenceService:
             self._capture = PayloadCapture(
                 config.capture_path, config.capture_sample_rate, self.metrics.capture_dropped.inc
             )
-        await self._warm_up()
+        await self._warm_up(*warm_up)
         self.state.ready = True
         try:
             yield
@@ -225,23 +230,45 @@ class InferenceService:
             if self._capture is not None:
                 self._capture.close()
 
-    async def _warm_up(self) -> None:
-        """Run the user's example, which must succeed, or else a synthetic request (zeros, one
-        row), which a valid model may refuse: inputs that are data (axes, sizes, a shape)."""
-        assert self._batcher is not None, "the lifespan starts the batcher"
+    def _warm_up_request(self) -> tuple[Feed, int]:
+        """The user's example (validated: a bad one stops the server), else a synthetic one."""
         example = self.config.warmup_example
-        if example is not None:
-            try:
-                tensors = decode_example(example, self.metadata)
-                feed, rows = validate_inputs(tensors, self.metadata, self.config.max_rows)
-                await self._batcher.submit(feed, rows)
-            except ServerError as exc:
-                raise ConfigError(f"warm-up with the example request failed: {exc}") from exc
-            return
-        synthetic = self.model.synthetic_feed()
+        if example is None:
+            return self.model.synthetic_feed(), 1
         try:
-            await self._batcher.submit(synthetic, 1)
+            tensors = decode_example(example, self.metadata)
+            return validate_inputs(tensors, self.metadata, self.config.max_rows)
         except ServerError as exc:
+            raise _example_failed(exc) from exc
+
+    def _merges_row_by_row(self, feed: Feed) -> bool:
+        """Model thread's stand-in, before it starts: do two requests run together answer what
+        they answer apart? The graph's shapes cannot tell (Gather with row numbers, a reduction
+        over the first dimension); one merged run of the warm-up request can."""
+        second = shifted(feed)
+        try:
+            together = self.model.run(merge_feeds([feed, second]))
+            apart = (self.model.run(feed), self.model.run(second))
+        except ServerError as exc:
+            logger.info("batching: the model refused the probe (%s); trusting the graph", exc)
+            return True
+        if answers_row_by_row(together, *apart):
+            return True
+        logger.warning(
+            "batching off: two requests run together answer differently than apart, so the "
+            "first dimension is no batch axis; each request runs as sent"
+        )
+        return False
+
+    async def _warm_up(self, feed: Feed, rows: int) -> None:
+        """Run the warm-up request: the user's example must succeed; a valid model may refuse
+        the synthetic one (zeros, one row) when its inputs are data (axes, sizes, a shape)."""
+        assert self._batcher is not None, "the lifespan starts the batcher"
+        try:
+            await self._batcher.submit(feed, rows)
+        except ServerError as exc:
+            if self.config.warmup_example is not None:
+                raise _example_failed(exc) from exc
             logger.warning(
                 "warm-up: the model refused a synthetic request (%s); serving without warm-up "
                 "(give --warmup-example for a request it accepts)",
@@ -452,6 +479,10 @@ class InferenceService:
             Route("/v1/models/{name}", self.model_ready, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
         ]
+
+
+def _example_failed(exc: ServerError) -> ConfigError:
+    return ConfigError(f"warm-up with the example request failed: {exc}")
 
 
 class _ModelEndpoint:

@@ -63,3 +63,29 @@ def split_outputs(
         {name: array[start:stop] for name, array in outputs.items()}
         for start, stop in itertools.pairwise(bounds)
     ]
+
+
+def shifted(feed: Feed) -> dict[str, np.ndarray[Any, Any]]:
+    """A second request like `feed`, every floating-point value moved by one (integers may be
+    indices or sizes, strings categories: they stay)."""
+    return {name: array + 1 if array.dtype.kind == "f" else array for name, array in feed.items()}
+
+
+def answers_row_by_row(
+    together: Mapping[str, np.ndarray[Any, Any]],
+    first: Mapping[str, np.ndarray[Any, Any]],
+    second: Mapping[str, np.ndarray[Any, Any]],
+) -> bool:
+    """Whether a merged run of two requests answered each what it answers alone, stacked."""
+    for name, array in together.items():
+        if array.ndim == 0 or first[name].ndim == 0:
+            return False
+        expected = np.concatenate([first[name], second[name]])
+        if array.shape != expected.shape:
+            return False
+        if array.dtype.kind in "fc":
+            if not np.allclose(array, expected, rtol=1e-4, atol=1e-5, equal_nan=True):
+                return False
+        elif not np.array_equal(array, expected):
+            return False
+    return True

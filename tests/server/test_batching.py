@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modeldeploy_server.batching import merge_feeds, merge_key, plan_batches, split_outputs
+from modeldeploy_server.batching import (
+    answers_row_by_row,
+    merge_feeds,
+    merge_key,
+    plan_batches,
+    shifted,
+    split_outputs,
+)
 from modeldeploy_server.errors import InvalidInput
 from modeldeploy_server.metadata import DecodedTensor, ModelMetadata, TensorSpec, validate_inputs
 
@@ -85,3 +92,18 @@ def test_merge_then_split_gives_each_request_its_own_rows() -> None:
 def test_split_refuses_outputs_that_are_not_per_row() -> None:
     with pytest.raises(ValueError, match="expected 3 rows"):
         split_outputs({"total": np.zeros(1)}, [1, 2])
+
+
+def test_a_merged_probe_tells_row_by_row_models_from_the_others() -> None:
+    first = {"x": np.zeros((1, 4), np.float32), "indices": np.zeros(1, np.int64)}
+    second = shifted(first)
+    assert second["x"].tolist() == [[1.0] * 4] and second["indices"] is first["indices"]
+    together = merge_feeds([first, second])
+    row_by_row = {"y": together["x"] * 2}
+    assert answers_row_by_row(row_by_row, {"y": first["x"] * 2}, {"y": second["x"] * 2})
+    # Gather with row numbers: together, the second request's index 0 reads the first one's row.
+    gathered = {"y": together["x"][together["indices"]]}
+    apart = ({"y": first["x"][first["indices"]]}, {"y": second["x"][second["indices"]]})
+    assert not answers_row_by_row(gathered, *apart)
+    centred = {"y": together["x"] - together["x"].mean(axis=0)}
+    assert not answers_row_by_row(centred, {"y": first["x"] * 0}, {"y": second["x"] * 0})

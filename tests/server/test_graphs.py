@@ -3,6 +3,7 @@ shared batch dimension, warm-up requests a model refuses, and values it cannot r
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 from collections.abc import Iterator
@@ -142,6 +143,25 @@ def test_inputs_without_a_shared_batch_dimension_are_run_as_sent(
         wrong = infer(matmul, "matmul", x=x, w=w[:2])
         assert wrong.status_code == 400
         assert "input 'w' has shape [2, 3], the model expects [4, 3]" in wrong.json()["error"]
+
+
+def test_a_model_whose_rows_mix_is_not_batched_and_answers_each_request_right(
+    graphs: dict[str, Path],
+) -> None:
+    # Gather's shapes say "batch axis", but its indices are row numbers: merged requests would
+    # read each other's rows. The warm-up probe finds out and turns batching off.
+    tables = [np.full((2, 4), k, dtype=np.float32) for k in range(24)]
+    with serve_model(graphs["gather"], "gather") as server:
+        assert "batching off" in server.output()
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(
+                pool.map(
+                    lambda table: infer(server, "gather", x=table, indices=np.array([1, 0])),
+                    tables,
+                )
+            )
+    for table, answer in zip(tables, answers, strict=True):
+        np.testing.assert_array_equal(outputs(answer)["y"], table[[1, 0]])
 
 
 def test_a_model_that_refuses_the_synthetic_warm_up_still_serves(

@@ -119,7 +119,13 @@ def running(args: Sequence[str], **options: Unpack[RunOptions]) -> Iterator[Runn
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 # Unbuffered, so that output() is complete while the process still runs.
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                # No shutdown delay unless a test asks for one: stopping would take seconds.
+                env={
+                    **os.environ,
+                    "PYTHONUNBUFFERED": "1",
+                    "MODELDEPLOY_SHUTDOWN_DELAY_S": "0",
+                    **env,
+                },
             )
         url = f"http://{LOOPBACK}:{port}"
         started = RunningProcess(process, " ".join(command), url, port, log_path)

@@ -20,3 +20,9 @@ ROUTER_FIELD_MANAGER = "modeldeploy-router"
 # The router pod's env: which ConfigMap to watch (NAMESPACE/NAME) and its own pod name.
 ROUTES_CONFIGMAP_ENV = "MODELDEPLOY_ROUTES_CONFIGMAP"
 POD_NAME_ENV = "MODELDEPLOY_POD_NAME"
+
+# After SIGTERM a server or router fails readiness at once but keeps its port open this long
+# (answering with `Connection: close`) before it stops accepting, so that whoever balances load
+# onto it (kube-proxy, a gateway, the router) stops sending first: a plain SIGTERM drops nothing.
+# The operator counts it in each pod's terminationGracePeriodSeconds.
+SHUTDOWN_DELAY_S = 5

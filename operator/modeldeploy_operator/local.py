@@ -60,6 +60,11 @@ class LocalPlan:
     routes: Mapping[str, Any]  # the router's routes.json
 
 
+# Local mode stops every process at once and nothing balances load onto them: holding the port
+# open after SIGTERM (for a balancer to notice) would only slow Ctrl-C down.
+_NO_SHUTDOWN_DELAY = ("--shutdown-delay-s", "0")
+
+
 def locate_model(
     source: ModelSource, *, base_dir: Path, claim_dirs: Mapping[str, Path], cache_dir: Path
 ) -> LocalFile | Download:
@@ -113,6 +118,7 @@ def plan_local_run(
             LOOPBACK,
             "--port",
             str(port),
+            *_NO_SHUTDOWN_DELAY,
         )
         env = render_server_settings_env(variant.server, md.example_instance)
         variants.append(LocalProcess(variant.name, argv, env, _loopback_url(port)))
@@ -127,6 +133,7 @@ def plan_local_run(
         LOOPBACK,
         "--port",
         str(router_port),
+        *_NO_SHUTDOWN_DELAY,
     )
     router = LocalProcess(ROUTER_NAME, router_argv, {}, _loopback_url(router_port))
     return LocalPlan(tuple(variants), router, routes)

@@ -20,6 +20,7 @@ from modeldeploy_operator.contract import (
     POD_NAME_ENV,
     ROUTES_CONFIGMAP_ENV,
     ROUTES_KEY,
+    SHUTDOWN_DELAY_S,
 )
 from modeldeploy_operator.spec import (
     KIND,
@@ -449,8 +450,10 @@ def render_pod_spec(
         spec["initContainers"] = init_containers
     spec["containers"] = containers
     spec["volumes"] = volumes
+    # preStop, then SIGTERM: the process keeps its port open for SHUTDOWN_DELAY_S (readiness
+    # failing), then drains its in-flight requests.
     spec["terminationGracePeriodSeconds"] = (
-        PRESTOP_SLEEP_SECONDS + drain_seconds + SHUTDOWN_MARGIN_SECONDS
+        PRESTOP_SLEEP_SECONDS + SHUTDOWN_DELAY_S + drain_seconds + SHUTDOWN_MARGIN_SECONDS
     )
     return spec
 

@@ -132,6 +132,10 @@ class ServingState:
     ready: bool = False
     draining: bool = False
 
+    def drain(self) -> None:
+        """SIGTERM arrived: readiness fails from now on."""
+        self.draining = True
+
 
 @dataclass
 class _Incoming:
@@ -308,14 +312,18 @@ class InferenceService:
         """Bound, answer, send, count and capture one inference request."""
         started = time.perf_counter()
         body = b""
-        deadlines = self._deadlines
+        deadlines, batcher = self._deadlines, self._batcher
         task = asyncio.current_task()
-        assert deadlines is not None and task is not None, "the lifespan starts the deadlines"
+        assert deadlines is not None and batcher is not None and task is not None, "lifespan"
         deadlines.start(task)
         try:
             body = await self._read_body(incoming, receive)
+            # Admission before decoding, the costly part: a full queue refuses here. (Not before
+            # reading: a client trickling its body would hold a place in the queue.)
+            batcher.reserve(task)
             result = await answer(incoming, body)
             deadlines.finish(task)
+            batcher.release(task)
             status, content, content_type, extra = (
                 200,
                 result.body,
@@ -324,6 +332,7 @@ class InferenceService:
             )
         except (Exception, asyncio.CancelledError) as exc:
             deadlines.finish(task)
+            batcher.release(task)
             error: BaseException = exc
             if isinstance(exc, asyncio.CancelledError):
                 if not deadlines.expired(task):

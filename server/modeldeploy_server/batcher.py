@@ -67,6 +67,8 @@ class Batcher:
         self._observe = observe
         self._loop = asyncio.get_running_loop()
         self._waiting: collections.deque[_Pending] = collections.deque()
+        # Requests admitted and still being decoded and validated: each holds a place in the queue.
+        self._reserved: set[asyncio.Task[Any]] = set()
         self._wakeup: asyncio.Future[None] | None = None
         self._jobs: queue.SimpleQueue[tuple[list[Feed], list[int], asyncio.Future[Results]] | None]
         self._jobs = queue.SimpleQueue()
@@ -78,9 +80,24 @@ class Batcher:
         """Requests waiting for a model run."""
         return len(self._waiting)
 
+    def reserve(self, task: asyncio.Task[Any]) -> None:
+        """Hold a place in the queue for `task`'s request before its body is decoded, so that a
+        full queue refuses it before that work; raises Overloaded when full."""
+        if len(self._waiting) + len(self._reserved) >= self._max_queue:
+            raise Overloaded("the model's request queue is full; retry later")
+        self._reserved.add(task)
+
+    def release(self, task: asyncio.Task[Any]) -> None:
+        """Give back `task`'s place if it never reached `submit` (it failed or was refused)."""
+        self._reserved.discard(task)
+
     async def submit(self, feed: Feed, rows: int) -> Outputs:
-        """Queue one validated request and wait for its outputs; raises Overloaded when full."""
-        if len(self._waiting) >= self._max_queue:
+        """Queue one validated request (in the place its task reserved, if it did) and wait for
+        its outputs; raises Overloaded when full."""
+        task = asyncio.current_task()
+        if task in self._reserved:
+            self._reserved.discard(task)
+        elif len(self._waiting) + len(self._reserved) >= self._max_queue:
             raise Overloaded("the model's request queue is full; retry later")
         future: asyncio.Future[Outputs] = self._loop.create_future()
         self._waiting.append(_Pending(feed, rows, future))

@@ -10,10 +10,30 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from modeldeploy_operator.contract import SHUTDOWN_DELAY_S
 from modeldeploy_server.errors import ConfigError
 
 MIB = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    """How `serve` and `route` treat any client at the HTTP layer: the same limits and drain."""
+
+    # Request line plus headers (431 above); also bounds chunk framing and trailers.
+    max_header_bytes: int = 32 * 1024
+    # Open connections; one more is answered 503 and closed without reading it.
+    max_connections: int = 2048
+    # From a request's first byte (or the connection's start) to its last: 408 and close above.
+    read_timeout_s: float = 10.0
+    # An idle keep-alive connection is closed after this long.
+    keepalive_timeout_s: float = 5.0
+    # Request bodies being received or served, process-wide: 503 with Retry-After above.
+    max_body_bytes_in_flight: int = 64 * MIB
+    # SIGTERM: readiness fails at once, the port stays open this long (answers carry
+    # `Connection: close`), then in-flight requests finish.
+    shutdown_delay_s: float = SHUTDOWN_DELAY_S
 
 
 @dataclass(frozen=True)
@@ -39,12 +59,10 @@ class ServeConfig:
     capture_path: Path | None = None
     capture_sample_rate: float = 0.1
     access_log: bool = False
-    # Time between SIGTERM (readiness starts failing) and closing the listener, so that load
-    # balancers stop sending before connections are refused.
-    shutdown_delay_s: float = 0.0
     log_level: str = "info"
     # One request the model must answer before the server is ready (see parse_warmup_example).
     warmup_example: dict[str, Any] | None = None
+    edge: EdgeSettings = EdgeSettings()
 
 
 def _text(value: str) -> str:
@@ -155,13 +173,27 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "capture_path": (Path, "append sampled request/response pairs to this JSON-lines file"),
     "capture_sample_rate": (parse_fraction, "fraction of requests captured"),
     "access_log": (parse_bool, "log one line per request (costs throughput)"),
-    "shutdown_delay_s": (_non_negative_float, "seconds between SIGTERM and closing the port"),
     "log_level": (_log_level, "log level"),
     "warmup_example": (
         parse_warmup_example,
         "request the model must answer before the server is ready: a records instance "
         '(JSON object, a value per input) or a v2 request (JSON object with "inputs"); without '
         "it, a synthetic request is tried and only logged if the model refuses it",
+    ),
+}
+# The same flags and MODELDEPLOY_* variables for `serve` and `route`.
+EDGE_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "max_header_bytes": (parse_positive_int, "most bytes of request line plus headers (431 above)"),
+    "max_connections": (parse_positive_int, "most open connections (503 and close above)"),
+    "read_timeout_s": (parse_positive_float, "time to receive a whole request (408 above)"),
+    "keepalive_timeout_s": (parse_positive_float, "idle keep-alive connections close after"),
+    "max_body_bytes_in_flight": (
+        parse_positive_int,
+        "request body bytes held at once, process-wide (503 above)",
+    ),
+    "shutdown_delay_s": (
+        _non_negative_float,
+        "seconds between SIGTERM (readiness fails) and closing the port",
     ),
 }
 _ENV_NAMES = {"sha256": "MODELDEPLOY_MODEL_SHA256"}
@@ -171,6 +203,23 @@ _REQUIRED = ("model_path", "model_name")
 def env_name(field_name: str) -> str:
     """The environment variable that sets a config field."""
     return _ENV_NAMES.get(field_name, "MODELDEPLOY_" + field_name.upper())
+
+
+def add_edge_flags(parser: argparse.ArgumentParser) -> None:
+    """The EDGE_OPTIONS flags, for `serve` and `route` alike."""
+    defaults = {f.name: f.default for f in fields(EdgeSettings)}
+    for name, (_, help_) in EDGE_OPTIONS.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            help=f"{help_} [env {env_name(name)}; default {defaults[name]}]",
+        )
+
+
+def parse_edge_settings(args: Mapping[str, Any], env: Mapping[str, str]) -> EdgeSettings:
+    """EdgeSettings from the flags add_edge_flags added and MODELDEPLOY_* variables."""
+    options = {name: (env_name(name), parse) for name, (parse, _) in EDGE_OPTIONS.items()}
+    return EdgeSettings(**resolve_options(args, env, options))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -186,6 +235,7 @@ def _build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, help=f"{help_} [env {env_name(name)}{shown}]"
         )
+    add_edge_flags(parser)
     return parser
 
 
@@ -224,4 +274,13 @@ def parse_serve_config(argv: Sequence[str], env: Mapping[str, str]) -> ServeConf
     """Flags win over MODELDEPLOY_* variables, which win over defaults; raises ConfigError."""
     args = vars(_build_parser().parse_args(list(argv)))
     options = {name: (env_name(name), parse) for name, (parse, _) in _PARSERS.items()}
-    return ServeConfig(**resolve_options(args, env, options, required=_REQUIRED))
+    config = ServeConfig(
+        **resolve_options(args, env, options, required=_REQUIRED),
+        edge=parse_edge_settings(args, env),
+    )
+    if config.edge.max_body_bytes_in_flight < config.max_request_bytes:
+        raise ConfigError(
+            f"--max-body-bytes-in-flight ({config.edge.max_body_bytes_in_flight}) must be at least"
+            f" --max-request-bytes ({config.max_request_bytes})"
+        )
+    return config

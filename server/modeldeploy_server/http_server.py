@@ -1,32 +1,72 @@
-"""The uvicorn setup shared by `serve` and `route`, so both processes speak HTTP the same way."""
+"""The uvicorn setup shared by `serve` and `route`, so both processes speak HTTP the same way:
+the same edge limits (edge.py) and the same drain on SIGTERM."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import signal
+import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from modeldeploy_server.config import EdgeSettings
+from modeldeploy_server.edge import Edge, EdgeProtocol
 
-def build_uvicorn_config(
+logger = logging.getLogger("uvicorn.error")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM first fails readiness (`on_drain`) and makes every answer
+    close its connection, keeps the port open for the edge's shutdown delay, then shuts down
+    gracefully (in-flight requests finish, then the lifespan ends)."""
+
+    def __init__(self, config: uvicorn.Config, edge: Edge, on_drain: Callable[[], None]):
+        super().__init__(config)
+        self.edge = edge
+        self._on_drain = on_drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Signal handler (main thread): readiness off now, listener closed after the delay."""
+        first = not self.edge.draining
+        self.edge.draining = True
+        delay_s = self.edge.settings.shutdown_delay_s
+        if first:
+            self._on_drain()
+        if first and sig == signal.SIGTERM and delay_s > 0:
+            logger.info("SIGTERM: not ready; closing the port in %g s", delay_s)
+            timer = threading.Timer(delay_s, super().handle_exit, (sig, None))
+            timer.daemon = True
+            timer.start()
+            return
+        super().handle_exit(sig, frame)
+
+
+def build_server(
     app: Callable[..., Any],
     *,
     host: str,
     port: int,
     access_log: bool,
     graceful_shutdown_s: int,
+    edge: EdgeSettings,
+    on_drain: Callable[[], None],
     log_level: str | None = None,
     log_config: dict[str, Any] | None = LOGGING_CONFIG,
-) -> uvicorn.Config:
-    """uvicorn's Config for a pod behind a Service or the router (uvloop, httptools)."""
-    return uvicorn.Config(
+) -> DrainingServer:
+    """A uvicorn server for a pod behind a Service or the router (uvloop, httptools + limits)."""
+    shared = Edge(edge)
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=functools.partial(EdgeProtocol, edge=shared),  # type: ignore[arg-type]
+        ws="none",
         lifespan="on",
         access_log=access_log,
         log_level=log_level,
@@ -36,8 +76,12 @@ def build_uvicorn_config(
         # router appends to X-Forwarded-For: never take it from a client-supplied header (uvicorn
         # trusts those from 127.0.0.1 by default).
         proxy_headers=False,
+        timeout_keep_alive=edge.keepalive_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=graceful_shutdown_s,
+        # Beyond max_connections the protocol answers 503 itself; keep the kernel queue as deep.
+        backlog=edge.max_connections,
     )
+    return DrainingServer(config, shared, on_drain)
 
 
 def run_until_stopped(server: uvicorn.Server) -> None:

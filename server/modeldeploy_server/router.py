@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -33,7 +32,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from modeldeploy_server.config import (
+    EdgeSettings,
+    add_edge_flags,
     parse_bool,
+    parse_edge_settings,
     parse_fraction,
     parse_port,
     parse_positive_float,
@@ -42,7 +44,7 @@ from modeldeploy_server.config import (
 )
 from modeldeploy_server.errors import ConfigError as SettingsError
 from modeldeploy_server.health import PassiveHealth
-from modeldeploy_server.http_server import build_uvicorn_config, run_until_stopped
+from modeldeploy_server.http_server import build_server, run_until_stopped
 from modeldeploy_server.mirror import Mirror, MirrorSettings
 from modeldeploy_server.proxy import Proxy, ProxySettings
 from modeldeploy_server.request_stats import RequestFamilies, RequestStats
@@ -86,6 +88,7 @@ class RouterSettings:
     shadow_log_sample: float
     shadow_log_max_bytes: int
     access_log: bool
+    edge: EdgeSettings
     shadow_log: Path | None = None
 
 
@@ -159,6 +162,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> RouterSet
         shown = "" if default is None else f"; default {default}"
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, help=f"{help_} [env {env}{shown}]")
+    add_edge_flags(parser)
     args = vars(parser.parse_args(list(argv)))
     try:
         values = resolve_options(
@@ -168,10 +172,11 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> RouterSet
             defaults={name: d for name, (_, _, d, _) in options.items() if d is not None},
         )
         routes = build_routes_settings(values, environ)
+        edge = parse_edge_settings(args, environ)
     except SettingsError as exc:
         parser.error(str(exc))
     own = {name: value for name, value in values.items() if name in _OPTIONS}
-    return RouterSettings(routes=routes, **own)
+    return RouterSettings(routes=routes, **own, edge=edge)
 
 
 class _EjectedGauge(Collector):
@@ -350,6 +355,7 @@ class Router:
             upstream,
             self.metrics,
         )
+        self._draining = False
         self.proxy = Proxy(
             ProxySettings(settings.timeout_s, settings.body_timeout_s, settings.trusted_proxies),
             lambda: self.config,
@@ -398,6 +404,10 @@ class Router:
         self.metrics.count_reload(applied=False)
         log.error("invalid routes in %s, keeping the current ones: %s", origin, error)
 
+    def drain(self) -> None:
+        """SIGTERM arrived: readiness fails from now on."""
+        self._draining = True
+
     async def live(self, _request: Request) -> Response:
         """Liveness: the process answers."""
         return JSONResponse({"live": True})
@@ -408,6 +418,8 @@ class Router:
         The body names the applied routes' version (null before any, or for a file without one).
         """
         config = self.config
+        if self._draining:
+            return JSONResponse({"error": "shutting down", "routesVersion": config.version}, 503)
         if not config.variants:
             message = "no routes applied yet"
             return JSONResponse({"error": message, "routesVersion": None}, status_code=503)
@@ -441,16 +453,16 @@ def main(argv: list[str]) -> int:
     if config is not None:
         log.info("routes version %s loaded: %s", config.version, describe(config))
     router = Router(settings, config, routes)
-    server = uvicorn.Server(
-        build_uvicorn_config(
-            router,
-            host=settings.host,
-            port=settings.port,
-            access_log=settings.access_log,
-            graceful_shutdown_s=DRAIN_TIMEOUT_S,
-            # Logging is set up above, for the router's own messages too.
-            log_config=None,
-        )
+    server = build_server(
+        router,
+        host=settings.host,
+        port=settings.port,
+        access_log=settings.access_log,
+        graceful_shutdown_s=DRAIN_TIMEOUT_S,
+        edge=settings.edge,
+        on_drain=router.drain,
+        # Logging is set up above, for the router's own messages too.
+        log_config=None,
     )
     run_until_stopped(server)
     return 0 if server.started else 1

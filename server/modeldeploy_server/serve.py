@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
-from types import FrameType
 
-import uvicorn
-
-from modeldeploy_server.app import ServingState, build_app
+from modeldeploy_server.app import build_app
 from modeldeploy_server.config import ServeConfig, parse_serve_config
 from modeldeploy_server.errors import ConfigError
-from modeldeploy_server.http_server import build_uvicorn_config, run_until_stopped
+from modeldeploy_server.http_server import build_server, run_until_stopped
 from modeldeploy_server.runtime import load_model
 
 logger = logging.getLogger("uvicorn.error")
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose SIGTERM first fails readiness, waits shutdown_delay_s with the port
-    still open, then shuts down gracefully (in-flight requests finish, then the lifespan ends)."""
-
-    def __init__(self, config: uvicorn.Config, state: ServingState, shutdown_delay_s: float):
-        super().__init__(config)
-        self._state = state
-        self._shutdown_delay_s = shutdown_delay_s
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """Signal handler (main thread): readiness off now, listener closed after the delay."""
-        first = not self._state.draining
-        self._state.draining = True
-        if first and sig == signal.SIGTERM and self._shutdown_delay_s > 0:
-            logger.info("SIGTERM: not ready; closing the port in %.1f s", self._shutdown_delay_s)
-            timer = threading.Timer(self._shutdown_delay_s, super().handle_exit, (sig, None))
-            timer.daemon = True
-            timer.start()
-            return
-        super().handle_exit(sig, frame)
 
 
 def run_server(config: ServeConfig) -> int:
@@ -56,15 +29,16 @@ def run_server(config: ServeConfig) -> int:
         print(f"modeldeploy-server serve: error: {exc}", file=sys.stderr)
         return 1
     app, service = build_app(config, model)
-    uvicorn_config = build_uvicorn_config(
+    server = build_server(
         app,
         host=config.host,
         port=config.port,
         access_log=config.access_log,
         graceful_shutdown_s=int(config.request_timeout_s) + 1,
+        edge=config.edge,
+        on_drain=service.state.drain,
         log_level=config.log_level,
     )
-    server = DrainingServer(uvicorn_config, service.state, config.shutdown_delay_s)
     metadata = model.metadata
     logger.info(
         "model %s version %s sha256 %s (%d inputs, %d outputs, batch axis %s)",

@@ -72,6 +72,9 @@ def test_plan_starts_each_variant_as_the_operator_configures_it() -> None:
         "127.0.0.1",
         "--port",
         "9000",
+        # Local mode stops every process at once: nothing to drain away from.
+        "--shutdown-delay-s",
+        "0",
     )
     # The same env the operator gives the variant's pod for `server:` settings.
     assert v1.env == {
@@ -92,6 +95,8 @@ def test_plan_starts_each_variant_as_the_operator_configures_it() -> None:
         "127.0.0.1",
         "--port",
         "8080",
+        "--shutdown-delay-s",
+        "0",
     )
     routes = dict(plan.routes)
     # The version is the hash of the routes the router really gets (loopback URLs).

@@ -242,7 +242,7 @@ def test_server_settings_become_env() -> None:
     }
 
 
-@pytest.mark.parametrize(("request_timeout", "server_grace"), [(None, 40), (120, 130), (0.5, 11)])
+@pytest.mark.parametrize(("request_timeout", "server_grace"), [(None, 45), (120, 135), (0.5, 16)])
 def test_pods_keep_serving_through_endpoint_removal_then_drain(
     request_timeout: float | None, server_grace: int
 ) -> None:
@@ -253,8 +253,9 @@ def test_pods_keep_serving_through_endpoint_removal_then_drain(
         for o in objects
         if o["kind"] == "Deployment"
     }
-    # preStop sleep, then the process's own drain (request timeout, or the router's 25 s).
-    assert grace == {"iris-v1": server_grace, "iris": 35}
+    # preStop sleep, the process's 5 s shutdown delay, then its own drain (request timeout, or
+    # the router's 25 s).
+    assert grace == {"iris-v1": server_grace, "iris": 40}
     for template in pod_templates(objects):
         (container,) = template["spec"]["containers"]
         assert container["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}

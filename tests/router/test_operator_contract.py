@@ -15,7 +15,8 @@ import yaml
 from modeldeploy_operator.contract import ROUTES_KEY
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
-from modeldeploy_server.router import parse_settings
+from modeldeploy_server.config import parse_serve_config
+from modeldeploy_server.router import DRAIN_TIMEOUT_S, parse_settings
 from modeldeploy_server.routes_source import ConfigMapRef
 from modeldeploy_server.routing import ShadowConfig, parse_router_config
 from tests.invalid_manifests import shadow_manifest, sticky_manifest
@@ -98,3 +99,26 @@ def test_rendered_shadow_reaches_the_router(ready: set[str] | None) -> None:
     objects = render_objects(md, server_image="modeldeploy-server:test", ready_variants=ready)
     (routes_text,) = find(objects, "ConfigMap")["data"].values()
     assert parse_router_config(routes_text).shadow == ShadowConfig("v2", 10.0, 0.001)
+
+
+@pytest.mark.parametrize("example", ["iris.yaml", "production.yaml"])
+def test_grace_periods_cover_prestop_then_each_process_own_shutdown(example: str) -> None:
+    md = parse_model_deployment(yaml.safe_load((EXAMPLES / example).read_text()))
+    objects = render_objects(md, server_image="modeldeploy-server:test")
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    assert len(deployments) >= 2
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        command, args = container["args"][0], container["args"][1:]
+        if command == "route":
+            settings = parse_settings(args, env)
+            edge, drain_s = settings.edge, DRAIN_TIMEOUT_S
+        else:
+            config = parse_serve_config(args, env)
+            edge, drain_s = config.edge, int(config.request_timeout_s) + 1
+        assert edge.shutdown_delay_s > 0  # a plain SIGTERM keeps the port open for a while
+        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        needed = pre_stop + edge.shutdown_delay_s + drain_s
+        assert pod["terminationGracePeriodSeconds"] >= needed, deployment["metadata"]["name"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from modeldeploy_server.config import EdgeSettings
 from modeldeploy_server.router import RouterSettings, parse_settings
 from modeldeploy_server.routes_source import ConfigMapRef, RoutesSettings
 from modeldeploy_server.routing import TrustedProxies, parse_trusted_proxies
@@ -35,6 +36,15 @@ def test_defaults_need_only_the_config() -> None:
         shadow_log_sample=0.1,
         shadow_log_max_bytes=10 << 20,
         access_log=False,
+        edge=EdgeSettings(),
+    )
+
+
+def test_edge_limits_come_from_the_same_flags_and_env_as_the_server() -> None:
+    env = {"MODELDEPLOY_READ_TIMEOUT_S": "3", "MODELDEPLOY_MAX_CONNECTIONS": "9"}
+    flags = ["--config", "/r.json", "--max-connections", "10", "--shutdown-delay-s", "0"]
+    assert parse_settings(flags, env).edge == EdgeSettings(
+        max_connections=10, read_timeout_s=3.0, shutdown_delay_s=0.0
     )
 
 

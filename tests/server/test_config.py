@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from modeldeploy_server.config import ServeConfig, env_name, parse_serve_config
+from modeldeploy_server.config import EdgeSettings, ServeConfig, env_name, parse_serve_config
 from modeldeploy_server.errors import ConfigError
 
 REQUIRED = ["--model-path", "/m.onnx", "--model-name", "iris"]
@@ -44,8 +44,14 @@ def test_env_configures_everything_and_flags_win() -> None:
         "MODELDEPLOY_CAPTURE_SAMPLE_RATE": "0.5",
         "MODELDEPLOY_ACCESS_LOG": "true",
         "MODELDEPLOY_WARMUP_EXAMPLE": '{"input": [5.1, 3.5, 1.4, 0.2]}',
+        "MODELDEPLOY_MAX_HEADER_BYTES": "4096",
+        "MODELDEPLOY_MAX_CONNECTIONS": "10",
+        "MODELDEPLOY_READ_TIMEOUT_S": "3",
+        "MODELDEPLOY_KEEPALIVE_TIMEOUT_S": "1.5",
+        "MODELDEPLOY_MAX_BODY_BYTES_IN_FLIGHT": "5000",
+        "MODELDEPLOY_SHUTDOWN_DELAY_S": "2",
     }
-    config = parse_serve_config(["--port", "9001"], env)
+    config = parse_serve_config(["--port", "9001", "--shutdown-delay-s", "0"], env)
     assert config == ServeConfig(
         model_path=Path("/env.onnx"),
         model_name="envname",
@@ -63,6 +69,14 @@ def test_env_configures_everything_and_flags_win() -> None:
         capture_sample_rate=0.5,
         access_log=True,
         warmup_example={"input": [5.1, 3.5, 1.4, 0.2]},
+        edge=EdgeSettings(
+            max_header_bytes=4096,
+            max_connections=10,
+            read_timeout_s=3.0,
+            keepalive_timeout_s=1.5,
+            max_body_bytes_in_flight=5000,
+            shutdown_delay_s=0.0,
+        ),
     )
 
 
@@ -85,6 +99,12 @@ def test_env_configures_everything_and_flags_win() -> None:
         ([*REQUIRED, "--model-name", " "], {}, "must not be empty"),
         ([*REQUIRED, "--warmup-example", "[1, 2]"], {}, "must be a JSON object"),
         ([*REQUIRED, "--warmup-example", "{x"], {}, "--warmup-example='{x': not JSON"),
+        ([*REQUIRED, "--read-timeout-s", "0"], {}, "--read-timeout-s='0': must be a positive"),
+        (
+            [*REQUIRED, "--max-body-bytes-in-flight", "1000"],
+            {},
+            "--max-body-bytes-in-flight (1000) must be at least --max-request-bytes (6291456)",
+        ),
     ],
 )
 def test_invalid_values_fail_fast_naming_the_source(

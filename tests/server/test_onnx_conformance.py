@@ -32,12 +32,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
-import uvicorn
 
 from modeldeploy_server.app import build_app
 from modeldeploy_server.config import ServeConfig
 from modeldeploy_server.errors import ConfigError
-from modeldeploy_server.http_server import build_uvicorn_config
+from modeldeploy_server.http_server import build_server
 from modeldeploy_server.metadata import NUMPY_TO_V2, ONNX_TO_V2
 from modeldeploy_server.runtime import load_model
 
@@ -174,16 +173,17 @@ class InProcessServer:
     def serve(self, path: Path, name: str) -> Iterator[str]:
         config = ServeConfig(model_path=path, model_name=name, host=LOOPBACK, port=0)
         app, _ = build_app(config, load_model(path, name, "1", None, 1))
-        uvicorn_config = build_uvicorn_config(
+        server = build_server(
             app,
             host=LOOPBACK,
             port=0,
             access_log=False,
             graceful_shutdown_s=1,
+            edge=config.edge,
+            on_drain=lambda: None,
             log_level="error",
             log_config=None,
         )
-        server = uvicorn.Server(uvicorn_config)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind((LOOPBACK, 0))
         port = sock.getsockname()[1]

@@ -1,0 +1,317 @@
+"""Hostile clients on real sockets, against `serve` and against `route` (one HTTP edge, edge.py).
+
+Each test attacks one limit and asserts the answer that limit gives, while a well-behaved client
+on its own keep-alive connection keeps asking and must get every answer right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.models import BuiltModel
+from tests.processes import LOOPBACK, RunningProcess, route, serve_model
+
+MAX_HEADER_BYTES = 8192
+MAX_CONNECTIONS = 40
+READ_TIMEOUT_S = 2
+BODY_BUDGET = 4_000_000
+LIMITS = [
+    "--max-header-bytes", str(MAX_HEADER_BYTES),
+    "--max-connections", str(MAX_CONNECTIONS),
+    "--read-timeout-s", str(READ_TIMEOUT_S),
+    "--keepalive-timeout-s", "2",
+    "--max-body-bytes-in-flight", str(BODY_BUDGET),
+]  # fmt: skip
+INFER = "/v2/models/iris/infer"
+# Generous: the machine running the tests may be busy; the limits under test are far shorter.
+WAIT_S = 30
+
+
+def router_config(path: Path, backend: RunningProcess) -> Path:
+    variants = [{"name": "v1", "url": backend.url, "weight": 100}]
+    path.write_text(json.dumps({"model": "iris", "variants": variants}))
+    return path
+
+
+@contextlib.contextmanager
+def edge_target(
+    kind: str, iris: BuiltModel, tmp: Path, extra: list[str]
+) -> Iterator[RunningProcess]:
+    """`serve` with the limits, or `route` with the limits in front of a plain `serve`."""
+    if kind == "serve":
+        limited = [*LIMITS, "--max-request-bytes", "1000000", *extra]
+        with serve_model(iris.path, "iris", extra_args=limited) as server:
+            yield server
+    else:
+        with (
+            serve_model(iris.path, "iris") as backend,
+            route(router_config(tmp / "routes.json", backend), [*LIMITS, *extra]) as router,
+        ):
+            yield router
+
+
+@pytest.fixture(scope="module", params=["serve", "route"])
+def target(
+    request: pytest.FixtureRequest, iris: BuiltModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningProcess]:
+    with edge_target(request.param, iris, tmp_path_factory.mktemp("edge"), []) as process:
+        yield process
+
+
+def infer_body(iris: BuiltModel, rows: slice) -> bytes:
+    data = np.asarray(iris.features[rows], dtype=np.float32)
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(data.shape)}
+    return json.dumps({"inputs": [{**tensor, "data": data.ravel().tolist()}]}).encode()
+
+
+class GoodClient:
+    """A well-behaved client: one keep-alive connection, one request after another."""
+
+    def __init__(self, url: str, iris: BuiltModel) -> None:
+        self._url = url + INFER
+        self._body = infer_body(iris, slice(0, 5))
+        self._expected = iris.estimator.predict(iris.features[:5]).tolist()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.answers = 0
+        self.failures: list[str] = []
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=WAIT_S) as client:
+            while not self._stop.is_set():
+                try:
+                    answer = client.post(self._url, content=self._body)
+                    labels = answer.json()["outputs"][0]["data"]
+                    if answer.status_code != 200 or labels != self._expected:
+                        self.failures.append(f"{answer.status_code} {answer.text[:200]}")
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                self.answers += 1
+                time.sleep(0.02)
+
+    def __enter__(self) -> GoodClient:
+        self._thread.start()
+        deadline = time.monotonic() + WAIT_S
+        while self.answers == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        before = self.answers
+        deadline = time.monotonic() + WAIT_S
+        while self.answers < before + 2 and time.monotonic() < deadline:  # still answered after
+            time.sleep(0.01)
+        self._stop.set()
+        self._thread.join(WAIT_S)
+        assert self.failures == []
+        assert self.answers >= before + 2
+
+
+def connect(target: RunningProcess) -> socket.socket:
+    sock = socket.create_connection((LOOPBACK, target.port), timeout=WAIT_S)
+    return sock
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    """Send what the server still takes; it may have answered and stopped reading."""
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """Everything until the server closes (every refusal closes), or WAIT_S."""
+    received = b""
+    deadline = time.monotonic() + WAIT_S
+    with contextlib.suppress(OSError):
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+def assert_refusal(answer: bytes, status: int, message: str) -> None:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    assert b"content-type: application/json" in head.lower()
+    assert b"connection: close" in head.lower()
+    assert message in json.loads(body)["error"]
+
+
+def head_of(path: str, extra: bytes = b"", method: bytes = b"POST") -> bytes:
+    return method + b" " + path.encode() + b" HTTP/1.1\r\nhost: x\r\n" + extra
+
+
+def test_huge_headers_get_431_and_cost_nothing(target: RunningProcess, iris: BuiltModel) -> None:
+    body = infer_body(iris, slice(0, 1))
+    within = b"x-pad: " + b"a" * (MAX_HEADER_BYTES - 200) + b"\r\n"
+    over = b"x-pad: " + b"a" * MAX_HEADER_BYTES + b"\r\n"
+    complete = b"content-length: %d\r\n\r\n" % len(body) + body
+    with GoodClient(target.url, iris):
+        streams = [connect(target) for _ in range(8)]
+        for sock in streams:  # each starts a 1 MiB header, 64 KiB at a time
+            send_quietly(sock, head_of(INFER, b"x-big: "))
+        for _ in range(16):
+            for sock in streams:
+                send_quietly(sock, b"b" * 65536)
+        for sock in streams:
+            assert_refusal(read_answer(sock), 431, f"over {MAX_HEADER_BYTES} bytes")
+            sock.close()
+        with connect(target) as sock:
+            sock.sendall(head_of(INFER, over + complete))
+            assert_refusal(read_answer(sock), 431, "request line and headers are over")
+        with connect(target) as sock:
+            sock.sendall(head_of(INFER, within + b"connection: close\r\n" + complete))
+            assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_slow_idle_and_stalled_clients_time_out(target: RunningProcess, iris: BuiltModel) -> None:
+    body = infer_body(iris, slice(0, 1))
+    with GoodClient(target.url, iris):
+        slowloris = [connect(target) for _ in range(20)]
+        idle = connect(target)
+        stalled_body = connect(target)
+        stalled_body.sendall(head_of(INFER, b"content-length: %d\r\n\r\n" % len(body)) + body[:5])
+        started = time.monotonic()
+        head = head_of(INFER, b"x-slow: ")
+        for sent in range(len(head) + 2 * READ_TIMEOUT_S * 10):
+            if time.monotonic() - started > 2 * READ_TIMEOUT_S:
+                break
+            for sock in slowloris:  # one byte per connection every 0.1 s
+                send_quietly(sock, (head + b"z" * 1000)[sent : sent + 1])
+            time.sleep(0.1)
+        for sock in [*slowloris, stalled_body]:
+            assert_refusal(read_answer(sock), 408, f"did not arrive within {READ_TIMEOUT_S} s")
+            sock.close()
+        assert read_answer(idle) == b""  # nothing was asked: closed without a word
+        idle.close()
+
+
+def test_connections_over_the_limit_are_refused_at_once(
+    target: RunningProcess, iris: BuiltModel
+) -> None:
+    with GoodClient(target.url, iris):
+        held = [connect(target) for _ in range(MAX_CONNECTIONS + 20)]
+        refused = []
+        for sock in held:
+            sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                if sock.recv(1, socket.MSG_PEEK):
+                    refused.append(read_answer(sock))
+        for sock in held:
+            sock.close()
+    # The good client holds one of the slots; held connections may time out meanwhile.
+    assert 1 <= len(refused) <= 21
+    for answer in refused:
+        assert_refusal(answer, 503, f"over the limit of {MAX_CONNECTIONS} connections")
+        assert b"retry-after: 1" in answer
+    assert httpx.get(target.url + "/v2/health/live", timeout=WAIT_S).status_code == 200
+
+
+def test_request_bodies_in_flight_are_bounded_process_wide(
+    target: RunningProcess, iris: BuiltModel
+) -> None:
+    near_limit = 900_000
+    head = head_of(
+        INFER, b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % near_limit
+    )
+    with GoodClient(target.url, iris), contextlib.ExitStack() as stack:
+        holders = [stack.enter_context(connect(target)) for _ in range(6)]
+        for sock in holders:
+            sock.sendall(head + b"{" * 1000)
+        # Four bodies fit in the budget (4 x 900 kB of 4 MB); the others are refused at once,
+        # well before the read timeout ends the four.
+        readable: list[socket.socket] = []
+        deadline = time.monotonic() + READ_TIMEOUT_S * 0.75
+        while len(readable) < 2 and time.monotonic() < deadline:
+            readable = select.select(holders, [], [], 0.05)[0]
+        time.sleep(0.1)
+        assert select.select(holders, [], [], 0)[0] == readable
+        assert len(readable) == 2
+        for sock in readable:
+            answer = read_answer(sock)
+            assert_refusal(answer, 503, "too many request bytes in flight")
+            assert b"retry-after: 1" in answer
+
+
+def test_chunked_trailers_are_never_headers(target: RunningProcess, iris: BuiltModel) -> None:
+    records = json.dumps({"instances": iris.features[:3].tolist()}).encode()
+    chunked = b"%x\r\n%s\r\n0\r\ncontent-type: text/csv\r\naccept: text/csv\r\n\r\n" % (
+        len(records),
+        records,
+    )
+    head = b"content-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n"
+    with GoodClient(target.url, iris), connect(target) as sock:
+        sock.sendall(head_of("/v1/models/iris:predict", head + b"\r\n" + chunked))
+        answer = read_answer(sock)
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 200 "), answer[:300]
+    labels = [row["label"] for row in json.loads(body)["predictions"]]
+    assert labels == iris.estimator.predict(iris.features[:3]).tolist()
+
+
+def test_options_star_is_answered(target: RunningProcess, iris: BuiltModel) -> None:
+    with GoodClient(target.url, iris):
+        with connect(target) as sock:
+            sock.sendall(b"OPTIONS * HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = read_answer(sock)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert b"\r\nallow: GET, HEAD, POST\r\n" in answer
+        with connect(target) as sock:
+            sock.sendall(b"GET * HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert_refusal(read_answer(sock), 400, "only valid for OPTIONS")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1 extra\r\nhost: x\r\n\r\n",
+        b"GET /\xff\xfe HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET http://[::1 HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: -1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+        b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the HTTP port
+    ],
+    ids=range(8),
+)
+def test_malformed_requests_get_a_json_400(
+    target: RunningProcess, iris: BuiltModel, request_bytes: bytes
+) -> None:
+    with GoodClient(target.url, iris), connect(target) as sock:
+        sock.sendall(request_bytes)
+        assert_refusal(read_answer(sock), 400, "malformed")
+
+
+@pytest.mark.parametrize("kind", ["serve", "route"])
+def test_sigterm_drains_keep_alive_connections_without_dropping(
+    kind: str, iris: BuiltModel, tmp_path: Path
+) -> None:
+    delay = ["--shutdown-delay-s", "3"]
+    with edge_target(kind, iris, tmp_path, delay) as target, httpx.Client(timeout=WAIT_S) as client:
+        body = infer_body(iris, slice(0, 2))
+        first = client.post(target.url + INFER, content=body)
+        assert first.status_code == 200 and first.headers.get("connection") != "close"
+        target.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + WAIT_S
+        while client.get(target.url + "/v2/health/ready").status_code != 503:
+            assert time.monotonic() < deadline
+        # The port is still open and answers, each answer closing its connection.
+        again = client.post(target.url + INFER, content=body)
+        assert again.status_code == 200 and again.headers["connection"] == "close"
+        assert again.json() == first.json()
+        assert target.process.wait(WAIT_S) == 0

@@ -32,6 +32,16 @@ def find(objects: list[dict[str, Any]], kind: str, component: str | None = None)
     raise AssertionError(f"no {kind} {component or ''} rendered")
 
 
+def pod_env(container: dict[str, Any]) -> dict[str, str]:
+    """What the kubelet gives the container: its env (the pod name from the downward API) and the
+    API server's address, which it sets in every pod."""
+    in_pod = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    for var in container.get("env", []):
+        field = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        in_pod[var["name"]] = "iris-7d4b9c-x2x9z" if field == "metadata.name" else var["value"]
+    return in_pod
+
+
 @pytest.mark.parametrize("example", ["iris.yaml", "production.yaml"])
 @pytest.mark.parametrize("ready", ["all", "first", "none"])
 def test_rendered_routes_and_arguments_are_accepted_by_the_router(example: str, ready: str) -> None:
@@ -59,13 +69,7 @@ def test_rendered_routes_and_arguments_are_accepted_by_the_router(example: str, 
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["args"][0] == "route"
-    # What the kubelet gives the container: its env (the pod name from the downward API) and the
-    # API server's address, which it sets in every pod.
-    in_pod = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    for var in container["env"]:
-        field = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
-        in_pod[var["name"]] = "iris-7d4b9c-x2x9z" if field == "metadata.name" else var["value"]
-    settings = parse_settings(container["args"][1:], in_pod)
+    settings = parse_settings(container["args"][1:], pod_env(container))
     assert settings.routes.config is None
     assert settings.routes.config_map == ConfigMapRef(
         config_map["metadata"]["namespace"], config_map["metadata"]["name"]
@@ -110,7 +114,7 @@ def test_grace_periods_cover_prestop_then_each_process_own_shutdown(example: str
     for deployment in deployments:
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
-        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        env = pod_env(container)
         command, args = container["args"][0], container["args"][1:]
         if command == "route":
             settings = parse_settings(args, env)

@@ -9,6 +9,10 @@ one `modeldeploy-server route` (100% to that server) pinned to CPU 1, next to wr
 bench/server_bench.py (whose wrk runner this reuses): the server has a core to itself in both runs,
 and the router's cost shows as the difference. Each concurrency runs direct then routed, back to
 back. Needs a quiet machine to mean anything: it prints the load average before and after.
+
+Then, shadow traffic: a second server (variant v2, weight 0, the same model, also on CPU 0) gets
+a copy of `--shadow-percent` of the requests, and the routed run at 16 connections is repeated
+without and with the shadow, back to back, to compare the users' p50/p99.
 """
 
 from __future__ import annotations
@@ -80,11 +84,58 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def measure_shadow(
+    model_path: Path,
+    body: Path,
+    config: Path,
+    variants: list[dict[str, Any]],
+    percent: int,
+    duration_s: float,
+) -> dict[str, Any]:
+    """Routed runs at 16 connections without, then with, a shadow variant on `percent`."""
+    pin_server, pin_router = ["taskset", "-c", SERVER_CPU], ["taskset", "-c", CLIENT_CPU]
+    result: dict[str, Any] = {"percent": percent, "connections": 16}
+    with serve_model(
+        model_path, MODEL, "v2", ["--intra-op-threads", "1"], prefix=pin_server
+    ) as shadow_server:
+        dark = [*variants, {"name": "v2", "url": shadow_server.url, "weight": 0}]
+        for name, extra in (
+            ("unmirrored", {}),
+            ("mirrored", {"shadow": {"variant": "v2", "percent": percent}}),
+        ):
+            config.write_text(json.dumps({"model": MODEL, "variants": dark, **extra}))
+            with route(config, prefix=pin_router) as router:
+                run_wrk(router.url + INFER, body, 16, 1)
+                result[name] = measure(
+                    router.url + INFER, body, 16, duration_s, {"router": router.process.pid}
+                )
+                metrics = httpx.get(router.url + "/metrics").text
+        result["shadow_metrics"] = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("modeldeploy_router_shadow_") and "_total" in line
+        ]
+    return result
+
+
+def summarize_shadow(shadow: dict[str, Any]) -> str:
+    """Users' latency through the router without and with shadow copies."""
+    plain, mirrored = shadow["unmirrored"], shadow["mirrored"]
+    return (
+        f"shadow {shadow['percent']}% at 16 connections: p50 {plain['p50_ms']:.2f} -> "
+        f"{mirrored['p50_ms']:.2f} ms, p99 {plain['p99_ms']:.2f} -> {mirrored['p99_ms']:.2f} ms "
+        f"({mirrored['p99_ms'] / plain['p99_ms']:.2f}x), req/s {plain['req_s']:.0f} -> "
+        f"{mirrored['req_s']:.0f}, router CPU {plain['router_cpu_us']:.0f} -> "
+        f"{mirrored['router_cpu_us']:.0f} us/req"
+    )
+
+
 def main(argv: list[str]) -> int:
     """Measure direct and routed runs at each concurrency; print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "router.json")
+    parser.add_argument("--shadow-percent", type=int, default=10, help="0: no shadow runs")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     print(f"load average before: {load_before}", flush=True)
@@ -121,12 +172,22 @@ def main(argv: list[str]) -> int:
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+            if args.shadow_percent:
+                shadow = measure_shadow(
+                    model.path, body, config, variants, args.shadow_percent, args.duration
+                )
+                print(json.dumps({"shadow": shadow}), flush=True)
     # The machine is shared: a busy neighbour shows here and makes the run worth repeating.
     load = {"before": load_before, "after": os.getloadavg()}
     print(f"load average after: {load['after']}")
     print(summarize(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"duration_s": args.duration, "load": load, "runs": rows}))
+    if args.shadow_percent:
+        print(summarize_shadow(shadow))
+    document = {"duration_s": args.duration, "load": load, "runs": rows}
+    if args.shadow_percent:
+        document["shadow"] = shadow
+    args.out.write_text(json.dumps(document))
     return 0
 
 

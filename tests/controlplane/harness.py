@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,8 +450,11 @@ def _crd_served(api: client.ApiClient, name: str, group: str, versions: list[str
     return True
 
 
-def start(binaries: Binaries, crd_paths: Iterable[Path]) -> ControlPlane:
-    """Start etcd, kube-apiserver and kube-controller-manager and install the CRDs.
+def start(
+    binaries: Binaries, crd_paths: Iterable[Path], apiserver_flags: Sequence[str] = ()
+) -> ControlPlane:
+    """Start etcd, kube-apiserver (with `apiserver_flags` added) and kube-controller-manager and
+    install the CRDs.
 
     On any failure everything already started is stopped before the error propagates.
     """
@@ -471,7 +474,7 @@ def start(binaries: Binaries, crd_paths: Iterable[Path]) -> ControlPlane:
         {"client-certificate": str(pki.admin_cert), "client-key": str(pki.admin_key)},
     )
     try:
-        _start_processes(plane, binaries, api_port)
+        _start_processes(plane, binaries, api_port, apiserver_flags)
         with plane.api_client() as api:
             install_crds(api, crd_documents(crd_paths))
     except BaseException:
@@ -531,7 +534,9 @@ def apiserver_argv(
     ]
 
 
-def _start_processes(plane: ControlPlane, binaries: Binaries, api_port: int) -> None:
+def _start_processes(
+    plane: ControlPlane, binaries: Binaries, api_port: int, apiserver_flags: Sequence[str]
+) -> None:
     workdir, pki = plane.workdir, plane.pki
     etcd_port, peer_port = free_port(), free_port()
     etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -553,7 +558,7 @@ def _start_processes(plane: ControlPlane, binaries: Binaries, api_port: int) -> 
         "--authorization-mode=RBAC",
         f"--advertise-address={non_loopback_ipv4()}",
     ]
-    apiserver = start_process("kube-apiserver", apiserver_args, workdir)
+    apiserver = start_process("kube-apiserver", [*apiserver_args, *apiserver_flags], workdir)
     plane.processes.append(apiserver)
     wait_for("kube-apiserver /readyz", lambda: readyz(plane.server_url, pki), [etcd, apiserver])
 
@@ -592,9 +597,11 @@ def _service_account_exists(api: client.ApiClient, namespace: str, name: str) ->
 
 
 @contextlib.contextmanager
-def running(binaries: Binaries, crd_paths: Iterable[Path]) -> Iterator[ControlPlane]:
+def running(
+    binaries: Binaries, crd_paths: Iterable[Path], apiserver_flags: Sequence[str] = ()
+) -> Iterator[ControlPlane]:
     """`start` as a context manager that always stops what it started."""
-    plane = start(binaries, crd_paths)
+    plane = start(binaries, crd_paths, apiserver_flags)
     try:
         yield plane
     finally:

@@ -364,3 +364,39 @@ def test_a_rotated_token_is_read_again(cluster: Cluster, tmp_path: Path) -> None
     # The operator removes the acks of pods that are gone.
     patch = {"metadata": {"annotations": {ROUTES_ACK_ANNOTATION_PREFIX + pod: None}}}
     cluster.core.patch_namespaced_config_map(cluster.config_map_name, cluster.namespace, patch)
+
+
+def test_a_watch_whose_version_was_compacted_lists_again(
+    control_plane_binaries: harness.Binaries, tmp_path: Path
+) -> None:
+    """410 Gone: an API server without watch cache resumes each watch from etcd, which compacts
+    every 2 s here; once the router's last seen version is compacted away, it must list again."""
+    flags = ["--watch-cache=false", "--etcd-compaction-interval=2s"]
+    namespace = "gone"
+    with ExitStack() as stack:
+        plane = stack.enter_context(harness.running(control_plane_binaries, [], flags))
+        api = stack.enter_context(plane.api_client())
+        core = client.CoreV1Api(api)
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+        api_port = urlsplit(plane.server_url).port
+        assert api_port is not None
+        spec = model_deployment(MODEL, namespace, uid=None)
+        cluster = Cluster(plane, namespace, KubeApi(api), core, spec, {}, api_port)
+        for kind in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap"):
+            cluster.kube.apply(cluster.rendered(kind))
+        first = json.loads(cluster.rendered("ConfigMap")["data"][ROUTES_KEY])["version"]
+        env = cluster.router_env(ROUTERS[0], cluster.secrets(tmp_path / "serviceaccount"))
+        router = stack.enter_context(running(["route"], env=env))
+        cluster.routers[ROUTERS[0]] = router
+        assert cluster.served_version(ROUTERS[0]) == first
+        # Other writes move etcd's revision on; compaction then drops the router's version.
+        for i in range(20):
+            core.create_namespaced_config_map(
+                namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"other-{i}"))
+            )
+        poll(lambda: "expired; listing again" in router.output(), 60, interval_s=0.2)
+        spec["spec"]["variants"][0]["weight"], spec["spec"]["variants"][1]["weight"] = 10, 90
+        config_map = cluster.rendered("ConfigMap")
+        cluster.kube.apply(config_map)
+        second = json.loads(config_map["data"][ROUTES_KEY])["version"]
+        poll(partial(cluster.serves, ROUTERS[0], second), PROPAGATION_BOUND_S)

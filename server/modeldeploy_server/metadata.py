@@ -157,7 +157,8 @@ def validate_inputs(
                 raise InvalidInput(
                     f"inputs disagree on the batch dimension ({rows} and {first} rows)"
                 )
-            rows = max(rows, first)
+            if first > rows:
+                rows = first
         feed[name] = tensor.array
     if len(feed) != len(specs):
         missing = [name for name in specs if name not in feed]

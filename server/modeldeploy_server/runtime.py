@@ -54,15 +54,11 @@ class OnnxModel:
         self._session = session
         self.metadata = metadata
         self._output_names = [spec.name for spec in metadata.outputs]
-        # onnxruntime would print every failed run with its source paths; a refusal is the
-        # client's answer (422) and a fault is logged below, once.
-        self._run_options = ort.RunOptions()
-        self._run_options.log_severity_level = 4
 
     def run(self, feed: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         """Run the model on validated inputs."""
         try:
-            results = self._session.run(self._output_names, dict(feed), self._run_options)
+            results = self._session.run(self._output_names, dict(feed))
         except Exception as exc:
             complaint = describe_rejection(str(exc))
             if complaint is None:
@@ -123,7 +119,10 @@ def load_model(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    # Fatal only: onnxruntime would print every failed run with its source paths, while a refusal
+    # is the client's answer (422) and a fault is logged by `run`, once. Per-run options instead
+    # would cost a logger per run.
+    options.log_severity_level = 4
     try:
         session = ort.InferenceSession(
             str(path), sess_options=options, providers=["CPUExecutionProvider"]

@@ -224,6 +224,27 @@ def test_declared_length_reaches_the_variant_which_refuses_it_at_once(
     assert "over the" in str(json_body(answer)["error"])
 
 
+def test_chunked_body_is_forwarded_and_its_trailers_are_not(
+    iris: BuiltModel, v1: RunningProcess, config: Path
+) -> None:
+    """A trailer naming the dark variant must not pin the request to it."""
+    with serve_model(iris.path, MODEL, "v2", SERVE_ARGS) as v2:
+        config.write_text(routes({"v1": (v1.url, 100), "v2": (v2.url, 0)}))
+        with route(config) as router:
+            chunks = b"%x\r\n%s\r\n" % (len(BODY), BODY)
+            request = (
+                (
+                    f"POST {INFER} HTTP/1.1\r\nhost: r\r\ntransfer-encoding: chunked\r\n"
+                    "trailer: x-model-variant\r\n\r\n"
+                ).encode()
+                + chunks
+                + b"0\r\nx-model-variant: v2\r\n\r\n"
+            )
+            answer = raw_exchange(router.port, request)
+    assert status_of(answer) == 200, answer
+    assert b"x-model-version: v1" in answer
+
+
 def echo_handler(conn: socket.socket, _index: int) -> None:
     """Answer each request with its own head, as JSON lines of [name, value]."""
     while True:

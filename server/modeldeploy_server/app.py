@@ -31,6 +31,7 @@ from modeldeploy_server.capture import PayloadCapture
 from modeldeploy_server.codec import decode_infer_request, encode_infer_response, select_outputs
 from modeldeploy_server.config import ServeConfig
 from modeldeploy_server.deadlines import Deadlines
+from modeldeploy_server.edge import BACKOFF_STATE_KEY
 from modeldeploy_server.errors import (
     ConfigError,
     InvalidInput,
@@ -146,10 +147,12 @@ class _Incoming:
     content_encoding: bytes = b"identity"
     accept: bytes = b""
     header_length: bytes | None = None
+    # The request's scope["state"]: where an overload refusal asks the connection to back off.
+    state: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, scope: Scope) -> _Incoming:
-        incoming = cls()
+        incoming = cls(state=scope.get("state"))
         for name, value in scope["headers"]:
             if name == b"content-length":
                 incoming.content_length = value
@@ -317,9 +320,10 @@ class InferenceService:
         assert deadlines is not None and batcher is not None and task is not None, "lifespan"
         deadlines.start(task)
         try:
+            # A full queue refuses before the body is read, and again before it is decoded (the
+            # costly part), where the place is taken: a client trickling its body holds none.
+            batcher.check_room()
             body = await self._read_body(incoming, receive)
-            # Admission before decoding, the costly part: a full queue refuses here. (Not before
-            # reading: a client trickling its body would hold a place in the queue.)
             batcher.reserve(task)
             result = await answer(incoming, body)
             deadlines.finish(task)
@@ -344,6 +348,8 @@ class InferenceService:
             assert isinstance(error, ServerError)
             status, content, extra = render_error(error)
             content_type = JSON
+            if isinstance(error, Overloaded) and incoming.state is not None:
+                incoming.state[BACKOFF_STATE_KEY] = float(RETRY_AFTER_S)
         headers = [
             (b"content-type", content_type),
             (b"content-length", str(len(content)).encode()),

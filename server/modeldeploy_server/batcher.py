@@ -80,11 +80,15 @@ class Batcher:
         """Requests waiting for a model run."""
         return len(self._waiting)
 
+    def check_room(self) -> None:
+        """Raise Overloaded if the queue is full now (before a body is even read)."""
+        if len(self._waiting) + len(self._reserved) >= self._max_queue:
+            raise Overloaded("the model's request queue is full; retry later")
+
     def reserve(self, task: asyncio.Task[Any]) -> None:
         """Hold a place in the queue for `task`'s request before its body is decoded, so that a
         full queue refuses it before that work; raises Overloaded when full."""
-        if len(self._waiting) + len(self._reserved) >= self._max_queue:
-            raise Overloaded("the model's request queue is full; retry later")
+        self.check_room()
         self._reserved.add(task)
 
     def release(self, task: asyncio.Task[Any]) -> None:
@@ -97,8 +101,8 @@ class Batcher:
         task = asyncio.current_task()
         if task in self._reserved:
             self._reserved.discard(task)
-        elif len(self._waiting) + len(self._reserved) >= self._max_queue:
-            raise Overloaded("the model's request queue is full; retry later")
+        else:
+            self.check_room()
         future: asyncio.Future[Outputs] = self._loop.create_future()
         self._waiting.append(_Pending(feed, rows, future))
         wakeup = self._wakeup

@@ -30,6 +30,11 @@ logger = logging.getLogger("uvicorn.error")
 LINGER_S = 2.0
 # What `OPTIONS *` answers: the methods this server's routes accept.
 ALLOWED_METHODS = b"GET, HEAD, POST"
+# An application that refuses a request because it is overloaded sets
+# scope["state"][BACKOFF_STATE_KEY] to the seconds of its Retry-After: that connection then reads
+# nothing more for that long. Clients that retry at once (ignoring Retry-After) would otherwise
+# keep the event loop busy refusing them, and the admitted requests would starve.
+BACKOFF_STATE_KEY = "modeldeploy.backoff_s"
 
 
 @dataclass
@@ -182,9 +187,17 @@ class EdgeProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        """An answer went out: give its body bytes back to the budget."""
+        """An answer went out: give its body bytes back to the budget, back off if asked."""
         self._release(everything=False)
         super().on_response_complete()
+        backoff_s = self.cycle.scope["state"].get(BACKOFF_STATE_KEY)
+        if backoff_s and not self.transport.is_closing():
+            self.flow.pause_reading()
+            self.loop.call_later(backoff_s, self._end_backoff)
+
+    def _end_backoff(self) -> None:
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
 
     # -- helpers ---------------------------------------------------------------------------------
 

@@ -15,11 +15,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
+from modeldeploy_server.config import EdgeSettings
+from modeldeploy_server.edge import BACKOFF_STATE_KEY
+from modeldeploy_server.http_server import build_server
 from tests.models import BuiltModel
 from tests.processes import LOOPBACK, RunningProcess, route, serve_model
 
@@ -315,3 +319,51 @@ def test_sigterm_drains_keep_alive_connections_without_dropping(
         assert again.status_code == 200 and again.headers["connection"] == "close"
         assert again.json() == first.json()
         assert target.process.wait(WAIT_S) == 0
+
+
+async def backoff_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers /busy with 503 and asks its connection to back off 1 s; anything else 200."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    status = 200
+    if scope["path"] == "/busy":
+        scope["state"][BACKOFF_STATE_KEY] = 1.0
+        status = 503
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]}
+    )
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_an_overload_refusal_pauses_only_its_own_connection() -> None:
+    """Clients that ignore Retry-After cannot keep the server busy refusing them."""
+    server = build_server(
+        backoff_app, host=LOOPBACK, port=0, access_log=False, graceful_shutdown_s=1,
+        edge=EdgeSettings(shutdown_delay_s=0), on_drain=lambda: None, log_config=None,
+    )  # fmt: skip
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        port = sock.getsockname()[1]
+        with socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as retrying:
+            retrying.sendall(b"GET /busy HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert retrying.recv(100).startswith(b"HTTP/1.1 503 ")
+            started = time.monotonic()
+            retrying.sendall(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+            with socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as other:
+                other.sendall(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert other.recv(100).startswith(b"HTTP/1.1 200 ")
+            assert retrying.recv(100).startswith(b"HTTP/1.1 200 ")
+            assert time.monotonic() - started >= 0.9  # read only after the back-off
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_S)

@@ -62,18 +62,22 @@ def reconcile_batch(
     bp = parse_batch_prediction(obj)
     previous = obj.get("status") or {}
     job = api.get_batch_job(namespace, name)
+    if job is None and previous.get("phase") in FINISHED:
+        # Finished, and its Job since deleted by hand (or never accepted): nothing more to do.
+        return BatchOutcome(obj, previous, [])
     problem = None
-    if job is None and previous.get("phase") not in FINISHED:
+    if job is None:
         try:
             md = None
             if bp.model_ref is not None:
                 raw = api.get_model_deployment(namespace, bp.model_ref.name)
                 md = parse_model_deployment(raw) if raw is not None else None
             model = resolve_model(bp, md)
-        except (UnresolvedModel, InvalidSpecError) as error:
-            problem = str(error)
-        else:
             job = api.apply_job(render_batch_job(bp, model, server_image=config.server_image))
+        except (UnresolvedModel, InvalidSpecError) as error:
+            problem = ("ModelNotFound", str(error))
+        except RejectedError as error:
+            problem = ("JobRejected", f"the API server refused the Job: {error}")
     pods = api.list_pods(namespace, batch_selector(name)) if job is not None else []
     status = compute_batch_status(bp, job, pods, problem, previous, now)
     api.apply_batch_status(namespace, name, status)

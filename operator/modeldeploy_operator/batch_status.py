@@ -95,18 +95,24 @@ def compute_batch_status(
     bp: BatchPrediction,
     job: Mapping[str, Any] | None,
     pods: Sequence[Mapping[str, Any]],
-    problem: str | None,
+    problem: tuple[str, str] | None,
     previous: Mapping[str, Any] | None,
     now: str,
 ) -> Status:
-    """The whole status; `problem` says why there is no Job (the model cannot be resolved)."""
+    """The whole status; `problem` (reason, message) says why there is no Job: ModelNotFound
+    (waits for the model) or JobRejected (the API server refused the Job: final, as the spec
+    cannot change)."""
     status: Status = {"observedGeneration": bp.generation, "shards": bp.shards}
     if job is None:
-        status |= {"phase": "Pending", "shardsSucceeded": 0, "shardsFailed": 0}
-        status["shardsDone"] = f"0/{bp.shards}"
-        reason, message = ("ModelNotFound", problem) if problem else ("JobPending", "no Job yet")
+        reason, message = problem or ("JobPending", "no Job yet")
+        rejected = reason == "JobRejected"
+        status |= {"phase": "Failed" if rejected else "Pending", "shardsSucceeded": 0}
+        status |= {"shardsFailed": 0, "shardsDone": f"0/{bp.shards}"}
         status["conditions"] = _conditions(
-            [("Complete", "False", reason, message), ("Failed", "False", reason, message)],
+            [
+                ("Complete", "False", reason, message),
+                ("Failed", "True" if rejected else "False", reason, message),
+            ],
             bp.generation,
             previous,
             now,
@@ -200,7 +206,8 @@ def compute_batch_events(
         return [Event("Normal", "Completed", message)]
     if phase == "Failed":
         (failed,) = [c for c in status["conditions"] if c["type"] == "Failed"]
-        return [Event("Warning", "Failed", failed["message"])]
+        reason = "JobRejected" if failed["reason"] == "JobRejected" else "Failed"
+        return [Event("Warning", reason, failed["message"])]
     (complete,) = [c for c in status["conditions"] if c["type"] == "Complete"]
     if complete["reason"] == "ModelNotFound":
         return [Event("Warning", "ModelNotFound", complete["message"])]

@@ -127,7 +127,7 @@ class Batch:
         return wait_for(
             probe,
             lambda: f"phase {phase} {expected}: {self.status(name)}\n{self.operator.log()[-2000:]}",
-            timeout=60,
+            timeout=120,
             check=self.operator.check_alive,
         )
 
@@ -289,9 +289,17 @@ def test_the_operator_runs_a_batch_prediction_as_an_indexed_job_through_its_phas
         "part-00000-of-00002.csv",
         "part-00001-of-00002.csv",
     ]
-    events = cluster.core.list_namespaced_event(ns, field_selector="involvedObject.name=weekly")
-    reasons = {e.reason for e in events.items}
-    assert {"ModelNotFound", "Started", "Completed"} <= reasons, reasons
+
+    def reasons() -> set[str]:
+        events = cluster.core.list_namespaced_event(ns, field_selector="involvedObject.name=weekly")
+        return {e.reason for e in events.items}
+
+    # kopf posts events in the background, after the status is written.
+    wait_for(
+        lambda: {"ModelNotFound", "Started", "Completed"} <= reasons(),
+        lambda: f"the events, got {reasons()}",
+        timeout=60,
+    )
 
     # Re-applying the same object changes nothing: no new generation, the same Job.
     before = cluster.job("weekly")
@@ -344,3 +352,16 @@ def test_shard_pods_pass_the_restricted_pod_security_standard(
         core.create_namespaced_pod(namespace, pod)
     finally:
         core.delete_namespace(namespace)
+
+
+def test_a_job_the_api_server_refuses_fails_it_once_and_says_why(cluster: Batch) -> None:
+    # The CRD passes nodeSelector through as a free-form map; the Job API refuses the key. The
+    # spec cannot change, so this is final: Failed, with the API server's words.
+    body = batch_prediction("refused", pod={"nodeSelector": {"bad key!": "x"}})
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, body)
+    status = cluster.wait_phase("refused", "Failed")
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert failed["reason"] == "JobRejected"
+    assert "the API server refused the Job" in failed["message"]
+    assert "bad key!" in failed["message"]
+    assert cluster.job("refused") is None

@@ -286,10 +286,21 @@ def test_a_failed_shard_says_why_from_its_termination_message() -> None:
 
 def test_an_unresolved_model_keeps_it_pending_and_says_so() -> None:
     bp = parsed(model={"modelDeployment": {"name": "churn", "variant": "v9"}})
-    status = compute_batch_status(bp, None, [], "ModelDeployment 'churn' has no variant", None, NOW)
+    problem = ("ModelNotFound", "ModelDeployment 'churn' has no variant 'v9'")
+    status = compute_batch_status(bp, None, [], problem, None, NOW)
     assert status["phase"] == "Pending"
     (event,) = compute_batch_events(None, status)
     assert event.reason == "ModelNotFound"
+
+
+def test_a_job_the_api_server_refuses_fails_the_batch_prediction_for_good() -> None:
+    problem = ("JobRejected", "the API server refused the Job: nodeSelector: Invalid value")
+    status = compute_batch_status(parsed(), None, [], problem, None, NOW)
+    assert status["phase"] == "Failed"
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", "JobRejected")
+    (event,) = compute_batch_events(None, status)
+    assert (event.type, event.reason) == ("Warning", "JobRejected")
 
 
 def test_indexes_and_reports_parse_what_the_job_controller_writes() -> None:

@@ -150,12 +150,40 @@ def shadow_manifest(name: str = "iris") -> Manifest:
     return manifest
 
 
+def rollout_manifest(name: str = "iris") -> Manifest:
+    """The 90/10 canary reached in gated, analysed steps: every gate and rollout field set."""
+    manifest = two_variant_manifest(name)
+    manifest["spec"]["variants"][1]["gate"] = {
+        "dataset": {"uri": "https://data.example.com/iris/golden.csv", "sha256": SHA_V1},
+        "against": "v1",
+        "outputs": ["label"],
+        "absoluteTolerance": 0.001,
+        "relativeTolerance": 0.01,
+        "minAgreement": 0.98,
+    }
+    manifest["spec"]["rollout"] = {
+        "steps": [{"percent": 10, "holdSeconds": 300}, {"percent": 50, "holdSeconds": 600}],
+        "analysis": {
+            "errorRate": {"max": 0.01, "maxRatioToStable": 2},
+            "p99LatencyMs": {"maxRatioToStable": 1.5},
+            "shadowDisagreement": {"max": 0.05},
+        },
+        "minSamples": 200,
+        "failureLimit": 1,
+        "lowTraffic": "rollback",
+        "intervalSeconds": 15,
+        "deadlineSeconds": 7200,
+    }
+    return manifest
+
+
 VALID_MANIFESTS: dict[str, Callable[[str], Manifest]] = {
     "minimal": minimal_manifest,
     "two-variants": two_variant_manifest,
     "sticky": sticky_manifest,
     "shadow": shadow_manifest,
     "full": full_manifest,
+    "rollout": rollout_manifest,
 }
 
 
@@ -196,6 +224,20 @@ def _case(id: str, field: str, change: Callable[[Manifest], object]) -> InvalidM
     manifest = two_variant_manifest()
     change(manifest)
     return InvalidManifest(id, manifest, field)
+
+
+def _rollout_case(id: str, field: str, change: Callable[[Manifest], object]) -> InvalidManifest:
+    manifest = rollout_manifest()
+    change(manifest)
+    return InvalidManifest(id, manifest, field)
+
+
+def _gate(m: Manifest) -> Any:
+    return m["spec"]["variants"][1]["gate"]
+
+
+def _rollout(m: Manifest) -> Any:
+    return m["spec"]["rollout"]
 
 
 INVALID_MANIFESTS: list[InvalidManifest] = [
@@ -519,6 +561,82 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         lambda m: _spec(m).update(
             pod={"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 30}]}
         ),
+    ),
+]
+
+
+INVALID_MANIFESTS += [
+    _rollout_case("gate-against-itself", "spec.variants", lambda m: _gate(m).update(against="v2")),
+    _rollout_case(
+        "gate-against-unknown-variant", "spec.variants", lambda m: _gate(m).update(against="v9")
+    ),
+    _rollout_case(
+        "gate-dataset-unsupported-scheme",
+        "spec.variants[1].gate.dataset.uri",
+        lambda m: _gate(m)["dataset"].update(uri="s3://bucket/golden.csv"),
+    ),
+    _rollout_case(
+        "gate-dataset-sha256-missing",
+        "spec.variants[1].gate.dataset.sha256",
+        lambda m: _gate(m)["dataset"].pop("sha256"),
+    ),
+    _rollout_case(
+        "gate-dataset-format-unknown",
+        "spec.variants[1].gate.dataset.format",
+        lambda m: _gate(m)["dataset"].update(format="parquet"),
+    ),
+    _rollout_case(
+        "gate-min-agreement-above-1",
+        "spec.variants[1].gate.minAgreement",
+        lambda m: _gate(m).update(minAgreement=1.5),
+    ),
+    _rollout_case(
+        "gate-tolerance-negative",
+        "spec.variants[1].gate.absoluteTolerance",
+        lambda m: _gate(m).update(absoluteTolerance=-0.1),
+    ),
+    _rollout_case(
+        "rollout-steps-not-increasing",
+        "spec.rollout.steps",
+        lambda m: _rollout(m)["steps"].reverse(),
+    ),
+    _rollout_case(
+        "rollout-steps-repeated",
+        "spec.rollout.steps",
+        lambda m: _rollout(m)["steps"][1].update(percent=10),
+    ),
+    _rollout_case(
+        "rollout-step-percent-100",
+        "spec.rollout.steps[1].percent",
+        lambda m: _rollout(m)["steps"][1].update(percent=100),
+    ),
+    _rollout_case(
+        "rollout-step-hold-missing",
+        "spec.rollout.steps[0].holdSeconds",
+        lambda m: _rollout(m)["steps"][0].pop("holdSeconds"),
+    ),
+    *[
+        _rollout_case(
+            f"rollout-bound-{metric}-empty",
+            f"spec.rollout.analysis.{metric}",
+            lambda m, metric=metric: _rollout(m)["analysis"].update({metric: {}}),
+        )
+        for metric in ("errorRate", "p99LatencyMs", "shadowDisagreement")
+    ],
+    _rollout_case(
+        "rollout-error-rate-above-1",
+        "spec.rollout.analysis.errorRate.max",
+        lambda m: _rollout(m)["analysis"]["errorRate"].update(max=5),
+    ),
+    _rollout_case(
+        "rollout-low-traffic-unknown",
+        "spec.rollout.lowTraffic",
+        lambda m: _rollout(m).update(lowTraffic="guess"),
+    ),
+    _rollout_case(
+        "rollout-min-samples-zero",
+        "spec.rollout.minSamples",
+        lambda m: _rollout(m).update(minSamples=0),
     ),
 ]
 

@@ -81,6 +81,24 @@ class ServerSettings:
     request_timeout_seconds: float | None = None
 
 
+GateFormat = Literal["csv", "jsonl"]
+GATE_FORMATS: tuple[GateFormat, ...] = ("csv", "jsonl")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A golden dataset a variant must answer well before it gets live weight."""
+
+    dataset: ModelSource
+    format: GateFormat = "csv"
+    # Another variant whose answers to compare with; None: the dataset's expected answers.
+    against: str | None = None
+    outputs: tuple[str, ...] = ()
+    absolute_tolerance: float = 0.0
+    relative_tolerance: float = 0.0
+    min_agreement: float = 1.0
+
+
 @dataclass(frozen=True)
 class Bound:
     """A limit on a candidate's metric: absolute, relative to the stable variants', or both."""
@@ -135,6 +153,7 @@ class Variant:
     autoscaling: Autoscaling | None
     resources: Mapping[str, Any]
     server: ServerSettings
+    gate: Gate | None = None
 
     @property
     def min_replicas(self) -> int:
@@ -190,6 +209,8 @@ class ModelDeployment:
     # From annotation modeldeploy.dev/example-instance: the servers' warm-up request and the row
     # of local mode's printed example requests.
     example_instance: Mapping[str, Any] | None = None
+    # Accepted and parsed, not yet acted on: the reconcile routes the spec's weights directly.
+    rollout: Rollout | None = None
 
     @property
     def spec_weights(self) -> tuple[tuple[str, int], ...]:
@@ -234,6 +255,7 @@ def parse_model_deployment(obj: Mapping[str, Any]) -> ModelDeployment:
         example_instance=parse_example_instance(
             _optional(metadata, "annotations", "metadata", dict, {})
         ),
+        rollout=_parse_rollout(spec),
     )
 
 
@@ -279,6 +301,7 @@ def _parse_variant(raw: Mapping[str, Any], path: str, md_name: str) -> Variant:
         autoscaling=_parse_autoscaling(raw, path),
         resources=_optional(raw, "resources", path, dict, {}),
         server=_parse_server(_optional(raw, "server", path, dict, {}), f"{path}.server"),
+        gate=_parse_gate(raw, path),
     )
 
 
@@ -300,6 +323,80 @@ def _check_model(model: ModelSource, path: str) -> None:
             )
         if ".." in file_path.split("/"):
             raise InvalidSpecError(f"{path}.uri: the path inside the claim must not contain '..'")
+
+
+def _parse_gate(raw: Mapping[str, Any], path: str) -> Gate | None:
+    if raw.get("gate") is None:
+        return None
+    sub = f"{path}.gate"
+    gate = _required(raw, "gate", path, dict)
+    dataset = _required(gate, "dataset", sub, dict)
+    source = ModelSource(
+        uri=_required(dataset, "uri", f"{sub}.dataset", str),
+        sha256=_required(dataset, "sha256", f"{sub}.dataset", str),
+    )
+    _check_model(source, f"{sub}.dataset")
+    file_format = _optional(dataset, "format", f"{sub}.dataset", str, "csv")
+    if file_format not in GATE_FORMATS:
+        raise InvalidSpecError(f"{sub}.dataset.format: {file_format!r} must be csv or jsonl")
+    min_agreement = _optional(gate, "minAgreement", sub, float, 1.0)
+    if not 0 <= min_agreement <= 1:
+        raise InvalidSpecError(f"{sub}.minAgreement: {min_agreement} is outside 0..1")
+    return Gate(
+        dataset=source,
+        format=file_format,
+        against=_optional(gate, "against", sub, str, None),
+        outputs=tuple(_optional(gate, "outputs", sub, list, ())),
+        absolute_tolerance=_non_negative(gate, "absoluteTolerance", sub, float) or 0.0,
+        relative_tolerance=_non_negative(gate, "relativeTolerance", sub, float) or 0.0,
+        min_agreement=min_agreement,
+    )
+
+
+def _parse_rollout(spec: Mapping[str, Any]) -> Rollout | None:
+    if spec.get("rollout") is None:
+        return None
+    path = "spec.rollout"
+    raw = _required(spec, "rollout", "spec", dict)
+    steps = tuple(
+        RolloutStep(
+            percent=_required(_as(step, f"{path}.steps[{i}]", dict), "percent", path, int),
+            hold_seconds=_required(step, "holdSeconds", f"{path}.steps[{i}]", int),
+        )
+        for i, step in enumerate(_optional(raw, "steps", path, list, ()))
+    )
+    percents = [step.percent for step in steps]
+    if percents != sorted(set(percents)) or not all(0 < p < 100 for p in percents):
+        raise InvalidSpecError(f"{path}.steps: percent must increase from step to step, in 1..99")
+    if any(step.hold_seconds < 1 for step in steps):
+        raise InvalidSpecError(f"{path}.steps: holdSeconds must be at least 1")
+    analysis = _optional(raw, "analysis", path, dict, {})
+    policy = _optional(raw, "lowTraffic", path, str, "hold")
+    if policy not in LOW_TRAFFIC_POLICIES:
+        raise InvalidSpecError(
+            f"{path}.lowTraffic: {policy!r} must be one of {LOW_TRAFFIC_POLICIES}"
+        )
+    return Rollout(
+        steps=steps,
+        analysis=Analysis(
+            error_rate=_parse_bound(analysis, "errorRate", f"{path}.analysis"),
+            p99_latency_ms=_parse_bound(analysis, "p99LatencyMs", f"{path}.analysis"),
+            shadow_disagreement=_parse_bound(analysis, "shadowDisagreement", f"{path}.analysis"),
+        ),
+        min_samples=max(_optional(raw, "minSamples", path, int, 100), 1),
+        failure_limit=max(_optional(raw, "failureLimit", path, int, 0), 0),
+        low_traffic=policy,
+        interval_seconds=max(_optional(raw, "intervalSeconds", path, int, 30), 1),
+        deadline_seconds=_optional(raw, "deadlineSeconds", path, int, None),
+    )
+
+
+def _parse_bound(analysis: Mapping[str, Any], key: str, path: str) -> Bound:
+    raw = _optional(analysis, key, path, dict, {})
+    return Bound(
+        max=_non_negative(raw, "max", f"{path}.{key}", float),
+        max_ratio_to_stable=_non_negative(raw, "maxRatioToStable", f"{path}.{key}", float),
+    )
 
 
 def _parse_autoscaling(raw: Mapping[str, Any], path: str) -> Autoscaling | None:
@@ -416,6 +513,12 @@ def _check_variants(variants: tuple[Variant, ...]) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InvalidSpecError(f"spec.variants: duplicate variant names {duplicates}")
+    for index, variant in enumerate(variants):
+        against = variant.gate.against if variant.gate else None
+        if against is not None and (against == variant.name or against not in names):
+            raise InvalidSpecError(
+                f"spec.variants[{index}].gate.against: {against!r} must name another variant"
+            )
     total = sum(v.weight for v in variants)
     if total != 100:
         raise InvalidSpecError(f"spec.variants[*].weight: weights sum to {total}, not 100")

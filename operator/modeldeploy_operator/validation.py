@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -385,6 +386,11 @@ def _cel_sum(values: celtypes.ListType) -> Any:
     return total
 
 
+def _cel_is_sorted(values: celtypes.ListType) -> celtypes.BoolType:
+    items: list[Any] = list(values)
+    return celtypes.BoolType(all(a <= b for a, b in itertools.pairwise(items)))
+
+
 _QUANTITY = re.compile(
     r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?"
 )
@@ -422,9 +428,11 @@ def _cel_compare_to(left: Decimal, right: Decimal) -> celtypes.IntType:
 
 
 # The apiserver's CEL has the Kubernetes libraries; cel-python lacks the parts the CRD uses:
-# sum() of the list library, and quantity(), isQuantity() and compareTo() of the quantity library.
+# sum() and isSorted() of the list library, and quantity(), isQuantity() and compareTo() of the
+# quantity library.
 _KUBERNETES_FUNCTIONS: dict[str, Any] = {
     "sum": _cel_sum,
+    "isSorted": _cel_is_sorted,
     "isQuantity": _cel_is_quantity,
     "quantity": _cel_quantity,
     "compareTo": _cel_compare_to,

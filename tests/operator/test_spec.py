@@ -10,11 +10,18 @@ import yaml
 
 from modeldeploy_operator.spec import (
     DEFAULT_HEADER_OVERRIDE,
+    Analysis,
+    Bound,
+    Gate,
     InvalidSpecError,
     ModelSource,
+    Rollout,
+    RolloutStep,
     Shadow,
     parse_model_deployment,
 )
+from tests.invalid_manifests import SHA_V1 as GOLDEN_SHA
+from tests.invalid_manifests import minimal_manifest, rollout_manifest
 from tests.operator.builders import SHA_V1, model_deployment, variant
 
 EXAMPLE = "examples/production.yaml"
@@ -209,3 +216,76 @@ def test_shadow_is_parsed() -> None:
         )
     )
     assert md.routing.shadow == Shadow(variant="v2", percent=5, tolerance=0.5)
+
+
+def test_gate_and_rollout_are_parsed() -> None:
+    md = parse_model_deployment(rollout_manifest())
+    gate = md.variants[1].gate
+    assert md.variants[0].gate is None
+    assert gate == Gate(
+        dataset=ModelSource("https://data.example.com/iris/golden.csv", GOLDEN_SHA),
+        format="csv",
+        against="v1",
+        outputs=("label",),
+        absolute_tolerance=0.001,
+        relative_tolerance=0.01,
+        min_agreement=0.98,
+    )
+    assert md.rollout == Rollout(
+        steps=(RolloutStep(10, 300), RolloutStep(50, 600)),
+        analysis=Analysis(
+            error_rate=Bound(max=0.01, max_ratio_to_stable=2.0),
+            p99_latency_ms=Bound(max_ratio_to_stable=1.5),
+            shadow_disagreement=Bound(max=0.05),
+        ),
+        min_samples=200,
+        failure_limit=1,
+        low_traffic="rollback",
+        interval_seconds=15,
+        deadline_seconds=7200,
+    )
+
+
+def test_rollout_defaults() -> None:
+    manifest = rollout_manifest()
+    manifest["spec"]["rollout"] = {}
+    del manifest["spec"]["variants"][1]["gate"]["against"]
+    md = parse_model_deployment(manifest)
+    assert md.rollout == Rollout()
+    assert md.rollout.low_traffic == "hold" and md.rollout.min_samples == 100
+    gate = md.variants[1].gate
+    assert gate is not None and gate.against is None
+    assert parse_model_deployment(minimal_manifest()).rollout is None
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (
+            lambda m: m["spec"]["variants"][1]["gate"].update(against="v2"),
+            "spec.variants[1].gate.against: 'v2' must name another variant",
+        ),
+        (
+            lambda m: m["spec"]["variants"][1]["gate"]["dataset"].update(uri="s3://b/x.csv"),
+            "spec.variants[1].gate.dataset.uri",
+        ),
+        (
+            lambda m: m["spec"]["variants"][1]["gate"].update(minAgreement=2),
+            "spec.variants[1].gate.minAgreement",
+        ),
+        (
+            lambda m: m["spec"]["rollout"]["steps"].reverse(),
+            "spec.rollout.steps: percent must increase",
+        ),
+        (
+            lambda m: m["spec"]["rollout"].update(lowTraffic="guess"),
+            "spec.rollout.lowTraffic",
+        ),
+    ],
+)
+def test_invalid_gate_or_rollout(change: Any, fragment: str) -> None:
+    manifest = rollout_manifest()
+    change(manifest)
+    with pytest.raises(InvalidSpecError) as caught:
+        parse_model_deployment(manifest)
+    assert fragment in str(caught.value)

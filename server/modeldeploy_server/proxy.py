@@ -6,7 +6,8 @@ Plain ASGI (no Starlette Request/Response: a proxy needs none of their parsing).
 
 - A request body is forwarded with the length the client declared (no re-chunking), so a variant
   can refuse an oversized one before it arrives; a client that sends less than it declared gets
-  408 once no byte came for the body timeout. Chunked bodies stay chunked; trailers are dropped.
+  408 from the edge protocol (`--read-timeout-s`). Chunked bodies stay chunked; trailers are
+  never forwarded.
 - A variant that refuses the connection, or closes it before any byte of an answer, is ejected
   for a short, growing time and the request goes once to another variant, if it named none and
   its body is still at hand. A timeout or a broken answer ejects too but is never replayed: the
@@ -15,7 +16,6 @@ Plain ASGI (no Starlette Request/Response: a proxy needs none of their parsing).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import random
@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from modeldeploy_server.deadlines import Deadlines
 from modeldeploy_server.health import PassiveHealth
 from modeldeploy_server.mirror import Mirror, MirroredRequest
 from modeldeploy_server.routing import (
@@ -76,17 +75,11 @@ class ClientGone(Exception):
     """The client disconnected before sending its whole body."""
 
 
-class BodyTimeout(Exception):
-    """The client stopped sending its body before the declared length."""
-
-
 @dataclass(frozen=True)
 class ProxySettings:
     """The waits and trust rules of the request path."""
 
     timeout_s: float  # for a variant's answer (its head, then each piece of a streamed body)
-    # For a body read whole (up to 1 MiB), for all of it; for a streamed one, for each piece.
-    body_timeout_s: float
     trusted: TrustedProxies
 
 
@@ -117,17 +110,14 @@ class Proxy:
         self._upstream = upstream
         self._metrics = metrics
         self.health = PassiveHealth()
-        self._body_deadlines: Deadlines | None = None
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Serve requests inside the block (run in the lifespan); close idle connections after."""
-        self._body_deadlines = Deadlines(self._settings.body_timeout_s)
         try:
             async with self._mirror.running():
                 yield
         finally:
-            await self._body_deadlines.close()
             self._upstream.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -199,10 +189,6 @@ class Proxy:
             status = _STATUS_OF_REASON[exc.error.reason]
             log.warning("%s %s: %s", scope["method"], scope["path"], exc)
             await send_json(send, status, {"error": str(exc)}, variant.name)
-        except BodyTimeout:
-            status = 408
-            message = f"the request body stopped arriving for {self._settings.body_timeout_s} s"
-            await send_json(send, status, {"error": message})
         except ClientGone:
             status = CLIENT_CLOSED_REQUEST
         self._metrics.observe(variant.name, status, time.perf_counter() - started)
@@ -227,27 +213,12 @@ class Proxy:
         return b""
 
     async def _read_body(self, receive: Receive) -> bytes:
-        # One deadline for the whole (small) body, kept by a shared sweeper: cheaper per request
-        # than a timer per read.
-        assert self._body_deadlines is not None, "the lifespan starts the proxy first"
-        task = asyncio.current_task()
-        assert task is not None
-        self._body_deadlines.start(task)
-        try:
-            parts = []
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone
-                parts.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return parts[0] if len(parts) == 1 else b"".join(parts)
-        except asyncio.CancelledError:
-            if self._body_deadlines.expired(task):
-                raise BodyTimeout from None
-            raise
-        finally:
-            self._body_deadlines.finish(task)
+        parts = []
+        while True:
+            message = await self._receive(receive)
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _stream_body(self, receive: Receive) -> AsyncIterator[bytes]:
         while True:
@@ -257,12 +228,9 @@ class Proxy:
                 return
 
     async def _receive(self, receive: Receive) -> Message:
-        """The next piece of a streamed body, with the body timeout for each piece."""
-        try:
-            async with asyncio.timeout(self._settings.body_timeout_s):
-                message = await receive()
-        except TimeoutError:
-            raise BodyTimeout from None
+        # No timer here: the edge protocol (edge.py) answers 408 and closes the connection when a
+        # request does not arrive whole within --read-timeout-s, and `receive` then says so.
+        message = await receive()
         if message["type"] == "http.disconnect":
             # Raising aborts the upload to the variant rather than ending it as a short, valid body.
             raise ClientGone
@@ -297,7 +265,7 @@ class Proxy:
                     request, body, head_only=head_only, chunked=chunked, timeout_s=timeout_s
                 )
         except BodySourceError as exc:
-            # The client, not the variant, failed: ClientGone or BodyTimeout.
+            # The client, not the variant, failed.
             assert exc.__cause__ is not None
             raise exc.__cause__ from None
         self.health.record_success(variant.name)

@@ -82,7 +82,6 @@ class RouterSettings:
     port: int
     timeout_s: float
     connect_timeout_s: float
-    body_timeout_s: float
     trusted_proxies: TrustedProxies
     shadow_queue: int
     shadow_log_sample: float
@@ -108,12 +107,6 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
         parse_positive_float,
         "5",
         "wait for a connection to a variant",
-    ),
-    "body_timeout_s": (
-        "MODELDEPLOY_ROUTER_BODY_TIMEOUT_S",
-        parse_positive_float,
-        "30",
-        "wait for each piece of a request body (408 after)",
     ),
     "trusted_proxies": (
         "MODELDEPLOY_ROUTER_TRUSTED_PROXIES",
@@ -357,7 +350,7 @@ class Router:
         )
         self._draining = False
         self.proxy = Proxy(
-            ProxySettings(settings.timeout_s, settings.body_timeout_s, settings.trusted_proxies),
+            ProxySettings(settings.timeout_s, settings.trusted_proxies),
             lambda: self.config,
             upstream,
             self.metrics,

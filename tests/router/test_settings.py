@@ -30,7 +30,6 @@ def test_defaults_need_only_the_config() -> None:
         port=8080,
         timeout_s=60.0,
         connect_timeout_s=5.0,
-        body_timeout_s=30.0,
         trusted_proxies=TrustedProxies(),
         shadow_queue=256,
         shadow_log_sample=0.1,
@@ -111,7 +110,6 @@ def test_env_sets_and_flags_override() -> None:
             {},
             "--trusted-proxies='10.0.0.0/8,proxy': 'proxy' is not an IP network",
         ),
-        (["--config", "c", "--body-timeout-s", "-2"], {}, "--body-timeout-s='-2': must be"),
     ],
 )
 def test_invalid_settings_exit_2_naming_the_source(
@@ -123,13 +121,9 @@ def test_invalid_settings_exit_2_naming_the_source(
     assert message in capsys.readouterr().err
 
 
-def test_trusted_proxies_and_body_timeout_from_env() -> None:
-    env = {
-        "MODELDEPLOY_ROUTER_TRUSTED_PROXIES": "10.0.0.0/8, 2001:db8::/32",
-        "MODELDEPLOY_ROUTER_BODY_TIMEOUT_S": "4",
-    }
+def test_trusted_proxies_from_env() -> None:
+    env = {"MODELDEPLOY_ROUTER_TRUSTED_PROXIES": "10.0.0.0/8, 2001:db8::/32"}
     settings = parse_settings(["--config", "c"], env)
     assert settings.trusted_proxies == parse_trusted_proxies("10.0.0.0/8,2001:db8::/32")
     assert settings.trusted_proxies.trusts("10.9.8.7")
     assert not settings.trusted_proxies.trusts("192.0.2.1")
-    assert settings.body_timeout_s == 4.0

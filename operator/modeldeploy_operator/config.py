@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 DEFAULT_SERVER_IMAGE = "ghcr.io/modeldeploy/modeldeploy-server:0.1.0"
 DEFAULT_RESYNC_SECONDS = 300.0
+DEFAULT_METRICS_PORT = 9090
 
 
 class ConfigError(ValueError):
@@ -19,10 +20,14 @@ class OperatorConfig:
     server_image: str = DEFAULT_SERVER_IMAGE
     # How often every ModelDeployment is reconciled even without events (drift correction).
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
+    # Prometheus metrics on this address and port; port 0 serves none.
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = DEFAULT_METRICS_PORT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
-        """Read MODELDEPLOY_SERVER_IMAGE and MODELDEPLOY_RESYNC_SECONDS; fail fast on bad values."""
+        """Read MODELDEPLOY_SERVER_IMAGE, MODELDEPLOY_RESYNC_SECONDS, MODELDEPLOY_METRICS_HOST and
+        MODELDEPLOY_METRICS_PORT; fail fast on bad values."""
         image = env.get("MODELDEPLOY_SERVER_IMAGE", DEFAULT_SERVER_IMAGE).strip()
         if not image or any(c.isspace() for c in image):
             raise ConfigError(f"MODELDEPLOY_SERVER_IMAGE: {image!r} is not an image reference")
@@ -33,4 +38,12 @@ class OperatorConfig:
             raise ConfigError(f"MODELDEPLOY_RESYNC_SECONDS: {raw!r} is not a number") from None
         if not resync > 0:
             raise ConfigError(f"MODELDEPLOY_RESYNC_SECONDS: {raw!r} must be positive")
-        return cls(server_image=image, resync_seconds=resync)
+        raw_port = env.get("MODELDEPLOY_METRICS_PORT", str(DEFAULT_METRICS_PORT))
+        if not raw_port.isdigit() or int(raw_port) > 65535:
+            raise ConfigError(f"MODELDEPLOY_METRICS_PORT: {raw_port!r} is not a port (0 for none)")
+        host = env.get("MODELDEPLOY_METRICS_HOST", "0.0.0.0").strip()
+        if not host:
+            raise ConfigError("MODELDEPLOY_METRICS_HOST: empty (use 0.0.0.0 for every interface)")
+        return cls(
+            server_image=image, resync_seconds=resync, metrics_host=host, metrics_port=int(raw_port)
+        )

@@ -24,6 +24,7 @@ from modeldeploy_operator.spec import (
     MODEL_DEPLOYMENT_API_VERSION,
     PLURAL,
 )
+from modeldeploy_operator.status import Event
 
 Manifest = dict[str, Any]
 
@@ -167,6 +168,21 @@ class KubeApi:
                 return None
             raise
 
+    def remove_finalizer(
+        self, namespace: str, name: str, finalizer: str, finalizers: list[str]
+    ) -> None:
+        """Remove `finalizer` from a ModelDeployment whose finalizers are still `finalizers`."""
+        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, PLURAL, namespace) + f"/{name}"
+        body: Any = [
+            {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {
+                "op": "replace",
+                "path": "/metadata/finalizers",
+                "value": [f for f in finalizers if f != finalizer],
+            },
+        ]
+        self._request("PATCH", path, {}, body=body, content_type="application/json-patch+json")
+
     def list_owned(self, namespace: str, md_name: str) -> list[Manifest]:
         """Objects of every kind we render labelled as ours for this ModelDeployment (kinds whose
         API is not served, such as HTTPRoute without the Gateway API CRDs, have none)."""
@@ -187,6 +203,54 @@ class KubeApi:
                 owned.append(item)
         return owned
 
+    def list_endpoint_slices(self, namespace: str, service: str) -> list[Manifest]:
+        """The EndpointSlices of one Service (read-only: the EndpointSlice controller owns them)."""
+        path = _collection_path("discovery.k8s.io/v1", "endpointslices", namespace)
+        selector = f"{naming.SERVICE_NAME_LABEL}={service}"
+        items: list[Manifest] = self._request("GET", path, {"labelSelector": selector}).get(
+            "items", []
+        )
+        return items
+
+    def remove_annotations(self, obj: Mapping[str, Any], keys: list[str]) -> None:
+        """Remove annotations `keys` from `obj` (a JSON merge patch; the same object only)."""
+        meta = obj["metadata"]
+        path = _object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        body = {"metadata": {"uid": meta["uid"], "annotations": dict.fromkeys(keys)}}
+        self._request(
+            "PATCH",
+            path,
+            {"fieldManager": naming.FIELD_MANAGER},
+            body=body,
+            content_type="application/merge-patch+json",
+        )
+
+    def create_event(self, regarding: Mapping[str, Any], event: Event, now: str) -> None:
+        """Post `event` about `regarding` (a core/v1 Event, as `kubectl describe` shows them)."""
+        meta = regarding["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": regarding["apiVersion"],
+                "kind": regarding["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "source": {"component": naming.FIELD_MANAGER},
+            "reportingComponent": naming.FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        path = _collection_path("v1", "events", meta["namespace"])
+        self._request("POST", path, {}, body=body, content_type="application/json")
+
     def delete(self, obj: Mapping[str, Any]) -> None:
         """Delete `obj` if it is still the same object (uid precondition); gone already is fine."""
         meta = obj["metadata"]
@@ -204,7 +268,7 @@ class KubeApi:
         path: str,
         query: Mapping[str, str],
         *,
-        body: Manifest | None = None,
+        body: Manifest | list[Manifest] | None = None,
         content_type: str | None = None,
     ) -> Manifest:
         url = path + ("?" + urlencode(query) if query else "")

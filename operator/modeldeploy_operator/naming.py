@@ -27,6 +27,8 @@ RESERVED_LABELS = frozenset(
 MAX_NAME_LENGTH = 63  # DNS-1035 label, the limit for Service names
 SERVER_PORT = 8080
 ROUTER_SERVICE_PORT = 80
+# The label the EndpointSlice controller puts on a Service's slices.
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
 def variant_object_name(md_name: str, variant: str) -> str:

@@ -1,7 +1,8 @@
-"""The one reconcile: read the ModelDeployment, parse, render, apply, prune, observe, write status.
+"""The one reconcile: observe (one snapshot), plan (pure, plan.py), act, then write the status.
 
 It never looks at what changed, only at what is, so running it twice changes nothing. It blocks
-(every API call does); the kopf handlers run it in a worker thread.
+(every API call does); the kopf handlers run it in a worker thread. Every child is applied on its
+own: one the API server refuses is reported and never stops the others.
 """
 
 from __future__ import annotations
@@ -11,99 +12,146 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from modeldeploy_operator import contract, naming
 from modeldeploy_operator.config import OperatorConfig
 from modeldeploy_operator.kube import ApiError, KubeApi, RejectedError, TransientApiError
-from modeldeploy_operator.render import render_objects
-from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
-from modeldeploy_operator.status import (
-    Event,
-    compute_events,
-    compute_failed_status,
-    compute_status,
-    ready_variants,
+from modeldeploy_operator.plan import (
+    Failure,
+    Key,
+    Plan,
+    Recreate,
+    Snapshot,
+    describe,
+    key,
+    plan,
+    settle,
 )
+from modeldeploy_operator.status import Event
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one reconcile did, for the kopf layer to report."""
+    """What one reconcile saw and did, for the kopf layer to log and to recognise its echoes."""
 
     model_deployment: Mapping[str, Any] | None  # None: it no longer exists (or is being deleted)
-    events: list[Event] = field(default_factory=list)
-    failure: str | None = None  # set when this generation cannot be reconciled as it stands
-    applied: list[dict[str, Any]] = field(default_factory=list)
-    pruned: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+    events: tuple[Event, ...] = ()
+    failures: tuple[Failure, ...] = ()
+    new_failures: tuple[Failure, ...] = ()
+    # The children as observed and as this reconcile's writes left them, by (kind, name).
+    observed: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    written: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    changed: tuple[str, ...] = ()  # "Kind/name" of applies that changed or created something
+    pruned: tuple[str, ...] = ()
+    recreated: tuple[Recreate, ...] = ()
+    deleted_uids: frozenset[str] = frozenset()
+
+    @property
+    def retry(self) -> bool:
+        """Something failed that may work later without any change from anyone."""
+        return any(f.transient for f in self.failures)
 
 
-def reconcile(api: KubeApi, config: OperatorConfig, namespace: str, name: str, now: str) -> Outcome:
-    """Bring one ModelDeployment's children and status in line with its spec."""
+def observe(api: KubeApi, namespace: str, name: str) -> Snapshot | None:
+    """The ModelDeployment and every child labelled as its own, or None when there is none."""
     obj = api.get_model_deployment(namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         # Deletion is the garbage collector's job: every child has an ownerReference to it.
-        return Outcome(model_deployment=None)
-    previous = obj.get("status")
-    generation = obj["metadata"].get("generation", 1)
-    try:
-        md = parse_model_deployment(obj)
-    except InvalidSpecError as error:
-        return _fail(api, obj, generation, "InvalidSpec", str(error), now)
-
-    owned = [o for o in api.list_owned(namespace, name) if _owned_by(o, md.uid)]
-    observed = {o["metadata"]["name"]: o for o in owned if o["kind"] == "Deployment"}
-    desired = render_objects(
-        md, server_image=config.server_image, ready_variants=ready_variants(md, observed)
+        return None
+    return Snapshot(
+        model_deployment=obj,
+        children=tuple(api.list_owned(namespace, name)),
+        endpoint_slices=tuple(api.list_endpoint_slices(namespace, naming.router_object_name(name))),
     )
-    wanted = {_key(o) for o in desired}
-    applied = []
-    pruned = []
-    try:
-        for manifest in desired:
-            applied.append(api.apply(manifest))
-        for stale in owned:
-            if _key(stale) not in wanted:
-                api.delete(stale)
-                pruned.append(f"{stale['kind']}/{stale['metadata']['name']}")
-    except RejectedError as error:
-        return _fail(api, obj, generation, "ApplyRejected", str(error), now)
-    except TransientApiError as error:
-        # Say so in the status while kopf retries (it cannot be said if the API server is down).
-        with contextlib.suppress(ApiError):
-            _fail(api, obj, generation, "ApplyFailed", f"{error} (retrying)", now)
-        raise
 
-    deployments = {
-        a["metadata"]["name"]: a
-        for a, d in zip(applied, desired, strict=True)
-        if d["kind"] == "Deployment"
-    }
-    status = compute_status(md, deployments, previous=previous, now=now)
-    if status != previous:
-        api.apply_status(namespace, name, status)
+
+def act(api: KubeApi, planned: Plan) -> Outcome:
+    """Apply, recreate and prune every child on its own; collect what the API server refused."""
+    failures: list[Failure] = []
+    written: dict[Key, Mapping[str, Any]] = {}
+    deleted: set[str] = set()
+    recreated: list[Recreate] = []
+    pruned: list[str] = []
+
+    def attempt(obj: Mapping[str, Any], call: Any) -> bool:
+        try:
+            call()
+        except RejectedError as error:
+            failures.append(Failure(describe(obj), str(error)))
+            return False
+        except TransientApiError as error:
+            failures.append(Failure(describe(obj), str(error), transient=True))
+            return False
+        return True
+
+    for item in planned.recreate:
+        if attempt(item.observed, lambda item=item: api.delete(item.observed)):
+            deleted.add(item.observed["metadata"]["uid"])
+            recreated.append(item)
+    for manifest in planned.apply:
+
+        def apply(manifest: Mapping[str, Any] = manifest) -> None:
+            written[key(manifest)] = api.apply(dict(manifest))
+
+        attempt(manifest, apply)
+    for stale in planned.prune:
+        if attempt(stale, lambda stale=stale: api.delete(stale)):
+            deleted.add(stale["metadata"]["uid"])
+            pruned.append(describe(stale))
+    routes = written.get(("ConfigMap", naming.routes_config_map_name(planned.name)))
+    if planned.prune_acks and routes is not None:
+        keys = [contract.ROUTES_ACK_ANNOTATION_PREFIX + pod for pod in planned.prune_acks]
+        if attempt(routes, lambda: api.remove_annotations(routes, keys)):
+            pruned.extend(f"ack of pod {pod}" for pod in planned.prune_acks)
+    return Outcome(
+        model_deployment=None,
+        failures=tuple(failures),
+        written=written,
+        pruned=tuple(pruned),
+        recreated=tuple(recreated),
+        deleted_uids=frozenset(deleted),
+    )
+
+
+def reconcile(api: KubeApi, config: OperatorConfig, namespace: str, name: str, now: str) -> Outcome:
+    """Bring one ModelDeployment's children and status in line with its spec.
+
+    Raises TransientApiError when the snapshot cannot be read or the status cannot be written.
+    """
+    snapshot = observe(api, namespace, name)
+    if snapshot is None:
+        return Outcome(model_deployment=None)
+    obj = snapshot.model_deployment
+    planned = plan(snapshot, server_image=config.server_image, now=now)
+    done = act(api, planned)
+    settled = settle(planned, done.failures)
+    if settled.status != obj.get("status"):
+        api.apply_status(namespace, name, settled.status)
+    recreated = (
+        Event("Normal", "Recreated", f"recreated {describe(r.observed)}: {r.reason}")
+        for r in done.recreated
+    )
+    for event in (*settled.events, *recreated):
+        # Best effort: the status already holds the truth, and the next transition posts again.
+        with contextlib.suppress(ApiError):
+            api.create_event(obj, event, now)
+    observed = {key(o): o for o in snapshot.children}
+    changed = tuple(
+        describe(obj_)
+        for k, obj_ in done.written.items()
+        if observed.get(k, {}).get("metadata", {}).get("resourceVersion")
+        != obj_.get("metadata", {}).get("resourceVersion")
+    )
     return Outcome(
         model_deployment=obj,
-        events=compute_events(previous, status),
-        applied=applied,
-        pruned=pruned,
+        plan=planned,
+        events=settled.events,
+        failures=done.failures,
+        new_failures=settled.new_failures,
+        observed=observed,
+        written=done.written,
+        changed=changed,
+        pruned=done.pruned,
+        recreated=done.recreated,
+        deleted_uids=done.deleted_uids,
     )
-
-
-def _fail(
-    api: KubeApi, obj: Mapping[str, Any], generation: int, reason: str, message: str, now: str
-) -> Outcome:
-    previous = obj.get("status")
-    status = compute_failed_status(generation, reason, message, previous=previous, now=now)
-    if status != previous:
-        api.apply_status(obj["metadata"]["namespace"], obj["metadata"]["name"], status)
-    return Outcome(model_deployment=obj, events=compute_events(previous, status), failure=message)
-
-
-def _owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
-    """Ours to prune only if this very ModelDeployment (not a namesake) is its controller."""
-    return any(
-        ref.get("uid") == uid and ref.get("controller")
-        for ref in obj["metadata"].get("ownerReferences", [])
-    )
-
-
-def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
-    return obj["apiVersion"], obj["kind"], obj["metadata"]["name"]

@@ -11,7 +11,7 @@ import copy
 import hashlib
 import json
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from modeldeploy_operator import naming
@@ -64,11 +64,11 @@ SERVER_ENV: tuple[tuple[str, str], ...] = (
 
 
 def render_objects(
-    md: ModelDeployment, *, server_image: str, ready_variants: Collection[str] | None = None
+    md: ModelDeployment, *, server_image: str, weights: Mapping[str, int] | None = None
 ) -> list[Manifest]:
     """All desired objects, variant by variant, then routing.
 
-    `ready_variants` are the variants observed Ready; traffic goes only to them. None (offline
+    `weights` is the traffic plan (effective weights by variant, see traffic.py). None (offline
     rendering, no cluster to observe) renders the spec's split as if every variant were Ready.
     """
     image = md.pod.image or server_image
@@ -83,8 +83,8 @@ def render_objects(
             objects.append(_pod_disruption_budget(md, name, selector, labels))
         if variant.autoscaling is not None:
             objects.append(_horizontal_pod_autoscaler(md, variant))
-    ready = [v.name for v in md.variants] if ready_variants is None else ready_variants
-    weights = compute_effective_weights(md.spec_weights, ready)
+    if weights is None:
+        weights = compute_effective_weights(md.spec_weights, [v.name for v in md.variants])
     if md.routing.mode == "router":
         objects.extend(_router_objects(md, image, weights))
     elif md.routing.mode == "gateway":
@@ -230,7 +230,7 @@ def _env_value(value: float) -> str:
     return format(value, "g") if isinstance(value, float) else str(value)
 
 
-def _router_objects(md: ModelDeployment, image: str, weights: dict[str, int]) -> list[Manifest]:
+def _router_objects(md: ModelDeployment, image: str, weights: Mapping[str, int]) -> list[Manifest]:
     labels = naming.common_labels(md.name, naming.COMPONENT_ROUTER)
     name = naming.router_object_name(md.name)
     config_map_name = naming.routes_config_map_name(md.name)
@@ -310,7 +310,7 @@ def _router_access(
     return [service_account, role, binding]
 
 
-def _http_route(md: ModelDeployment, weights: dict[str, int]) -> Manifest:
+def _http_route(md: ModelDeployment, weights: Mapping[str, int]) -> Manifest:
     gateway = md.routing.gateway
     assert gateway is not None  # parse_model_deployment guarantees it in gateway mode
 

@@ -8,7 +8,6 @@ from typing import Any
 
 from modeldeploy_operator import naming
 from modeldeploy_operator.spec import ModelDeployment, Variant
-from modeldeploy_operator.traffic import compute_effective_weights
 
 Status = dict[str, Any]
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
@@ -33,13 +32,19 @@ def ready_variants(md: ModelDeployment, deployments: Mapping[str, Mapping[str, A
 def compute_status(
     md: ModelDeployment,
     deployments: Mapping[str, Mapping[str, Any]],
+    weights: Mapping[str, int],
     *,
+    serving: tuple[str, str, str] | None = None,
     previous: Mapping[str, Any] | None,
     now: str,
 ) -> Status:
-    """Status from the spec and the observed Deployments (by name); `now` stamps transitions."""
+    """Status from the spec, the observed Deployments (by name) and the traffic plan the routing
+    objects carry (`weights`, effective weights by variant); `now` stamps transitions.
+
+    `serving` is why the routing (router or gateway) cannot serve that plan yet (readiness.py),
+    None when it can: Ready means a request to the URL is served as `traffic` says.
+    """
     ready = ready_variants(md, deployments)
-    weights = compute_effective_weights(md.spec_weights, ready)
     observed = [
         (v, deployments.get(naming.variant_object_name(md.name, v.name))) for v in md.variants
     ]
@@ -56,6 +61,8 @@ def compute_status(
             "NoVariantReady",
             "no variant with a traffic weight is ready, so no traffic is routed",
         )
+    elif serving is not None:
+        ready_condition = serving
     elif live_not_ready:
         ready_condition = (
             "False",
@@ -116,8 +123,15 @@ def compute_failed_status(
     previous: Mapping[str, Any] | None,
     now: str,
 ) -> Status:
-    """Status for a generation the operator cannot act on (invalid spec, objects refused)."""
+    """Status for a generation the operator cannot act on (invalid spec, objects refused).
+
+    What was observed before (url, traffic, variant rows) is still true and stays.
+    """
+    kept = {
+        k: v for k, v in (previous or {}).items() if k not in ("observedGeneration", "conditions")
+    }
     return {
+        **kept,
         "observedGeneration": generation,
         "conditions": _conditions(
             (("False", reason, message), ("False", reason, message), ("True", reason, message)),

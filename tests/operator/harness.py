@@ -13,15 +13,16 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.controlplane.harness import ControlPlane
+from tests.controlplane.harness import ControlPlane, free_port
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +87,7 @@ class OperatorProcess:
         self.log_path = log_path
         self.resync_seconds = resync_seconds
         self.verbose = verbose
+        self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -100,6 +102,8 @@ class OperatorProcess:
             "KUBECONFIG": self.kubeconfig,
             "MODELDEPLOY_SERVER_IMAGE": SERVER_IMAGE,
             "MODELDEPLOY_RESYNC_SECONDS": str(self.resync_seconds),
+            "MODELDEPLOY_METRICS_HOST": "127.0.0.1",
+            "MODELDEPLOY_METRICS_PORT": str(self.metrics_port),
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -134,6 +138,12 @@ class OperatorProcess:
                 return int(line.split()[1]) * 1024
         return 0
 
+    def metrics(self) -> str:
+        """The operator's Prometheus metrics, as scraped."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -154,7 +164,7 @@ def running_operator(
     verbose: bool = True,
 ) -> Iterator[OperatorProcess]:
     """The operator under its ServiceAccount's RBAC, watching `namespaces` (the first holds the
-    ServiceAccount). Stopped afterwards; kopf finalizers are removed so namespaces can go."""
+    ServiceAccount). Stopped afterwards; it leaves no finalizer behind, so namespaces can go."""
     kubeconfig = install_operator_identity(plane, namespaces[0])
     operator = OperatorProcess(kubeconfig, namespaces, log_path, resync_seconds, verbose)
     operator.start()
@@ -162,20 +172,6 @@ def running_operator(
         yield operator
     finally:
         operator.stop()
-        with plane.api_client() as api:
-            custom = client.CustomObjectsApi(api)
-            for namespace in namespaces:
-                listing = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-                for item in cast(dict[str, Any], listing)["items"]:
-                    with contextlib.suppress(ApiException):
-                        custom.patch_namespaced_custom_object(
-                            GROUP,
-                            VERSION,
-                            namespace,
-                            PLURAL,
-                            item["metadata"]["name"],
-                            {"metadata": {"finalizers": []}},
-                        )
         remove_operator_identity(plane, namespaces[0])
 
 

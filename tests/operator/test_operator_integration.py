@@ -7,294 +7,22 @@ the status subresource. Every wait polls with a timeout.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, cast
-
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from modeldeploy_operator import naming
-from modeldeploy_operator.contract import ROUTES_KEY
-from modeldeploy_operator.render import render_objects
-from modeldeploy_operator.spec import parse_model_deployment
-from modeldeploy_operator.status import ready_variants
-from tests.controlplane.harness import ControlPlane, api_client_from_kubeconfig
+from tests.controlplane.harness import api_client_from_kubeconfig
 from tests.operator.builders import model_deployment, variant
-from tests.operator.harness import (
-    GROUP,
-    PLURAL,
-    SERVER_IMAGE,
-    TEST_MANAGER,
-    VERSION,
-    OperatorProcess,
-    running_operator,
-    wait_for,
+from tests.operator.cluster import (
+    ROUTER_ACCESS,
+    ROUTER_KEYS,
+    Cluster,
+    assert_matches_render,
+    condition,
+    iris,
 )
+from tests.operator.harness import GROUP, PLURAL, SERVER_IMAGE, VERSION, wait_for
 
 pytestmark = pytest.mark.controlplane
-KINDS = {
-    "Deployment": ("apps/v1", "list_namespaced_deployment"),
-    "Service": ("v1", "list_namespaced_service"),
-    "ConfigMap": ("v1", "list_namespaced_config_map"),
-    "ServiceAccount": ("v1", "list_namespaced_service_account"),
-    "Role": ("rbac.authorization.k8s.io/v1", "list_namespaced_role"),
-    "RoleBinding": ("rbac.authorization.k8s.io/v1", "list_namespaced_role_binding"),
-    "PodDisruptionBudget": ("policy/v1", "list_namespaced_pod_disruption_budget"),
-    "HorizontalPodAutoscaler": ("autoscaling/v2", "list_namespaced_horizontal_pod_autoscaler"),
-}
-
-
-class Cluster:
-    """Admin-side view of one test namespace: what a user and kubectl would do."""
-
-    def __init__(self, api: client.ApiClient, namespace: str, operator: OperatorProcess) -> None:
-        self.api = api
-        self.namespace = namespace
-        self.operator = operator
-        self.apps = client.AppsV1Api(api)
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-        self.apis = {
-            "apps/v1": self.apps,
-            "v1": self.core,
-            "policy/v1": client.PolicyV1Api(api),
-            "autoscaling/v2": client.AutoscalingV2Api(api),
-            "rbac.authorization.k8s.io/v1": client.RbacAuthorizationV1Api(api),
-        }
-
-    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        obj = json.loads(json.dumps(obj))
-        obj["metadata"] = {"name": obj["metadata"]["name"]}
-        return cast(
-            dict[str, Any],
-            self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, obj
-            ),
-        )
-
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply as a user would (`kubectl apply --server-side`)."""
-        obj = json.loads(json.dumps(obj))
-        obj["metadata"] = {"name": obj["metadata"]["name"], "namespace": self.namespace}
-        applied = self.custom.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            self.namespace,
-            PLURAL,
-            obj["metadata"]["name"],
-            obj,
-            field_manager=TEST_MANAGER,
-            force=True,
-            _content_type="application/apply-patch+yaml",
-        )
-        return cast(dict[str, Any], applied)
-
-    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            self.namespace,
-            PLURAL,
-            name,
-            {"spec": spec},
-            _content_type="application/merge-patch+json",
-        )
-
-    def get(self, name: str) -> dict[str, Any]:
-        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-        return cast(dict[str, Any], obj)
-
-    def owned(self, md_name: str) -> dict[tuple[str, str], dict[str, Any]]:
-        """Every object labelled as the operator's for `md_name`, by (kind, name)."""
-        found: dict[tuple[str, str], dict[str, Any]] = {}
-        for kind, (api_version, method) in KINDS.items():
-            response = getattr(self.apis[api_version], method)(
-                self.namespace,
-                label_selector=naming.owned_selector(md_name),
-                _preload_content=False,
-            )
-            for item in json.loads(response.data)["items"]:
-                found[(kind, item["metadata"]["name"])] = {
-                    "apiVersion": api_version,
-                    "kind": kind,
-                    **item,
-                }
-        routes = self.custom.list_namespaced_custom_object(
-            "gateway.networking.k8s.io",
-            "v1",
-            self.namespace,
-            "httproutes",
-            label_selector=naming.owned_selector(md_name),
-        )
-        for item in cast(dict[str, Any], routes)["items"]:
-            found[("HTTPRoute", item["metadata"]["name"])] = item
-        return found
-
-    def deployment(self, name: str) -> dict[str, Any]:
-        # Raw JSON, as stored: the typed models would drop what they do not know.
-        response: Any = self.apps.read_namespaced_deployment(
-            name, self.namespace, _preload_content=False
-        )
-        obj: dict[str, Any] = json.loads(response.data)
-        return obj
-
-    def routes(self, md_name: str) -> dict[str, int] | None:
-        try:
-            config_map = self.core.read_namespaced_config_map(
-                naming.routes_config_map_name(md_name), self.namespace
-            )
-        except ApiException:
-            return None
-        config = json.loads((config_map.data or {})[ROUTES_KEY])
-        return {v["name"]: v["weight"] for v in config["variants"]}
-
-    def set_ready(self, deployment_name: str, ready: bool = True) -> None:
-        """Play the Deployment controller: every replica updated and ready, or none."""
-        deployment = self.deployment(deployment_name)
-        replicas = deployment["spec"].get("replicas", 1)
-        count = replicas if ready else 0
-        status = {
-            "observedGeneration": deployment["metadata"]["generation"],
-            "replicas": replicas,
-            "updatedReplicas": replicas,
-            "readyReplicas": count,
-            "availableReplicas": count,
-        }
-        self.apps.patch_namespaced_deployment_status(
-            deployment_name,
-            self.namespace,
-            {"status": status},
-            _content_type="application/merge-patch+json",
-        )
-
-    def wait_status(
-        self, name: str, what: str, predicate: Any, timeout: float = 30
-    ) -> dict[str, Any]:
-        def probe() -> dict[str, Any] | None:
-            status = self.get(name).get("status") or {}
-            return status if predicate(status) else None
-
-        return wait_for(probe, what, timeout=timeout, check=self.operator.check_alive)
-
-    def wait_routes(self, md_name: str, weights: dict[str, int]) -> None:
-        wait_for(
-            lambda: self.routes(md_name) == weights,
-            f"routes {weights}",
-            check=self.operator.check_alive,
-        )
-
-    def wait_owned(self, md_name: str, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Any]:
-        seen: set[tuple[str, str]] = set()
-
-        def probe() -> dict[tuple[str, str], Any] | None:
-            found = self.owned(md_name)
-            seen.clear()
-            seen.update(found)
-            return found if set(found) == keys else None
-
-        return wait_for(
-            probe,
-            lambda: f"exactly {sorted(keys)}; missing {keys - seen}, extra {seen - keys}",
-            check=self.operator.check_alive,
-        )
-
-    def resyncs(self, md_name: str) -> int:
-        """How many resync timer runs the operator has logged for `md_name`."""
-        marker = f"[{self.namespace}/{md_name}] Timer 'resync' succeeded"
-        return self.operator.log().count(marker)
-
-    def wait_resyncs(self, md_name: str, count: int) -> None:
-        start = self.resyncs(md_name)
-        wait_for(
-            lambda: self.resyncs(md_name) >= start + count,
-            f"{count} resyncs",
-            check=self.operator.check_alive,
-        )
-
-
-@pytest.fixture
-def cluster(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> Iterator[Cluster]:
-    with (
-        running_operator(control_plane, [namespace], tmp_path / "operator.log") as operator,
-        control_plane.api_client() as api,
-    ):
-        yield Cluster(api, namespace, operator)
-
-
-def condition(status: dict[str, Any], type_: str) -> tuple[str, str] | None:
-    for c in status.get("conditions", []):
-        if c["type"] == type_:
-            return c["status"], c["reason"]
-    return None
-
-
-def expected_objects(cluster: Cluster, name: str) -> list[dict[str, Any]]:
-    """What `modeldeploy render` produces for the stored object and the observed readiness."""
-    md = parse_model_deployment(cluster.get(name))
-    observed = {key[1]: obj for key, obj in cluster.owned(name).items() if key[0] == "Deployment"}
-    return render_objects(
-        md, server_image=SERVER_IMAGE, ready_variants=ready_variants(md, observed)
-    )
-
-
-def assert_contains(live: Any, rendered: Any, path: str = "") -> None:
-    """`live` holds every field of `rendered` with the same value (the API server only adds
-    defaults). Lists must match element by element."""
-    if isinstance(rendered, dict):
-        assert isinstance(live, dict), path
-        for key, value in rendered.items():
-            assert key in live, f"{path}.{key} missing"
-            assert_contains(live[key], value, f"{path}.{key}")
-    elif isinstance(rendered, list):
-        assert isinstance(live, list) and len(live) == len(rendered), path
-        for i, (a, b) in enumerate(zip(live, rendered, strict=True)):
-            assert_contains(a, b, f"{path}[{i}]")
-    else:
-        assert live == rendered, f"{path}: {live!r} != {rendered!r}"
-
-
-def assert_matches_render(cluster: Cluster, name: str) -> None:
-    expected = expected_objects(cluster, name)
-    live = cluster.owned(name)
-    assert set(live) == {(o["kind"], o["metadata"]["name"]) for o in expected}
-    for obj in expected:
-        assert_contains(
-            live[(obj["kind"], obj["metadata"]["name"])],
-            obj,
-            f"{obj['kind']}/{obj['metadata']['name']}",
-        )
-
-
-# The router pods' ServiceAccount and what lets it read its routes ConfigMap.
-ROUTER_ACCESS = {
-    ("ServiceAccount", "iris-router"),
-    ("Role", "iris-router"),
-    ("RoleBinding", "iris-router"),
-}
-ROUTER_KEYS = ROUTER_ACCESS | {
-    ("Deployment", "iris-v1"),
-    ("Service", "iris-v1"),
-    ("PodDisruptionBudget", "iris-v1"),
-    ("Deployment", "iris-v2"),
-    ("Service", "iris-v2"),
-    ("HorizontalPodAutoscaler", "iris-v2"),
-    ("ConfigMap", "iris-routes"),
-    ("Deployment", "iris"),
-    ("Service", "iris"),
-    ("PodDisruptionBudget", "iris"),
-}
-
-
-def iris() -> dict[str, Any]:
-    return model_deployment(
-        variants=[
-            variant("v1", 90, replicas=2),
-            variant("v2", 10, autoscaling={"minReplicas": 1, "maxReplicas": 3}),
-        ]
-    )
 
 
 def test_create_then_readiness_drives_traffic_and_status(cluster: Cluster) -> None:
@@ -317,19 +45,47 @@ def test_create_then_readiness_drives_traffic_and_status(cluster: Cluster) -> No
     )
     assert_matches_render(cluster, "iris")
 
-    # v1 becomes ready: it takes all the traffic; v2, not ready, gets none.
+    # v1 becomes ready: it takes all the traffic; v2, not ready, gets none. The router, the
+    # only entry point, is not ready: not Ready, whatever the variants.
     cluster.set_ready("iris-v1")
     cluster.wait_routes("iris", {"v1": 100, "v2": 0})
     status = cluster.wait_status(
-        "iris", "VariantsNotReady", lambda s: condition(s, "Ready") == ("False", "VariantsNotReady")
+        "iris", "RouterNotReady", lambda s: condition(s, "Ready") == ("False", "RouterNotReady")
     )
     assert [(r["name"], r["ready"], r["effectiveWeight"]) for r in status["variants"]] == [
         ("v1", True, 100),
         ("v2", False, 0),
     ]
-
     cluster.set_ready("iris-v2")
     cluster.wait_routes("iris", {"v1": 90, "v2": 10})
+    cluster.wait_status(
+        "iris",
+        "still RouterNotReady with every variant ready",
+        lambda s: (
+            s.get("traffic") == "v1=90,v2=10"
+            and condition(s, "Ready") == ("False", "RouterNotReady")
+        ),
+    )
+
+    # Router replicas ready, but no endpoint has the current routes yet.
+    cluster.set_ready("iris")
+    cluster.wait_status(
+        "iris", "RoutesPending", lambda s: condition(s, "Ready") == ("False", "RoutesPending")
+    )
+    cluster.set_router_endpoints("iris", {"router-a": True, "router-b": True, "router-c": False})
+    cluster.ack_routes("iris", ["router-a"])
+    status = cluster.wait_status(
+        "iris",
+        "RoutesPending on router-b only",
+        lambda s: any(
+            c["type"] == "Ready" and c["reason"] == "RoutesPending" and "router-b" in c["message"]
+            for c in s["conditions"]
+        ),
+    )
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert "router-a" not in ready["message"] and "router-c" not in ready["message"]
+    # Every ready endpoint serves the current routes (router-c is not ready: it does not count).
+    cluster.ack_routes("iris", ["router-b"])
     status = cluster.wait_status(
         "iris", "Ready", lambda s: condition(s, "Ready") == ("True", "AllVariantsReady")
     )
@@ -367,6 +123,17 @@ def test_create_then_readiness_drives_traffic_and_status(cluster: Cluster) -> No
         cluster.namespace, field_selector="involvedObject.name=iris"
     )
     assert {"TrafficShifted", "AllVariantsReady"} <= {e.reason for e in events.items}
+
+    # router-b is no endpoint any more: its ack goes (router-c never acked).
+    cluster.set_router_endpoints("iris", {"router-a": True})
+    wait_for(
+        lambda: set(cluster.routes_acks("iris")) == {"router-a"},
+        "router-b's ack pruned",
+        check=cluster.operator.check_alive,
+    )
+    cluster.wait_status(
+        "iris", "still Ready", lambda s: condition(s, "Ready") == ("True", "AllVariantsReady")
+    )
 
 
 def test_weight_change_moves_traffic_without_restarting_anything(cluster: Cluster) -> None:
@@ -455,6 +222,8 @@ def test_reapply_and_resync_change_nothing(cluster: Cluster) -> None:
     cluster.wait_owned("iris", ROUTER_KEYS)
     for name in ("iris-v1", "iris-v2"):
         cluster.set_ready(name)
+    cluster.wait_routes("iris", {"v1": 90, "v2": 10})
+    cluster.serve("iris")
     cluster.wait_status(
         "iris", "Ready", lambda s: condition(s, "Ready") == ("True", "AllVariantsReady")
     )
@@ -510,19 +279,39 @@ def test_edited_and_deleted_children_are_restored(cluster: Cluster) -> None:
 
 def test_spec_the_api_refuses_is_degraded_without_a_retry_storm(cluster: Cluster) -> None:
     # The CRD passes nodeSelector through as a free-form map; the Deployment API then refuses
-    # the label key. The operator cannot fix that: Degraded, once, and no retry loop.
+    # the label key. The operator cannot fix that: Degraded, named per object, reported once,
+    # and the children the API server accepts are still created.
     cluster.create(model_deployment(pod={"nodeSelector": {"bad key!": "x"}}))
+    refused = ["Deployment/iris-v1", "Deployment/iris-v2", "Deployment/iris"]
     status = cluster.wait_status(
         "iris", "Degraded", lambda s: condition(s, "Degraded") == ("True", "ApplyRejected")
     )
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    for name in refused:
+        assert f"{name}: " in degraded["message"], degraded
     assert "nodeSelector" in degraded["message"], degraded
     assert condition(status, "Ready") == ("False", "ApplyRejected")
-    assert cluster.owned("iris") == {}
+    assert set(cluster.owned("iris")) == {
+        ("Service", "iris-v1"),
+        ("Service", "iris-v2"),
+        ("ConfigMap", "iris-routes"),
+        ("Service", "iris"),
+        ("PodDisruptionBudget", "iris"),
+        *ROUTER_ACCESS,
+    }
     version = cluster.get("iris")["metadata"]["resourceVersion"]
     cluster.wait_resyncs("iris", 2)
     assert cluster.get("iris")["metadata"]["resourceVersion"] == version
-    assert cluster.operator.log().count("failed permanently") == 1
+    log = cluster.operator.log()
+    for name in refused:
+        assert log.count(f"{name} refused by the API server") == 1, name
+    warnings = cluster.core.list_namespaced_event(
+        cluster.namespace, field_selector="involvedObject.name=iris,reason=ApplyRejected"
+    ).items
+    assert sorted((e.message or "").split(":")[0] for e in warnings) == sorted(refused)
+    assert 'modeldeploy_operator_apply_refused_total{kind="Deployment"}' in (
+        cluster.operator.metrics()
+    )
 
     # Fixing the spec recovers without any manual step.
     cluster.patch_spec("iris", {"pod": {"nodeSelector": {"bad key!": None, "pool": "cpu"}}})

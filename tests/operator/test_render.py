@@ -15,6 +15,7 @@ from modeldeploy_operator import naming
 from modeldeploy_operator.contract import MAX_MODEL_BYTES
 from modeldeploy_operator.render import render_objects, routes_version
 from modeldeploy_operator.spec import ModelDeployment, parse_model_deployment
+from modeldeploy_operator.traffic import compute_effective_weights
 from tests.operator.builders import SHA_V1, model_deployment, variant
 
 IMAGE = "registry.example/modeldeploy-server:1.0"
@@ -23,7 +24,9 @@ KUBERNETES_VERSION = "1.33.0"
 
 
 def render(obj: dict[str, Any], ready: set[str] | None = None) -> list[dict[str, Any]]:
-    return render_objects(parse_model_deployment(obj), server_image=IMAGE, ready_variants=ready)
+    md = parse_model_deployment(obj)
+    weights = None if ready is None else compute_effective_weights(md.spec_weights, ready)
+    return render_objects(md, server_image=IMAGE, weights=weights)
 
 
 def by_kind_name(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:

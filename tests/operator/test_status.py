@@ -15,6 +15,7 @@ from modeldeploy_operator.status import (
     compute_status,
     ready_variants,
 )
+from modeldeploy_operator.traffic import compute_effective_weights
 from tests.operator.builders import SHA_V1, SHA_V2, model_deployment, variant
 
 T0 = "2026-11-21T09:00:00Z"
@@ -54,12 +55,24 @@ def deployment(
     return rendered
 
 
+def status_of(
+    model: ModelDeployment,
+    children: dict[str, dict[str, Any]],
+    *,
+    previous: dict[str, Any] | None,
+    now: str,
+) -> dict[str, Any]:
+    """compute_status with the traffic plan the operator derives from the same Deployments."""
+    weights = compute_effective_weights(model.spec_weights, ready_variants(model, children))
+    return compute_status(model, children, weights, previous=previous, now=now)
+
+
 def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
 
 
 def test_nothing_created_yet() -> None:
-    status = compute_status(md(), {}, previous=None, now=T0)
+    status = status_of(md(), {}, previous=None, now=T0)
     assert conditions(status) == {
         "Ready": ("False", "NoVariantReady"),
         "Progressing": ("True", "RollingOut"),
@@ -77,7 +90,7 @@ def test_all_ready() -> None:
         "iris-v1": deployment("iris-v1", ready=1),
         "iris-v2": deployment("iris-v2", ready=1),
     }
-    status = compute_status(md(generation=3), children, previous=None, now=T0)
+    status = status_of(md(generation=3), children, previous=None, now=T0)
     assert conditions(status) == {
         "Ready": ("True", "AllVariantsReady"),
         "Progressing": ("False", "RolloutComplete"),
@@ -114,7 +127,7 @@ def test_all_ready() -> None:
 
 def test_not_ready_variant_gets_no_traffic_and_status_says_so() -> None:
     children = {"iris-v1": deployment("iris-v1", ready=1), "iris-v2": deployment("iris-v2")}
-    status = compute_status(md(), children, previous=None, now=T0)
+    status = status_of(md(), children, previous=None, now=T0)
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "VariantsNotReady")
     assert "v2" in ready["message"] and "v1=100,v2=0" in ready["message"]
@@ -130,7 +143,7 @@ def test_ready_but_still_rolling_out() -> None:
         "iris-v1": deployment("iris-v1", replicas=3, ready=1, updated=1),
         "iris-v2": deployment("iris-v2", ready=1, generation=2, observed=1),
     }
-    status = compute_status(md(), children, previous=None, now=T0)
+    status = status_of(md(), children, previous=None, now=T0)
     assert conditions(status)["Ready"] == ("True", "AllVariantsReady")
     progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
     assert progressing["status"] == "True"
@@ -161,7 +174,7 @@ def test_failed_rollout_is_degraded(condition: dict[str, str]) -> None:
         "iris-v1": deployment("iris-v1", ready=1),
         "iris-v2": deployment("iris-v2", conditions=[condition]),
     }
-    status = compute_status(md(), children, previous=None, now=T0)
+    status = status_of(md(), children, previous=None, now=T0)
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "RolloutFailed"
     assert degraded["message"] == f"v2: {condition['message']}"
@@ -169,23 +182,21 @@ def test_failed_rollout_is_degraded(condition: dict[str, str]) -> None:
 
 def test_autoscaled_variant_reports_the_replicas_the_hpa_chose() -> None:
     model = md(variants=[variant("v1", 100, autoscaling={"minReplicas": 2, "maxReplicas": 9})])
-    assert compute_status(model, {}, previous=None, now=T0)["variants"][0]["desiredReplicas"] == 2
+    assert status_of(model, {}, previous=None, now=T0)["variants"][0]["desiredReplicas"] == 2
     scaled = {"iris-v1": deployment("iris-v1", replicas=6, ready=6)}
-    assert (
-        compute_status(model, scaled, previous=None, now=T0)["variants"][0]["desiredReplicas"] == 6
-    )
+    assert status_of(model, scaled, previous=None, now=T0)["variants"][0]["desiredReplicas"] == 6
 
 
 def test_transition_time_moves_only_when_the_status_does() -> None:
     model = md()
-    first = compute_status(model, {}, previous=None, now=T0)
-    unchanged = compute_status(model, {}, previous=first, now=T1)
+    first = status_of(model, {}, previous=None, now=T0)
+    unchanged = status_of(model, {}, previous=first, now=T1)
     assert unchanged == first  # so writing it again is a no-op
     children = {
         "iris-v1": deployment("iris-v1", ready=1),
         "iris-v2": deployment("iris-v2", ready=1),
     }
-    after = compute_status(model, children, previous=first, now=T1)
+    after = status_of(model, children, previous=first, now=T1)
     times = {c["type"]: c["lastTransitionTime"] for c in after["conditions"]}
     assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0}
 
@@ -199,10 +210,10 @@ def test_url_per_routing_mode() -> None:
             "pathPrefix": "/iris",
         },
     }
-    assert compute_status(md(routing=gateway), {}, previous=None, now=T0)["url"] == (
+    assert status_of(md(routing=gateway), {}, previous=None, now=T0)["url"] == (
         "http://iris.example.com/iris"
     )
-    assert compute_status(md(routing={"mode": "none"}), {}, previous=None, now=T0)["url"] == ""
+    assert status_of(md(routing={"mode": "none"}), {}, previous=None, now=T0)["url"] == ""
 
 
 def test_ready_variants_needs_a_ready_replica() -> None:
@@ -223,19 +234,32 @@ def test_failed_status_is_degraded_and_keeps_transition_times() -> None:
     }
     again = compute_failed_status(4, "InvalidSpec", "spec.variants: bad", previous=first, now=T1)
     assert again == first
-    assert "variants" not in first  # status is computed whole: no stale rows survive
+    assert "variants" not in first  # nothing was observed before, so nothing to keep
+
+
+def test_failed_status_keeps_what_was_observed() -> None:
+    children = {
+        "iris-v1": deployment("iris-v1", ready=1),
+        "iris-v2": deployment("iris-v2", ready=1),
+    }
+    ready = status_of(md(), children, previous=None, now=T0)
+    failed = compute_failed_status(2, "InvalidSpec", "bad", previous=ready, now=T1)
+    assert conditions(failed)["Degraded"] == ("True", "InvalidSpec")
+    assert failed["observedGeneration"] == 2
+    for field in ("url", "traffic", "readyVariants", "variants"):
+        assert failed[field] == ready[field], field
 
 
 def test_events_on_transitions_only() -> None:
     model = md()
-    created = compute_status(model, {}, previous=None, now=T0)
+    created = status_of(model, {}, previous=None, now=T0)
     assert compute_events(None, created) == []  # not ready yet is expected at first
     failed_at_once = compute_failed_status(1, "ApplyRejected", "refused", previous=None, now=T0)
     assert compute_events(None, failed_at_once) == [
         Event("Warning", "ApplyRejected", "Degraded=True: refused")
     ]
     assert compute_events(created, created) == []
-    half = compute_status(
+    half = status_of(
         model,
         {"iris-v1": deployment("iris-v1", ready=1), "iris-v2": deployment("iris-v2")},
         previous=created,
@@ -245,7 +269,7 @@ def test_events_on_transitions_only() -> None:
     # Ready stays False (only its reason changes): the traffic shift is the news.
     assert [e.reason for e in events] == ["TrafficShifted"]
     assert events[0].message == "traffic v1=0,v2=0 -> v1=100,v2=0"
-    full = compute_status(
+    full = status_of(
         model,
         {"iris-v1": deployment("iris-v1", ready=1), "iris-v2": deployment("iris-v2", ready=1)},
         previous=half,

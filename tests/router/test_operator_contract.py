@@ -15,6 +15,7 @@ import yaml
 from modeldeploy_operator.contract import ROUTES_KEY
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
+from modeldeploy_operator.traffic import compute_effective_weights
 from modeldeploy_server.config import parse_serve_config
 from modeldeploy_server.router import DRAIN_TIMEOUT_S, parse_settings
 from modeldeploy_server.routes_source import ConfigMapRef
@@ -48,9 +49,8 @@ def test_rendered_routes_and_arguments_are_accepted_by_the_router(example: str, 
     md = parse_model_deployment(yaml.safe_load((EXAMPLES / example).read_text()))
     names = [v.name for v in md.variants]
     ready_variants = {"all": names, "first": names[:1], "none": []}[ready]
-    objects = render_objects(
-        md, server_image="modeldeploy-server:test", ready_variants=ready_variants
-    )
+    traffic = compute_effective_weights(md.spec_weights, ready_variants)
+    objects = render_objects(md, server_image="modeldeploy-server:test", weights=traffic)
 
     config_map = find(objects, "ConfigMap")
     ((routes_key, routes_text),) = config_map["data"].items()

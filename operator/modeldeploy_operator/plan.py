@@ -1,0 +1,271 @@
+"""The plan: from one snapshot of a ModelDeployment and its children, everything the operator
+should do and say, as a value.
+
+`plan` is pure: the same snapshot, image and clock give the same plan, and tests assert on it
+without an API server. One traffic plan (the effective weights) feeds both the routing objects and
+the status, so they cannot disagree. `settle` folds what acting on the plan could not do (objects
+the API server refused) into the status and events, keeping what is still true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from modeldeploy_operator import naming, readiness
+from modeldeploy_operator.readiness import (
+    Verdict,
+    gateway_verdict,
+    router_verdict,
+    routes_version,
+    stale_acks,
+)
+from modeldeploy_operator.render import render_objects
+from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
+from modeldeploy_operator.status import (
+    Event,
+    Status,
+    compute_events,
+    compute_failed_status,
+    compute_status,
+    ready_variants,
+)
+from modeldeploy_operator.traffic import compute_effective_weights
+
+Manifest = dict[str, Any]
+Key = tuple[str, str]  # (kind, name): unique among the kinds one ModelDeployment owns
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one reconcile observed, read once before planning."""
+
+    model_deployment: Mapping[str, Any]
+    # Every object labelled as this ModelDeployment's, of every kind it can own.
+    children: Sequence[Mapping[str, Any]] = ()
+    # The EndpointSlices of the router Service (named after the ModelDeployment).
+    endpoint_slices: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True)
+class Recreate:
+    """An observed child whose drift apply cannot undo: delete it (uid precondition), then apply."""
+
+    observed: Mapping[str, Any]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A child the API server refused (or could not take now, `transient`)."""
+
+    object: str  # "Kind/name"
+    message: str
+    transient: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str  # of the ModelDeployment
+    generation: int
+    apply: tuple[Manifest, ...]
+    recreate: tuple[Recreate, ...]
+    prune: tuple[Mapping[str, Any], ...]
+    # Router pods whose routes ack stays on the ConfigMap although they are no endpoint any more.
+    prune_acks: tuple[str, ...]
+    traffic: Mapping[str, int]  # effective weights, as the routing objects and status carry them
+    status: Status  # the status if every object is applied
+    events: tuple[Event, ...]
+    invalid: str | None  # why this generation cannot be acted on (nothing to apply then)
+    previous: Mapping[str, Any] | None = field(repr=False)
+    now: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Settled:
+    status: Status
+    events: tuple[Event, ...]
+    new_failures: tuple[Failure, ...]  # not already reported by the previous status
+
+
+def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
+    """Desired children, drift that needs a recreate, what to prune, traffic, status and events."""
+    obj = snapshot.model_deployment
+    previous = obj.get("status")
+    generation = int(obj["metadata"].get("generation", 1))
+    try:
+        md = parse_model_deployment(obj)
+    except InvalidSpecError as error:
+        status = compute_failed_status(
+            generation, "InvalidSpec", str(error), previous=previous, now=now
+        )
+        return Plan(
+            name=obj["metadata"]["name"],
+            generation=generation,
+            apply=(),
+            recreate=(),
+            prune=(),
+            prune_acks=(),
+            traffic={},
+            status=status,
+            events=tuple(compute_events(previous, status)),
+            invalid=str(error),
+            previous=previous,
+            now=now,
+        )
+    owned = {key(o): o for o in snapshot.children if owned_by(o, md.uid)}
+    deployments = {name: o for (kind, name), o in owned.items() if kind == "Deployment"}
+    traffic = compute_effective_weights(md.spec_weights, ready_variants(md, deployments))
+    desired = tuple(render_objects(md, server_image=server_image, weights=traffic))
+    wanted = {key(o) for o in desired}
+    recreate = tuple(
+        Recreate(observed, reason)
+        for manifest in desired
+        if (observed := owned.get(key(manifest))) is not None
+        and (reason := recreate_reason(observed, manifest))
+    )
+    serving: Verdict | None = None
+    prune_acks: tuple[str, ...] = ()
+    if md.routing.mode == "router":
+        version = routes_version(desired, md)
+        serving = router_verdict(md, owned, snapshot.endpoint_slices, version)
+        prune_acks = stale_acks(
+            owned.get(("ConfigMap", naming.routes_config_map_name(md.name))),
+            owned.get(("Service", naming.router_object_name(md.name))),
+            snapshot.endpoint_slices,
+        )
+    elif md.routing.mode == "gateway":
+        serving = gateway_verdict(owned.get(("HTTPRoute", naming.router_object_name(md.name))))
+    status = compute_status(md, deployments, traffic, serving=serving, previous=previous, now=now)
+    return Plan(
+        name=md.name,
+        generation=md.generation,
+        apply=desired,
+        recreate=recreate,
+        prune=tuple(o for k, o in owned.items() if k not in wanted),
+        prune_acks=prune_acks,
+        traffic=traffic,
+        status=status,
+        events=tuple(compute_events(previous, status)),
+        invalid=None,
+        previous=previous,
+        now=now,
+    )
+
+
+def settle(plan: Plan, failures: Sequence[Failure]) -> Settled:
+    """The status and events once acting on `plan` is over, with `failures` among its objects.
+
+    A refused object is named with the API server's message (Degraded), the ModelDeployment is
+    not Ready, and nothing that is still true is forgotten: the variant rows stay as observed,
+    and when a routing object was not applied the traffic shown stays what it last carried.
+    """
+    if not failures:
+        return Settled(plan.status, plan.events, ())
+    reason = "ApplyRejected" if any(not f.transient for f in failures) else "ApplyFailed"
+    lines = [f"{f.object}: {f.message}{' (will retry)' if f.transient else ''}" for f in failures]
+    message = "; ".join(lines)
+    status = dict(plan.status)
+    routing = {describe(o) for o in plan.apply if key(o) in _routing_keys(plan.apply)}
+    if any(f.object in routing for f in failures):
+        _keep_previous_traffic(status, plan.previous)
+    status["conditions"] = compute_failed_status(
+        plan.generation, reason, message, previous=plan.previous, now=plan.now
+    )["conditions"]
+    degraded = _condition(plan.previous, "Degraded") or {}
+    told = degraded.get("message", "") if degraded.get("status") == "True" else ""
+    new = tuple(f for f, line in zip(failures, lines, strict=True) if line not in told)
+    # One Warning per newly failing object rather than one per condition that flipped with it.
+    events = [e for e in compute_events(plan.previous, status) if e.reason != reason]
+    events.extend(Event("Warning", reason, f"{f.object}: {f.message}") for f in new)
+    return Settled(status, tuple(events), new)
+
+
+def recreate_reason(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> str:
+    """Why `observed` must be deleted and created again to become `desired`, or "".
+
+    Server-side apply cannot undo every edit: Service ports are a list keyed by port and
+    protocol (an edited port stays beside the one applied, and their names then collide),
+    selector keys added by someone else stay, and immutable fields cannot change at all.
+    """
+    kind = desired["kind"]
+    have, want = observed.get("spec", {}), desired.get("spec", {})
+    if kind == "Service":
+        if _port_keys(have) != _port_keys(want):
+            return (
+                f"ports {_describe_ports(have)} cannot be changed to {_describe_ports(want)} "
+                "by apply"
+            )
+        if have.get("selector") != want.get("selector"):
+            return "selector edited: keys added by another field manager cannot be removed"
+        if have.get("type", "ClusterIP") != want.get("type", "ClusterIP"):
+            return f"type {have.get('type')} cannot be changed back to {want.get('type')}"
+    elif kind == "Deployment":
+        if have.get("selector") != want.get("selector"):
+            return "spec.selector is immutable"
+    elif kind == "ConfigMap" and observed.get("immutable"):
+        return "marked immutable"
+    elif kind == "RoleBinding" and observed.get("roleRef") != desired.get("roleRef"):
+        return "roleRef is immutable"
+    return ""
+
+
+def plan_inputs(kind: str, obj: Mapping[str, Any] | None) -> Any:
+    """What `plan` reads from a child of `kind` (None: absent) beyond the fields this operator
+    applies: a child event that changes none of it (the echo of our own apply) needs no new plan."""
+    if kind == "Deployment":
+        # Status rows show the Deployment as it stands (replicas under an HPA, the image, its
+        # generation against observedGeneration), so its creation is news too.
+        return None if obj is None else (obj.get("spec"), obj.get("status"))
+    if kind == "HTTPRoute":
+        # Its parents' conditions, and the generation they must have observed.
+        meta = (obj or {}).get("metadata", {})
+        return meta.get("generation"), (obj or {}).get("status")
+    if kind == "ConfigMap":
+        return readiness.routes_acks(obj)
+    return None
+
+
+def owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
+    """Ours to change or prune only if this very ModelDeployment (not a namesake) controls it."""
+    return any(
+        ref.get("uid") == uid and ref.get("controller")
+        for ref in obj.get("metadata", {}).get("ownerReferences", [])
+    )
+
+
+def key(obj: Mapping[str, Any]) -> Key:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def describe(obj: Mapping[str, Any]) -> str:
+    """ "Kind/name", as logs, events and conditions name an object."""
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def _routing_keys(desired: Sequence[Mapping[str, Any]]) -> set[Key]:
+    """The objects that carry the traffic split: the routes ConfigMap or the HTTPRoute."""
+    return {key(o) for o in desired if o["kind"] in ("ConfigMap", "HTTPRoute")}
+
+
+def _keep_previous_traffic(status: Status, previous: Mapping[str, Any] | None) -> None:
+    before = previous or {}
+    if "traffic" in before:
+        status["traffic"] = before["traffic"]
+    effective = {r["name"]: r.get("effectiveWeight") for r in before.get("variants", [])}
+    status["variants"] = [
+        {**row, "effectiveWeight": effective.get(row["name"], 0)} for row in status["variants"]
+    ]
+
+
+def _condition(status: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in (status or {}).get("conditions", []) if c["type"] == type_), None)
+
+
+def _port_keys(spec: Mapping[str, Any]) -> set[tuple[int, str]]:
+    return {(p.get("port"), p.get("protocol", "TCP")) for p in spec.get("ports", [])}
+
+
+def _describe_ports(spec: Mapping[str, Any]) -> str:
+    return ",".join(f"{port}/{protocol}" for port, protocol in sorted(_port_keys(spec)))

@@ -92,8 +92,9 @@ class Controller:
         self._timers: dict[MdKey, asyncio.TimerHandle] = {}
         self._attempts: dict[MdKey, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._must_run: set[MdKey] = set()
 
-    def is_echo(self, key: MdKey, body: Mapping[str, Any], type_: str | None) -> bool:
+    def is_echo(self, key: MdKey, body: Mapping[str, Any], type_: str) -> bool:
         echoes = self._echoes.get(key)
         if echoes is None:
             return False
@@ -107,29 +108,48 @@ class Controller:
         echoes = self._echoes.get(key)
         return echoes.model_deployment if echoes else None
 
-    async def reconcile(self, key: MdKey, cause: str) -> None:
-        """Reconcile `key` now (after any reconcile of it already running), then schedule the
-        next look: the resync interval, or a backoff when something may work later."""
+    async def reconcile(
+        self, key: MdKey, cause: str, event: tuple[Mapping[str, Any], str] | None = None
+    ) -> None:
+        """Reconcile `key` (after any reconcile of it already running), then schedule the next
+        look: the resync interval, or a backoff when something may work later.
+
+        `event` is the child event (body, type) that asked for it: when its turn comes, an event
+        that turned out to be the echo of the reconcile it waited for is dropped.
+        """
         if self.serializer.is_waiting(key):
-            return  # the one waiting reads everything as it is when it starts
-        try:
-            outcome = await self.serializer.run(key, lambda: asyncio.to_thread(self._work, key))
-        except TransientApiError as error:
-            self.metrics.reconciles.labels("retry").inc()
-            delay = self._backoff(key)
-            log.warning(f"[{key[0]}/{key[1]}] reconcile failed, retrying in {delay:.0f}s: {error}")
-            self.schedule(key, delay)
+            # The one waiting reads everything as it is when it starts; it must run, though,
+            # even if its own cause turns out to be an echo, since this one may not be.
+            self._must_run.add(key)
             return
-        if outcome.model_deployment is None:
-            self.forget(key)
-            return
-        self._remember(key, outcome)
-        self._report(key, outcome, cause)
-        if outcome.retry:
-            self.schedule(key, self._backoff(key))
-        else:
-            self._attempts.pop(key, None)
-            self.schedule(key, self.config.resync_seconds)
+
+        async def turn() -> None:
+            must_run = key in self._must_run
+            self._must_run.discard(key)
+            if event is not None and not must_run and self.is_echo(key, *event):
+                return
+            try:
+                outcome = await asyncio.to_thread(self._work, key)
+            except TransientApiError as error:
+                self.metrics.reconciles.labels("retry").inc()
+                delay = self._backoff(key)
+                where = f"[{key[0]}/{key[1]}]"
+                log.warning(f"{where} reconcile failed, retrying in {delay:.0f}s: {error}")
+                self.schedule(key, delay)
+                return
+            if outcome.model_deployment is None:
+                self.forget(key)
+                return
+            # Remembered before the next reconcile of this key may start and look for echoes.
+            self._remember(key, outcome)
+            self._report(key, outcome, cause)
+            if outcome.retry:
+                self.schedule(key, self._backoff(key))
+            else:
+                self._attempts.pop(key, None)
+                self.schedule(key, self.config.resync_seconds)
+
+        await self.serializer.run(key, turn)
 
     def schedule(self, key: MdKey, delay: float) -> None:
         old = self._timers.pop(key, None)
@@ -144,6 +164,7 @@ class Controller:
             timer.cancel()
         self._echoes.pop(key, None)
         self._attempts.pop(key, None)
+        self._must_run.discard(key)
 
     def stop(self) -> None:
         for timer in self._timers.values():
@@ -224,7 +245,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     metrics_servers: list[Any] = []
     children = [(_split(api_version), plural) for (api_version, _), plural in RESOURCES.items()]
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="configure-watches-and-metrics", registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # kopf's own bookkeeping, for the handlers that still use it (BatchPredictions, see
         # batch_handlers.py; the ModelDeployment handlers here need none): annotations under our
@@ -252,7 +273,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             )
             metrics_servers.append(server)
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(id="stop-timers-and-clients", registry=registry)
     def close(**_: Any) -> None:
         controller.stop()
         for server in metrics_servers:
@@ -317,7 +338,7 @@ def _child_handler(controller: Controller) -> Callable[..., Awaitable[None]]:
         key = (_namespaced(namespace), md_name)
         if controller.is_echo(key, body, type):
             return
-        await controller.reconcile(key, f"{describe(body)} {type.lower()}")
+        await controller.reconcile(key, f"{describe(body)} {type.lower()}", (body, type))
 
     return child_changed
 

@@ -8,6 +8,7 @@ own: one the API server refuses is reported and never stops the others.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,16 +143,12 @@ def reconcile(api: KubeApi, config: OperatorConfig, namespace: str, name: str, n
         if observed.get(k, {}).get("metadata", {}).get("resourceVersion")
         != obj_.get("metadata", {}).get("resourceVersion")
     )
-    return Outcome(
+    return dataclasses.replace(
+        done,
         model_deployment=obj,
         plan=planned,
         events=settled.events,
-        failures=done.failures,
         new_failures=settled.new_failures,
         observed=observed,
-        written=done.written,
         changed=changed,
-        pruned=done.pruned,
-        recreated=done.recreated,
-        deleted_uids=done.deleted_uids,
     )

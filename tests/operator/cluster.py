@@ -174,6 +174,8 @@ class Cluster:
         return obj
 
     def routes(self, md_name: str) -> dict[str, int] | None:
+        """The weights the routes ConfigMap carries; None while it is missing or hand-edited
+        into something without variants."""
         try:
             config_map = self.core.read_namespaced_config_map(
                 naming.routes_config_map_name(md_name), self.namespace
@@ -181,6 +183,8 @@ class Cluster:
         except ApiException:
             return None
         config = json.loads((config_map.data or {})[contract.ROUTES_KEY])
+        if "variants" not in config:
+            return None
         return {v["name"]: v["weight"] for v in config["variants"]}
 
     def set_ready(self, deployment_name: str, ready: bool = True) -> None:

@@ -290,14 +290,12 @@ def test_events_on_transitions_only() -> None:
 def test_shadow_is_described_and_gateway_mode_says_nothing_is_compared() -> None:
     dark = [variant("v1", 100), variant("v2", 0)]
     shadow = {"variant": "v2", "percent": 10}
-    router = compute_status(
-        md(variants=dark, routing={"shadow": shadow}), {}, previous=None, now=T0
-    )
+    router = status_of(md(variants=dark, routing={"shadow": shadow}), {}, previous=None, now=T0)
     assert router["shadow"] == (
         "v2 gets a copy of 10% of the weighted requests; the router compares its answers with "
         "the live variant's (metrics modeldeploy_router_shadow_*)"
     )
     gateway = {"mode": "gateway", "gateway": {"parentRefs": [{"name": "gw"}]}, "shadow": shadow}
-    status = compute_status(md(variants=dark, routing=gateway), {}, previous=None, now=T0)
+    status = status_of(md(variants=dark, routing=gateway), {}, previous=None, now=T0)
     assert "the Gateway discards its answers and makes no comparison" in status["shadow"]
-    assert "shadow" not in compute_status(md(), {}, previous=None, now=T0)
+    assert "shadow" not in status_of(md(), {}, previous=None, now=T0)

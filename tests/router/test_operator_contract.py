@@ -100,7 +100,8 @@ def test_rendered_sticky_header_reaches_the_router() -> None:
 @pytest.mark.parametrize("ready", [None, {"v1"}, {"v1", "v2"}, set()])
 def test_rendered_shadow_reaches_the_router(ready: set[str] | None) -> None:
     md = parse_model_deployment(shadow_manifest("iris"))
-    objects = render_objects(md, server_image="modeldeploy-server:test", ready_variants=ready)
+    traffic = None if ready is None else compute_effective_weights(md.spec_weights, ready)
+    objects = render_objects(md, server_image="modeldeploy-server:test", weights=traffic)
     (routes_text,) = find(objects, "ConfigMap")["data"].values()
     assert parse_router_config(routes_text).shadow == ShadowConfig("v2", 10.0, 0.001)
 

@@ -26,8 +26,11 @@ from modeldeploy_server.config import EdgeSettings
 
 logger = logging.getLogger("uvicorn.error")
 
-# How long a refused connection keeps reading (and discarding) before it is closed.
+# How long a refused connection stays open before it is closed, and how much of what the client
+# still sends it reads (and discards) meanwhile: enough for the client to finish writing a request
+# and read the answer, never enough for a client streaming gigabytes to keep the loop busy.
 LINGER_S = 2.0
+LINGER_READ_BYTES = 1024 * 1024
 # What `OPTIONS *` answers: the methods this server's routes accept.
 ALLOWED_METHODS = b"GET, HEAD, POST"
 # An application that refuses a request because it is overloaded sets
@@ -82,6 +85,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._chunked = False
         self._read_timer: TimerHandle | None = None
         self._refused = False
+        self._discarded = 0
         # Body bytes charged to the process budget, per request, until its answer is complete.
         self._charges: list[tuple[RequestResponseCycle, int]] = []
 
@@ -105,6 +109,9 @@ class EdgeProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """Feed the parser, never more than max_header_bytes of a request's head at a time."""
         if self._refused:
+            self._discarded += len(data)
+            if self._discarded > LINGER_READ_BYTES:
+                self.transport.pause_reading()
             return
         self._unset_keepalive_if_required()
         if self._read_timer is None and self._in_head:

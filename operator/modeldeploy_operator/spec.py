@@ -360,7 +360,9 @@ def _parse_rollout(spec: Mapping[str, Any]) -> Rollout | None:
     raw = _required(spec, "rollout", "spec", dict)
     steps = tuple(
         RolloutStep(
-            percent=_required(_as(step, f"{path}.steps[{i}]", dict), "percent", path, int),
+            percent=_required(
+                _as(step, f"{path}.steps[{i}]", dict), "percent", f"{path}.steps[{i}]", int
+            ),
             hold_seconds=_required(step, "holdSeconds", f"{path}.steps[{i}]", int),
         )
         for i, step in enumerate(_optional(raw, "steps", path, list, ()))

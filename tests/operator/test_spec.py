@@ -281,6 +281,10 @@ def test_rollout_defaults() -> None:
             lambda m: m["spec"]["rollout"].update(lowTraffic="guess"),
             "spec.rollout.lowTraffic",
         ),
+        (
+            lambda m: m["spec"]["rollout"]["steps"][1].pop("percent"),
+            "spec.rollout.steps[1].percent: required",
+        ),
     ],
 )
 def test_invalid_gate_or_rollout(change: Any, fragment: str) -> None:

@@ -626,7 +626,7 @@ def _get_or_none(cluster: Cluster, kind: str, name: str) -> dict[str, Any] | Non
 
 CHILD_KINDS = (
     "deployments,replicasets,pods,services,configmaps,poddisruptionbudgets,"
-    "horizontalpodautoscalers,httproutes"
+    "horizontalpodautoscalers,httproutes,serviceaccounts,roles,rolebindings"
 )
 
 

@@ -178,6 +178,7 @@ prune_images() {
         grep -E '^localhost/modeldeploy-(server|operator):' |
         grep -vxF -e "$server_image" -e "$operator_image" |
         xargs -r buildah "${buildah_store[@]}" rmi >/dev/null || true
+    bah rmi --prune >/dev/null 2>&1 || true
 }
 
 build_images() {

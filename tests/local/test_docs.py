@@ -31,6 +31,7 @@ def test_api_reference_documents_every_spec_field() -> None:
 
 def test_readme_limits_are_the_server_defaults() -> None:
     defaults = ServeConfig(model_path=Path("m.onnx"), model_name="m")
+    edge = defaults.edge
     rows = {
         line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1]
         for line in (REPO_ROOT / "README.md").read_text().splitlines()
@@ -49,6 +50,15 @@ def test_readme_limits_are_the_server_defaults() -> None:
             f"{defaults.max_batch_size} rows per model run; under concurrency a forming run "
             f"waits up to {defaults.max_batch_delay_ms:g} ms for more"
         ),
+        # The HTTP edge, shared with the router.
+        "request line + headers (`--max-header-bytes`)": f"{edge.max_header_bytes // 1024} KiB",
+        "open connections (`--max-connections`)": str(edge.max_connections),
+        "time to receive a whole request (`--read-timeout-s`)": f"{edge.read_timeout_s:g} s",
+        "idle keep-alive (`--keepalive-timeout-s`)": f"{edge.keepalive_timeout_s:g} s",
+        "request bodies in flight, process-wide (`--max-body-bytes-in-flight`)": (
+            f"{edge.max_body_bytes_in_flight // 2**20} MiB"
+        ),
+        "SIGTERM (`--shutdown-delay-s`)": f"{edge.shutdown_delay_s:g} s",
     }
 
 

@@ -15,6 +15,9 @@ answer of `--baseline-url` for the same rows: exact for labels, integers, string
 `|actual - expected| <= atol + rtol * |expected|` for floats. The gate passes when the share of
 rows that agree is at least `--min-agreement` (default 1).
 
+With `--model-sha256`, every answer must carry that model digest (the server's `x-model-sha256`
+header), so a verdict is bound to one model; the verdict lists the digests that answered.
+
 Writes a verdict JSON (`--verdict`, default stdout) and a one-line summary on stderr. Exit code:
 0 passed, 1 failed, 2 could not judge (bad arguments, dataset, digest, an unreachable or
 overloaded server).
@@ -37,6 +40,7 @@ import httpx
 import orjson
 
 from modeldeploy_server.batchio import number_lines, parse_csv_line, parse_json_line
+from modeldeploy_server.config import parse_sha256
 from modeldeploy_server.errors import ServerError
 from modeldeploy_server.fetch import FetchError, fetch_model, is_remote
 
@@ -254,6 +258,10 @@ class Endpoint:
     client: httpx.Client
     url: str
     inputs: Sequence[str]  # CSV columns; empty for JSON lines
+    # The model digest every answer must come from (the server's x-model-sha256), if any.
+    model_sha256: str | None = None
+    # The digests that did answer.
+    answered_by: set[str] = field(default_factory=set)
 
     def body(self, rows: Sequence[GoldenRow]) -> tuple[bytes, str]:
         """The request body for the rows and its content type."""
@@ -281,6 +289,13 @@ class Endpoint:
             raise GateError(f"{self.url} answered HTTP {response.status_code}: {_text(response)}")
         if response.status_code != 200:
             return f"HTTP {response.status_code}: {_text(response)}"
+        digest = response.headers.get("x-model-sha256", "")
+        if self.model_sha256 is not None and digest != self.model_sha256:
+            raise GateError(
+                f"{self.url} answered with model sha256 {digest or '(none)'}, expected "
+                f"{self.model_sha256}: another model is serving there"
+            )
+        self.answered_by.add(digest)
         try:
             predictions = orjson.loads(response.content)["predictions"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -361,6 +376,7 @@ class GateConfig:
     timeout_s: float = 30.0
     max_bytes: int = MAX_DATASET_BYTES
     outputs: tuple[str, ...] = ()  # compare only these outputs (default: every output)
+    model_sha256: str | None = None  # the candidate's model digest every answer must come from
 
 
 def records_url(base: str, model_name: str) -> str:
@@ -381,7 +397,9 @@ def run_gate(config: GateConfig, workdir: Path) -> dict[str, Any]:
     tally = Tally(config.max_mismatches)
     timeout = httpx.Timeout(config.timeout_s)
     with httpx.Client(timeout=timeout) as client:
-        candidate = Endpoint(client, records_url(config.url, config.model_name), inputs)
+        candidate = Endpoint(
+            client, records_url(config.url, config.model_name), inputs, config.model_sha256
+        )
         baseline = (
             None
             if config.baseline_url is None
@@ -393,10 +411,12 @@ def run_gate(config: GateConfig, workdir: Path) -> dict[str, Any]:
             judge_chunk(chunk, answers, reference, config.tolerance, tally, config.outputs)
     if tally.rows == 0:
         raise GateError(f"{config.dataset} has no data rows")
-    return verdict(config, actual_sha256, tally)
+    return verdict(config, actual_sha256, sorted(candidate.answered_by), tally)
 
 
-def verdict(config: GateConfig, dataset_sha256: str, tally: Tally) -> dict[str, Any]:
+def verdict(
+    config: GateConfig, dataset_sha256: str, answered_by: list[str], tally: Tally
+) -> dict[str, Any]:
     """The verdict document: deterministic for the same answers."""
     return {
         "passed": tally.agreement >= config.min_agreement,
@@ -407,7 +427,7 @@ def verdict(config: GateConfig, dataset_sha256: str, tally: Tally) -> dict[str, 
         "minAgreement": config.min_agreement,
         "tolerance": {"atol": config.tolerance.atol, "rtol": config.tolerance.rtol},
         "dataset": {"uri": config.dataset, "sha256": dataset_sha256},
-        "candidate": {"url": config.url, "model": config.model_name},
+        "candidate": {"url": config.url, "model": config.model_name, "modelSha256": answered_by},
         "against": "expected" if config.baseline_url is None else config.baseline_url,
         "outputs": list(config.outputs),
         "mismatches": [mismatch.as_json() for mismatch in tally.mismatches],
@@ -423,6 +443,13 @@ def summary(document: dict[str, Any]) -> str:
         f"({100 * document['agreement']:.1f}%, need {100 * document['minAgreement']:.1f}%) "
         f"against {'the expected answers' if against == 'expected' else against}"
     )
+
+
+def _sha256(value: str) -> str:
+    try:
+        return parse_sha256(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fraction(value: str) -> float:
@@ -457,6 +484,11 @@ def parse_gate_config(argv: Sequence[str]) -> tuple[GateConfig, Path | None]:
     parser.add_argument("--format", choices=FORMATS, help="csv or jsonl (default: by extension)")
     parser.add_argument("--url", required=True, help="the candidate variant's base URL")
     parser.add_argument("--model-name", required=True, help="the served model's name")
+    parser.add_argument(
+        "--model-sha256",
+        type=_sha256,
+        help="every candidate answer must come from this model digest (x-model-sha256)",
+    )
     parser.add_argument("--baseline-url", help="compare with this variant's answers instead")
     parser.add_argument(
         "--compare", action="append", default=[], help="compare only this output (repeatable)"
@@ -491,6 +523,7 @@ def parse_gate_config(argv: Sequence[str]) -> tuple[GateConfig, Path | None]:
         max_mismatches=args.max_mismatches,
         timeout_s=args.timeout_s,
         outputs=tuple(args.compare),
+        model_sha256=args.model_sha256,
     )
     return config, args.verdict
 

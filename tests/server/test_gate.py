@@ -116,10 +116,13 @@ def test_true_labels_pass_at_the_models_accuracy_and_list_its_errors(
     common = ["--dataset", str(dataset), "--sha256", sha, "--url", iris_server.url]
     common += ["--model-name", "iris", "--batch-rows", "7", "--verdict", str(verdict_path)]
 
-    passed = _gate(*common, "--min-agreement", "0.95", "--max-mismatches", "100")
+    passed = _gate(
+        *common, "--min-agreement", "0.95", "--max-mismatches", "100", "--model-sha256", iris.sha256
+    )
     assert passed.returncode == 0, passed.stderr
     verdict = orjson.loads(verdict_path.read_bytes())
     assert verdict["passed"] is True
+    assert verdict["candidate"]["modelSha256"] == [iris.sha256]
     assert (verdict["rows"], verdict["mismatched"]) == (len(rows), len(wrong))
     assert [m["line"] for m in verdict["mismatches"]] == wrong
     assert {m["expected"]["label"] for m in verdict["mismatches"]} <= {0, 1, 2}
@@ -235,6 +238,11 @@ def test_cannot_judge_exits_2(
     cases = {
         "sha256 mismatch": (["--sha256", "0" * 64], "sha256 mismatch"),
         "no expected answers": (["--sha256", sha], "line 2 has no expected answer"),
+        "another model answers": (
+            ["--sha256", sha, "--model-sha256", "c" * 64, "--baseline-url", iris_server.url],
+            f"answered with model sha256 {iris.sha256}, expected {'c' * 64}",
+        ),
+        "digest not hex": (["--sha256", sha, "--model-sha256", "xyz"], "64 hexadecimal"),
         "nothing listening": (
             ["--sha256", sha, "--baseline-url", "http://127.0.0.1:9"],
             "127.0.0.1:9",

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import orjson
 
 from modeldeploy_server.batchio import (
     FORMATS,
@@ -60,12 +59,11 @@ from modeldeploy_server.digest import CHUNK_BYTES
 from modeldeploy_server.errors import ConfigError, ModelRejected, ServerError
 from modeldeploy_server.fetch import FetchError, declared_length, open_source
 from modeldeploy_server.runtime import OnnxModel, load_model
+from modeldeploy_server.termination import write_termination_message
 
 # Exit codes: 1 bad input, model or output (a retry fails the same way), 2 bad configuration,
 # 3 the input could not be read to its end (worth retrying).
 EXIT_RETRYABLE = 3
-# Kubernetes keeps at most 4096 bytes of a termination message.
-_MESSAGE_LIMIT = 4096
 _PROGRESS_EVERY_S = 0.5
 
 
@@ -370,15 +368,8 @@ class _Counted:
 
 
 def _write_message(path: Path | None, document: Mapping[str, Any]) -> None:
-    if path is None:
-        return
-    data = orjson.dumps(document)
-    if len(data) > _MESSAGE_LIMIT:
-        data = orjson.dumps({"error": str(document.get("error", "result too long"))[:1024]})
-    try:
-        path.write_bytes(data)
-    except OSError as exc:
-        print(f"modeldeploy-server batch: cannot write {path}: {exc}", file=sys.stderr)
+    shorter = {"error": str(document.get("error", "result too long"))[:1024]}
+    write_termination_message(path, document, shorter, "modeldeploy-server batch")
 
 
 def main(argv: list[str]) -> int:

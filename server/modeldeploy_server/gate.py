@@ -43,7 +43,9 @@ from modeldeploy_server.batchio import number_lines, parse_csv_line, parse_json_
 from modeldeploy_server.config import parse_sha256
 from modeldeploy_server.errors import ServerError
 from modeldeploy_server.fetch import FetchError, fetch_model, is_remote
+from modeldeploy_server.termination import write_termination_message
 
+PROGRAM = "modeldeploy-server gate"
 EXPECTED = "expected"
 FORMATS = ("csv", "jsonl")
 # A golden dataset is read whole by one Job: far below a model's 2 GiB limit.
@@ -473,8 +475,9 @@ def _positive(value: str) -> int:
     return number
 
 
-def parse_gate_config(argv: Sequence[str]) -> tuple[GateConfig, Path | None]:
-    """The run's configuration and where to write the verdict (None: stdout)."""
+def parse_gate_config(argv: Sequence[str]) -> tuple[GateConfig, Path | None, Path | None]:
+    """The run's configuration, where to write the verdict (None: stdout) and the termination
+    message (None: nowhere)."""
     parser = argparse.ArgumentParser(
         prog="modeldeploy-server gate",
         description="Send a golden dataset to a variant and judge its answers.",
@@ -502,6 +505,11 @@ def parse_gate_config(argv: Sequence[str]) -> tuple[GateConfig, Path | None]:
     parser.add_argument("--max-mismatches", type=_positive, default=10, help="mismatches listed")
     parser.add_argument("--timeout-s", type=_non_negative, default=30.0, help="per request (s)")
     parser.add_argument("--verdict", type=Path, help="write the verdict JSON here (default stdout)")
+    parser.add_argument(
+        "--termination-message-path",
+        type=Path,
+        help="also write the verdict (or the error) here, within 4096 bytes (a Job's outcome)",
+    )
     args = parser.parse_args(list(argv))
     if args.sha256 is None and is_remote(args.dataset):
         parser.error(f"--sha256 is required for {args.dataset}")
@@ -525,18 +533,22 @@ def parse_gate_config(argv: Sequence[str]) -> tuple[GateConfig, Path | None]:
         outputs=tuple(args.compare),
         model_sha256=args.model_sha256,
     )
-    return config, args.verdict
+    return config, args.verdict, args.termination_message_path
 
 
 def main(argv: list[str]) -> int:
     """Entry point of `modeldeploy-server gate`: 0 passed, 1 failed, 2 could not judge."""
-    config, verdict_path = parse_gate_config(argv)
+    config, verdict_path, message_path = parse_gate_config(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="modeldeploy-gate-") as workdir:
             document = run_gate(config, Path(workdir))
     except GateError as exc:
-        print(f"modeldeploy-server gate: error: {exc}", file=sys.stderr)
+        print(f"{PROGRAM}: error: {exc}", file=sys.stderr)
+        error = {"error": str(exc)[:1024]}
+        write_termination_message(message_path, error, error, PROGRAM)
         return 2
+    shorter = {**document, "mismatches": [], "mismatchesOmitted": len(document["mismatches"])}
+    write_termination_message(message_path, document, shorter, PROGRAM)
     data = orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
     if verdict_path is None:
         sys.stdout.buffer.write(data)
@@ -544,10 +556,7 @@ def main(argv: list[str]) -> int:
         try:
             verdict_path.write_bytes(data)
         except OSError as exc:
-            print(
-                f"modeldeploy-server gate: error: cannot write {verdict_path}: {exc}",
-                file=sys.stderr,
-            )
+            print(f"{PROGRAM}: error: cannot write {verdict_path}: {exc}", file=sys.stderr)
             return 2
     print(summary(document), file=sys.stderr)
     return 0 if document["passed"] else 1

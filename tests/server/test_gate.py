@@ -176,6 +176,21 @@ def test_a_different_model_fails_against_the_stable_variants_answers(
     )
     assert lenient["passed"] is True and lenient["agreed"] == verdict["agreed"]
 
+    # As a Job reports it: the verdict as the termination message, within the kubelet's 4096
+    # bytes (100 mismatches with their probabilities do not fit: they are left out, and counted).
+    message = tmp_path / "termination-log"
+    args = ["--dataset", str(dataset), "--sha256", sha, "--url", stump_server.url]
+    args += ["--model-name", "iris", "--baseline-url", iris_server.url, "--max-mismatches", "100"]
+    failed = _gate(*args, "--termination-message-path", str(message))
+    assert failed.returncode == 1, failed.stderr
+    full = orjson.loads(failed.stdout)
+    assert len(full["mismatches"]) == 100 and len(orjson.dumps(full)) > 4096
+    short = orjson.loads(message.read_bytes())
+    assert len(message.read_bytes()) <= 4096
+    assert short == {**full, "mismatches": [], "mismatchesOmitted": 100}
+    fits = _gate(*args[:-2], "--max-mismatches", "1", "--termination-message-path", str(message))
+    assert orjson.loads(message.read_bytes()) == orjson.loads(fits.stdout)
+
     # The same model behind both URLs agrees on every answer, probabilities included, exactly.
     same = dataclasses.replace(config, url=iris_server.url, outputs=())
     assert run_gate(same, tmp_path / "w3")["agreement"] == 1.0
@@ -253,6 +268,10 @@ def test_cannot_judge_exits_2(
         assert result.returncode == 2, (name, result.stderr)
         assert message in result.stderr, (name, result.stderr)
         assert "Traceback" not in result.stderr
+    message = tmp_path / "termination-log"
+    failed = _gate(*base, "--sha256", "0" * 64, "--termination-message-path", str(message))
+    assert failed.returncode == 2
+    assert "sha256 mismatch" in orjson.loads(message.read_bytes())["error"]
     remote = _gate(
         "--dataset",
         "http://127.0.0.1:9/golden.csv",

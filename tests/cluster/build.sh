@@ -166,18 +166,26 @@ build_project_image() {
     log "$what image: done -> $file"
 }
 
-# Every code change makes new images: keep only this tree's, so the cache stays bounded.
+# Every code change makes new images: keep the newest few of each (the cache is shared by the
+# checkouts of this machine, so another tree's current images must survive), drop the rest.
+keep_images=4
 prune_images() {
-    local file
-    for file in "$cache"/images/{server,operator}-*.tar; do
-        [[ -e $file ]] || continue
-        [[ $file == "$(archive server "$server_tag")" || $file == "$(archive operator "$operator_tag")" ]] ||
-            rm -f "$file"
+    local what
+    for what in server operator; do
+        # shellcheck disable=SC2012 # names are ours: <what>-h-<hex>.tar
+        ls -1t "$cache/images/$what"-*.tar 2>/dev/null | tail -n +$((keep_images + 1)) |
+            xargs -r rm -f
     done
-    bah images --format '{{.Name}}:{{.Tag}}' |
-        grep -E '^localhost/modeldeploy-(server|operator):' |
-        grep -vxF -e "$server_image" -e "$operator_image" |
-        xargs -r buildah "${buildah_store[@]}" rmi >/dev/null || true
+    bah images --json | python3 -c '
+import json, sys
+images, keep = json.load(sys.stdin), int(sys.argv[1])
+for repo in ("localhost/modeldeploy-server", "localhost/modeldeploy-operator"):
+    tagged = sorted(((image["createdatraw"], name) for image in images
+                     for name in image.get("names") or [] if name.rsplit(":", 1)[0] == repo),
+                    reverse=True)
+    for _, name in tagged[keep:]:
+        print(name)
+' "$keep_images" | xargs -r buildah "${buildah_store[@]}" rmi >/dev/null || true
     bah rmi --prune >/dev/null 2>&1 || true
 }
 

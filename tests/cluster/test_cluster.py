@@ -402,8 +402,21 @@ def test_ready_means_served(iris_applied: Iris) -> None:
     """From the moment the ModelDeployment reports Ready=True, its URL serves: no 503 window."""
     iris = iris_applied
     md = iris.wait_ready()
+    ready_at = time.monotonic()
     with httpx.Client(timeout=10) as client:
         answers = [send(client, iris.url, v2_body(ROWS[:1])) for _ in range(40)]
+        # How long the window lasts, for the report (bounded: at most 60 s more).
+        late = answers[:]
+        while late[-1].status != 200 and time.monotonic() < ready_at + 60:
+            late.append(send(client, iris.url, v2_body(ROWS[:1])))
+            time.sleep(0.05)
+    served = next((a.started for a in late if a.status == 200), None)
+    failed = [a for a in late if a.status != 200]
+    MEASURED.append(
+        f"after Ready=True: {len(failed)} failed requests "
+        f"({sorted({a.error[:60] for a in failed})}), first answer "
+        + (f"{served - ready_at:.2f}s after Ready was seen" if served else "never (60 s)")
+    )
     assert md["status"]["url"] == f"http://iris.{NAMESPACE}.svc"
     assert [a.status for a in answers] == [200] * len(answers), [
         (a.status, a.error) for a in answers if a.status != 200

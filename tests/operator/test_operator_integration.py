@@ -119,10 +119,20 @@ def test_create_then_readiness_drives_traffic_and_status(cluster: Cluster) -> No
     ]
     # The same rendering path as `modeldeploy render`, now with both variants ready.
     assert_matches_render(cluster, "iris")
-    events = cluster.core.list_namespaced_event(
-        cluster.namespace, field_selector="involvedObject.name=iris"
+    # Events are posted right after the status write that caused them.
+    wait_for(
+        lambda: (
+            {"TrafficShifted", "AllVariantsReady"}
+            <= {
+                e.reason
+                for e in cluster.core.list_namespaced_event(
+                    cluster.namespace, field_selector="involvedObject.name=iris"
+                ).items
+            }
+        ),
+        "the TrafficShifted and AllVariantsReady events",
+        check=cluster.operator.check_alive,
     )
-    assert {"TrafficShifted", "AllVariantsReady"} <= {e.reason for e in events.items}
 
     # router-b is no endpoint any more: its ack goes (router-c never acked).
     cluster.set_router_endpoints("iris", {"router-a": True})

@@ -94,7 +94,14 @@ def test_service_port_edit_is_repaired_with_every_other_drifted_child(watched: C
     new_service = cluster.child("Service", "iris-v1")
     assert new_service is not None
     assert new_service["metadata"]["uid"] != old_service["metadata"]["uid"]
-    assert 'modeldeploy_operator_recreated_total{kind="Service"} 1.0' in cluster.operator.metrics()
+    # The reconcile that recreated it reports once it is done (status, events, then metrics).
+    wait_for(
+        lambda: (
+            'modeldeploy_operator_recreated_total{kind="Service"} 1.0' in cluster.operator.metrics()
+        ),
+        "the recreate counted",
+        check=cluster.operator.check_alive,
+    )
     events = cluster.core.list_namespaced_event(
         cluster.namespace, field_selector="involvedObject.name=iris,reason=Recreated"
     ).items

@@ -740,7 +740,7 @@ def import_images(paths: Paths, archives: dict[str, str]) -> None:
         # Older builds of the same image only fill the disk (the cache keeps one per image).
         stale = [k for k in known if k.rsplit(":", 1)[0] == repository and k != image]
         if stale:
-            ctr(paths, "images", "remove", *stale)
+            ctr(paths, "images", "remove", "--sync", *stale)
         if image not in known:
             ctr(paths, "images", "import", archive, timeout=600)
 

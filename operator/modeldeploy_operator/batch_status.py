@@ -18,7 +18,7 @@ from modeldeploy_operator.batch_render import (
     MODEL_URI_ANNOTATION,
 )
 from modeldeploy_operator.spec import BatchPrediction
-from modeldeploy_operator.status import Event
+from modeldeploy_operator.status import Event, render_conditions
 
 Status = dict[str, Any]
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -108,7 +108,7 @@ def compute_batch_status(
         rejected = reason == "JobRejected"
         status |= {"phase": "Failed" if rejected else "Pending", "shardsSucceeded": 0}
         status |= {"shardsFailed": 0, "shardsDone": f"0/{bp.shards}"}
-        status["conditions"] = _conditions(
+        status["conditions"] = render_conditions(
             [
                 ("Complete", "False", reason, message),
                 ("Failed", "True" if rejected else "False", reason, message),
@@ -182,7 +182,7 @@ def compute_batch_status(
         if phase == "Failed"
         else ("False", "NoShardFailed" if not failed else "ShardsFailing", failures or "none")
     )
-    status["conditions"] = _conditions(
+    status["conditions"] = render_conditions(
         [("Complete", *complete), ("Failed", *failed_condition)], bp.generation, previous, now
     )
     return status
@@ -212,28 +212,3 @@ def compute_batch_events(
     if complete["reason"] == "ModelNotFound":
         return [Event("Warning", "ModelNotFound", complete["message"])]
     return []
-
-
-def _conditions(
-    values: Sequence[tuple[str, str, str, str]],
-    generation: int,
-    previous: Mapping[str, Any] | None,
-    now: str,
-) -> list[dict[str, Any]]:
-    before = {c.get("type"): c for c in (previous or {}).get("conditions", [])}
-    conditions = []
-    for type_, status, reason, message in values:
-        old = before.get(type_, {})
-        # The transition time moves only when the status does (Kubernetes conventions).
-        since = old.get("lastTransitionTime") if old.get("status") == status else None
-        conditions.append(
-            {
-                "type": type_,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": since or now,
-                "observedGeneration": generation,
-            }
-        )
-    return conditions

@@ -237,15 +237,17 @@ def _url(md: ModelDeployment) -> str:
     return ""
 
 
-def _conditions(
-    values: Sequence[tuple[str, str, str]],
+def render_conditions(
+    values: Sequence[tuple[str, str, str, str]],
     generation: int,
     previous: Mapping[str, Any] | None,
     now: str,
 ) -> list[dict[str, Any]]:
+    """Conditions from (type, status, reason, message) rows, keeping each one's transition time
+    from `previous` while its status stays."""
     before = {c.get("type"): c for c in (previous or {}).get("conditions", [])}
     conditions = []
-    for type_, (status, reason, message) in zip(CONDITION_TYPES, values, strict=True):
+    for type_, status, reason, message in values:
         old = before.get(type_, {})
         # The transition time moves only when the status does (Kubernetes conventions).
         since = old.get("lastTransitionTime") if old.get("status") == status else None
@@ -260,6 +262,16 @@ def _conditions(
             }
         )
     return conditions
+
+
+def _conditions(
+    values: Sequence[tuple[str, str, str]],
+    generation: int,
+    previous: Mapping[str, Any] | None,
+    now: str,
+) -> list[dict[str, Any]]:
+    rows = [(t, *v) for t, v in zip(CONDITION_TYPES, values, strict=True)]
+    return render_conditions(rows, generation, previous, now)
 
 
 def _server_image(deployment: Mapping[str, Any] | None) -> str:

@@ -99,14 +99,7 @@ class KubeApi:
 
     def apply_status(self, namespace: str, name: str, status: Manifest) -> Manifest:
         """Server-side apply the whole status: fields we stop setting are removed."""
-        body = {
-            "apiVersion": MODEL_DEPLOYMENT_API_VERSION,
-            "kind": KIND,
-            "metadata": {"name": name, "namespace": namespace},
-            "status": status,
-        }
-        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, PLURAL, namespace) + f"/{name}/status"
-        return self._apply(path, body)
+        return self._apply_status(KIND, PLURAL, namespace, name, status)
 
     def apply_job(self, job: Manifest) -> Manifest:
         """Server-side apply a BatchPrediction's Job."""
@@ -116,13 +109,18 @@ class KubeApi:
 
     def apply_batch_status(self, namespace: str, name: str, status: Manifest) -> Manifest:
         """Server-side apply a BatchPrediction's whole status."""
+        return self._apply_status(BATCH_KIND, BATCH_PLURAL, namespace, name, status)
+
+    def _apply_status(
+        self, kind: str, plural: str, namespace: str, name: str, status: Manifest
+    ) -> Manifest:
         body = {
             "apiVersion": MODEL_DEPLOYMENT_API_VERSION,
-            "kind": BATCH_KIND,
+            "kind": kind,
             "metadata": {"name": name, "namespace": namespace},
             "status": status,
         }
-        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, BATCH_PLURAL, namespace)
+        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, plural, namespace)
         return self._apply(f"{path}/{name}/status", body)
 
     def get_batch_job(self, namespace: str, name: str) -> Manifest | None:

@@ -1,9 +1,9 @@
 """Is the ModelDeployment's URL servable as the status says? The routing half of `Ready`.
 
-Router mode (the routes contract in the team brief): the router Deployment has a ready replica
-and every ready endpoint of the router Service (its EndpointSlices) runs a pod that acknowledged
-the current routes version on the routes ConfigMap. Gateway mode: every parent Gateway listed in
-the HTTPRoute's status accepted it and resolved its backends, for the route's current generation.
+Router mode: the router Deployment has an available replica and every ready endpoint of the
+router Service (its EndpointSlices) runs a pod that acknowledged the current routes version on the
+routes ConfigMap. Gateway mode: every parent Gateway listed in the HTTPRoute's status accepted it
+and resolved its backends, for the route's current generation.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ def router_verdict(
     """Why the router cannot serve the current routes yet, or None when it can."""
     name = naming.router_object_name(md.name)
     deployment = owned.get(("Deployment", name))
-    ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
-    if ready == 0:
-        return "False", "RouterNotReady", f"router Deployment {name} has no ready replica"
+    # Available, not merely ready: a pod is available once it has been ready for the router
+    # Deployment's minReadySeconds, which gives kube-proxy time to send the Service's traffic to it.
+    available = int(((deployment or {}).get("status") or {}).get("availableReplicas") or 0)
+    if available == 0:
+        return "False", "RouterNotReady", f"router Deployment {name} has no available replica"
     pods = endpoint_pods(owned.get(("Service", name)), slices, ready_only=True)
     if not pods:
         return "False", "RoutesPending", f"router Service {name} has no ready endpoint yet"

@@ -38,6 +38,10 @@ MODEL_DIR = "/models"
 MODEL_PATH = f"{MODEL_DIR}/model.onnx"
 MODEL_SOURCE_DIR = "/model-source"
 ROUTER_REPLICAS = 2
+# kube-proxy programs a new endpoint up to a sync period after its EndpointSlice says ready (about
+# a second, more under load), and until then the Service refuses connections. A router pod counts
+# as available only after this long, and the ModelDeployment's Ready waits for an available one.
+ROUTER_MIN_READY_SECONDS = 5
 # The server image runs as this numeric user; numeric so `runAsNonRoot` can be verified.
 RUN_AS_USER = 65532
 ROUTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
@@ -261,6 +265,7 @@ def _router_objects(md: ModelDeployment, image: str, weights: Mapping[str, int])
     selector = naming.router_selector(md.name)
     deployment_spec = {
         "replicas": ROUTER_REPLICAS,
+        "minReadySeconds": ROUTER_MIN_READY_SECONDS,
         "selector": {"matchLabels": selector},
         "template": {
             "metadata": {

@@ -319,6 +319,11 @@ def test_router_mode_ready_needs_routers_serving_the_current_routes() -> None:
     objects = children(md, {"iris-v1": 1, "iris-v2": 1})
     # Every variant is ready, but the only entry point is not.
     assert ready_reason(md, objects)[0] == ("False", "RouterNotReady")
+    # Ready router pods that are not yet available (ready for the Deployment's minReadySeconds)
+    # may not be in kube-proxy's rules yet: still not servable.
+    router = next(o for o in objects if describe(o) == "Deployment/iris")
+    router["status"].update(readyReplicas=2, availableReplicas=0)
+    assert ready_reason(md, objects)[0] == ("False", "RouterNotReady")
     router_ready(objects)
     assert ready_reason(md, objects)[0] == ("False", "RoutesPending")  # no endpoint yet
     service = next(o for o in objects if describe(o) == "Service/iris")

@@ -563,7 +563,9 @@ def installed_pods(cluster: Cluster, variant: str, sha256: str) -> list[dict[str
         f"modeldeploy.dev/model-deployment=iris,modeldeploy.dev/variant={variant},"
         f"modeldeploy.dev/model-digest={sha256[:63]}",
     )["items"]
-    return pods
+    # A pod being deleted belongs to an earlier rollout (an earlier test may have served the same
+    # digest from another URI); it stays Ready through its preStop sleep and shutdown delay.
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
 def _init_failed(pod: dict[str, Any]) -> bool:

@@ -26,6 +26,7 @@ from modeldeploy_operator.config import OperatorConfig
 from modeldeploy_operator.kube import RESOURCES, ApiError, KubeApi, TransientApiError
 from modeldeploy_operator.metrics import OperatorMetrics
 from modeldeploy_operator.plan import Key, describe, plan_inputs
+from modeldeploy_operator.pod_problems import pod_problem
 from modeldeploy_operator.reconcile import Outcome, reconcile
 from modeldeploy_operator.spec import API_GROUP, API_VERSION, PLURAL
 
@@ -93,6 +94,8 @@ class Controller:
         self._attempts: dict[MdKey, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._must_run: set[MdKey] = set()
+        # What each variant pod (by uid) last said was wrong with it: only a change is news.
+        self.pod_problems: dict[str, str] = {}
 
     def is_echo(self, key: MdKey, body: Mapping[str, Any], type_: str) -> bool:
         echoes = self._echoes.get(key)
@@ -266,6 +269,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},"
             f"{naming.COMPONENT}={naming.COMPONENT_ROUTER}"
         )
+        settings.watching.label_selectors["", "v1", "pods"] = (
+            f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},"
+            f"{naming.COMPONENT}={naming.COMPONENT_VARIANT}"
+        )
         controller.api = KubeApi.from_environment()
         if config.metrics_port:
             server, _thread = start_http_server(
@@ -318,6 +325,45 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         labels={naming.MANAGED_BY: naming.FIELD_MANAGER, naming.COMPONENT: naming.COMPONENT_ROUTER},
         registry=registry,
     )(_child_handler(controller))
+    kopf.on.event(
+        group="",
+        version="v1",
+        plural="pods",
+        id="watch-variant-pods",
+        labels={
+            naming.MANAGED_BY: naming.FIELD_MANAGER,
+            naming.COMPONENT: naming.COMPONENT_VARIANT,
+        },
+        registry=registry,
+    )(_pod_handler(controller))
+
+
+def _pod_handler(controller: Controller) -> Callable[..., Awaitable[None]]:
+    async def variant_pod_changed(
+        *,
+        type: str | None,
+        body: kopf.Body,
+        namespace: str | None,
+        labels: kopf.Labels,
+        uid: str | None,
+        **_: Any,
+    ) -> None:
+        # Pods change status often; only a problem that appears, changes or goes away is news
+        # to the ModelDeployment's status (its Deployment says nothing of why until its deadline).
+        md_name = labels.get(naming.MODEL_DEPLOYMENT)
+        if not md_name or not uid:
+            return
+        before = controller.pod_problems.pop(uid, "")
+        problem = "" if type == "DELETED" else pod_problem(body)
+        if problem:
+            controller.pod_problems[uid] = problem
+        if problem != before and type is not None:
+            key = (_namespaced(namespace), md_name)
+            await controller.reconcile(
+                key, f"pod {body.get('metadata', {}).get('name')} {type.lower()}"
+            )
+
+    return variant_pod_changed
 
 
 def _child_handler(controller: Controller) -> Callable[..., Awaitable[None]]:

@@ -132,7 +132,8 @@ class KubeApi:
         return self._get_or_none(f"{path}/{name}")
 
     def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
-        """Pods by label selector (a BatchPrediction's shards, for their termination messages)."""
+        """Pods by label selector (a BatchPrediction's shards for their termination messages, a
+        variant's to say why they do not run)."""
         listing = self._request(
             "GET", _collection_path("v1", "pods", namespace), {"labelSelector": selector}
         )

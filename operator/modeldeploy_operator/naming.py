@@ -63,6 +63,11 @@ def owned_selector(md_name: str) -> str:
     return f"{MANAGED_BY}={FIELD_MANAGER},{MODEL_DEPLOYMENT}={md_name}"
 
 
+def variant_pods_selector(md_name: str) -> str:
+    """Label selector for the pods of every variant of one ModelDeployment."""
+    return f"{owned_selector(md_name)},{COMPONENT}={COMPONENT_VARIANT}"
+
+
 def common_labels(md_name: str, component: str) -> dict[str, str]:
     return {
         NAME: "modeldeploy-server",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modeldeploy_operator import naming, readiness
+from modeldeploy_operator.pod_problems import rollout_incomplete, variant_pod_problems
 from modeldeploy_operator.readiness import (
     Verdict,
     gateway_verdict,
@@ -46,6 +47,9 @@ class Snapshot:
     children: Sequence[Mapping[str, Any]] = ()
     # The EndpointSlices of the router Service (named after the ModelDeployment).
     endpoint_slices: Sequence[Mapping[str, Any]] = ()
+    # Its variant pods, read only while a variant Deployment is not fully available
+    # (`pods_worth_reading`): they say why (a model refused by its sha256, a crash, a pull error).
+    pods: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,15 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
         )
     elif md.routing.mode == "gateway":
         serving = gateway_verdict(owned.get(("HTTPRoute", naming.router_object_name(md.name))))
-    status = compute_status(md, deployments, traffic, serving=serving, previous=previous, now=now)
+    status = compute_status(
+        md,
+        deployments,
+        traffic,
+        serving=serving,
+        pod_problems=variant_pod_problems(snapshot.pods),
+        previous=previous,
+        now=now,
+    )
     return Plan(
         name=md.name,
         generation=md.generation,
@@ -225,6 +237,18 @@ def plan_inputs(kind: str, obj: Mapping[str, Any] | None) -> Any:
     if kind == "ConfigMap":
         return readiness.routes_acks(obj)
     return None
+
+
+def pods_worth_reading(children: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether some variant Deployment among `children` is not fully rolled out, so that its
+    pods may say why."""
+    return any(
+        o.get("kind") == "Deployment"
+        and o.get("metadata", {}).get("labels", {}).get(naming.COMPONENT)
+        == naming.COMPONENT_VARIANT
+        and rollout_incomplete(o)
+        for o in children
+    )
 
 
 def owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:

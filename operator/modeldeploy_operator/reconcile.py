@@ -25,6 +25,7 @@ from modeldeploy_operator.plan import (
     describe,
     key,
     plan,
+    pods_worth_reading,
     settle,
 )
 from modeldeploy_operator.status import Event
@@ -59,10 +60,14 @@ def observe(api: KubeApi, namespace: str, name: str) -> Snapshot | None:
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         # Deletion is the garbage collector's job: every child has an ownerReference to it.
         return None
+    children = tuple(api.list_owned(namespace, name))
     return Snapshot(
         model_deployment=obj,
-        children=tuple(api.list_owned(namespace, name)),
+        children=children,
         endpoint_slices=tuple(api.list_endpoint_slices(namespace, naming.router_object_name(name))),
+        pods=tuple(api.list_pods(namespace, naming.variant_pods_selector(name)))
+        if pods_worth_reading(children)
+        else (),
     )
 
 

@@ -174,6 +174,9 @@ def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str)
         **({"resources": copy.deepcopy(variant.resources)} if variant.resources else {}),
         "securityContext": container_security_context(),
         "volumeMounts": fetch_mounts,
+        # Its error (a sha256 mismatch, an unreachable URI) becomes the pod's termination message,
+        # which the operator reads into the ModelDeployment's Degraded condition.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     server = {
         "name": "server",
@@ -190,6 +193,7 @@ def render_variant_deployment(md: ModelDeployment, variant: Variant, image: str)
             {"name": "models", "mountPath": MODEL_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     spec: Manifest = {}
     if variant.autoscaling is None:

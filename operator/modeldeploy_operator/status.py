@@ -35,6 +35,7 @@ def compute_status(
     weights: Mapping[str, int],
     *,
     serving: tuple[str, str, str] | None = None,
+    pod_problems: Mapping[str, str] | None = None,
     previous: Mapping[str, Any] | None,
     now: str,
 ) -> Status:
@@ -43,6 +44,7 @@ def compute_status(
 
     `serving` is why the routing (router or gateway) cannot serve that plan yet (readiness.py),
     None when it can: Ready means a request to the URL is served as `traffic` says.
+    `pod_problems` is why a variant's pods do not run, by variant (pod_problems.py): Degraded.
     """
     ready = ready_variants(md, deployments)
     observed = [
@@ -53,6 +55,9 @@ def compute_status(
     rolling_messages = [gap for v, deployment in observed if (gap := _rollout_gap(v, deployment))]
     failures = [
         failure for v, deployment in observed if (failure := _rollout_failure(v, deployment))
+    ]
+    pods_failing = [
+        f"{v.name}: {problem}" for v in md.variants if (problem := (pod_problems or {}).get(v.name))
     ]
     live_not_ready = [v.name for v in md.variants if v.weight > 0 and v.name not in ready]
     if not any(weights.values()):
@@ -77,11 +82,12 @@ def compute_status(
         if rolling_messages
         else ("False", "RolloutComplete", "every variant runs its desired replicas")
     )
-    degraded = (
-        ("True", "RolloutFailed", "; ".join(failures))
-        if failures
-        else ("False", "AsExpected", "no problem observed")
-    )
+    if failures:
+        degraded = ("True", "RolloutFailed", "; ".join([*failures, *pods_failing]))
+    elif pods_failing:
+        degraded = ("True", "PodsFailing", "; ".join(pods_failing))
+    else:
+        degraded = ("False", "AsExpected", "no problem observed")
     status: Status = {
         "observedGeneration": md.generation,
         "url": _url(md),

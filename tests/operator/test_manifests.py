@@ -77,8 +77,9 @@ def test_rbac_is_least_privilege() -> None:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], rule
         assert not {"secrets", "pods/exec", "pods/log"} & set(rule["resources"]), rule
-        # Pods only listed, for the batch shards' termination messages.
-        assert "pods" not in rule["resources"] or rule["verbs"] == ["list"], rule
+        # Pods only read (list + watch): the batch shards' termination messages, and why a
+        # variant's pods do not run.
+        assert "pods" not in rule["resources"] or rule["verbs"] == ["list", "watch"], rule
         # Nothing the operator only reads is writable, and no one gets escalate/bind/impersonate.
         assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
     granted = granted_verbs(role)

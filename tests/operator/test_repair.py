@@ -133,3 +133,52 @@ def test_every_owned_kind_is_restored_within_2s(watched: Cluster, how: str) -> N
     slow = {kind: f"{s:.2f}s" for kind, s in latencies.items() if s > REPAIR_BOUND_S}
     assert not slow, f"restored after more than {REPAIR_BOUND_S}s: {slow} (all: {latencies})"
     assert_matches_render(cluster, "iris")
+
+
+def test_a_failing_variant_pod_is_named_in_degraded_and_cleared_when_it_goes(
+    watched: Cluster,
+) -> None:
+    """A pod whose fetch refused the model (the kubelet's report, played here) reaches the status
+    through the pod watch alone; deleting the pod clears it."""
+    cluster = watched
+    cluster.create(iris())
+    deployment = cluster.wait_child("Deployment", "iris-v2")
+    template = deployment["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "iris-v2-abc12", "labels": template["metadata"]["labels"]},
+        "spec": template["spec"],
+    }
+    cluster.request("POST", f"/api/v1/namespaces/{cluster.namespace}/pods", pod)
+    mismatch = "modeldeploy-server fetch: sha256 mismatch for /m/iris.onnx: expected 11, got 22"
+    init_status = {
+        "name": "fetch-model",
+        "restartCount": 1,
+        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": mismatch}},
+    }
+    cluster.request(
+        "PATCH",
+        f"/api/v1/namespaces/{cluster.namespace}/pods/iris-v2-abc12/status",
+        {"status": {"initContainerStatuses": [init_status]}},
+        "application/merge-patch+json",
+    )
+    status = cluster.wait_status(
+        "iris",
+        "Degraded naming the refused model",
+        lambda s: condition(s, "Degraded") == ("True", "PodsFailing"),
+    )
+    (degraded,) = [c for c in status["conditions"] if c["type"] == "Degraded"]
+    assert degraded["message"] == (
+        f"v2: pod iris-v2-abc12: init container fetch-model failed (exit 1, 1 restart): {mismatch}"
+    )
+    cluster.request(
+        "DELETE",
+        f"/api/v1/namespaces/{cluster.namespace}/pods/iris-v2-abc12?gracePeriodSeconds=0",
+    )
+    cluster.wait_status(
+        "iris",
+        "Degraded cleared once the pod is gone",
+        lambda s: condition(s, "Degraded") == ("False", "AsExpected"),
+    )

@@ -1,6 +1,7 @@
 """`modeldeploy`: the user CLI. `run` a ModelDeployment on this machine, `render` the objects the
 operator would create for it, `validate` it offline as the cluster would at admission; `batch`
-runs a BatchPrediction on this machine (render and validate take BatchPredictions too)."""
+runs a BatchPrediction on this machine (render and validate take BatchPredictions too); `rollout`
+shows or steers a rollout in the cluster."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, TextIO, cast
 
 import yaml
 
+from modeldeploy_operator import cli_rollout
 from modeldeploy_operator.batch_render import UnresolvedModel, render_batch_job, resolve_model
 from modeldeploy_operator.config import DEFAULT_SERVER_IMAGE
 from modeldeploy_operator.kubeyaml import Document, KubeYAMLError, load_documents
@@ -127,6 +129,8 @@ def _named(document: Document) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `modeldeploy` console script."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "rollout", False):
+        return cli_rollout.main(args, sys.stdout, sys.stderr)
     try:
         verdicts = check_file(args.file)
     except ManifestError as error:
@@ -297,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="modeldeploy",
         description="Run, render or validate a ModelDeployment (modeldeploy.dev/v1alpha1).",
     )
-    commands = parser.add_subparsers(required=True, metavar="{run,render,validate,batch}")
+    commands = parser.add_subparsers(required=True, metavar="{run,render,validate,batch,rollout}")
     file_help = "the ModelDeployment YAML file ('-' reads stdin)"
 
     run_parser = commands.add_parser(
@@ -355,6 +359,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_local_locations(batch_parser)
     batch_parser.set_defaults(command=batch)
+    cli_rollout.add_parser(commands)
     return parser
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from modeldeploy_operator.metrics import OperatorMetrics
 from modeldeploy_operator.plan import Key, describe, plan_inputs
 from modeldeploy_operator.pod_problems import pod_problem
 from modeldeploy_operator.reconcile import Outcome, reconcile
+from modeldeploy_operator.rollout_control import command_of
+from modeldeploy_operator.rollout_sources import DirectMetrics
 from modeldeploy_operator.spec import API_GROUP, API_VERSION, PLURAL
 
 T = TypeVar("T")
@@ -78,7 +81,8 @@ class Echoes:
 
     versions: dict[Key, str] = field(default_factory=dict)
     deleted_uids: frozenset[str] = frozenset()
-    model_deployment: tuple[str, int] | None = None  # (uid, generation) last planned
+    # (uid, generation, rollout command annotation) last planned
+    model_deployment: tuple[str, int, str] | None = None
 
 
 class Controller:
@@ -89,6 +93,7 @@ class Controller:
         self.serializer = Serializer()
         self.api: KubeApi | None = None
         self.metrics = OperatorMetrics(CollectorRegistry())
+        self.rollout_metrics = DirectMetrics()
         self._echoes: dict[MdKey, Echoes] = {}
         self._timers: dict[MdKey, asyncio.TimerHandle] = {}
         self._attempts: dict[MdKey, int] = {}
@@ -107,7 +112,7 @@ class Controller:
         version = echoes.versions.get((body.get("kind", ""), meta.get("name", "")))
         return version is not None and version == meta.get("resourceVersion")
 
-    def planned(self, key: MdKey) -> tuple[str, int] | None:
+    def planned(self, key: MdKey) -> tuple[str, int, str] | None:
         echoes = self._echoes.get(key)
         return echoes.model_deployment if echoes else None
 
@@ -150,7 +155,9 @@ class Controller:
                 self.schedule(key, self._backoff(key))
             else:
                 self._attempts.pop(key, None)
-                self.schedule(key, self.config.resync_seconds)
+                # A rollout step's window may end before the next resync.
+                requeue = outcome.plan.requeue_after_s if outcome.plan else None
+                self.schedule(key, min(self.config.resync_seconds, requeue or math.inf))
 
         await self.serializer.run(key, turn)
 
@@ -167,6 +174,7 @@ class Controller:
             timer.cancel()
         self._echoes.pop(key, None)
         self._attempts.pop(key, None)
+        self.rollout_metrics.forget(*key)
         self._must_run.discard(key)
 
     def stop(self) -> None:
@@ -189,7 +197,7 @@ class Controller:
         assert self.api is not None  # set at startup, before any watch starts
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         started = time.monotonic()
-        outcome = reconcile(self.api, self.config, key[0], key[1], now)
+        outcome = reconcile(self.api, self.config, key[0], key[1], now, self.rollout_metrics)
         self.metrics.reconcile_seconds.observe(time.monotonic() - started)
         return outcome
 
@@ -203,7 +211,11 @@ class Controller:
         self._echoes[key] = Echoes(
             versions=versions,
             deleted_uids=outcome.deleted_uids,
-            model_deployment=(md_meta.get("uid", ""), int(md_meta.get("generation", 1))),
+            model_deployment=(
+                md_meta.get("uid", ""),
+                int(md_meta.get("generation", 1)),
+                command_of(md_meta.get("annotations")),
+            ),
         )
 
     def _report(self, key: MdKey, outcome: Outcome, cause: str) -> None:
@@ -301,8 +313,13 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         if meta.get("deletionTimestamp"):
             controller.forget(key)
             return
-        # A status write of ours, or a label edit, changes neither the uid nor the generation.
-        planned = (meta.get("uid", ""), int(meta.get("generation") or 1))
+        # A status write of ours, or a label edit, changes neither the uid nor the generation;
+        # a rollout command (an annotation) is news.
+        planned = (
+            meta.get("uid", ""),
+            int(meta.get("generation") or 1),
+            command_of(meta.get("annotations")),
+        )
         if type is not None and controller.planned(key) == planned:
             return
         cause = "listed" if type is None else f"generation {planned[1]}"

@@ -23,6 +23,8 @@ from modeldeploy_operator.readiness import (
     stale_acks,
 )
 from modeldeploy_operator.render import render_objects
+from modeldeploy_operator.rollout import GateVerdict, VariantMetrics
+from modeldeploy_operator.rollout_control import plan_md_rollout
 from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
 from modeldeploy_operator.status import (
     Event,
@@ -50,6 +52,10 @@ class Snapshot:
     # Its variant pods, read only while a variant Deployment is not fully available
     # (`pods_worth_reading`): they say why (a model refused by its sha256, a crash, a pull error).
     pods: Sequence[Mapping[str, Any]] = ()
+    # With a spec.rollout: each variant's user traffic over the current step's window, and the
+    # gate verdicts found, by variant.
+    metrics: Mapping[str, VariantMetrics] = field(default_factory=dict)
+    verdicts: Mapping[str, GateVerdict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class Plan:
     invalid: str | None  # why this generation cannot be acted on (nothing to apply then)
     previous: Mapping[str, Any] | None = field(repr=False)
     now: str = field(repr=False)
+    # When to look again regardless of any watch event (a rollout step's window), None: at resync.
+    requeue_after_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,10 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
         )
     owned = {key(o): o for o in snapshot.children if owned_by(o, md.uid)}
     deployments = {name: o for (kind, name), o in owned.items() if kind == "Deployment"}
-    traffic = compute_effective_weights(md.spec_weights, ready_variants(md, deployments))
+    rollout = plan_md_rollout(md, previous, snapshot.metrics, snapshot.verdicts, now)
+    # With a rollout the routes carry its weights; the spec's stay the destination.
+    routed = rollout.weights if rollout is not None else md.spec_weights
+    traffic = compute_effective_weights(routed, ready_variants(md, deployments))
     desired = tuple(render_objects(md, server_image=server_image, weights=traffic))
     wanted = {key(o) for o in desired}
     recreate = tuple(
@@ -147,9 +158,14 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
         traffic,
         serving=serving,
         pod_problems=variant_pod_problems(snapshot.pods),
+        degraded=rollout.degraded if rollout is not None else None,
         previous=previous,
         now=now,
     )
+    events = compute_events(previous, status)
+    if rollout is not None:
+        status["rollout"] = rollout.status
+        events.extend(rollout.events)
     return Plan(
         name=md.name,
         generation=md.generation,
@@ -159,10 +175,11 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
         prune_acks=prune_acks,
         traffic=traffic,
         status=status,
-        events=tuple(compute_events(previous, status)),
+        events=tuple(events),
         invalid=None,
         previous=previous,
         now=now,
+        requeue_after_s=rollout.requeue_after_s if rollout is not None else None,
     )
 
 

@@ -28,6 +28,10 @@ from modeldeploy_operator.plan import (
     pods_worth_reading,
     settle,
 )
+from modeldeploy_operator.rollout import VariantMetrics
+from modeldeploy_operator.rollout_control import window_query
+from modeldeploy_operator.rollout_metrics import MetricsSource
+from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
 from modeldeploy_operator.status import Event
 
 
@@ -54,20 +58,35 @@ class Outcome:
         return any(f.transient for f in self.failures)
 
 
-def observe(api: KubeApi, namespace: str, name: str) -> Snapshot | None:
-    """The ModelDeployment and every child labelled as its own, or None when there is none."""
+def observe(
+    api: KubeApi,
+    namespace: str,
+    name: str,
+    now: str,
+    metrics_source: MetricsSource | None = None,
+) -> Snapshot | None:
+    """The ModelDeployment and every child labelled as its own, or None when there is none; with
+    a rollout under way, its step window's metrics from `metrics_source`."""
     obj = api.get_model_deployment(namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         # Deletion is the garbage collector's job: every child has an ownerReference to it.
         return None
     children = tuple(api.list_owned(namespace, name))
+    slices = tuple(api.list_endpoint_slices(namespace, naming.router_object_name(name)))
+    metrics: Mapping[str, VariantMetrics] = {}
+    if metrics_source is not None:
+        with contextlib.suppress(InvalidSpecError):  # the plan says why
+            query = window_query(parse_model_deployment(obj), obj.get("status"), slices, now)
+            if query is not None:
+                metrics = metrics_source.window(query)
     return Snapshot(
         model_deployment=obj,
         children=children,
-        endpoint_slices=tuple(api.list_endpoint_slices(namespace, naming.router_object_name(name))),
+        endpoint_slices=slices,
         pods=tuple(api.list_pods(namespace, naming.variant_pods_selector(name)))
         if pods_worth_reading(children)
         else (),
+        metrics=metrics,
     )
 
 
@@ -119,12 +138,19 @@ def act(api: KubeApi, planned: Plan) -> Outcome:
     )
 
 
-def reconcile(api: KubeApi, config: OperatorConfig, namespace: str, name: str, now: str) -> Outcome:
+def reconcile(
+    api: KubeApi,
+    config: OperatorConfig,
+    namespace: str,
+    name: str,
+    now: str,
+    metrics_source: MetricsSource | None = None,
+) -> Outcome:
     """Bring one ModelDeployment's children and status in line with its spec.
 
     Raises TransientApiError when the snapshot cannot be read or the status cannot be written.
     """
-    snapshot = observe(api, namespace, name)
+    snapshot = observe(api, namespace, name, now, metrics_source)
     if snapshot is None:
         return Outcome(model_deployment=None)
     obj = snapshot.model_deployment

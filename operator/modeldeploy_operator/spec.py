@@ -26,6 +26,7 @@ MODEL_DEPLOYMENT_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 DEFAULT_HEADER_OVERRIDE = "x-model-variant"
 EXAMPLE_ANNOTATION = "modeldeploy.dev/example-instance"
+ROLLOUT_COMMAND_ANNOTATION = f"{API_GROUP}/rollout-command"
 DEFAULT_NAMESPACE = "default"
 URI_SCHEMES = ("https", "http", "file", "pvc")
 RoutingMode = Literal["router", "gateway", "none"]
@@ -209,8 +210,10 @@ class ModelDeployment:
     # From annotation modeldeploy.dev/example-instance: the servers' warm-up request and the row
     # of local mode's printed example requests.
     example_instance: Mapping[str, Any] | None = None
-    # Accepted and parsed, not yet acted on: the reconcile routes the spec's weights directly.
+    # How the spec's weights are reached (rollout.py); None: routed directly.
     rollout: Rollout | None = None
+    # Annotation modeldeploy.dev/rollout-command: a person's pause/resume/promote/abort ("" none).
+    rollout_command: str = ""
 
     @property
     def spec_weights(self) -> tuple[tuple[str, int], ...]:
@@ -237,6 +240,7 @@ def parse_model_deployment(obj: Mapping[str, Any]) -> ModelDeployment:
     )
     _check_variants(variants)
     routing = _parse_routing(_optional(spec, "routing", "spec", dict, {}))
+    annotations = _optional(metadata, "annotations", "metadata", dict, {})
     if routing.shadow is not None:
         shadow = next((v for v in variants if v.name == routing.shadow.variant), None)
         if shadow is None or shadow.weight != 0:
@@ -252,10 +256,9 @@ def parse_model_deployment(obj: Mapping[str, Any]) -> ModelDeployment:
         variants=variants,
         routing=routing,
         pod=_parse_pod(_optional(spec, "pod", "spec", dict, {})),
-        example_instance=parse_example_instance(
-            _optional(metadata, "annotations", "metadata", dict, {})
-        ),
+        example_instance=parse_example_instance(annotations),
         rollout=_parse_rollout(spec),
+        rollout_command=str(annotations.get(ROLLOUT_COMMAND_ANNOTATION, "")),
     )
 
 

@@ -36,6 +36,7 @@ def compute_status(
     *,
     serving: tuple[str, str, str] | None = None,
     pod_problems: Mapping[str, str] | None = None,
+    degraded: tuple[str, str] | None = None,
     previous: Mapping[str, Any] | None,
     now: str,
 ) -> Status:
@@ -45,6 +46,7 @@ def compute_status(
     `serving` is why the routing (router or gateway) cannot serve that plan yet (readiness.py),
     None when it can: Ready means a request to the URL is served as `traffic` says.
     `pod_problems` is why a variant's pods do not run, by variant (pod_problems.py): Degraded.
+    `degraded` is the rollout's (reason, message) while it stays rolled back.
     """
     ready = ready_variants(md, deployments)
     observed = [
@@ -83,18 +85,20 @@ def compute_status(
         else ("False", "RolloutComplete", "every variant runs its desired replicas")
     )
     if failures:
-        degraded = ("True", "RolloutFailed", "; ".join([*failures, *pods_failing]))
+        degraded_condition = ("True", "RolloutFailed", "; ".join([*failures, *pods_failing]))
     elif pods_failing:
-        degraded = ("True", "PodsFailing", "; ".join(pods_failing))
+        degraded_condition = ("True", "PodsFailing", "; ".join(pods_failing))
+    elif degraded is not None:
+        degraded_condition = ("True", *degraded)
     else:
-        degraded = ("False", "AsExpected", "no problem observed")
+        degraded_condition = ("False", "AsExpected", "no problem observed")
     status: Status = {
         "observedGeneration": md.generation,
         "url": _url(md),
         "readyVariants": f"{len(ready)}/{len(md.variants)}",
         "traffic": traffic,
         "conditions": _conditions(
-            (ready_condition, progressing, degraded), md.generation, previous, now
+            (ready_condition, progressing, degraded_condition), md.generation, previous, now
         ),
         "variants": rows,
     }

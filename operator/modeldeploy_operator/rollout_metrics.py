@@ -1,0 +1,167 @@
+"""Where a rollout's numbers come from: one source interface (`MetricsSource`) and the pure
+arithmetic of the direct source (counters read from the routers' own /metrics, turned into one
+step window's per-variant counts by subtracting the counters read when the window began).
+
+The router counts every request by the variant that served it (`modeldeploy_router_requests_total`
+by code, `modeldeploy_router_request_duration_seconds` buckets) and every shadow comparison by
+(primary, shadow) variant; errors are the answers the variant failed to give: 5xx, and 422 (the
+server's answer when the model cannot run on the values sent, which the stable model could); other
+4xx are the client's. p99 is estimated from the bucket counts as Prometheus'
+`histogram_quantile` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from modeldeploy_operator.rollout import VariantMetrics
+
+REQUESTS = "modeldeploy_router_requests_total"
+LATENCY_BUCKETS = "modeldeploy_router_request_duration_seconds_bucket"
+SHADOW_AGREEMENTS = "modeldeploy_router_shadow_agreements_total"
+SHADOW_DISAGREEMENTS = "modeldeploy_router_shadow_disagreements_total"
+QUANTILE = 0.99
+
+
+@dataclass(frozen=True)
+class WindowQuery:
+    """One step window of one ModelDeployment: its variants, since when, and the /metrics URLs of
+    its routers (for the direct source)."""
+
+    namespace: str
+    name: str
+    variants: tuple[str, ...]
+    since: datetime
+    now: datetime
+    targets: tuple[str, ...] = ()
+
+
+class MetricsSource(Protocol):
+    """Each variant's user traffic over a step's window."""
+
+    def window(self, query: WindowQuery) -> Mapping[str, VariantMetrics]: ...
+
+
+@dataclass(frozen=True)
+class Counters:
+    """One variant's cumulative counters as one router exposes them."""
+
+    requests: int = 0
+    errors: int = 0
+    # upper bound (seconds, inf for +Inf) -> cumulative count
+    buckets: Mapping[float, int] = field(default_factory=dict)
+    shadow_compared: int = 0
+    shadow_disagreed: int = 0
+
+    def since(self, base: Counters | None) -> Counters:
+        """What was counted after `base`; all of it when the counters went back (a restart)."""
+        if (
+            base is None
+            or self.requests < base.requests
+            or self.shadow_compared < (base.shadow_compared)
+        ):
+            return self
+        return Counters(
+            requests=self.requests - base.requests,
+            errors=max(self.errors - base.errors, 0),
+            buckets={le: n - base.buckets.get(le, 0) for le, n in self.buckets.items()},
+            shadow_compared=self.shadow_compared - base.shadow_compared,
+            shadow_disagreed=max(self.shadow_disagreed - base.shadow_disagreed, 0),
+        )
+
+
+def parse_router_counters(text: str) -> dict[str, Counters]:
+    """Per-variant counters from a router's /metrics text."""
+    requests: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    buckets: dict[str, dict[float, int]] = {}
+    compared: dict[str, int] = {}
+    disagreed: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            count = int(sample.value)
+            if sample.name == REQUESTS and labels.get("variant"):
+                variant = labels["variant"]
+                requests[variant] = requests.get(variant, 0) + count
+                if _is_error(labels.get("code", "")):
+                    errors[variant] = errors.get(variant, 0) + count
+            elif sample.name == LATENCY_BUCKETS and labels.get("variant"):
+                buckets.setdefault(labels["variant"], {})[float(labels["le"])] = count
+            elif sample.name in (SHADOW_AGREEMENTS, SHADOW_DISAGREEMENTS):
+                shadow = labels.get("shadow", "")
+                compared[shadow] = compared.get(shadow, 0) + count
+                if sample.name == SHADOW_DISAGREEMENTS:
+                    disagreed[shadow] = disagreed.get(shadow, 0) + count
+    names = set(requests) | set(buckets) | set(compared)
+    return {
+        name: Counters(
+            requests=requests.get(name, 0),
+            errors=errors.get(name, 0),
+            buckets=buckets.get(name, {}),
+            shadow_compared=compared.get(name, 0),
+            shadow_disagreed=disagreed.get(name, 0),
+        )
+        for name in names
+    }
+
+
+def window_metrics(
+    current: Mapping[str, Mapping[str, Counters]],
+    base: Mapping[str, Mapping[str, Counters]],
+    variants: Sequence[str],
+) -> dict[str, VariantMetrics]:
+    """Per-variant metrics over a window, from each router's (target's) counters at its end and
+    at its start (a router missing at the start counted everything in the window)."""
+    result = {}
+    for variant in variants:
+        parts = [
+            counters[variant].since(base.get(target, {}).get(variant))
+            for target, counters in current.items()
+            if variant in counters
+        ]
+        result[variant] = VariantMetrics(
+            requests=sum(p.requests for p in parts),
+            errors=sum(p.errors for p in parts),
+            p99_latency_ms=_quantile_ms(QUANTILE, _add_buckets(p.buckets for p in parts)),
+            shadow_compared=sum(p.shadow_compared for p in parts),
+            shadow_disagreed=sum(p.shadow_disagreed for p in parts),
+        )
+    return result
+
+
+def _is_error(code: str) -> bool:
+    return code.startswith("5") or code == "422"
+
+
+def _add_buckets(parts: Iterable[Mapping[float, int]]) -> dict[float, int]:
+    total: dict[float, int] = {}
+    for buckets in parts:
+        for le, count in buckets.items():
+            total[le] = total.get(le, 0) + count
+    return total
+
+
+def _quantile_ms(q: float, buckets: Mapping[float, int]) -> float | None:
+    """`histogram_quantile` over cumulative buckets, in milliseconds; None without observations.
+
+    Linear within the bucket the rank falls in; in the +Inf bucket, the largest finite bound."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0
+    for le in bounds:
+        count = buckets[le]
+        if count >= rank:
+            if le == float("inf"):
+                return lower * 1000.0
+            share = (rank - below) / (count - below) if count > below else 1.0
+            return (lower + (le - lower) * share) * 1000.0
+        lower, below = le, count
+    return lower * 1000.0

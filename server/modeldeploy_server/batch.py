@@ -14,13 +14,14 @@ shard is left but the reason, on stderr and in `--termination-message-path`.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import http.client
 import io
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,12 +37,11 @@ from modeldeploy_server.batchio import (
     InputReadError,
     PartEncoder,
     Shard,
+    ShardChunker,
     ShardResult,
     SkippedRow,
-    chunk_lines,
     decode_chunk,
     manifest_bytes,
-    number_lines,
     parse_csv_header,
     parse_shard,
     progress_line,
@@ -65,6 +65,7 @@ from modeldeploy_server.termination import write_termination_message
 # 3 the input could not be read to its end (worth retrying).
 EXIT_RETRYABLE = 3
 _PROGRESS_EVERY_S = 0.5
+_BLOCK_BYTES = 1 << 20  # lines are read about this many bytes at a time
 
 
 @dataclass(frozen=True)
@@ -281,24 +282,25 @@ def _run(
                 f"the size of {config.input} is unknown (no Content-Length): sharding needs it"
             )
         hashing = _HashingReader(source)
-        lines = number_lines(io.BufferedReader(hashing, CHUNK_BYTES))
+        reader = io.BufferedReader(hashing, CHUNK_BYTES)
         header: list[str] = []
         data_start = 0
         if config.format == "csv":
-            first = next(lines, None)
-            if first is None:
+            first = reader.readline()
+            if not first:
                 raise BatchError(f"{config.input} is empty: CSV needs a header row")
-            header = parse_csv_header(first[2], metadata)
-            data_start = len(first[2])
-        counted = _Counted(lines)
+            header = parse_csv_header(first, metadata)
+            data_start = len(first)
         bounds = shard_bounds(data_start, size if size is not None else 1 << 62, shard)
+        # A model without a batch axis runs each row as the server runs a one-row request.
+        rows_per_run = config.batch_rows if metadata.batch_axis else 1
+        chunker = ShardChunker(bounds, rows_per_run, 2 if header else 1, data_start)
+        blocks = iter(functools.partial(reader.readlines, _BLOCK_BYTES), [])
         meter = _Progress(progress)
         encoder = PartEncoder(config.format)
         rows_in = rows_out = 0
         try:
-            # A model without a batch axis runs each row as the server runs a one-row request.
-            rows_per_run = config.batch_rows if metadata.batch_axis else 1
-            for chunk in chunk_lines(counted, data_start, bounds, rows_per_run):
+            for chunk in chunker.chunks(blocks):
                 decoded = decode_chunk(chunk, config.format, header, metadata)
                 outputs, rejected = _score(model, decoded)
                 skipped = sorted([*decoded.skipped, *rejected], key=lambda row: row.line)
@@ -327,7 +329,7 @@ def _run(
         raise BatchError(
             f"{config.input} has sha256 {input_sha256}, expected {config.input_sha256}"
         )
-    if counted.data_rows == 0:
+    if not chunker.data_lines:
         raise BatchError(f"{config.input} has no data rows")
     part_path, skipped_path, manifest_path = paths
     part_digest = part.commit(part_path)
@@ -351,20 +353,6 @@ def _run(
     manifest.write(manifest_bytes(result.manifest()))
     manifest.commit(manifest_path)
     return result
-
-
-class _Counted:
-    """Passes numbered lines through, counting the non-blank ones (all shards' data rows)."""
-
-    def __init__(self, lines: Iterator[tuple[int, int, bytes]]) -> None:
-        self._lines = lines
-        self.data_rows = 0
-
-    def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
-        for item in self._lines:
-            if item[2].strip():
-                self.data_rows += 1
-            yield item
 
 
 def _write_message(path: Path | None, document: Mapping[str, Any]) -> None:

@@ -23,11 +23,19 @@ from modeldeploy_server.codec import (
     string_array,
 )
 from modeldeploy_server.errors import InvalidInput, MalformedRequest
-from modeldeploy_server.metadata import DecodedTensor, ModelMetadata, TensorSpec
+from modeldeploy_server.metadata import V2_TO_NUMPY, DecodedTensor, ModelMetadata, TensorSpec
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _TRUE = frozenset({"true", "1"})
 _FALSE = frozenset({"false", "0"})
+# The numeric fast path: the bytes of plain numbers, commas, spaces and line ends; no quote, so
+# every line is one row and every comma a separator.
+_PLAIN_NUMBER_BYTES = b"0123456789.eE+-, \r\n"
+_FAST_DATATYPES = frozenset({"FP32", "FP64"})
+# Below 2**53 a float64 holds every integer exactly.
+_EXACT_INTEGERS = 2.0**53
+_NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
+_NEWLINE, _COMMA = ord("\n"), ord(",")
 
 
 def _fit_rows(where: str, array: np.ndarray[Any, Any], rows: int, spec: TensorSpec) -> Any:
@@ -114,6 +122,15 @@ def encode_predictions(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
 
 def encode_prediction_lines(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
     """JSON lines: each line one of the predictions `encode_predictions` lists."""
+    if len(outputs) == 1:
+        (array,) = outputs.values()
+        if array.ndim in (1, 2) and len(array) and _is_number_array(array):
+            # One output of numbers: one orjson call, its rows cut apart (no string can hold the
+            # separator, and a row of rank <= 1 holds no nested list).
+            document = orjson.dumps(np.ascontiguousarray(array), option=_NUMPY_JSON)[1:-1]
+            if array.ndim == 1:
+                return document.replace(b",", b"\n") + b"\n"
+            return document.replace(b"],[", b"]\n[") + b"\n"
     option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
     return b"".join(orjson.dumps(prediction, option=option) for prediction in predictions(outputs))
 
@@ -163,6 +180,9 @@ def _column_array(where: str, datatype: str, values: Sequence[str]) -> np.ndarra
 def decode_csv(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor]:
     """A header row then one row per instance; columns name the inputs, or are the features of
     a single input."""
+    fast = _decode_numeric_csv(body, metadata)
+    if fast is not None:
+        return fast
     try:
         text = body.decode("utf-8-sig")
         table = [row for row in csv.reader(io.StringIO(text)) if row]
@@ -175,6 +195,78 @@ def decode_csv(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor]:
     for number, row in enumerate(rows, start=2):
         check_csv_fields(number, row, header)
     return tensors_from_csv(header, rows, metadata)
+
+
+def _decode_numeric_csv(body: bytes, metadata: ModelMetadata) -> list[DecodedTensor] | None:
+    """`decode_csv` for a plain header line and lines of plain numbers, or None."""
+    head, newline, data = body.partition(b"\n")
+    try:
+        text = head.decode("utf-8-sig").removesuffix("\r")
+    except UnicodeDecodeError:
+        return None
+    if not newline or not text.strip() or any(c in text for c in '"\r') or _CONTROL.search(text):
+        return None
+    header = text.split(",")
+    return tensors_from_numeric_csv(header, data, data.count(b"\n", 0, -1) + 1, metadata)
+
+
+def tensors_from_numeric_csv(
+    header: Sequence[str], data: bytes, rows: int, metadata: ModelMetadata
+) -> list[DecodedTensor] | None:
+    """`tensors_from_csv` for `rows` lines of plain numbers (each but the last ending in a
+    newline) and floating-point inputs, the whole block parsed in one call by the same JSON number
+    rules; None wherever that could decide anything differently, and the caller takes the exact
+    path, which also names what is wrong."""
+    if any(spec.datatype not in _FAST_DATATYPES for spec in metadata.inputs):
+        return None
+    block = data.removesuffix(b"\n")
+    if (
+        not block
+        or block.translate(None, _PLAIN_NUMBER_BYTES)
+        or data.count(b"\r") != data.count(b"\r\n")
+    ):
+        return None
+    table = _numeric_table(block, rows, len(header))
+    if table is None:
+        return None
+    if not check_csv_header(header, metadata):
+        spec = metadata.inputs[0]
+        return [DecodedTensor(spec.name, spec.datatype, table.astype(V2_TO_NUMPY[spec.datatype]))]
+    tensors = []
+    for spec in metadata.inputs:
+        column = table[:, header.index(spec.name)].astype(V2_TO_NUMPY[spec.datatype])
+        where = f"CSV column {spec.name!r}"
+        column = _fit_rows(where, column, rows, spec)
+        tensors.append(DecodedTensor(spec.name, spec.datatype, column))
+    return tensors
+
+
+def _numeric_table(block: bytes, rows: int, columns: int) -> np.ndarray[Any, Any] | None:
+    """The numbers of `rows` lines of `columns` plain numbers each as float64, or None."""
+    byte_values = np.frombuffer(block, np.uint8)
+    line_ends = np.flatnonzero(byte_values == _NEWLINE)
+    commas = np.flatnonzero(byte_values == _COMMA)
+    if len(line_ends) != rows - 1 or len(commas) != rows * (columns - 1):
+        return None
+    if columns > 1:
+        # With as many commas as the lines need, every line has its share when each line's
+        # share (in order) lies within it.
+        shares = commas.reshape((rows, columns - 1))
+        if np.any(shares[1:, 0] < line_ends) or np.any(shares[:-1, -1] > line_ends):
+            return None  # lines of other lengths
+    # One flat JSON array: orjson reads it ~8x faster than a list of rows.
+    try:
+        numbers = orjson.loads(b"[" + block.replace(b"\n", b",") + b"]")
+        if len(numbers) != rows * columns:
+            return None
+        table = np.fromiter(numbers, np.float64, len(numbers))
+    except (orjson.JSONDecodeError, OverflowError):
+        return None
+    if not np.abs(table).max() < _EXACT_INTEGERS:
+        # Beyond the integers a float64 holds exactly (an integer alone would round once, to the
+        # input's type), and so also beyond the float types' range checks.
+        return None
+    return table.reshape((rows, columns))
 
 
 def check_csv_text(text: str, where: str = "request body") -> None:
@@ -235,7 +327,7 @@ def tensors_from_csv(
 
 def encode_csv(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
     """A header row then one row per instance; an output with more values per row becomes
-    columns NAME_0, NAME_1, ..."""
+    columns NAME_0, NAME_1, ... Numbers are spelled as in the JSON answers."""
     header: list[str] = []
     blocks: list[np.ndarray[Any, Any]] = []
     for name, array in outputs.items():
@@ -243,9 +335,35 @@ def encode_csv(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
         header.extend(
             [name] if block.shape[1] == 1 else [f"{name}_{i}" for i in range(block.shape[1])]
         )
-        blocks.append(block.astype(str))
+        blocks.append(block)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows(np.concatenate(blocks, axis=1).tolist())
+    wide = [block for block in blocks if block.size]  # a block of no columns adds nothing
+    if wide and all(_is_number_array(block) for block in wide):
+        # Numbers need no quoting: orjson spells whole blocks, and their rows are joined as bytes.
+        head = buffer.getvalue().encode()
+        texts = [_number_rows(block) for block in wide]
+        if len(texts) == 1:
+            return head + texts[0].replace(b"],[", b"\n") + b"\n"
+        lines = zip(*(text.split(b"],[") for text in texts), strict=True)
+        return head + b"\n".join(map(b",".join, lines)) + b"\n"
+    writer.writerows(np.concatenate([_strings(block) for block in blocks], axis=1).tolist())
     return buffer.getvalue().encode()
+
+
+def _strings(block: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A block's values as strings, numbers spelled as in the JSON answers."""
+    if not block.size or not _is_number_array(block):
+        return block.astype(str)
+    rows = _number_rows(block).decode().split("],[")
+    return np.array([row.split(",") for row in rows])
+
+
+def _is_number_array(array: np.ndarray[Any, Any]) -> bool:
+    return array.dtype.kind in "iuf"
+
+
+def _number_rows(block: np.ndarray[Any, Any]) -> bytes:
+    """A 2-D block of numbers as JSON without its outer brackets: `1,2],[3,4`."""
+    return orjson.dumps(np.ascontiguousarray(block), option=_NUMPY_JSON)[2:-2]

@@ -15,13 +15,16 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 import onnxruntime as ort
 import orjson
 import pytest
 
 from modeldeploy_server.batch import BatchConfig, run_batch
-from modeldeploy_server.batchio import BatchError, Shard
-from tests.models import MIXED_FLOAT_COLUMNS, MIXED_STRING_COLUMNS, BuiltModel
+from modeldeploy_server.batchio import BatchError, Shard, decode_row
+from modeldeploy_server.errors import ServerError
+from modeldeploy_server.runtime import load_model
+from tests.models import MIXED_FLOAT_COLUMNS, MIXED_STRING_COLUMNS, BuiltModel, write_graph
 from tests.processes import RunningProcess, server_command
 
 IRIS_COLUMNS = ["sepal_l", "sepal_w", "petal_l", "petal_w"]
@@ -417,3 +420,92 @@ def test_http_input_sharded_and_a_truncated_download(
     with pytest.raises(BatchError, match=r"is truncated: read \d+ of \d+ bytes"):
         run_shards(iris, url, tmp_path / "cut", "csv", 1)
     assert_nothing_complete(tmp_path / "cut")
+
+
+def _iris_rows(iris: BuiltModel, count: int) -> list[str]:
+    _, rows = _table("iris", iris)
+    return [",".join(_value(v) for v in rows[i % len(rows)]) for i in range(count)]
+
+
+def test_hostile_lines_in_a_large_numeric_chunk_are_found_by_line_number(
+    iris: BuiltModel, tmp_path: Path
+) -> None:
+    """Good lines of plain numbers decode as one block; bad ones among them are each refused as a
+    one-row request of that line is, by line number, and the rest are scored in one model run."""
+    lines = _iris_rows(iris, 3000)
+    hostile = {
+        101: "5.1,3.5,1.4",  # ragged
+        202: "5.1,3.5,abc,0.2",  # not a number
+        303: "5.1,3.5,nan,0.2",
+        404: "5.1,3.5,1e39,0.2",  # beyond FP32
+        505: "5.1,3.5,1.4," + "9" * 200_000,  # a huge line: one 200,000-digit integer
+        606: ",".join(["1.5"] * 100_000),  # a huge line: 100,000 fields
+        707: "5.1,3.5,true,0.2",
+        808: "5.1;3.5;1.4;0.2",
+    }
+    unusual = {
+        150: '"5.1",3.5,1.4,0.2',  # quoted: valid, the csv module's path
+        250: "5.1,3.5,1.4,0.2\r",  # CRLF
+        350: " 5.1, 3.5 ,1.4,0.2",  # spaces around numbers, as JSON allows
+    }
+    for number, line in sorted({**hostile, **unusual}.items()):
+        lines.insert(number - 2, line)  # file line numbers: the header is line 1
+    source = tmp_path / "input.csv"
+    source.write_text(",".join(IRIS_COLUMNS) + "\n" + "\n".join(lines) + "\n")
+    base = ("--model-path", iris.path, "--input", source, "--output", tmp_path / "out")
+
+    failed = run_cli(*base)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "error: line 101: CSV line 101 has 3 fields, header has 4" in failed.stderr
+    assert_nothing_complete(tmp_path / "out")
+
+    result = run_cli(*base, "--on-error", "skip")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    side = (out / "part-00000-of-00001.skipped.jsonl").read_bytes()
+    skipped = [orjson.loads(line) for line in side.splitlines()]
+    assert [row["line"] for row in skipped] == sorted(hostile)
+    session = ort.InferenceSession(str(iris.path), providers=["CPUExecutionProvider"])
+    metadata = load_model(iris.path, "iris", "1", iris.sha256, 1).metadata
+    for row in skipped:
+        line = lines[row["line"] - 2].encode() + b"\n"
+        with pytest.raises(ServerError) as alone:
+            decode_row(line, "csv", IRIS_COLUMNS, metadata, row["line"])
+        assert row["error"] == str(alone.value)
+    good = [line for number, line in enumerate(lines, start=2) if number not in hostile]
+    features = np.array(
+        [[np.float32(v.strip('" \r')) for v in line.split(",")] for line in good], np.float32
+    )
+    labels, probabilities = session.run(None, {"input": features})
+    part = list(csv.reader(io.StringIO((out / "part-00000-of-00001.csv").read_text())))
+    assert part[0] == ["label", "probabilities_0", "probabilities_1", "probabilities_2"]
+    assert [int(row[0]) for row in part[1:]] == labels.tolist()
+    scored = np.array([[np.float32(v) for v in row[1:]] for row in part[1:]], np.float32)
+    assert np.array_equal(scored, probabilities)  # the good rows ran together, in one run
+
+
+def test_a_multi_input_model_takes_its_columns_by_name(tmp_path: Path) -> None:
+    """Named columns in another order than the inputs, through the numeric path."""
+    float_type = onnx.TensorProto.FLOAT
+    path = write_graph(
+        tmp_path,
+        "two_inputs",
+        [
+            onnx.helper.make_node("Concat", ["a", "b"], ["ab"], axis=1),
+            onnx.helper.make_node("Mul", ["a", "b"], ["product"]),
+        ],
+        {"a": (float_type, ["N", 1]), "b": (float_type, ["N", 1])},
+        {"ab": (float_type, ["N", 2]), "product": (float_type, ["N", 1])},
+    )
+    values = np.random.default_rng(7).normal(0, 1e3, (5000, 2)).astype(np.float32)
+    source = tmp_path / "input.csv"
+    source.write_text("b,a\n" + "".join(f"{b},{a}\n" for a, b in values))
+    result = run_cli("--model-path", path, "--input", source, "--output", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    part = list(csv.reader(io.StringIO((tmp_path / "out" / "part-00000-of-00001.csv").read_text())))
+    assert part[0] == ["ab_0", "ab_1", "product"]
+    scored = np.array([[np.float32(v) for v in row] for row in part[1:]], np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ab, product = session.run(None, {"a": values[:, :1], "b": values[:, 1:]})
+    assert np.array_equal(scored[:, :2], values) and np.array_equal(scored[:, :2], ab)
+    assert np.array_equal(scored[:, 2:], product)

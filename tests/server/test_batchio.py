@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modeldeploy_server.batchio import (
@@ -12,9 +14,8 @@ from modeldeploy_server.batchio import (
     Chunk,
     PartEncoder,
     Shard,
-    chunk_lines,
+    ShardChunker,
     decode_chunk,
-    number_lines,
     parse_csv_header,
     parse_shard,
     progress_line,
@@ -48,6 +49,7 @@ def test_shard_names_sort_in_input_order() -> None:
     assert Shard(2, 12).name == "part-00002-of-00012"
 
 
+@settings(deadline=None)  # a loaded machine must not fail a test of correctness
 @given(
     lines=st.lists(
         st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"") + b"\n"), max_size=40
@@ -55,21 +57,30 @@ def test_shard_names_sort_in_input_order() -> None:
     count=st.integers(1, 9),
     header=st.booleans(),
     rows=st.integers(1, 5),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
 )
 def test_shards_partition_the_data_lines_in_order(
-    lines: list[bytes], count: int, header: bool, rows: int
+    lines: list[bytes], count: int, header: bool, rows: int, cuts: list[int]
 ) -> None:
-    data_start = len(lines[0]) if header and lines else 0
+    """Whatever blocks the lines arrive in, the shards' chunks hold every non-blank data line
+    once, in order, with its line number, `rows` at most per chunk."""
+    first = 1 if header and lines else 0
+    data_start = sum(map(len, lines[:first]))
     size = sum(map(len, lines))
-    seen: list[int] = []
+    edges = sorted({first, len(lines), *(min(max(cut, first), len(lines)) for cut in cuts)})
+    blocks = [lines[a:b] for a, b in itertools.pairwise(edges) if a < b]
+    seen: list[tuple[int, bytes]] = []
+    any_data = False
     for index in range(count):
         bounds = shard_bounds(data_start, size, Shard(index, count))
-        for chunk in chunk_lines(number_lines(lines), data_start, bounds, rows):
+        chunker = ShardChunker(bounds, rows, first + 1, data_start)
+        for chunk in chunker.chunks(iter(blocks)):
             assert 1 <= len(chunk.lines) <= rows
-            seen.extend(number for number, _ in chunk.lines)
-    first_data = 2 if header and lines else 1
-    expected = [n for n, line in enumerate(lines, 1) if n >= first_data and line.strip()]
+            seen.extend(chunk.numbered())
+        any_data = chunker.data_lines
+    expected = [(n, line) for n, line in enumerate(lines, 1) if n > first and line.strip()]
     assert seen == expected
+    assert any_data == bool(expected)
 
 
 def test_csv_header_is_checked_against_the_model() -> None:
@@ -81,8 +92,8 @@ def test_csv_header_is_checked_against_the_model() -> None:
 
 
 def test_a_bad_row_is_found_and_the_others_still_form_one_feed() -> None:
-    lines = [(2, b"1,2,3,4\n"), (3, b"1,x,3,4\n"), (4, b"5,6,7,8\n"), (5, b"\xff\n")]
-    decoded = decode_chunk(Chunk(lines), "csv", ["a", "b", "c", "d"], IRIS)
+    lines = [b"1,2,3,4\n", b"1,x,3,4\n", b"5,6,7,8\n", b"\xff\n"]
+    decoded = decode_chunk(Chunk(range(2, 6), lines), "csv", ["a", "b", "c", "d"], IRIS)
     assert decoded.lines == [2, 4]
     assert [(row.line, row.reason) for row in decoded.skipped] == [
         (
@@ -104,8 +115,8 @@ def test_json_lines_of_lists_and_objects_mixed_decode_row_by_row() -> None:
         (),
         batch_axis=True,
     )
-    lines = [(1, b"[1, 2]\n"), (2, b'{"x": 3, "y": 4}\n'), (3, b"7\n")]
-    decoded = decode_chunk(Chunk(lines), "jsonl", [], meta)
+    lines = [b"[1, 2]\n", b'{"x": 3, "y": 4}\n', b"7\n"]
+    decoded = decode_chunk(Chunk(range(1, 4), lines), "jsonl", [], meta)
     assert decoded.lines == [1, 2]
     assert decoded.skipped[0].line == 3
     assert "instance" in decoded.skipped[0].reason

@@ -95,7 +95,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         settings.watching.label_selectors["batch", "v1", "jobs"] = (
             f"{naming.MANAGED_BY}={naming.FIELD_MANAGER}"
         )
-        api_holder.append(KubeApi.from_environment())
+        api_holder.append(KubeApi.from_environment(8))
 
     @kopf.on.cleanup(registry=registry)
     def close_batch(**_: Any) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 DEFAULT_SERVER_IMAGE = "ghcr.io/modeldeploy/modeldeploy-server:0.1.0"
 DEFAULT_RESYNC_SECONDS = 300.0
 DEFAULT_METRICS_PORT = 9090
+DEFAULT_WORKERS = 8
+MAX_WORKERS = 64
 
 
 class ConfigError(ValueError):
@@ -23,11 +25,13 @@ class OperatorConfig:
     # Prometheus metrics on this address and port; port 0 serves none.
     metrics_host: str = "0.0.0.0"
     metrics_port: int = DEFAULT_METRICS_PORT
+    # Reconciles of different ModelDeployments running at once (each in a worker thread).
+    workers: int = DEFAULT_WORKERS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
-        """Read MODELDEPLOY_SERVER_IMAGE, MODELDEPLOY_RESYNC_SECONDS, MODELDEPLOY_METRICS_HOST and
-        MODELDEPLOY_METRICS_PORT; fail fast on bad values."""
+        """Read MODELDEPLOY_SERVER_IMAGE, MODELDEPLOY_RESYNC_SECONDS, MODELDEPLOY_METRICS_HOST,
+        MODELDEPLOY_METRICS_PORT and MODELDEPLOY_WORKERS; fail fast on bad values."""
         image = env.get("MODELDEPLOY_SERVER_IMAGE", DEFAULT_SERVER_IMAGE).strip()
         if not image or any(c.isspace() for c in image):
             raise ConfigError(f"MODELDEPLOY_SERVER_IMAGE: {image!r} is not an image reference")
@@ -44,6 +48,13 @@ class OperatorConfig:
         host = env.get("MODELDEPLOY_METRICS_HOST", "0.0.0.0").strip()
         if not host:
             raise ConfigError("MODELDEPLOY_METRICS_HOST: empty (use 0.0.0.0 for every interface)")
+        raw_workers = env.get("MODELDEPLOY_WORKERS", str(DEFAULT_WORKERS)).strip()
+        if not raw_workers.isdigit() or not 1 <= int(raw_workers) <= MAX_WORKERS:
+            raise ConfigError(f"MODELDEPLOY_WORKERS: {raw_workers!r} is not 1..{MAX_WORKERS}")
         return cls(
-            server_image=image, resync_seconds=resync, metrics_host=host, metrics_port=int(raw_port)
+            server_image=image,
+            resync_seconds=resync,
+            metrics_host=host,
+            metrics_port=int(raw_port),
+            workers=int(raw_workers),
         )

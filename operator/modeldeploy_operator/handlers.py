@@ -1,11 +1,13 @@
-"""kopf handlers: watch ModelDeployments and every kind they own, and reconcile on what matters.
+"""kopf handlers and the controller behind them: an index kept by watches, a fair work queue,
+and a bounded number of workers running the one reconcile.
 
 Every cause (a ModelDeployment created, edited or listed at startup, a child edited or deleted,
-the resync timer) runs the same reconcile, one at a time per ModelDeployment. The handlers are
-watch-event handlers only, so kopf puts no finalizer and no bookkeeping annotation on anything:
-deletion is the garbage collector's job (every child has an ownerReference), and uninstalling in
-any order cannot hang on an operator that is gone. The resync timer is ours for the same reason
-(kopf's timers need a finalizer).
+the resync timer) queues the same reconcile, one at a time per ModelDeployment, which reads its
+snapshot from the index (no LIST per reconcile) and writes only what differs. The only kopf
+handler for ModelDeployments is a watch-event handler, so kopf puts no finalizer and no
+bookkeeping annotation on anything: deletion is the garbage collector's job (every child has an
+ownerReference), and uninstalling in any order cannot hang on an operator that is gone. The
+resync timer is ours for the same reason (kopf's timers need a finalizer).
 """
 
 from __future__ import annotations
@@ -15,59 +17,33 @@ import datetime
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import kopf
 from prometheus_client import CollectorRegistry, start_http_server
 
-from modeldeploy_operator import naming
 from modeldeploy_operator.config import OperatorConfig
-from modeldeploy_operator.kube import RESOURCES, ApiError, KubeApi, TransientApiError
+from modeldeploy_operator.index import Index, MdKey
+from modeldeploy_operator.informer import NamespaceInformer
+from modeldeploy_operator.kube import WATCHED, ApiError, KubeApi, TransientApiError
 from modeldeploy_operator.metrics import OperatorMetrics
-from modeldeploy_operator.plan import Key, describe, plan_inputs
+from modeldeploy_operator.plan import Key, Snapshot, describe, plan_inputs
 from modeldeploy_operator.pod_problems import pod_problem
 from modeldeploy_operator.reconcile import Outcome, reconcile
 from modeldeploy_operator.rollout_control import command_of
 from modeldeploy_operator.rollout_sources import DirectMetrics
-from modeldeploy_operator.spec import API_GROUP, API_VERSION, PLURAL
+from modeldeploy_operator.spec import API_GROUP, API_VERSION, KIND, PLURAL
+from modeldeploy_operator.workqueue import WorkQueue
 
-T = TypeVar("T")
-MdKey = tuple[str, str]  # (namespace, name) of a ModelDeployment
 RETRY_BASE_S = 1.0
 RETRY_MAX_S = 300.0
 # Earlier versions kept this kopf finalizer on ModelDeployments; one left there would block their
 # deletion. (kopf still puts it on BatchPredictions, whose handlers use kopf's timers.)
 LEGACY_FINALIZER = f"{API_GROUP}/operator"
 log = logging.getLogger("modeldeploy_operator")
-
-
-class Serializer:
-    """Runs at most one reconcile per ModelDeployment at a time.
-
-    Child events come in bursts; a request made while another is already waiting for its turn is
-    dropped, because the waiting one will read the state as it is when it starts.
-    """
-
-    def __init__(self) -> None:
-        self._locks: dict[MdKey, asyncio.Lock] = {}
-        self._waiting: dict[MdKey, int] = {}
-
-    def is_waiting(self, key: MdKey) -> bool:
-        return self._waiting.get(key, 0) > 0
-
-    async def run(self, key: MdKey, fn: Callable[[], Awaitable[T]]) -> T:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._waiting[key] = self._waiting.get(key, 0) + 1
-        try:
-            async with lock:
-                self._waiting[key] -= 1
-                return await fn()
-        finally:
-            if not self._waiting.get(key) and not lock.locked():
-                self._locks.pop(key, None)
-                self._waiting.pop(key, None)
 
 
 @dataclass
@@ -85,22 +61,184 @@ class Echoes:
     model_deployment: tuple[str, int, str] | None = None
 
 
+Cause = tuple[str, tuple[Mapping[str, Any], str] | None]  # (why, the child event (body, type))
+
+
 class Controller:
-    """The operator's state in one process: API client, serializer, timers, echoes, metrics."""
+    """The operator's state in one process: the index and its informers, the work queue and its
+    workers, timers, echoes, metrics."""
 
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
-        self.serializer = Serializer()
+        self.index = Index()
+        self.queue: WorkQueue[MdKey] = WorkQueue()
         self.api: KubeApi | None = None
-        self.metrics = OperatorMetrics(CollectorRegistry())
+        self.metrics = OperatorMetrics(CollectorRegistry(), self.index.counts, self.queue.__len__)
         self.rollout_metrics = DirectMetrics()
+        # What each variant pod (by uid) last said was wrong with it: only a change is news.
+        self.pod_problems: dict[str, str] = {}
+        self._watch_api: KubeApi | None = None
+        self._informers: dict[str, NamespaceInformer] = {}
+        self._listed: dict[str, set[str]] = {}  # namespace -> kinds listed at least once
+        self._synced: set[str] = set()  # namespaces whose every kind has been listed
+        self._causes: dict[MdKey, list[Cause]] = {}
         self._echoes: dict[MdKey, Echoes] = {}
         self._timers: dict[MdKey, asyncio.TimerHandle] = {}
         self._attempts: dict[MdKey, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._must_run: set[MdKey] = set()
-        # What each variant pod (by uid) last said was wrong with it: only a change is news.
-        self.pod_problems: dict[str, str] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="reconcile")
+
+    def start(self, api: KubeApi, watch_api: KubeApi) -> None:
+        """Start the workers (on the running loop); informers start per namespace as seen."""
+        self.api, self._watch_api = api, watch_api
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._work_loop()) for _ in range(self.config.workers)]
+
+    def watch_namespace(self, namespace: str) -> None:
+        """Keep the index of `namespace` from now on (once per namespace)."""
+        if namespace in self._informers:
+            return
+        assert self._watch_api is not None  # set at startup, before kopf's watches start
+        loop = asyncio.get_running_loop()
+        informer = NamespaceInformer(self._watch_api, namespace, self, loop.call_soon_threadsafe)
+        self._informers[namespace] = informer
+        informer.start()
+
+    def stop(self) -> None:
+        for informer in self._informers.values():
+            informer.stop()
+        for worker in self._workers:
+            worker.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- the informer's news (index.Sink), on the event loop ---
+
+    def replaced(self, kind: str, namespace: str, objects: Sequence[Mapping[str, Any]]) -> None:
+        changed = self.index.replace(kind, namespace, objects)
+        listed = self._listed.setdefault(namespace, set())
+        listed.add(kind)
+        if namespace in self._synced:
+            for key in changed:
+                self.enqueue(key, f"{kind} relisted")
+        elif len(listed) == len(WATCHED):
+            # Only now is every child of every ModelDeployment here known: reconciling earlier
+            # would re-create what merely was not listed yet.
+            self._synced.add(namespace)
+            for key in self.index.model_deployments(namespace):
+                self.enqueue(key, "listed")
+
+    def changed(self, kind: str, type_: str, obj: Mapping[str, Any]) -> None:
+        key = self.index.update(kind, type_, obj)
+        if key is None:
+            return
+        meta = obj.get("metadata", {})
+        if kind == KIND:
+            if type_ == "DELETED":
+                self.forget(key)
+                return
+            # A status write of ours, or a label edit, changes neither the uid nor the
+            # generation; a rollout command (an annotation) is news.
+            planned = (
+                meta.get("uid", ""),
+                int(meta.get("generation") or 1),
+                command_of(meta.get("annotations")),
+            )
+            if self.planned(key) != planned:
+                self.enqueue(key, f"generation {planned[1]}")
+            return
+        if kind == "Pod":
+            # Pods change status often; only a problem that appears, changes or goes away is
+            # news to the status (its Deployment says nothing of why until its deadline).
+            uid = meta.get("uid", "")
+            before = self.pod_problems.pop(uid, "")
+            problem = "" if type_ == "DELETED" else pod_problem(obj)
+            if problem:
+                self.pod_problems[uid] = problem
+            if problem != before:
+                self.enqueue(key, f"pod {meta.get('name')} {type_.lower()}")
+            return
+        if not self.is_echo(key, obj, type_):
+            self.enqueue(key, f"{describe(obj)} {type_.lower()}", (obj, type_))
+
+    # --- the queue ---
+
+    def enqueue(
+        self, key: MdKey, cause: str, event: tuple[Mapping[str, Any], str] | None = None
+    ) -> None:
+        """Reconcile `key` when a worker is free (after any reconcile of it already running).
+
+        `event` is the child event that asked for it: if every cause turns out, at its turn, to
+        be the echo of the reconcile it waited for, the turn is skipped.
+        """
+        if key[0] not in self._synced:
+            return  # it is reconciled once its namespace is listed
+        self._causes.setdefault(key, []).append((cause, event))
+        self.queue.add(key)
+
+    async def _work_loop(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                await self._turn(key)
+            except Exception:  # one failed turn must not stop a worker
+                log.exception(f"[{key[0]}/{key[1]}] reconcile crashed, retrying")
+                self.schedule(key, self._backoff(key))
+            finally:
+                self.queue.done(key)
+
+    async def _turn(self, key: MdKey) -> None:
+        causes = self._causes.pop(key, [])
+        if causes and all(e is not None and self.is_echo(key, *e) for _, e in causes):
+            return
+        snapshot = self.index.snapshot(key)
+        meta = snapshot.model_deployment["metadata"] if snapshot else {}
+        if LEGACY_FINALIZER in (meta.get("finalizers") or []):
+            await self._remove_legacy_finalizer(key, meta.get("finalizers") or [])
+        if snapshot is None or meta.get("deletionTimestamp"):
+            # Deletion is the garbage collector's job: every child has an ownerReference.
+            self.forget(key)
+            return
+        cause = causes[0][0] if causes else "resync"
+        if len(causes) > 1:
+            cause += f" and {len(causes) - 1} more"
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await loop.run_in_executor(self._executor, self._work, snapshot)
+        except TransientApiError as error:
+            self.metrics.reconciles.labels("retry").inc()
+            delay = self._backoff(key)
+            where = f"[{key[0]}/{key[1]}]"
+            log.warning(f"{where} reconcile failed, retrying in {delay:.0f}s: {error}")
+            self.schedule(key, delay)
+            return
+        # Remembered before the next reconcile of this key may start and look for echoes.
+        self._remember(key, outcome)
+        self._report(key, outcome, cause)
+        if outcome.retry:
+            self.schedule(key, self._backoff(key))
+        else:
+            self._attempts.pop(key, None)
+            # A rollout step's window may end before the next resync.
+            requeue = outcome.plan.requeue_after_s if outcome.plan else None
+            self.schedule(key, min(self.config.resync_seconds, requeue or math.inf))
+
+    async def _remove_legacy_finalizer(self, key: MdKey, finalizers: list[str]) -> None:
+        assert self.api is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                self.api.remove_finalizer,
+                key[0],
+                key[1],
+                LEGACY_FINALIZER,
+                finalizers,
+            )
+        except ApiError as error:
+            where = f"[{key[0]}/{key[1]}]"
+            log.warning(f"{where} could not remove finalizer {LEGACY_FINALIZER}: {error}")
 
     def is_echo(self, key: MdKey, body: Mapping[str, Any], type_: str) -> bool:
         echoes = self._echoes.get(key)
@@ -116,51 +254,6 @@ class Controller:
         echoes = self._echoes.get(key)
         return echoes.model_deployment if echoes else None
 
-    async def reconcile(
-        self, key: MdKey, cause: str, event: tuple[Mapping[str, Any], str] | None = None
-    ) -> None:
-        """Reconcile `key` (after any reconcile of it already running), then schedule the next
-        look: the resync interval, or a backoff when something may work later.
-
-        `event` is the child event (body, type) that asked for it: when its turn comes, an event
-        that turned out to be the echo of the reconcile it waited for is dropped.
-        """
-        if self.serializer.is_waiting(key):
-            # The one waiting reads everything as it is when it starts; it must run, though,
-            # even if its own cause turns out to be an echo, since this one may not be.
-            self._must_run.add(key)
-            return
-
-        async def turn() -> None:
-            must_run = key in self._must_run
-            self._must_run.discard(key)
-            if event is not None and not must_run and self.is_echo(key, *event):
-                return
-            try:
-                outcome = await asyncio.to_thread(self._work, key)
-            except TransientApiError as error:
-                self.metrics.reconciles.labels("retry").inc()
-                delay = self._backoff(key)
-                where = f"[{key[0]}/{key[1]}]"
-                log.warning(f"{where} reconcile failed, retrying in {delay:.0f}s: {error}")
-                self.schedule(key, delay)
-                return
-            if outcome.model_deployment is None:
-                self.forget(key)
-                return
-            # Remembered before the next reconcile of this key may start and look for echoes.
-            self._remember(key, outcome)
-            self._report(key, outcome, cause)
-            if outcome.retry:
-                self.schedule(key, self._backoff(key))
-            else:
-                self._attempts.pop(key, None)
-                # A rollout step's window may end before the next resync.
-                requeue = outcome.plan.requeue_after_s if outcome.plan else None
-                self.schedule(key, min(self.config.resync_seconds, requeue or math.inf))
-
-        await self.serializer.run(key, turn)
-
     def schedule(self, key: MdKey, delay: float) -> None:
         old = self._timers.pop(key, None)
         if old is not None:
@@ -174,30 +267,23 @@ class Controller:
             timer.cancel()
         self._echoes.pop(key, None)
         self._attempts.pop(key, None)
+        self._causes.pop(key, None)
         self.rollout_metrics.forget(*key)
-        self._must_run.discard(key)
-
-    def stop(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
 
     def _resync(self, key: MdKey) -> None:
         self._timers.pop(key, None)
-        task = asyncio.get_running_loop().create_task(self.reconcile(key, "resync"))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.enqueue(key, "resync")
 
     def _backoff(self, key: MdKey) -> float:
         attempt = self._attempts.get(key, 0)
         self._attempts[key] = attempt + 1
         return float(min(RETRY_BASE_S * 2**attempt, RETRY_MAX_S))
 
-    def _work(self, key: MdKey) -> Outcome:
+    def _work(self, snapshot: Snapshot) -> Outcome:
         assert self.api is not None  # set at startup, before any watch starts
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         started = time.monotonic()
-        outcome = reconcile(self.api, self.config, key[0], key[1], now, self.rollout_metrics)
+        outcome = reconcile(self.api, self.config, snapshot, now, self.rollout_metrics)
         self.metrics.reconcile_seconds.observe(time.monotonic() - started)
         return outcome
 
@@ -258,10 +344,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     """Register the operator's handlers in `registry`, configured by `config`."""
     controller = Controller(config)
     metrics_servers: list[Any] = []
-    children = [(_split(api_version), plural) for (api_version, _), plural in RESOURCES.items()]
+    clients: list[KubeApi] = []
 
     @kopf.on.startup(id="configure-watches-and-metrics", registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # kopf's own bookkeeping, for the handlers that still use it (BatchPredictions, see
         # batch_handlers.py; the ModelDeployment handlers here need none): annotations under our
         # prefix, since status.kopf would be pruned by the CRDs' structural schemas.
@@ -270,159 +356,29 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=API_GROUP, key="last-handled-configuration"
         )
-        # Filter children in the API server, not in here: the operator then never lists or holds
-        # the cluster's other Deployments, Services, ConfigMaps...
-        for (group, version), plural in children:
-            settings.watching.label_selectors[group, version, plural] = (
-                f"{naming.MANAGED_BY}={naming.FIELD_MANAGER}"
-            )
-        # The router Services' slices: the EndpointSlice controller copies a Service's labels.
-        settings.watching.label_selectors["discovery.k8s.io", "v1", "endpointslices"] = (
-            f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},"
-            f"{naming.COMPONENT}={naming.COMPONENT_ROUTER}"
-        )
-        settings.watching.label_selectors["", "v1", "pods"] = (
-            f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},"
-            f"{naming.COMPONENT}={naming.COMPONENT_VARIANT}"
-        )
-        controller.api = KubeApi.from_environment()
+        # The watches hold their connections for minutes: a client of their own, so the
+        # reconcile workers' pool is never short of one.
+        clients.extend([KubeApi.from_environment(config.workers + 4), KubeApi.from_environment(64)])
+        controller.start(*clients)
         if config.metrics_port:
             server, _thread = start_http_server(
                 config.metrics_port, config.metrics_host, registry=controller.metrics.registry
             )
             metrics_servers.append(server)
 
-    @kopf.on.cleanup(id="stop-timers-and-clients", registry=registry)
+    @kopf.on.cleanup(id="stop-workers-watches-and-clients", registry=registry)
     def close(**_: Any) -> None:
         controller.stop()
         for server in metrics_servers:
             server.shutdown()
-        if controller.api is not None:
-            controller.api.close()
+        for api in clients:
+            api.close()
 
-    @kopf.on.event(API_GROUP, API_VERSION, PLURAL, id="watch-model-deployments", registry=registry)
-    async def model_deployment_changed(
-        *, type: str | None, namespace: str | None, name: str, meta: kopf.Meta, **_: Any
-    ) -> None:
-        key = (_namespaced(namespace), name)
-        if type == "DELETED":
-            controller.forget(key)
-            return
-        if LEGACY_FINALIZER in (meta.get("finalizers") or []):
-            await _remove_legacy_finalizer(controller, key, meta)
-        if meta.get("deletionTimestamp"):
-            controller.forget(key)
-            return
-        # A status write of ours, or a label edit, changes neither the uid nor the generation;
-        # a rollout command (an annotation) is news.
-        planned = (
-            meta.get("uid", ""),
-            int(meta.get("generation") or 1),
-            command_of(meta.get("annotations")),
-        )
-        if type is not None and controller.planned(key) == planned:
-            return
-        cause = "listed" if type is None else f"generation {planned[1]}"
-        await controller.reconcile(key, cause)
-
-    for (group, version), plural in children:
-        kopf.on.event(
-            group=group,
-            version=version,
-            plural=plural,
-            id=f"watch-child-{plural}",
-            labels={naming.MANAGED_BY: naming.FIELD_MANAGER},
-            registry=registry,
-        )(_child_handler(controller))
-    kopf.on.event(
-        group="discovery.k8s.io",
-        version="v1",
-        plural="endpointslices",
-        id="watch-router-endpointslices",
-        labels={naming.MANAGED_BY: naming.FIELD_MANAGER, naming.COMPONENT: naming.COMPONENT_ROUTER},
-        registry=registry,
-    )(_child_handler(controller))
-    kopf.on.event(
-        group="",
-        version="v1",
-        plural="pods",
-        id="watch-variant-pods",
-        labels={
-            naming.MANAGED_BY: naming.FIELD_MANAGER,
-            naming.COMPONENT: naming.COMPONENT_VARIANT,
-        },
-        registry=registry,
-    )(_pod_handler(controller))
-
-
-def _pod_handler(controller: Controller) -> Callable[..., Awaitable[None]]:
-    async def variant_pod_changed(
-        *,
-        type: str | None,
-        body: kopf.Body,
-        namespace: str | None,
-        labels: kopf.Labels,
-        uid: str | None,
-        **_: Any,
-    ) -> None:
-        # Pods change status often; only a problem that appears, changes or goes away is news
-        # to the ModelDeployment's status (its Deployment says nothing of why until its deadline).
-        md_name = labels.get(naming.MODEL_DEPLOYMENT)
-        if not md_name or not uid:
-            return
-        before = controller.pod_problems.pop(uid, "")
-        problem = "" if type == "DELETED" else pod_problem(body)
-        if problem:
-            controller.pod_problems[uid] = problem
-        if problem != before and type is not None:
-            key = (_namespaced(namespace), md_name)
-            await controller.reconcile(
-                key, f"pod {body.get('metadata', {}).get('name')} {type.lower()}"
-            )
-
-    return variant_pod_changed
-
-
-def _child_handler(controller: Controller) -> Callable[..., Awaitable[None]]:
-    async def child_changed(
-        *,
-        type: str | None,
-        body: kopf.Body,
-        namespace: str | None,
-        labels: kopf.Labels,
-        **_: Any,
-    ) -> None:
-        # A child edited, deleted or whose status moved: reconcile its owner now rather than at
-        # the next resync. The initial listing needs nothing: listing the ModelDeployments
-        # reconciles every one of them at startup anyway.
-        md_name = labels.get(naming.MODEL_DEPLOYMENT)
-        if type is None or not md_name:
-            return
-        key = (_namespaced(namespace), md_name)
-        if controller.is_echo(key, body, type):
-            return
-        await controller.reconcile(key, f"{describe(body)} {type.lower()}", (body, type))
-
-    return child_changed
-
-
-async def _remove_legacy_finalizer(controller: Controller, key: MdKey, meta: kopf.Meta) -> None:
-    assert controller.api is not None
-    api = controller.api
-    try:
-        await asyncio.to_thread(
-            api.remove_finalizer, key[0], key[1], LEGACY_FINALIZER, meta.get("finalizers") or []
-        )
-    except ApiError as error:
-        log.warning(f"[{key[0]}/{key[1]}] could not remove finalizer {LEGACY_FINALIZER}: {error}")
-
-
-def _split(api_version: str) -> tuple[str, str]:
-    group, _, version = api_version.rpartition("/")
-    return group, version
-
-
-def _namespaced(namespace: str | None) -> str:
-    # ModelDeployments and their children are namespaced: kopf always passes a namespace.
-    assert namespace is not None
-    return namespace
+    # kopf watches the ModelDeployments in the namespaces it was told to serve; the index of each
+    # namespace (ModelDeployments, their children, the router slices) is kept by our informer
+    # from the first ModelDeployment seen there, and every reconcile is triggered from it.
+    @kopf.on.event(API_GROUP, API_VERSION, PLURAL, id="discover-namespaces", registry=registry)
+    async def model_deployment_seen(*, namespace: str | None, **_: Any) -> None:
+        # ModelDeployments are namespaced: kopf always passes a namespace.
+        assert namespace is not None
+        controller.watch_namespace(namespace)

@@ -9,12 +9,13 @@ Errors become two domain exceptions: `TransientApiError` (worth retrying) and `R
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import urllib3
 from kubernetes import client, config
+from kubernetes.watch.watch import iter_resp_lines
 
 from modeldeploy_operator import naming
 from modeldeploy_operator.spec import (
@@ -40,6 +41,30 @@ RESOURCES: dict[tuple[str, str], str] = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
 }
+# What the informer keeps of each object it watches: our own children, their owner, the router
+# Services' EndpointSlices. (group/version, plural, kind, label selector.)
+WATCHED: tuple[tuple[str, str, str, str], ...] = (
+    (MODEL_DEPLOYMENT_API_VERSION, PLURAL, KIND, ""),
+    *(
+        (api_version, plural, kind, f"{naming.MANAGED_BY}={naming.FIELD_MANAGER}")
+        for (api_version, kind), plural in RESOURCES.items()
+    ),
+    (
+        "discovery.k8s.io/v1",
+        "endpointslices",
+        "EndpointSlice",
+        # The EndpointSlice controller copies the router Service's labels onto its slices.
+        f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},{naming.COMPONENT}={naming.COMPONENT_ROUTER}",
+    ),
+    # The variant pods, for why they do not run.
+    (
+        "v1",
+        "pods",
+        "Pod",
+        f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},{naming.COMPONENT}={naming.COMPONENT_VARIANT}",
+    ),
+)
+_LIST_PAGE = 500
 _TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _REQUEST_TIMEOUT_S = (5.0, 30.0)
 
@@ -67,15 +92,15 @@ class KubeApi:
         self._client = api_client
 
     @classmethod
-    def from_environment(cls) -> KubeApi:
-        """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config."""
+    def from_environment(cls, connections: int) -> KubeApi:
+        """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config;
+        up to `connections` kept open for the threads that share it."""
         configuration = client.Configuration()
         try:
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException:
             config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        # Reconciles of many ModelDeployments run in parallel worker threads.
-        configuration.connection_pool_maxsize = 32
+        configuration.connection_pool_maxsize = connections
         return cls(client.ApiClient(configuration))
 
     def close(self) -> None:
@@ -182,34 +207,56 @@ class KubeApi:
         ]
         self._request("PATCH", path, {}, body=body, content_type="application/json-patch+json")
 
-    def list_owned(self, namespace: str, md_name: str) -> list[Manifest]:
-        """Objects of every kind we render labelled as ours for this ModelDeployment (kinds whose
-        API is not served, such as HTTPRoute without the Gateway API CRDs, have none)."""
-        owned: list[Manifest] = []
-        for (api_version, kind), plural in RESOURCES.items():
-            path = _collection_path(api_version, plural, namespace)
-            try:
-                listing = self._request(
-                    "GET", path, {"labelSelector": naming.owned_selector(md_name)}
-                )
-            except RejectedError as error:
-                if error.status == 404:
-                    continue
-                raise
-            for item in listing.get("items", []):
+    def list_objects(
+        self, api_version: str, plural: str, kind: str, namespace: str, selector: str
+    ) -> tuple[list[Manifest], str]:
+        """Every object of one kind in `namespace` matching `selector`, in pages, and the list's
+        resourceVersion (where a watch picks up)."""
+        path = _collection_path(api_version, plural, namespace)
+        items: list[Manifest] = []
+        query = {"limit": str(_LIST_PAGE), **({"labelSelector": selector} if selector else {})}
+        while True:
+            page = self._request("GET", path, query)
+            for item in page.get("items", []):
                 item.setdefault("apiVersion", api_version)
                 item.setdefault("kind", kind)
-                owned.append(item)
-        return owned
+                items.append(item)
+            meta = page.get("metadata", {})
+            if not meta.get("continue"):
+                return items, str(meta.get("resourceVersion", ""))
+            query = {**query, "continue": meta["continue"]}
 
-    def list_endpoint_slices(self, namespace: str, service: str) -> list[Manifest]:
-        """The EndpointSlices of one Service (read-only: the EndpointSlice controller owns them)."""
-        path = _collection_path("discovery.k8s.io/v1", "endpointslices", namespace)
-        selector = f"{naming.SERVICE_NAME_LABEL}={service}"
-        items: list[Manifest] = self._request("GET", path, {"labelSelector": selector}).get(
-            "items", []
-        )
-        return items
+    def watch_objects(
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str,
+        selector: str,
+        resource_version: str,
+        timeout_s: int,
+    ) -> Iterator[tuple[str, Manifest]]:
+        """Watch events (type, object) after `resource_version` until the server ends the watch
+        after `timeout_s`; bookmarks carry only a newer resourceVersion. A watch that can no
+        longer continue (410 Gone) raises TransientApiError with status 410."""
+        query = {
+            "watch": "true",
+            "allowWatchBookmarks": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(timeout_s),
+            **({"labelSelector": selector} if selector else {}),
+        }
+        path = _collection_path(api_version, plural, namespace)
+        try:
+            response = self._send("GET", path, query, None, None, (5.0, timeout_s + 30.0))
+            for line in iter_resp_lines(response.response):  # type: ignore[no-untyped-call]
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object", {})
+                    code = int(status.get("code", 0))
+                    raise TransientApiError(f"watch {path}: {status.get('message')}", code)
+                yield str(event.get("type")), event.get("object", {})
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
+            raise TransientApiError(f"watch {path}: {error}") from error
 
     def remove_annotations(self, obj: Mapping[str, Any], keys: list[str]) -> None:
         """Remove annotations `keys` from `obj` (a JSON merge patch; the same object only)."""
@@ -270,30 +317,39 @@ class KubeApi:
         body: Manifest | list[Manifest] | None = None,
         content_type: str | None = None,
     ) -> Manifest:
+        try:
+            response = self._send(method, path, query, body, content_type, _REQUEST_TIMEOUT_S)
+            data = response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise TransientApiError(f"{method} {path}: {error}") from error
+        result: Manifest = json.loads(data) if data else {}
+        return result
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: Manifest | list[Manifest] | None,
+        content_type: str | None,
+        timeout: tuple[float, float],
+    ) -> Any:
+        """The response, once its status says it succeeded (its body still to be read)."""
         url = path + ("?" + urlencode(query) if query else "")
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
-        try:
-            _, full_url, headers, _, _ = self._client.param_serialize(
-                method, url, header_params=headers, auth_settings=["BearerToken"]
-            )
-            response = self._client.call_api(
-                method,
-                full_url,
-                header_params=headers,
-                body=body,
-                _request_timeout=_REQUEST_TIMEOUT_S,
-            )
-            data = response.read()
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise TransientApiError(f"{method} {path}: {error}") from error
+        _, full_url, headers, _, _ = self._client.param_serialize(
+            method, url, header_params=headers, auth_settings=["BearerToken"]
+        )
+        response = self._client.call_api(
+            method, full_url, header_params=headers, body=body, _request_timeout=timeout
+        )
         if response.status >= 400:
-            message = _error_message(data)
+            message = _error_message(response.read())
             kind = TransientApiError if response.status in _TRANSIENT_STATUSES else RejectedError
             raise kind(f"{method} {path}: HTTP {response.status}: {message}", response.status)
-        result: Manifest = json.loads(data) if data else {}
-        return result
+        return response
 
 
 def _object_path(api_version: str, kind: str, namespace: str, name: str) -> str:

@@ -15,6 +15,8 @@ COMPONENT = "app.kubernetes.io/component"
 PART_OF_LABEL = "app.kubernetes.io/part-of"
 VARIANT = "modeldeploy.dev/variant"
 MODEL_DIGEST = "modeldeploy.dev/model-digest"
+# On every child: a hash of the manifest last applied (skip applies that would change nothing).
+APPLIED_HASH = "modeldeploy.dev/applied-hash"
 
 COMPONENT_VARIANT = "variant"
 COMPONENT_ROUTER = "router"

@@ -9,6 +9,8 @@ the API server refused) into the status and events, keeping what is still true.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +81,10 @@ class Failure:
 class Plan:
     name: str  # of the ModelDeployment
     generation: int
+    # Every desired child, carrying the hash of its manifest (APPLIED_HASH), and those of them
+    # that applying would change (the others are skipped: an unchanged ModelDeployment's
+    # reconcile writes nothing).
+    desired: tuple[Manifest, ...]
     apply: tuple[Manifest, ...]
     recreate: tuple[Recreate, ...]
     prune: tuple[Mapping[str, Any], ...]
@@ -115,6 +121,7 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
         return Plan(
             name=obj["metadata"]["name"],
             generation=generation,
+            desired=(),
             apply=(),
             recreate=(),
             prune=(),
@@ -132,7 +139,9 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
     # With a rollout the routes carry its weights; the spec's stay the destination.
     routed = rollout.weights if rollout is not None else md.spec_weights
     traffic = compute_effective_weights(routed, ready_variants(md, deployments))
-    desired = tuple(render_objects(md, server_image=server_image, weights=traffic))
+    desired = tuple(
+        with_applied_hash(o) for o in render_objects(md, server_image=server_image, weights=traffic)
+    )
     wanted = {key(o) for o in desired}
     recreate = tuple(
         Recreate(observed, reason)
@@ -140,6 +149,8 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
         if (observed := owned.get(key(manifest))) is not None
         and (reason := recreate_reason(observed, manifest))
     )
+    recreated = {key(r.observed) for r in recreate}
+    apply = tuple(o for o in desired if key(o) in recreated or not up_to_date(owned.get(key(o)), o))
     serving: Verdict | None = None
     prune_acks: tuple[str, ...] = ()
     if md.routing.mode == "router":
@@ -169,7 +180,8 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
     return Plan(
         name=md.name,
         generation=md.generation,
-        apply=desired,
+        desired=desired,
+        apply=apply,
         recreate=recreate,
         prune=tuple(o for k, o in owned.items() if k not in wanted),
         prune_acks=prune_acks,
@@ -196,7 +208,7 @@ def settle(plan: Plan, failures: Sequence[Failure]) -> Settled:
     lines = [f"{f.object}: {f.message}{' (will retry)' if f.transient else ''}" for f in failures]
     message = "; ".join(lines)
     status = dict(plan.status)
-    routing = {describe(o) for o in plan.apply if key(o) in _routing_keys(plan.apply)}
+    routing = {describe(o) for o in plan.desired if key(o) in _routing_keys(plan.desired)}
     if any(f.object in routing for f in failures):
         _keep_previous_traffic(status, plan.previous)
     status["conditions"] = compute_failed_status(
@@ -209,6 +221,54 @@ def settle(plan: Plan, failures: Sequence[Failure]) -> Settled:
     events = [e for e in compute_events(plan.previous, status) if e.reason != reason]
     events.extend(Event("Warning", reason, f"{f.object}: {f.message}") for f in new)
     return Settled(status, tuple(events), new)
+
+
+def with_applied_hash(manifest: Manifest) -> Manifest:
+    """`manifest` annotated with a hash of itself: the next reconcile knows what it last applied."""
+    digest = hashlib.sha256(
+        json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()[:20]
+    meta = manifest["metadata"]
+    annotations = {**meta.get("annotations", {}), naming.APPLIED_HASH: digest}
+    return {**manifest, "metadata": {**meta, "annotations": annotations}}
+
+
+def up_to_date(observed: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """Applying `desired` (with its hash) would change nothing on `observed`.
+
+    The hash says `desired` is what was applied last, so no field we set then and not now is
+    left to remove; every field `desired` sets still holding its value says nobody edited one
+    since (a hand edit is drift to repair). Fields others added (defaults, status, their own
+    annotations) do not count, as server-side apply leaves them too.
+    """
+    if observed is None:
+        return False
+    applied = (observed.get("metadata", {}).get("annotations") or {}).get(naming.APPLIED_HASH)
+    return applied == desired["metadata"]["annotations"][naming.APPLIED_HASH] and _holds(
+        observed, desired
+    )
+
+
+def _holds(observed: Any, desired: Any) -> bool:
+    """Every field of `desired` is in `observed` with the same value (lists item by item)."""
+    if isinstance(desired, Mapping):
+        if not isinstance(observed, Mapping):
+            return False
+        return all(
+            _holds(observed[k], v) if k in observed else _empty(v) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(observed, list)
+            and len(observed) == len(desired)
+            and all(_holds(o, d) for o, d in zip(observed, desired, strict=True))
+        )
+    return bool(observed == desired and type(observed) is type(desired))
+
+
+def _empty(value: Any) -> bool:
+    # The API server drops empty maps and lists; applying them again would change nothing.
+    return value in ({}, [], None)
 
 
 def recreate_reason(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> str:

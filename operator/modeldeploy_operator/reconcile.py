@@ -1,4 +1,5 @@
-"""The one reconcile: observe (one snapshot), plan (pure, plan.py), act, then write the status.
+"""The one reconcile: from one snapshot (the index's, index.py), plan (pure, plan.py), act, then
+write the status.
 
 It never looks at what changed, only at what is, so running it twice changes nothing. It blocks
 (every API call does); the kopf handlers run it in a worker thread. Every child is applied on its
@@ -25,10 +26,8 @@ from modeldeploy_operator.plan import (
     describe,
     key,
     plan,
-    pods_worth_reading,
     settle,
 )
-from modeldeploy_operator.rollout import VariantMetrics
 from modeldeploy_operator.rollout_control import window_query
 from modeldeploy_operator.rollout_metrics import MetricsSource
 from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
@@ -58,39 +57,23 @@ class Outcome:
         return any(f.transient for f in self.failures)
 
 
-def observe(
-    api: KubeApi,
-    namespace: str,
-    name: str,
-    now: str,
-    metrics_source: MetricsSource | None = None,
-) -> Snapshot | None:
-    """The ModelDeployment and every child labelled as its own, or None when there is none; with
-    a rollout under way, its step window's metrics from `metrics_source`."""
-    obj = api.get_model_deployment(namespace, name)
-    if obj is None or obj["metadata"].get("deletionTimestamp"):
-        # Deletion is the garbage collector's job: every child has an ownerReference to it.
-        return None
-    children = tuple(api.list_owned(namespace, name))
-    slices = tuple(api.list_endpoint_slices(namespace, naming.router_object_name(name)))
-    metrics: Mapping[str, VariantMetrics] = {}
-    if metrics_source is not None:
-        with contextlib.suppress(InvalidSpecError):  # the plan says why
-            query = window_query(parse_model_deployment(obj), obj.get("status"), slices, now)
-            if query is not None:
-                metrics = metrics_source.window(query)
-    return Snapshot(
-        model_deployment=obj,
-        children=children,
-        endpoint_slices=slices,
-        pods=tuple(api.list_pods(namespace, naming.variant_pods_selector(name)))
-        if pods_worth_reading(children)
-        else (),
-        metrics=metrics,
-    )
+def observe_metrics(
+    snapshot: Snapshot, now: str, metrics_source: MetricsSource | None = None
+) -> Snapshot:
+    """`snapshot` with, when a rollout is under way, its step window's metrics from
+    `metrics_source` (the routers' own /metrics: blocking calls, made in the worker thread)."""
+    if metrics_source is None:
+        return snapshot
+    obj = snapshot.model_deployment
+    with contextlib.suppress(InvalidSpecError):  # the plan says why
+        md = parse_model_deployment(obj)
+        query = window_query(md, obj.get("status"), snapshot.endpoint_slices, now)
+        if query is not None:
+            return dataclasses.replace(snapshot, metrics=metrics_source.window(query))
+    return snapshot
 
 
-def act(api: KubeApi, planned: Plan) -> Outcome:
+def act(api: KubeApi, planned: Plan, observed: Mapping[Key, Mapping[str, Any]]) -> Outcome:
     """Apply, recreate and prune every child on its own; collect what the API server refused."""
     failures: list[Failure] = []
     written: dict[Key, Mapping[str, Any]] = {}
@@ -123,7 +106,8 @@ def act(api: KubeApi, planned: Plan) -> Outcome:
         if attempt(stale, lambda stale=stale: api.delete(stale)):
             deleted.add(stale["metadata"]["uid"])
             pruned.append(describe(stale))
-    routes = written.get(("ConfigMap", naming.routes_config_map_name(planned.name)))
+    routes_key = ("ConfigMap", naming.routes_config_map_name(planned.name))
+    routes = written.get(routes_key, observed.get(routes_key))
     if planned.prune_acks and routes is not None:
         keys = [contract.ROUTES_ACK_ANNOTATION_PREFIX + pod for pod in planned.prune_acks]
         if attempt(routes, lambda: api.remove_annotations(routes, keys)):
@@ -141,21 +125,22 @@ def act(api: KubeApi, planned: Plan) -> Outcome:
 def reconcile(
     api: KubeApi,
     config: OperatorConfig,
-    namespace: str,
-    name: str,
+    snapshot: Snapshot,
     now: str,
     metrics_source: MetricsSource | None = None,
 ) -> Outcome:
-    """Bring one ModelDeployment's children and status in line with its spec.
+    """Bring one ModelDeployment's children and status in line with its spec, from `snapshot`
+    (what the index holds: reading it costs the API server nothing).
 
-    Raises TransientApiError when the snapshot cannot be read or the status cannot be written.
+    Raises TransientApiError when the status cannot be written.
     """
-    snapshot = observe(api, namespace, name, now, metrics_source)
-    if snapshot is None:
-        return Outcome(model_deployment=None)
+    snapshot = observe_metrics(snapshot, now, metrics_source)
     obj = snapshot.model_deployment
+    meta = obj["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    observed = {key(o): o for o in snapshot.children}
     planned = plan(snapshot, server_image=config.server_image, now=now)
-    done = act(api, planned)
+    done = act(api, planned, observed)
     settled = settle(planned, done.failures)
     if settled.status != obj.get("status"):
         api.apply_status(namespace, name, settled.status)
@@ -167,7 +152,6 @@ def reconcile(
         # Best effort: the status already holds the truth, and the next transition posts again.
         with contextlib.suppress(ApiError):
             api.create_event(obj, event, now)
-    observed = {key(o): o for o in snapshot.children}
     changed = tuple(
         describe(obj_)
         for k, obj_ in done.written.items()

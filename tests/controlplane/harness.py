@@ -360,6 +360,16 @@ class ControlPlane:
         )
         return str(path)
 
+    def restart_apiserver(self) -> None:
+        """Stop kube-apiserver and start it again as it was (etcd keeps everything): every watch
+        on it breaks, as in a control-plane upgrade."""
+        (index,) = [i for i, p in enumerate(self.processes) if p.name == "kube-apiserver"]
+        old = self.processes[index]
+        old.stop()
+        new = start_process(old.name, [str(a) for a in old.popen.args], self.workdir)  # type: ignore[union-attr]
+        self.processes[index] = new
+        wait_for("kube-apiserver /readyz", lambda: readyz(self.server_url, self.pki), [new])
+
     def stop(self) -> None:
         """Stop every process in reverse start order and remove the working directory."""
         for process in reversed(self.processes):

@@ -14,6 +14,7 @@ def test_defaults_and_overrides() -> None:
         {"MODELDEPLOY_METRICS_HOST": "127.0.0.1", "MODELDEPLOY_METRICS_PORT": "0"}
     )
     assert (config.metrics_host, config.metrics_port) == ("127.0.0.1", 0)
+    assert OperatorConfig.from_env({"MODELDEPLOY_WORKERS": "32"}).workers == 32
 
 
 @pytest.mark.parametrize(
@@ -24,6 +25,9 @@ def test_defaults_and_overrides() -> None:
         ({"MODELDEPLOY_METRICS_PORT": "-1"}, "MODELDEPLOY_METRICS_PORT"),
         ({"MODELDEPLOY_METRICS_HOST": " "}, "MODELDEPLOY_METRICS_HOST"),
         ({"MODELDEPLOY_RESYNC_SECONDS": "0"}, "MODELDEPLOY_RESYNC_SECONDS"),
+        ({"MODELDEPLOY_WORKERS": "0"}, "MODELDEPLOY_WORKERS"),
+        ({"MODELDEPLOY_WORKERS": "65"}, "MODELDEPLOY_WORKERS"),
+        ({"MODELDEPLOY_WORKERS": "many"}, "MODELDEPLOY_WORKERS"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:

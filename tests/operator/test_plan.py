@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from modeldeploy_operator import naming
 from modeldeploy_operator.plan import (
     Failure,
+    Plan,
     Snapshot,
     describe,
     plan,
@@ -421,3 +423,48 @@ def test_a_router_ack_is_news_for_the_plan() -> None:
     with_ack["metadata"]["annotations"] = {"acks.modeldeploy.dev/router-a": "abc"}
     assert plan_inputs("ConfigMap", None) == plan_inputs("ConfigMap", config_map)
     assert plan_inputs("ConfigMap", with_ack) != plan_inputs("ConfigMap", config_map)
+
+
+def applied(planned: Plan) -> list[dict[str, Any]]:
+    """The children as the API server holds them once `planned` was applied (with defaults)."""
+    objects = [stored(o) for o in planned.desired]
+    for obj in objects:
+        obj["metadata"].setdefault("annotations", {})["deployment.kubernetes.io/revision"] = "1"
+    return objects
+
+
+def test_an_unchanged_model_deployment_applies_nothing() -> None:
+    md = model_deployment()
+    first = plan(Snapshot(md), server_image=IMAGE, now=T0)
+    again = plan(Snapshot(md, applied(first)), server_image=IMAGE, now=T1)
+    assert len(again.desired) == len(first.apply) == 11
+    assert again.apply == () and again.recreate == () and again.prune == ()
+
+
+def test_a_hand_edited_or_stripped_child_is_applied_again_and_only_it() -> None:
+    md = model_deployment()
+    observed = applied(plan(Snapshot(md), server_image=IMAGE, now=T0))
+    deployment = next(o for o in observed if describe(o) == "Deployment/iris-v1")
+    deployment["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1"
+    config_map = next(o for o in observed if describe(o) == "ConfigMap/iris-routes")
+    del config_map["data"]  # a field we set, removed by hand
+    planned = plan(Snapshot(md, observed), server_image=IMAGE, now=T1)
+    assert [describe(o) for o in planned.apply] == ["Deployment/iris-v1", "ConfigMap/iris-routes"]
+
+
+def test_a_new_spec_applies_what_it_changes_and_what_no_longer_sets_a_field() -> None:
+    md = model_deployment()
+    first = plan(Snapshot(md), server_image=IMAGE, now=T0)
+    observed = applied(first)
+    for obj in observed:
+        # Without the hash that says what was applied last, nothing proves a field we stopped
+        # setting is gone (server-side apply removes such fields): apply again.
+        if describe(obj) == "ServiceAccount/iris-router":
+            del obj["metadata"]["annotations"][naming.APPLIED_HASH]
+    changed = model_deployment(variants=[variant("v1", 50), variant("v2", 50)])
+    planned = plan(Snapshot(changed, observed), server_image=IMAGE, now=T1)
+    new = {describe(o) for o in planned.desired} - {describe(o) for o in first.desired}
+    different = {describe(o) for o in planned.desired if o not in first.desired} - new
+    assert different  # the weights show on some children
+    assert "ServiceAccount/iris-router" not in different
+    assert {describe(o) for o in planned.apply} == different | {"ServiceAccount/iris-router"}

@@ -1,0 +1,113 @@
+"""Watches that keep the index (index.py) current: every kind in `kube.WATCHED`, per namespace.
+
+Informer semantics, as client-go's reflector: list, then watch from the list's resourceVersion;
+a watch the server ends on time is resumed from the last version seen; any error (the API server
+restarted, 410 Gone, a dropped connection) lists again, and that relist replaces what the index
+held for the kind, so an object deleted while no watch ran does not stay behind.
+
+The `kubernetes` client blocks, so each watch has its own daemon thread; everything it sees is
+handed to the event loop with `deliver` (loop.call_soon_threadsafe), where the index lives.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from modeldeploy_operator.kube import WATCHED, ApiError, KubeApi
+
+WATCH_TIMEOUT_S = 240
+RETRY_MAX_S = 30.0
+UNSERVED_RETRY_S = 60.0
+log = logging.getLogger("modeldeploy_operator")
+
+
+class Sink(Protocol):
+    """Where the informer's news goes; every method is called on the event loop."""
+
+    def replaced(self, kind: str, namespace: str, objects: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def changed(self, kind: str, type_: str, obj: Mapping[str, Any]) -> None: ...
+
+
+class NamespaceInformer:
+    """One list+watch thread per watched kind in one namespace."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        namespace: str,
+        sink: Sink,
+        deliver: Callable[[Callable[[], None]], Any],
+    ) -> None:
+        self.namespace = namespace
+        self._api = api
+        self._sink = sink
+        self._deliver = deliver
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        for watched in WATCHED:
+            threading.Thread(
+                target=self._run,
+                args=watched,
+                name=f"watch {watched[1]} in {self.namespace}",
+                daemon=True,
+            ).start()
+
+    def stop(self) -> None:
+        """Stop at the end of the current watch (the threads are daemons: exit does not wait)."""
+        self._stopped.set()
+
+    def _run(self, api_version: str, plural: str, kind: str, selector: str) -> None:
+        failures = 0
+        while not self._stopped.is_set():
+            try:
+                objects, version = self._api.list_objects(
+                    api_version, plural, kind, self.namespace, selector
+                )
+            except ApiError as error:
+                if error.status == 404:
+                    # Not served (HTTPRoute without the Gateway API CRDs): nothing of it exists.
+                    self._replace(kind, [])
+                    self._stopped.wait(UNSERVED_RETRY_S)
+                    continue
+                failures += 1
+                self._pause(f"list {plural} in {self.namespace}", error, failures)
+                continue
+            failures = 0
+            self._replace(kind, objects)
+            try:
+                while not self._stopped.is_set():
+                    for type_, obj in self._api.watch_objects(
+                        api_version, plural, self.namespace, selector, version, WATCH_TIMEOUT_S
+                    ):
+                        version = obj.get("metadata", {}).get("resourceVersion", version)
+                        if type_ in ("ADDED", "MODIFIED", "DELETED"):
+                            self._change(kind, type_, _trim(obj))
+            except ApiError as error:
+                # Relist: events may have been missed (410 Gone says so; a restarted API
+                # server may not say it).
+                failures += 1
+                self._pause(f"watch {plural} in {self.namespace}", error, failures)
+
+    def _pause(self, what: str, error: ApiError, failures: int) -> None:
+        delay = min(RETRY_MAX_S, 0.5 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
+        log.debug(f"{what} failed, listing again in {delay:.1f}s: {error}")
+        self._stopped.wait(delay)
+
+    def _replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
+        trimmed = [_trim(o) for o in objects]
+        self._deliver(lambda: self._sink.replaced(kind, self.namespace, trimmed))
+
+    def _change(self, kind: str, type_: str, obj: Mapping[str, Any]) -> None:
+        self._deliver(lambda: self._sink.changed(kind, type_, obj))
+
+
+def _trim(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The object without its managedFields: nothing reads them and they are most of its size."""
+    meta = {k: v for k, v in obj.get("metadata", {}).items() if k != "managedFields"}
+    return {**obj, "metadata": meta}

@@ -1,0 +1,75 @@
+"""The watch index: snapshots by owner, events, and relists that drop what is gone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modeldeploy_operator import naming
+from modeldeploy_operator.index import Index
+from modeldeploy_operator.spec import KIND
+
+
+def md(name: str, version: str = "1") -> dict[str, Any]:
+    meta = {"name": name, "namespace": "ns", "resourceVersion": version}
+    return {"kind": KIND, "metadata": meta}
+
+
+def child(kind: str, name: str, owner: str, version: str = "1", **labels: str) -> dict[str, Any]:
+    meta = {
+        "name": name,
+        "namespace": "ns",
+        "resourceVersion": version,
+        "labels": {naming.MODEL_DEPLOYMENT: owner, **labels},
+    }
+    return {"kind": kind, "metadata": meta}
+
+
+def names(index: Index, owner: str) -> list[str]:
+    snapshot = index.snapshot(("ns", owner))
+    assert snapshot is not None
+    return sorted(f"{o['kind']}/{o['metadata']['name']}" for o in snapshot.children)
+
+
+def test_snapshot_holds_the_owners_children_and_its_router_slices_only() -> None:
+    index = Index()
+    index.replace(KIND, "ns", [md("a"), md("b")])
+    index.replace(
+        "Deployment", "ns", [child("Deployment", "a-v1", "a"), child("Deployment", "b-v1", "b")]
+    )
+    router_slice = child("EndpointSlice", "a-x", "a", **{naming.SERVICE_NAME_LABEL: "a"})
+    other_slice = child("EndpointSlice", "a-v1-x", "a", **{naming.SERVICE_NAME_LABEL: "a-v1"})
+    index.replace("EndpointSlice", "ns", [router_slice, other_slice])
+    snapshot = index.snapshot(("ns", "a"))
+    assert snapshot is not None
+    assert names(index, "a") == ["Deployment/a-v1"]
+    assert list(snapshot.endpoint_slices) == [router_slice]
+    assert index.snapshot(("ns", "gone")) is None
+    assert index.counts() == {KIND: 2, "Deployment": 2, "EndpointSlice": 2}
+
+
+def test_events_say_which_model_deployment_they_concern() -> None:
+    index = Index()
+    index.replace(KIND, "ns", [md("a")])
+    assert index.update("Service", "ADDED", child("Service", "a-v1", "a")) == ("ns", "a")
+    # A child relabelled to another owner leaves the first one's snapshot.
+    assert index.update("Service", "MODIFIED", child("Service", "a-v1", "b", "2")) == ("ns", "b")
+    assert names(index, "a") == []
+    assert index.update("Service", "DELETED", child("Service", "a-v1", "b", "3")) == ("ns", "b")
+    assert index.counts()["Service"] == 0
+
+
+def test_a_relist_drops_objects_deleted_while_no_watch_ran_and_names_their_owners() -> None:
+    index = Index()
+    index.replace(KIND, "ns", [md("a"), md("b")])
+    index.replace(
+        "ConfigMap",
+        "ns",
+        [child("ConfigMap", "a-routes", "a"), child("ConfigMap", "b-routes", "b")],
+    )
+    changed = index.replace("ConfigMap", "ns", [child("ConfigMap", "b-routes", "b")])
+    assert changed == {("ns", "a")}  # b's is unchanged (same resourceVersion)
+    assert names(index, "a") == [] and names(index, "b") == ["ConfigMap/b-routes"]
+    changed = index.replace("ConfigMap", "ns", [child("ConfigMap", "b-routes", "b", "7")])
+    assert changed == {("ns", "b")}
+    assert index.replace(KIND, "ns", [md("b")]) == {("ns", "a")}
+    assert index.model_deployments("ns") == [("ns", "b")]

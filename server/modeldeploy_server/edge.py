@@ -15,7 +15,7 @@ import json
 import logging
 from asyncio import TimerHandle
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from uvicorn.config import Config
@@ -38,6 +38,8 @@ ALLOWED_METHODS = b"GET, HEAD, POST"
 # nothing more for that long. Clients that retry at once (ignoring Retry-After) would otherwise
 # keep the event loop busy refusing them, and the admitted requests would starve.
 BACKOFF_STATE_KEY = "modeldeploy.backoff_s"
+# What uvicorn writes, whole, when a request expects it; it precedes the answer's head.
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass
@@ -62,6 +64,60 @@ def render_refusal(status: int, message: str, *, retry_after: bool = False) -> b
     if retry_after:
         head.append("retry-after: 1")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class HeadHolder:
+    """The connection's transport as uvicorn's request cycles see it: the head of each answer is
+    held back until the first piece of its body, so that a small answer leaves in one write.
+
+    uvicorn writes the status line and headers, then the body, in two calls; on a TCP_NODELAY
+    socket that is two syscalls, two segments and two wake-ups of the client per answer. A head
+    never waits longer than the current turn of the event loop (an answer whose body comes later,
+    a HEAD answer): it is written then, or before anything else the connection writes or closes.
+    """
+
+    __slots__ = ("_expect_head", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._expect_head = True
+
+    def write(self, data: bytes) -> None:
+        """The first write of an answer is its head: hold it; join it to the next write."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif self._expect_head and data != CONTINUE:
+            self._expect_head = False
+            self._held = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        """Write a head still held."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def next_answer(self) -> None:
+        """An answer is complete: write what it left held; the next write is the next head."""
+        self.flush()
+        self._expect_head = True
+
+    def close(self) -> None:
+        """Close the connection after what is held."""
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        """Whether the connection is closing."""
+        return self._transport.is_closing()
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -94,6 +150,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Refuse past max_connections; otherwise the first request must arrive in time."""
         super().connection_made(transport)
+        self._writer = HeadHolder(transport, self.loop)
         if len(self.connections) > self._edge.settings.max_connections:
             limit = self._edge.settings.max_connections
             self._refuse(503, f"over the limit of {limit} connections; retry later", True)
@@ -169,6 +226,8 @@ class EdgeProtocol(HttpToolsProtocol):
             self._release_charge(declared)
             self._refuse(400, f"malformed request target {self.url[:100]!r}")
             return
+        # uvicorn's cycle writes through the head holder (the cycle is not running yet).
+        self.cycle.transport = cast(asyncio.Transport, self._writer)
         if self._edge.draining:
             self.cycle.keep_alive = False
         if declared:
@@ -195,6 +254,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         """An answer went out: give its body bytes back to the budget, back off if asked."""
+        self._writer.next_answer()
         self._release(everything=False)
         super().on_response_complete()
         backoff_s = self.cycle.scope["state"].get(BACKOFF_STATE_KEY)
@@ -267,6 +327,7 @@ class EdgeProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing():
             return
+        self._writer.flush()
         transport.write(answer)
         if transport.can_write_eof():
             transport.write_eof()

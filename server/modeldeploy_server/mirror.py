@@ -148,12 +148,7 @@ class Mirror:
     async def _mirror(self, request: MirroredRequest) -> None:
         primary, shadow = request.primary, request.shadow.variant
         pool = self._upstream.pool(request.shadow_url)
-        line = b"%s %s%s HTTP/1.1\r\nhost: %s\r\n" % (
-            request.method,
-            pool.prefix,
-            request.target,
-            pool.host_header,
-        )
+        line = pool.request_line(request.method, request.target)
         try:
             connection = await pool.acquire()
             answer = await connection.exchange(

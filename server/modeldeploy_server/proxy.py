@@ -246,8 +246,7 @@ class Proxy:
     ) -> Answer:
         pool = self._upstream.pool(variant.url)
         connection = await pool.acquire()
-        target = b"%s%s HTTP/1.1\r\nhost: %s\r\n" % (pool.prefix, _target(scope), pool.host_header)
-        request = b"%s %s%s" % (scope["method"].encode("ascii"), target, head)
+        request = pool.request_line(scope["method"].encode("ascii"), _target(scope)) + head
         head_only = scope["method"] == "HEAD"
         timeout_s = self._settings.timeout_s
         try:

@@ -247,6 +247,7 @@ class RouterMetrics:
                 ("disagreements", "answers that differ beyond the tolerances"),
             )
         }
+        self._shadow_children: dict[tuple[str, str, str], Counter] = {}
         self._shadow_difference = Histogram(
             "modeldeploy_router_shadow_abs_difference",
             "Largest absolute difference between the float outputs of a shadow answer and the "
@@ -269,14 +270,20 @@ class RouterMetrics:
         )
 
     def count_shadow(self, primary: str, shadow: str, kind: str) -> None:
-        """Count a shadow copy: `requests` (offered), `dropped` (queue full) or `errors`."""
-        self._shadow[kind].labels(primary, shadow).inc()
+        """Count a shadow copy by kind: `requests` (offered), `dropped` (queue full), `errors`,
+        `agreements` or `disagreements`."""
+        key = (kind, primary, shadow)
+        child = self._shadow_children.get(key)
+        if child is None:
+            # The labelled child once per (kind, primary, shadow): `offer` runs per request.
+            child = self._shadow_children[key] = self._shadow[kind].labels(primary, shadow)
+        child.inc()
 
     def observe_shadow(
         self, primary: str, shadow: str, agree: bool, difference: float | None
     ) -> None:
         """Count one comparison of a shadow answer with the primary's."""
-        self._shadow["agreements" if agree else "disagreements"].labels(primary, shadow).inc()
+        self.count_shadow(primary, shadow, "agreements" if agree else "disagreements")
         if difference is not None:
             self._shadow_difference.labels(primary, shadow).observe(difference)
 

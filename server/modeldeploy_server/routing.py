@@ -121,6 +121,9 @@ class RouterConfig:
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _weighted: tuple[Variant, ...] = field(init=False, repr=False, compare=False)
     _versions_prefix: str = field(init=False, repr=False, compare=False)
+    # The two headers' names as they arrive from the ASGI server (lower-case bytes).
+    override_name: bytes = field(init=False, repr=False, compare=False)
+    sticky_name: bytes | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         weighted = tuple(v for v in self.variants if v.weight > 0)
@@ -131,6 +134,9 @@ class RouterConfig:
         object.__setattr__(self, "_bounds", tuple(bounds))
         object.__setattr__(self, "_weighted", weighted)
         object.__setattr__(self, "_versions_prefix", f"/v2/models/{self.model}/versions/")
+        object.__setattr__(self, "override_name", self.header_override.encode("latin-1"))
+        sticky = self.sticky_header.encode("latin-1") if self.sticky_header else None
+        object.__setattr__(self, "sticky_name", sticky)
 
     @property
     def routable(self) -> bool:
@@ -423,8 +429,8 @@ def read_request_headers(
     tokens = connection_tokens(raw)
     if tokens:
         dropped = dropped | tokens
-    override_name = config.header_override.encode("latin-1")
-    sticky_name = config.sticky_header.encode("latin-1") if config.sticky_header else None
+    override_name = config.override_name
+    sticky_name = config.sticky_name
     forwarded: list[tuple[bytes, bytes]] = []
     forwarded_for: list[bytes] = []
     override = sticky = None
@@ -456,9 +462,16 @@ def returned_response_headers(
     raw: Sequence[tuple[bytes, bytes]], variant: str
 ) -> list[tuple[bytes, bytes]]:
     """The variant's response headers for the client: end-to-end ones plus `x-model-variant`."""
-    lowered = [(name.lower(), value) for name, value in raw]
-    dropped = _NOT_RETURNED_RESPONSE | connection_tokens(lowered)
-    headers = [(name, value) for name, value in lowered if name not in dropped]
+    headers = []
+    named: set[bytes] = set()
+    for name, value in raw:
+        name = name.lower()
+        if name not in _NOT_RETURNED_RESPONSE:
+            headers.append((name, value))
+        elif name == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    if named:
+        headers = [(name, value) for name, value in headers if name not in named]
     headers.append((b"x-model-variant", variant.encode("latin-1")))
     return headers
 

@@ -344,10 +344,15 @@ class Pool:
         self.prefix = parts.path.rstrip("/").encode("latin-1")
         self._connect_timeout_s = connect_timeout_s
         self._idle: list[Connection] = []
+        self._loop = asyncio.get_running_loop()
+
+    def request_line(self, method: bytes, target: bytes) -> bytes:
+        """The request line and Host header of a request to this variant."""
+        return b"%s %s%s HTTP/1.1\r\nhost: %s\r\n" % (method, self.prefix, target, self.host_header)
 
     async def acquire(self) -> Connection:
         """An idle connection that is still fresh, or a new one."""
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         while self._idle:
             connection = self._idle.pop()
             if not connection.closed and now - connection.idle_since < IDLE_TIMEOUT_S:
@@ -358,10 +363,9 @@ class Pool:
 
     async def connect(self) -> Connection:
         """A new connection."""
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, protocol = await loop.create_connection(
+                _, protocol = await self._loop.create_connection(
                     lambda: Connection(self),
                     self.host,
                     self.port,
@@ -403,7 +407,7 @@ class Upstream:
         self._pools: dict[str, Pool] = {}
 
     def pool(self, url: str) -> Pool:
-        """The pool for a variant's base URL."""
+        """The pool for a variant's base URL (call inside the running loop)."""
         pool = self._pools.get(url)
         if pool is None:
             pool = self._pools[url] = Pool(url, self._connect_timeout_s)

@@ -6,6 +6,7 @@ on its own keep-alive connection keeps asking and must get every answer right.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import select
@@ -365,5 +366,81 @@ def test_an_overload_refusal_pauses_only_its_own_connection() -> None:
             assert retrying.recv(100).startswith(b"HTTP/1.1 200 ")
             assert time.monotonic() - started >= 0.9  # read only after the back-off
     finally:
+        server.should_exit = True
+        thread.join(WAIT_S)
+
+
+def late_body_app(release: threading.Event) -> Any:
+    """An ASGI app whose /late answer sends its head, then its body once `release` is set."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/late":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+            await send({"type": "http.response.body", "body": b"late", "more_body": False})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-length", b"5"), (b"content-type", b"text/plain")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"whole"})
+
+    return app
+
+
+def read_until(sock: socket.socket, end: bytes) -> bytes:
+    received = b""
+    while not received.endswith(end):
+        piece = sock.recv(65536)
+        assert piece, f"connection closed after {received!r}"
+        received += piece
+    return received
+
+
+def test_answer_heads_are_written_with_their_bodies_and_never_wait_for_a_late_one() -> None:
+    """The edge joins an answer's head to its body (one write); a head whose body comes later,
+    a HEAD answer's head, and a 100 Continue still go out at once, in order."""
+    release = threading.Event()
+    server = build_server(
+        late_body_app(release), host=LOOPBACK, port=0, access_log=False, graceful_shutdown_s=1,
+        edge=EdgeSettings(shutdown_delay_s=0), on_drain=lambda: None, log_config=None,
+    )  # fmt: skip
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        port = sock.getsockname()[1]
+        with socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as client:
+            client.sendall(b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert read_until(client, b"whole").startswith(b"HTTP/1.1 200 OK\r\n")
+            # The body waits for the client to have the head (the head is not held for it).
+            client.sendall(b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = read_until(client, b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"transfer-encoding: chunked" in head
+            release.set()
+            assert read_until(client, b"0\r\n\r\n") == b"4\r\nlate\r\n0\r\n\r\n"
+            # HEAD: uvicorn writes no body at all; the head still arrives, and the connection
+            # carries the next exchange.
+            client.sendall(b"HEAD /whole HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = read_until(client, b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 5" in head
+            client.sendall(
+                b"POST /whole HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                b"content-length: 2\r\n\r\n"
+            )
+            assert read_until(client, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            client.sendall(b"{}")
+            answer = read_until(client, b"whole")
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"HTTP/1.1") == 1
+    finally:
+        release.set()
         server.should_exit = True
         thread.join(WAIT_S)

@@ -142,11 +142,14 @@ def sticky_manifest(name: str = "iris") -> Manifest:
 
 
 def shadow_manifest(name: str = "iris") -> Manifest:
-    """v1 live, v2 dark and shadowed on 10% of the requests."""
+    """v1 live, v2 dark and shadowed on 10% of the requests; the router waits 20 s for either."""
     manifest = two_variant_manifest(name)
     manifest["spec"]["variants"][0]["weight"] = 100
     manifest["spec"]["variants"][1]["weight"] = 0
-    manifest["spec"]["routing"] = {"shadow": {"variant": "v2", "percent": 10, "tolerance": 0.001}}
+    manifest["spec"]["routing"] = {
+        "shadow": {"variant": "v2", "percent": 10, "tolerance": 0.001},
+        "timeoutSeconds": 20,
+    }
     return manifest
 
 
@@ -422,6 +425,11 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
                 "shadow": {"variant": "v2", "percent": 1, "tolerance": 0},
             }
         ),
+    ),
+    _case(
+        "router-timeout-in-gateway-mode",
+        "spec.routing.timeoutSeconds",
+        lambda m: _spec(m).update(routing={**_gateway_routing(), "timeoutSeconds": 30}),
     ),
     _case(
         "sticky-header-in-gateway-mode",

@@ -20,6 +20,12 @@ ROUTER_FIELD_MANAGER = "modeldeploy-router"
 # The router pod's env: which ConfigMap to watch (NAMESPACE/NAME) and its own pod name.
 ROUTES_CONFIGMAP_ENV = "MODELDEPLOY_ROUTES_CONFIGMAP"
 POD_NAME_ENV = "MODELDEPLOY_POD_NAME"
+# The router's wait for a variant's answer (`routing.timeoutSeconds`), and its disagreement log
+# of shadow answers (a file and the size at which it rotates), all set by the operator's render.
+ROUTER_TIMEOUT_ENV = "MODELDEPLOY_ROUTER_TIMEOUT_S"
+ROUTER_DEFAULT_TIMEOUT_S = 60
+ROUTER_SHADOW_LOG_ENV = "MODELDEPLOY_ROUTER_SHADOW_LOG"
+ROUTER_SHADOW_LOG_MAX_BYTES_ENV = "MODELDEPLOY_ROUTER_SHADOW_LOG_MAX_BYTES"
 
 # After SIGTERM a server or router fails readiness at once but keeps its port open this long
 # (answering with `Connection: close`) before it stops accepting, so that whoever balances load

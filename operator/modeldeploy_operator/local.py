@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from modeldeploy_operator.render import render_routes_config, render_server_settings_env
+from modeldeploy_operator.render import (
+    SHADOW_LOG_FILE,
+    render_router_settings_env,
+    render_routes_config,
+    render_server_settings_env,
+)
 from modeldeploy_operator.spec import ModelDeployment, ModelSource, PodSettings
 
 LOOPBACK = "127.0.0.1"
@@ -135,7 +140,9 @@ def plan_local_run(
         str(router_port),
         *_NO_SHUTDOWN_DELAY,
     )
-    router = LocalProcess(ROUTER_NAME, router_argv, {}, _loopback_url(router_port))
+    # The shadow disagreement log (with routing.shadow) goes beside the routes file.
+    router_env = render_router_settings_env(md, str(routes_path.with_name(SHADOW_LOG_FILE)))
+    router = LocalProcess(ROUTER_NAME, router_argv, router_env, _loopback_url(router_port))
     return LocalPlan(tuple(variants), router, routes)
 
 

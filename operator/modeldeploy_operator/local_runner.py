@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TextIO
 
 import httpx
 
+from modeldeploy_operator.contract import ROUTER_SHADOW_LOG_ENV
 from modeldeploy_operator.local import (
     LOOPBACK,
     LocalFile,
@@ -195,6 +196,12 @@ def _run(md: ModelDeployment, settings: LocalRunSettings, sup: Supervisor, say: 
     for process, route in zip(plan.variants, plan.routes["variants"], strict=True):
         say(f"  {process.name}: {route['weight']}% of traffic, direct: {process.url}")
     say(f"  metrics: {plan.router.url}/metrics (router), <variant URL>/metrics (servers)")
+    if md.routing.shadow is not None:
+        shadow_log = plan.router.env[ROUTER_SHADOW_LOG_ENV]
+        say(
+            f"  shadow: {md.routing.shadow.percent}% copied to {md.routing.shadow.variant}, "
+            f"a sample of the disagreements in {shadow_log}"
+        )
     say("\nTry:")
     inputs = metadata["inputs"]
     for command in render_example_requests(md, plan.router.url, inputs, md.example_instance):

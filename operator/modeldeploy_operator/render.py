@@ -18,6 +18,10 @@ from modeldeploy_operator import naming
 from modeldeploy_operator.contract import (
     MAX_MODEL_BYTES,
     POD_NAME_ENV,
+    ROUTER_DEFAULT_TIMEOUT_S,
+    ROUTER_SHADOW_LOG_ENV,
+    ROUTER_SHADOW_LOG_MAX_BYTES_ENV,
+    ROUTER_TIMEOUT_ENV,
     ROUTES_CONFIGMAP_ENV,
     ROUTES_KEY,
     SHUTDOWN_DELAY_S,
@@ -54,6 +58,19 @@ SERVER_DEFAULT_DRAIN_SECONDS = 30
 ROUTER_DRAIN_SECONDS = 25
 # Beyond preStop + drain, before the kubelet's SIGKILL.
 SHUTDOWN_MARGIN_SECONDS = 5
+
+# Without routing.timeoutSeconds the router waits for a variant at least this much longer than
+# the variant's own request timeout, so that the variant's answer (even its own 504) gets through.
+ROUTER_TIMEOUT_MARGIN_SECONDS = 5
+# The router's sampled log of disagreeing shadow answers (with routing.shadow, router mode): on
+# an emptyDir, as the root filesystem is read-only. It rotates at SHADOW_LOG_MAX_BYTES and keeps
+# one old file, and no line is longer than a quarter of that (the router leaves the payloads out
+# of longer ones), so the two files take at most 2 x 1.25 x 8 MiB = 20 MiB: the volume's limit
+# leaves room above that, since the kubelet evicts a pod whose emptyDir outgrows its sizeLimit.
+SHADOW_LOG_DIR = "/var/log/modeldeploy"
+SHADOW_LOG_FILE = "shadow-disagreements.jsonl"
+SHADOW_LOG_MAX_BYTES = 8 << 20
+SHADOW_LOG_VOLUME_LIMIT = "32Mi"
 
 WARMUP_EXAMPLE_ENV = "MODELDEPLOY_WARMUP_EXAMPLE"
 # ServerSettings field -> `modeldeploy-server serve` env var, in rendering order.
@@ -249,6 +266,12 @@ def _router_objects(md: ModelDeployment, image: str, weights: Mapping[str, int])
     # The router watches its ConfigMap through the API (a mounted one reaches the pod only at the
     # kubelet's next sync, about a minute) and acknowledges the version it serves on it: weight
     # changes never restart a pod, so no config-hash annotation.
+    settings = render_router_settings_env(md, f"{SHADOW_LOG_DIR}/{SHADOW_LOG_FILE}")
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if md.routing.shadow is not None:
+        volumes.append({"name": "shadow-log", "emptyDir": {"sizeLimit": SHADOW_LOG_VOLUME_LIMIT}})
+        mounts.append({"name": "shadow-log", "mountPath": SHADOW_LOG_DIR})
     router = {
         "name": "router",
         "image": image,
@@ -257,13 +280,14 @@ def _router_objects(md: ModelDeployment, image: str, weights: Mapping[str, int])
         "env": [
             {"name": ROUTES_CONFIGMAP_ENV, "value": f"{md.namespace}/{config_map_name}"},
             {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            *({"name": name, "value": value} for name, value in settings.items()),
         ],
         "ports": [{"name": "http", "containerPort": naming.SERVER_PORT, "protocol": "TCP"}],
         **_probes(),
         **_pre_stop(),
         "resources": copy.deepcopy(ROUTER_RESOURCES),
         "securityContext": container_security_context(),
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": mounts,
     }
     account = naming.router_service_account_name(md.name)
     selector = naming.router_selector(md.name)
@@ -280,7 +304,7 @@ def _router_objects(md: ModelDeployment, image: str, weights: Mapping[str, int])
                 md.pod,
                 init_containers=[],
                 containers=[router],
-                volumes=[{"name": "tmp", "emptyDir": {}}],
+                volumes=volumes,
                 drain_seconds=ROUTER_DRAIN_SECONDS,
                 service_account=account,
             ),
@@ -531,6 +555,29 @@ def _object(
     if spec is not None:
         obj["spec"] = spec
     return obj
+
+
+def router_timeout_seconds(md: ModelDeployment) -> int | None:
+    """The router's wait for a variant's answer: routing.timeoutSeconds, else long enough for the
+    slowest variant's own request timeout; None leaves the router's default."""
+    if md.routing.timeout_seconds is not None:
+        return md.routing.timeout_seconds
+    longest = max((v.server.request_timeout_seconds or 0 for v in md.variants), default=0)
+    needed = math.ceil(longest) + ROUTER_TIMEOUT_MARGIN_SECONDS
+    return needed if longest and needed > ROUTER_DEFAULT_TIMEOUT_S else None
+
+
+def render_router_settings_env(md: ModelDeployment, shadow_log: str) -> dict[str, str]:
+    """The `modeldeploy-server route` env for the spec's routing settings (also local mode):
+    the timeout, and with routing.shadow the disagreement log at `shadow_log`."""
+    env = {}
+    timeout = router_timeout_seconds(md)
+    if timeout is not None:
+        env[ROUTER_TIMEOUT_ENV] = str(timeout)
+    if md.routing.shadow is not None:
+        env[ROUTER_SHADOW_LOG_ENV] = shadow_log
+        env[ROUTER_SHADOW_LOG_MAX_BYTES_ENV] = str(SHADOW_LOG_MAX_BYTES)
+    return env
 
 
 def render_server_settings_env(

@@ -177,6 +177,8 @@ class Routing:
     # Lower-case header whose value keeps a client on one variant (router mode only).
     sticky_header: str | None = None
     shadow: Shadow | None = None
+    # How long the router waits for a variant's answer (router mode only); None: derived.
+    timeout_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -455,6 +457,11 @@ def _parse_routing(raw: Mapping[str, Any]) -> Routing:
         if mode != "router":
             raise InvalidSpecError("spec.routing.stickyHeader: only allowed when mode is router")
         sticky = sticky.lower()
+    timeout = _optional(raw, "timeoutSeconds", "spec.routing", int, None)
+    if timeout is not None and not (1 <= timeout <= 3600 and mode == "router"):
+        raise InvalidSpecError(
+            f"spec.routing.timeoutSeconds: {timeout} must be 1..3600, in router mode only"
+        )
     gateway = None
     if mode == "gateway":
         raw_gateway = _optional(raw, "gateway", "spec.routing", dict, {})
@@ -473,6 +480,7 @@ def _parse_routing(raw: Mapping[str, Any]) -> Routing:
         gateway=gateway,
         sticky_header=sticky,
         shadow=_parse_shadow(raw, mode),
+        timeout_seconds=timeout,
     )
 
 

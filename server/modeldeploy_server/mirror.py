@@ -68,14 +68,25 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
             self.queue.put_nowait(record)
 
 
+# The parts of a disagreement record that carry user data, left out of a line that would be longer
+# than a quarter of the rotation size: each file then stays within 1.25 times that size.
+PAYLOAD_KEYS = ("request", "primary_answer", "shadow_answer")
+
+
 class DisagreementLog:
-    """JSON lines of disagreeing request/answer pairs, written by a thread, rotated by size."""
+    """JSON lines of disagreeing request/answer pairs, written by a thread, rotated by size.
+
+    At most `max_bytes` plus one line per file, and two files (`path`, `path.1`); a line is at
+    most `max_bytes // 4` (longer ones lose their payloads and say so).
+    """
 
     def __init__(self, path: Path, max_bytes: int) -> None:
+        self._max_line_bytes = max_bytes // 4
         handler = logging.handlers.RotatingFileHandler(
             path, maxBytes=max_bytes, backupCount=1, encoding="utf-8"
         )
         handler.setFormatter(logging.Formatter("%(message)s"))
+        self._handler = handler
         records: queue.Queue[logging.LogRecord] = queue.Queue(1024)
         self._listener = logging.handlers.QueueListener(records, handler)
         self._logger = logging.Logger("modeldeploy.router.shadow-disagreements")
@@ -84,11 +95,16 @@ class DisagreementLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Queue one line (never blocks)."""
-        self._logger.info(orjson.dumps(record).decode())
+        line = orjson.dumps(record)
+        if len(line) > self._max_line_bytes:
+            kept = {key: value for key, value in record.items() if key not in PAYLOAD_KEYS}
+            line = orjson.dumps({**kept, "payloads_omitted": True})
+        self._logger.info(line.decode())
 
     def close(self) -> None:
-        """Write what is queued and stop the thread."""
+        """Write what is queued, stop the thread and close the file."""
         self._listener.stop()
+        self._handler.close()
 
 
 def _payload(body: bytes) -> Any:

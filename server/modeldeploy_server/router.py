@@ -31,6 +31,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from modeldeploy_operator.contract import (
+    ROUTER_DEFAULT_TIMEOUT_S,
+    ROUTER_SHADOW_LOG_ENV,
+    ROUTER_SHADOW_LOG_MAX_BYTES_ENV,
+    ROUTER_TIMEOUT_ENV,
+)
 from modeldeploy_server.config import (
     EdgeSettings,
     add_edge_flags,
@@ -97,9 +103,9 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
     "host": ("MODELDEPLOY_HOST", str, "0.0.0.0", "address to listen on"),
     "port": ("MODELDEPLOY_PORT", parse_port, "8080", "port to listen on"),
     "timeout_s": (
-        "MODELDEPLOY_ROUTER_TIMEOUT_S",
+        ROUTER_TIMEOUT_ENV,
         parse_positive_float,
-        "60",
+        str(ROUTER_DEFAULT_TIMEOUT_S),
         "per request: wait for a variant's answer (504 after), and for each piece of a long one",
     ),
     "connect_timeout_s": (
@@ -122,7 +128,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
         "shadow copies waiting to be sent; more are dropped (and counted)",
     ),
     "shadow_log": (
-        "MODELDEPLOY_ROUTER_SHADOW_LOG",
+        ROUTER_SHADOW_LOG_ENV,
         Path,
         None,
         "JSON-lines file for sampled disagreeing shadow answers (off when unset)",
@@ -134,7 +140,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
         "fraction of disagreements written to --shadow-log",
     ),
     "shadow_log_max_bytes": (
-        "MODELDEPLOY_ROUTER_SHADOW_LOG_MAX_BYTES",
+        ROUTER_SHADOW_LOG_MAX_BYTES_ENV,
         parse_positive_int,
         str(10 << 20),
         "size at which --shadow-log rotates to <file>.1 (one old file kept)",

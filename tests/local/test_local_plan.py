@@ -98,6 +98,7 @@ def test_plan_starts_each_variant_as_the_operator_configures_it() -> None:
         "--shutdown-delay-s",
         "0",
     )
+    assert plan.router.env == {}
     routes = dict(plan.routes)
     # The version is the hash of the routes the router really gets (loopback URLs).
     assert routes.pop("version") == routes_version(routes)
@@ -109,6 +110,25 @@ def test_plan_starts_each_variant_as_the_operator_configures_it() -> None:
             {"name": "v2", "url": "http://127.0.0.1:9001", "weight": 10},
             {"name": "v3-dark", "url": "http://127.0.0.1:9002", "weight": 0},
         ],
+    }
+
+
+def test_plan_gives_the_router_the_timeout_and_a_shadow_log_beside_its_routes() -> None:
+    md = parse_model_deployment(VALID_MANIFESTS["shadow"]("iris"))
+    names = [v.name for v in md.variants]
+    plan = plan_local_run(
+        md,
+        server_command=("modeldeploy-server",),
+        model_paths={n: Path(f"/m/{n}.onnx") for n in names},
+        variant_ports={n: 9000 + i for i, n in enumerate(names)},
+        router_port=8080,
+        routes_path=Path("/run/routes.json"),
+    )
+    # The same env the operator gives the router's pod, the log in the run's folder.
+    assert plan.router.env == {
+        "MODELDEPLOY_ROUTER_TIMEOUT_S": "20",
+        "MODELDEPLOY_ROUTER_SHADOW_LOG": "/run/shadow-disagreements.jsonl",
+        "MODELDEPLOY_ROUTER_SHADOW_LOG_MAX_BYTES": str(8 << 20),
     }
 
 

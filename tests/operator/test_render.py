@@ -396,6 +396,55 @@ def test_router_config_carries_the_shadow() -> None:
     assert config["shadow"] == {"variant": "v2", "percent": 25}
 
 
+def router_container_and_volumes(
+    objects: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    pod = by_kind_name(objects)[("Deployment", "iris")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return container, pod["volumes"]
+
+
+def test_router_writes_the_shadow_log_to_a_bounded_volume_of_its_own() -> None:
+    shadow = {"variant": "v2", "percent": 25}
+    objects = render(model_deployment(variants=SHADOWED, routing={"shadow": shadow}))
+    container, volumes = router_container_and_volumes(objects)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    log = "/var/log/modeldeploy/shadow-disagreements.jsonl"
+    assert env["MODELDEPLOY_ROUTER_SHADOW_LOG"] == log
+    # Two files of 8 MiB (lines of at most 2 MiB) fit the limit, with room to spare.
+    assert env["MODELDEPLOY_ROUTER_SHADOW_LOG_MAX_BYTES"] == str(8 << 20)
+    assert {"name": "shadow-log", "mountPath": "/var/log/modeldeploy"} in container["volumeMounts"]
+    assert {"name": "shadow-log", "emptyDir": {"sizeLimit": "32Mi"}} in volumes
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # Without a shadow there is no log, and no volume for it.
+    container, volumes = router_container_and_volumes(render(model_deployment()))
+    assert not {e["name"] for e in container["env"]} & {"MODELDEPLOY_ROUTER_SHADOW_LOG"}
+    assert [v["name"] for v in volumes] == ["tmp"]
+
+
+@pytest.mark.parametrize(
+    ("routing", "timeouts", "expected"),
+    [
+        ({"timeoutSeconds": 7}, [None, 120], "7"),
+        ({}, [30, None], None),  # the router's 60 s outlasts the variants' own limits
+        ({}, [30, 120], "125"),  # else it waits 5 s longer than the slowest variant's limit
+    ],
+    ids=["set", "default", "derived"],
+)
+def test_router_timeout_is_the_spec_s_or_outlasts_every_variant(
+    routing: dict[str, Any], timeouts: list[int | None], expected: str | None
+) -> None:
+    variants = [
+        variant(name, weight, **({"server": {"requestTimeoutSeconds": t}} if t else {}))
+        for name, weight, t in zip(["v1", "v2"], [90, 10], timeouts, strict=True)
+    ]
+    container, _ = router_container_and_volumes(
+        render(model_deployment(variants=variants, routing=routing))
+    )
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env.get("MODELDEPLOY_ROUTER_TIMEOUT_S") == expected
+
+
 def test_gateway_shadow_is_a_request_mirror_on_the_weighted_rule() -> None:
     routing = {
         "mode": "gateway",

@@ -194,6 +194,22 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "spec.routing.stickyHeader: only allowed when mode is router",
     ),
     (
+        "router timeout in gateway mode",
+        model_deployment(
+            routing={
+                "mode": "gateway",
+                "gateway": {"parentRefs": [{"name": "gw"}]},
+                "timeoutSeconds": 30,
+            }
+        ),
+        "spec.routing.timeoutSeconds: 30 must be 1..3600, in router mode only",
+    ),
+    (
+        "router timeout of 0",
+        model_deployment(routing={"timeoutSeconds": 0}),
+        "spec.routing.timeoutSeconds: 0 must be 1..3600, in router mode only",
+    ),
+    (
         "reserved pod label",
         model_deployment(pod={"labels": {"modeldeploy.dev/variant": "x"}}),
         "spec.pod.labels",

@@ -106,6 +106,22 @@ def test_rendered_shadow_reaches_the_router(ready: set[str] | None) -> None:
     assert parse_router_config(routes_text).shadow == ShadowConfig("v2", 10.0, 0.001)
 
 
+def test_rendered_timeout_and_shadow_log_reach_the_router_on_its_volume() -> None:
+    md = parse_model_deployment(shadow_manifest("iris"))
+    objects = render_objects(md, server_image="modeldeploy-server:test")
+    pod = find(objects, "Deployment", "router")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    settings = parse_settings(container["args"][1:], pod_env(container))
+    assert settings.timeout_s == md.routing.timeout_seconds == 20
+    assert settings.shadow_log is not None
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "shadow-log"]
+    assert settings.shadow_log.parent == Path(mount["mountPath"])
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "shadow-log"]
+    # The volume holds the log and its one rotated file.
+    limit_mib = int(volume["emptyDir"]["sizeLimit"].removesuffix("Mi"))
+    assert 2 * settings.shadow_log_max_bytes * 1.25 <= limit_mib << 20
+
+
 @pytest.mark.parametrize("example", ["iris.yaml", "production.yaml"])
 def test_grace_periods_cover_prestop_then_each_process_own_shutdown(example: str) -> None:
     md = parse_model_deployment(yaml.safe_load((EXAMPLES / example).read_text()))

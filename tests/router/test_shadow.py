@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from sklearn.datasets import load_iris
 
-from modeldeploy_server.mirror import WORKERS
+from modeldeploy_server.mirror import WORKERS, DisagreementLog
 from modeldeploy_server.routing import ConfigError, ShadowConfig, parse_router_config
 from modeldeploy_server.shadow import compare_answers
 from tests.processes import RunningProcess, route, serve_model
@@ -109,6 +109,33 @@ def routes(**shadow: Any) -> str:
             "shadow": shadow,
         }
     )
+
+
+def test_disagreement_log_is_bounded_per_line_and_per_file(tmp_path: Path) -> None:
+    """Lines over a quarter of the rotation size lose their payloads; one old file is kept."""
+    small = {"primary": "v1", "shadow": "v2", "request": {"inputs": [1]}, "shadow_answer": 2}
+    big = {**small, "request": {"inputs": ["x" * 5000]}}
+    log = DisagreementLog(tmp_path / "lines.jsonl", max_bytes=4000)
+    log.write(small)
+    log.write(big)
+    log.close()
+    lines = (tmp_path / "lines.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        small,
+        {"primary": "v1", "shadow": "v2", "payloads_omitted": True},
+    ]
+    path = tmp_path / "rotated.jsonl"
+    log = DisagreementLog(path, max_bytes=4000)
+    for index in range(300):
+        log.write({**small, "index": index})
+    log.close()
+    older = [json.loads(line) for line in Path(f"{path}.1").read_text().splitlines()]
+    newest = [json.loads(line) for line in path.read_text().splitlines()]
+    indexes = [entry["index"] for entry in older + newest]
+    assert indexes == list(range(indexes[0], 300))  # the newest lines, in order, none lost
+    assert indexes[0] > 0  # older lines were rotated away
+    assert not Path(f"{path}.2").exists()
+    assert max(path.stat().st_size, Path(f"{path}.1").stat().st_size) <= 4000
 
 
 def test_shadow_config_is_parsed_with_a_default_tolerance() -> None:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modeldeploy_server.batcher import Batcher
-from modeldeploy_server.batching import Feed, answers_row_by_row, merge_feeds, shifted
+from modeldeploy_server.batching import Feed, probe_batching
 from modeldeploy_server.capture import PayloadCapture
 from modeldeploy_server.codec import decode_infer_request, encode_infer_response, select_outputs
 from modeldeploy_server.config import ServeConfig
@@ -249,23 +249,16 @@ class InferenceService:
             raise _example_failed(exc) from exc
 
     def _merges_row_by_row(self, feed: Feed) -> bool:
-        """Model thread's stand-in, before it starts: do two requests run together answer what
-        they answer apart? The graph's shapes cannot tell (Gather with row numbers, a reduction
-        over the first dimension); one merged run of the warm-up request can."""
-        second = shifted(feed)
-        try:
-            together = self.model.run(merge_feeds([feed, second]))
-            apart = (self.model.run(feed), self.model.run(second))
-        except ServerError as exc:
-            logger.info("batching: the model refused the probe (%s); trusting the graph", exc)
-            return True
-        if answers_row_by_row(together, *apart):
-            return True
-        logger.warning(
-            "batching off: two requests run together answer differently than apart, so the "
-            "first dimension is no batch axis; each request runs as sent"
-        )
-        return False
+        """Model thread's stand-in, before it starts: the batching probe (batching.py)."""
+        merges, why = probe_batching(self.model.run, feed)
+        if why is not None:
+            logger.log(
+                logging.INFO if merges else logging.WARNING,
+                "batching %s: %s",
+                "on" if merges else "off",
+                why,
+            )
+        return merges
 
     async def _warm_up(self, feed: Feed, rows: int) -> None:
         """Run the warm-up request: the user's example must succeed; a valid model may refuse

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from modeldeploy_server.batching import probe_batching
 from modeldeploy_server.batchio import (
     FORMATS,
     ONE_SHARD,
@@ -217,6 +218,18 @@ def _score(model: OnnxModel, decoded: DecodedChunk) -> tuple[dict[str, Any], lis
     return stack_rows(outputs), skipped
 
 
+def _rows_share_runs(model: OnnxModel) -> bool:
+    """Whether rows may run together: the server's batching probe (on a synthetic request, as
+    the server without a warm-up example), so batch and server agree. Else each row runs alone,
+    as the server runs each request as sent."""
+    if not model.metadata.batch_axis:
+        return False
+    merges, why = probe_batching(model.run, model.synthetic_feed())
+    if not merges:
+        print(f"modeldeploy-server batch: batching off: {why}", file=sys.stderr)
+    return merges
+
+
 class _Progress:
     """Rows, rows/s and ETA on a terminal, at most every half second."""
 
@@ -292,8 +305,7 @@ def _run(
             header = parse_csv_header(first, metadata)
             data_start = len(first)
         bounds = shard_bounds(data_start, size if size is not None else 1 << 62, shard)
-        # A model without a batch axis runs each row as the server runs a one-row request.
-        rows_per_run = config.batch_rows if metadata.batch_axis else 1
+        rows_per_run = config.batch_rows if _rows_share_runs(model) else 1
         chunker = ShardChunker(bounds, rows_per_run, 2 if header else 1, data_start)
         blocks = iter(functools.partial(reader.readlines, _BLOCK_BYTES), [])
         meter = _Progress(progress)

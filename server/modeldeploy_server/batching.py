@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from modeldeploy_server.errors import ServerError
 
 Feed = Mapping[str, np.ndarray[Any, Any]]
 
@@ -89,3 +91,24 @@ def answers_row_by_row(
         elif not np.array_equal(array, expected):
             return False
     return True
+
+
+def probe_batching(
+    run: Callable[[Feed], Mapping[str, np.ndarray[Any, Any]]], feed: Feed
+) -> tuple[bool, str | None]:
+    """Whether rows may share a model run (the server merging requests, batch scoring a chunk):
+    do two requests run together answer what they answer apart? The graph's shapes cannot tell
+    (Gather with row numbers, a reduction over the first dimension); one merged run of `feed`
+    and a shifted copy can. With what to log, when there is something."""
+    second = shifted(feed)
+    try:
+        together = run(merge_feeds([feed, second]))
+        apart = (run(feed), run(second))
+    except ServerError as exc:
+        return True, f"the model refused the probe ({exc}); trusting the graph"
+    if answers_row_by_row(together, *apart):
+        return True, None
+    return False, (
+        "two requests run together answer differently than apart, so the first dimension is no "
+        "batch axis; each request runs as sent"
+    )

@@ -509,3 +509,28 @@ def test_a_multi_input_model_takes_its_columns_by_name(tmp_path: Path) -> None:
     ab, product = session.run(None, {"a": values[:, :1], "b": values[:, 1:]})
     assert np.array_equal(scored[:, :2], values) and np.array_equal(scored[:, :2], ab)
     assert np.array_equal(scored[:, 2:], product)
+
+
+def test_rows_of_a_model_whose_rows_mix_run_alone_as_the_server_runs_them(
+    tmp_path: Path,
+) -> None:
+    """Gather's shapes say "batch axis", but its indices are row numbers: rows run together would
+    read each other's rows. The server's batching probe finds out, and each row runs alone."""
+    path = write_graph(
+        tmp_path,
+        "gather",
+        [onnx.helper.make_node("Gather", ["x", "indices"], ["y"])],
+        {"x": (onnx.TensorProto.FLOAT, [None, 4]), "indices": (onnx.TensorProto.INT64, [None])},
+        {"y": (onnx.TensorProto.FLOAT, [None, 4])},
+    )
+    source = tmp_path / "input.jsonl"
+    source.write_bytes(
+        b"".join(b'{"x": [%d, %d, %d, %d], "indices": 0}\n' % ((k,) * 4) for k in range(5))
+    )
+    result = run_cli(
+        "--model-path", path, "--input", source, "--output", tmp_path / "out", "--format", "jsonl"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "batching off" in result.stderr
+    part = (tmp_path / "out" / "part-00000-of-00001.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line) for line in part] == [[float(k)] * 4 for k in range(5)]

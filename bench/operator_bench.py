@@ -2,10 +2,11 @@
 
 One command (from the repository root, after tests/controlplane/build.sh):
 
-    .venv/bin/python bench/operator_bench.py [--count 200] [--shape full|minimal] [--out PATH]
+    .venv/bin/python bench/operator_bench.py [--count 200 [1000 3000 ...]] [--shape full|minimal]
 
-The operator runs as in production (`kopf run -m modeldeploy_operator.main` under its
-ServiceAccount's RBAC), without --verbose. Measured:
+Each count runs on a fresh control plane, one after the other. The operator runs as in production
+(`kopf run -m modeldeploy_operator.main` under its ServiceAccount's RBAC), without --verbose.
+Measured, per count:
 - apply -> children: time from creating one ModelDeployment to all of its children existing
   (repeated `--singles` times on an idle operator; min/median/max);
 - bulk: `--count` ModelDeployments created back to back; wall time until every child exists and
@@ -13,15 +14,21 @@ ServiceAccount's RBAC), without --verbose. Measured:
   would), one ready endpoint per router Service (as the EndpointSlice controller would), each
   router acknowledging every routes version it sees (as the routers would), and the time until
   every ModelDeployment is Ready (router mode: routers serve the current routes);
+- API calls: every request of the operator's ServiceAccount, from the API server's audit log, by
+  verb, per phase and per reconcile (the operator's reconciles counter);
 - repair: for each kind the operator owns, the time from deleting, then hand-editing, one child
   to its restoration (watch-driven; the resync is an hour), with all of the above present;
 - restart: the operator killed and started again; time until it has reconciled all of them
-  again (its reconciles counter; a full pass with nothing to change);
-- operator memory: peak and final RSS of the operator process.
-Shapes: `full` is the realistic one (two variants 90/10 behind the router: 8 children, 3 of them
+  again (its reconciles counter), and what it wrote meanwhile (nothing is the target);
+- operator memory: idle, peak and after the restart, and per ModelDeployment.
+The harness itself watches (the operator's own index and informer, as the admin) instead of
+listing every object on each poll, so its cost stays linear in the objects it sees.
+Shapes: `full` is the realistic one (two variants 90/10 behind the router: 11 children, 3 of them
 Services); `minimal` is one variant with routing `none` (a Deployment and a Service). Every Service
-takes a ClusterIP and the test control plane's service range is 10.0.0.0/16, so the script
-refuses counts that cannot fit.
+takes a ClusterIP from the test control plane's 10.0.0.0/16: at most about 21,600 full
+ModelDeployments (65,000 addresses / 3); the script refuses counts that cannot fit.
+`--operator-path DIR` runs the operator from another source tree (e.g. `git archive REF operator |
+tar -x -C DIR` and DIR/operator) to compare code versions in one sitting.
 The control plane, the operator and this script share the machine: numbers include contention.
 Results go to bench/results/operator.json unless --out says otherwise.
 """
@@ -35,18 +42,25 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))
 
-from kubernetes import client  # noqa: E402
+from kubernetes import client, config  # noqa: E402
 
 from modeldeploy_operator import contract, naming  # noqa: E402
+from modeldeploy_operator.index import Index  # noqa: E402
+from modeldeploy_operator.informer import NamespaceInformer  # noqa: E402
+from modeldeploy_operator.kube import KubeApi  # noqa: E402
+from modeldeploy_operator.render import render_objects  # noqa: E402
+from modeldeploy_operator.spec import parse_model_deployment  # noqa: E402
 from tests.controlplane import harness  # noqa: E402
+from tests.operator.audit import Audit, audit_flags, operator_user  # noqa: E402
 from tests.operator.builders import model_deployment, variant  # noqa: E402
 from tests.operator.cluster import (  # noqa: E402
     DRIFTS,
@@ -60,64 +74,103 @@ from tests.operator.cluster import (  # noqa: E402
 from tests.operator.harness import (  # noqa: E402
     GROUP,
     PLURAL,
+    SERVER_IMAGE,
     VERSION,
     OperatorProcess,
     running_operator,
 )
 
-# shape -> (variants, routing, children per ModelDeployment, Services per ModelDeployment).
-# full: 2 x (Deployment + Service) + routes ConfigMap + router Deployment, Service and PDB.
-SHAPES: dict[str, tuple[list[dict[str, Any]], str, int, int]] = {
-    "full": ([variant("v1", 90), variant("v2", 10)], "router", 8, 3),
-    "minimal": ([variant("v1", 100)], "none", 2, 1),
+# shape -> (variants, routing, Services per ModelDeployment).
+SHAPES: dict[str, tuple[list[dict[str, Any]], str, int]] = {
+    "full": ([variant("v1", 90), variant("v2", 10)], "router", 3),
+    "minimal": ([variant("v1", 100)], "none", 1),
 }
 SERVICE_IPS = 65_000  # 10.0.0.0/16 less the `kubernetes` Service and reserved addresses
-LISTS = (
-    ("apps/v1", "list_namespaced_deployment"),
-    ("v1", "list_namespaced_service"),
-    ("v1", "list_namespaced_config_map"),
-    ("policy/v1", "list_namespaced_pod_disruption_budget"),
-)
-POLL_S = 0.05
+NAMESPACE = "bench"
+POLL_S = 0.1
+
+
+class Tracker:
+    """What the cluster holds, from watches: the operator's Index fed by its informer (as admin)."""
+
+    def __init__(self, api: KubeApi) -> None:
+        self.index = Index()
+        self._lock = threading.Lock()
+        self._informer = NamespaceInformer(api, NAMESPACE, self, lambda deliver: deliver())
+
+    def __enter__(self) -> Tracker:
+        self._informer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._informer.stop()
+
+    def replaced(self, kind: str, namespace: str, objects: Sequence[Mapping[str, Any]]) -> None:
+        with self._lock:
+            self.index.replace(kind, namespace, objects)
+
+    def changed(self, kind: str, type_: str, obj: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.index.update(kind, type_, obj)
+
+    def read(self, names: Sequence[str], fn: Callable[[Any], bool]) -> bool:
+        """`fn(snapshot)` holds for every ModelDeployment in `names`."""
+        with self._lock:
+            snapshots = [self.index.snapshot((NAMESPACE, n)) for n in names]
+        return all(s is not None and fn(s) for s in snapshots)
+
+    def routes(self, names: Sequence[str]) -> list[tuple[str, str, Mapping[str, str]]]:
+        """(ModelDeployment, routes version, annotations) of the routes ConfigMap of each."""
+        found = []
+        with self._lock:
+            snapshots = [self.index.snapshot((NAMESPACE, n)) for n in names]
+        for snapshot in snapshots:
+            for obj in snapshot.children if snapshot else ():
+                meta = obj["metadata"]
+                if obj["kind"] == "ConfigMap" and meta["name"].endswith("-routes"):
+                    version = json.loads(obj["data"][contract.ROUTES_KEY]).get("version", "")
+                    name = meta["labels"][naming.MODEL_DEPLOYMENT]
+                    found.append((name, version, meta.get("annotations") or {}))
+        return found
 
 
 class Bench:
-    def __init__(self, api: client.ApiClient, namespace: str, shape: str) -> None:
-        self.namespace = namespace
-        self.variants, self.routing, self.children, _ = SHAPES[shape]
+    def __init__(self, api: client.ApiClient, shape: str, tracker: Tracker) -> None:
+        self.variants, self.routing, _ = SHAPES[shape]
+        self.tracker = tracker
         self.apps = client.AppsV1Api(api)
-        self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-        self.apis = {
-            "apps/v1": self.apps,
-            "v1": client.CoreV1Api(api),
-            "policy/v1": client.PolicyV1Api(api),
-        }
+        sample = self.manifest("sample")
+        sample["metadata"].update(namespace=NAMESPACE, uid="sample", generation=1)
+        self.children = len(
+            render_objects(parse_model_deployment(sample), server_image=SERVER_IMAGE)
+        )
 
-    def create(self, name: str) -> None:
+    def manifest(self, name: str) -> dict[str, Any]:
         obj = model_deployment(name=name, variants=self.variants, routing={"mode": self.routing})
         obj["metadata"] = {"name": name}
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, obj)
+        return obj
 
-    def children_per_md(self) -> Counter[str]:
-        counts: Counter[str] = Counter()
-        selector = f"{naming.MANAGED_BY}={naming.FIELD_MANAGER}"
-        for api_version, method in LISTS:
-            listing = getattr(self.apis[api_version], method)(
-                self.namespace, label_selector=selector
-            )
-            for item in listing.items:
-                counts[item.metadata.labels[naming.MODEL_DEPLOYMENT]] += 1
-        return counts
+    def create(self, name: str) -> None:
+        self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, PLURAL, self.manifest(name)
+        )
 
-    def statuses(self) -> dict[str, dict[str, Any]]:
-        listing = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
-        items = cast(dict[str, Any], listing)["items"]
-        return {i["metadata"]["name"]: i.get("status") or {} for i in items}
+    def all_children(self, names: Sequence[str]) -> bool:
+        return self.tracker.read(names, lambda s: len(s.children) == self.children)
+
+    def all_status(self, names: Sequence[str]) -> bool:
+        return self.tracker.read(
+            names,
+            lambda s: bool((s.model_deployment.get("status") or {}).get("observedGeneration")),
+        )
+
+    def all_ready(self, names: Sequence[str]) -> bool:
+        return self.tracker.read(names, lambda s: ready(s.model_deployment.get("status") or {}))
 
     def mark_deployments_ready(self) -> int:
         selector = f"{naming.MANAGED_BY}={naming.FIELD_MANAGER}"
-        deployments = self.apps.list_namespaced_deployment(self.namespace, label_selector=selector)
+        deployments = self.apps.list_namespaced_deployment(NAMESPACE, label_selector=selector)
         for d in deployments.items:
             assert d.spec is not None and d.metadata is not None and d.metadata.name
             replicas = d.spec.replicas or 1
@@ -130,30 +183,21 @@ class Bench:
             }
             self.apps.patch_namespaced_deployment_status(
                 d.metadata.name,
-                self.namespace,
+                NAMESPACE,
                 {"status": status},
                 _content_type="application/merge-patch+json",
             )
         return len(deployments.items)
 
-    def add_router_endpoints(self, cluster: Cluster, names: list[str]) -> None:
-        for name in names:
-            cluster.set_router_endpoints(name, {f"{name}-router": True})
-
-    def play_routers(self, cluster: Cluster) -> None:
+    def play_routers(self, cluster: Cluster, names: Sequence[str]) -> None:
         """Each router pod acknowledges the routes version its ConfigMap carries now."""
-        selector = f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},{naming.COMPONENT}=router"
-        listing = self.core.list_namespaced_config_map(self.namespace, label_selector=selector)
-        for config_map in listing.items:
-            assert config_map.metadata is not None and config_map.metadata.labels
-            name = config_map.metadata.labels[naming.MODEL_DEPLOYMENT]
-            version = json.loads((config_map.data or {})[contract.ROUTES_KEY]).get("version", "")
-            acks = config_map.metadata.annotations or {}
-            if acks.get(f"{contract.ROUTES_ACK_ANNOTATION_PREFIX}{name}-router") != version:
-                cluster.ack_routes(name, [f"{name}-router"])
+        for name, version, notes in self.tracker.routes(names):
+            pod = f"{name}-router"
+            if notes.get(f"{contract.ROUTES_ACK_ANNOTATION_PREFIX}{pod}") != version:
+                cluster.ack_routes(name, [pod])
 
 
-def wait(what: str, done: Any, timeout: float, sample: Any) -> float:
+def wait(what: str, done: Callable[[], bool], timeout: float, sample: Callable[[], None]) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         sample()
@@ -192,16 +236,196 @@ def reconciles(operator: OperatorProcess) -> float:
     )
 
 
-def ready(status: dict[str, Any]) -> bool:
+def ready(status: Mapping[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+
+
+def calls(audit: Audit, reconciled: float) -> dict[str, Any]:
+    """The operator's requests since the audit's mark, by verb, in all and per reconcile."""
+    verbs = audit.verbs()
+    return {
+        "reconciles": reconciled,
+        "requests_by_verb": dict(sorted(verbs.items())),
+        "per_reconcile_by_verb": {
+            v: round(n / reconciled, 2) for v, n in sorted(verbs.items()) if reconciled
+        },
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Cpu:
+    """CPU seconds each process spent between marks: where a phase's time goes."""
+
+    def __init__(self, pids: Callable[[], dict[str, int]]) -> None:
+        self._pids = pids
+        self._start: dict[str, float] = {}
+
+    def mark(self) -> None:
+        self._start = {name: cpu_seconds(pid) for name, pid in self._pids().items()}
+
+    def spent(self) -> dict[str, float]:
+        now = {name: cpu_seconds(pid) for name, pid in self._pids().items()}
+        return {name: round(now[name] - self._start.get(name, 0.0), 2) for name in now}
+
+
+def admin_api(plane: harness.ControlPlane) -> KubeApi:
+    configuration = client.Configuration()
+    config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=str(plane.kubeconfig_path), client_configuration=configuration
+    )
+    configuration.connection_pool_maxsize = 32
+    return KubeApi(client.ApiClient(configuration))
+
+
+def run_count(
+    binaries: harness.Binaries, crds: list[Path], count: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    results: dict[str, Any] = {"count": count, "loadavg_before": os.getloadavg()}
+    env = {"PYTHONPATH": str(args.operator_path)} if args.operator_path else {}
+    timeout = args.timeout or 120 + 0.3 * count
+    with tempfile.TemporaryDirectory() as tmp:
+        flags, audit = audit_flags(Path(tmp), operator_user(NAMESPACE))
+        with (
+            harness.running(binaries, crds, flags) as plane,
+            plane.api_client() as api,
+        ):
+            client.CoreV1Api(api).create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE))
+            )
+            watch_api = admin_api(plane)
+            with (
+                Tracker(watch_api) as tracker,
+                running_operator(
+                    plane,
+                    [NAMESPACE],
+                    Path(tmp) / "operator.log",
+                    resync_seconds=3600,
+                    verbose=False,
+                    env=env,
+                ) as operator,
+            ):
+                cpu = Cpu(
+                    lambda: {
+                        "operator": operator.pid,
+                        **{p.name: p.popen.pid for p in plane.processes},
+                        "bench": os.getpid(),
+                    }
+                )
+                results.update(run_phases(api, operator, tracker, audit, cpu, count, timeout, args))
+            watch_api.close()
+    results["loadavg_after"] = os.getloadavg()
+    return results
+
+
+def run_phases(
+    api: client.ApiClient,
+    operator: OperatorProcess,
+    tracker: Tracker,
+    audit: Audit,
+    cpu: Cpu,
+    count: int,
+    timeout: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    bench = Bench(api, args.shape, tracker)
+    results["children_per_model_deployment"] = bench.children
+    rss = [0]
+
+    def sample() -> None:
+        operator.check_alive()
+        rss[0] = max(rss[0], operator.rss_bytes())
+
+    # Warm-up: the operator's first reconcile also pays for imports and connections.
+    bench.create("warmup")
+    wait("warm-up", lambda: bench.all_children(["warmup"]), timeout, sample)
+    singles = []
+    for i in range(args.singles):
+        name = f"single-{i}"
+        start = time.monotonic()
+        bench.create(name)
+        wait(name, lambda n=name: bench.all_children([n]), timeout, sample)  # type: ignore[misc]
+        singles.append(time.monotonic() - start)
+    if singles:
+        results["apply_to_children_s"] = {
+            "min": min(singles),
+            "median": statistics.median(singles),
+            "max": max(singles),
+        }
+    time.sleep(1)
+    rss_idle = operator.rss_bytes()
+    results["rss_idle_mib"] = rss_idle / 2**20
+
+    names = [f"md-{i:05d}" for i in range(count)]
+    audit.mark()
+    cpu.mark()
+    before = reconciles(operator)
+    start = created = time.monotonic()
+    for name in names:
+        bench.create(name)
+    results["bulk_create_requests_s"] = time.monotonic() - start
+    wait("all children", lambda: bench.all_children(names), timeout, sample)
+    results["bulk_children_s"] = time.monotonic() - start
+    wait("all statuses", lambda: bench.all_status(names), timeout, sample)
+    results["bulk_status_s"] = time.monotonic() - start
+    results["bulk_calls"] = calls(audit, reconciles(operator) - before)
+    results["bulk_cpu_s"] = cpu.spent()
+
+    cluster = Cluster(api, NAMESPACE, operator)
+    routed = names if bench.routing == "router" else []
+    audit.mark()
+    cpu.mark()
+    before = reconciles(operator)
+    start = time.monotonic()
+    results["deployments_marked_ready"] = bench.mark_deployments_ready()
+    for name in routed:
+        cluster.set_router_endpoints(name, {f"{name}-router": True})
+
+    def sample_and_ack() -> None:
+        sample()
+        if routed:
+            bench.play_routers(cluster, routed)
+
+    wait("all Ready", lambda: bench.all_ready(names), timeout, sample_and_ack)
+    results["bulk_ready_s"] = time.monotonic() - start
+    results["bulk_create_to_ready_s"] = time.monotonic() - created
+    results["ready_calls"] = calls(audit, reconciles(operator) - before)
+    results["ready_cpu_s"] = cpu.spent()
+    results["rss_peak_mib"] = rss[0] / 2**20
+    if not args.no_repair:
+        results["repair_s"] = measure_repairs(cluster)
+
+    total = len(names) + args.singles + 1 + (0 if args.no_repair else 2)
+    operator.kill()
+    audit.mark()
+    start = time.monotonic()
+    operator.start()
+    cpu.mark()
+    wait("reconciled again", lambda: reconciles(operator) >= total, timeout, sample)
+    results["restart_reconcile_all_s"] = time.monotonic() - start
+    time.sleep(1)  # a write that follows the last counted reconcile would show here
+    results["restart_calls"] = calls(audit, reconciles(operator))
+    results["restart_writes"] = sum(audit.writes().values())
+    results["restart_cpu_s"] = cpu.spent()
+    rss_after = operator.rss_bytes()
+    results["rss_after_restart_mib"] = rss_after / 2**20
+    results["rss_per_model_deployment_kib"] = (rss_after - rss_idle) / 1024 / total
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--count", type=int, nargs="+", default=[200])
     parser.add_argument("--singles", type=int, default=5)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="full")
-    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--timeout", type=float, default=0.0, help="per wait; 0: 120 s + 0.3 s/MD")
+    parser.add_argument("--no-repair", action="store_true", help="skip the per-kind repair runs")
+    parser.add_argument("--operator-path", type=Path, help="import the operator from here")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "operator.json")
     args = parser.parse_args(argv)
 
@@ -211,114 +435,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"missing control-plane binaries: run tests/controlplane/build.sh ({missing})")
         return 2
     crds = [*(REPO / "crds").glob("*.yaml"), *binaries.gateway_crds.glob("*.yaml")]
-    services = (args.count + args.singles + 1) * SHAPES[args.shape][3]
-    if services > SERVICE_IPS:
-        print(f"{services} Services would not fit the control plane's {SERVICE_IPS} ClusterIPs")
-        return 2
-    results: dict[str, Any] = {
-        "count": args.count,
-        "shape": args.shape,
-        "children_per_model_deployment": SHAPES[args.shape][2],
-        "loadavg_before": os.getloadavg(),
-    }
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        harness.running(binaries, crds) as plane,
-        plane.api_client() as api,
-    ):
-        namespace = "bench"
-        client.CoreV1Api(api).create_namespace(
-            client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace))
-        )
-        bench = Bench(api, namespace, args.shape)
-        rss = [0]
-        with running_operator(
-            plane, [namespace], Path(tmp) / "operator.log", resync_seconds=3600, verbose=False
-        ) as operator:
-
-            def sample() -> None:
-                operator.check_alive()
-                rss[0] = max(rss[0], operator.rss_bytes())
-
-            # Warm-up: the operator's first reconcile also pays for imports and connections.
-            bench.create("warmup")
-            wait(
-                "warm-up",
-                lambda: bench.children_per_md()["warmup"] == bench.children,
-                args.timeout,
-                sample,
-            )
-            singles = []
-            for i in range(args.singles):
-                name = f"single-{i}"
-                start = time.monotonic()
-                bench.create(name)
-                wait(
-                    name,
-                    lambda n=name: bench.children_per_md()[n] == bench.children,
-                    args.timeout,
-                    sample,
-                )
-                singles.append(time.monotonic() - start)
-            results["apply_to_children_s"] = {
-                "min": min(singles),
-                "median": statistics.median(singles),
-                "max": max(singles),
+    for count in args.count:
+        services = (count + args.singles + 3) * SHAPES[args.shape][2]
+        if services > SERVICE_IPS:
+            print(f"{services} Services would not fit the control plane's {SERVICE_IPS} ClusterIPs")
+            return 2
+    runs = []
+    for count in args.count:
+        runs.append(run_count(binaries, crds, count, args))
+        print(json.dumps(runs[-1], indent=2), flush=True)
+    results: dict[str, Any] = {"shape": args.shape, "runs": runs}
+    if len(runs) > 1:
+        # Seconds per 100 ModelDeployments: flat when the cost is linear.
+        results["per_100_s"] = {
+            str(r["count"]): {
+                "children": round(100 * r["bulk_children_s"] / r["count"], 2),
+                "ready": round(100 * r["bulk_ready_s"] / r["count"], 2),
+                "restart": round(100 * r["restart_reconcile_all_s"] / r["count"], 2),
             }
-            results["rss_idle_mib"] = operator.rss_bytes() / 2**20
-
-            names = [f"md-{i:03d}" for i in range(args.count)]
-            start = created = time.monotonic()
-            for name in names:
-                bench.create(name)
-            results["bulk_create_requests_s"] = time.monotonic() - start
-
-            def all_children() -> bool:
-                counts = bench.children_per_md()
-                return all(counts[n] == bench.children for n in names)
-
-            def all_status() -> bool:
-                statuses = bench.statuses()
-                return all(statuses.get(n, {}).get("observedGeneration") for n in names)
-
-            wait("all children", all_children, args.timeout, sample)
-            results["bulk_children_s"] = time.monotonic() - start
-            wait("all statuses", all_status, args.timeout, sample)
-            results["bulk_status_s"] = time.monotonic() - start
-
-            cluster = Cluster(api, namespace, operator)
-            routed = names if bench.routing == "router" else []
-            start = time.monotonic()
-            results["deployments_marked_ready"] = bench.mark_deployments_ready()
-            bench.add_router_endpoints(cluster, routed)
-
-            def sample_and_ack() -> None:
-                sample()
-                if routed:
-                    bench.play_routers(cluster)
-
-            wait(
-                "all Ready",
-                lambda: all(ready(s) for n, s in bench.statuses().items() if n in names),
-                args.timeout,
-                sample_and_ack,
-            )
-            results["bulk_ready_s"] = time.monotonic() - start
-            results["bulk_create_to_ready_s"] = time.monotonic() - created
-            results["rss_peak_mib"] = rss[0] / 2**20
-            results["repair_s"] = measure_repairs(cluster)
-
-            operator.kill()
-            total = len(names) + args.singles + 1 + 2
-            start = time.monotonic()
-            operator.start()
-            wait("reconciled again", lambda: reconciles(operator) >= total, args.timeout, sample)
-            results["restart_reconcile_all_s"] = time.monotonic() - start
-            results["rss_after_restart_mib"] = operator.rss_bytes() / 2**20
-    results["loadavg_after"] = os.getloadavg()
+            for r in runs
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     return 0
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,7 +81,9 @@ class OperatorProcess:
         log_path: Path,
         resync_seconds: float,
         verbose: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        self.env = dict(env or {})
         self.kubeconfig = kubeconfig
         self.namespaces = namespaces
         self.log_path = log_path
@@ -104,6 +106,7 @@ class OperatorProcess:
             "MODELDEPLOY_RESYNC_SECONDS": str(self.resync_seconds),
             "MODELDEPLOY_METRICS_HOST": "127.0.0.1",
             "MODELDEPLOY_METRICS_PORT": str(self.metrics_port),
+            **self.env,
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -162,11 +165,12 @@ def running_operator(
     log_path: Path,
     resync_seconds: float = 2.0,
     verbose: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[OperatorProcess]:
     """The operator under its ServiceAccount's RBAC, watching `namespaces` (the first holds the
     ServiceAccount). Stopped afterwards; it leaves no finalizer behind, so namespaces can go."""
     kubeconfig = install_operator_identity(plane, namespaces[0])
-    operator = OperatorProcess(kubeconfig, namespaces, log_path, resync_seconds, verbose)
+    operator = OperatorProcess(kubeconfig, namespaces, log_path, resync_seconds, verbose, env)
     operator.start()
     try:
         yield operator

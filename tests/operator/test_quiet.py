@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,67 +17,19 @@ from kubernetes import client
 
 from modeldeploy_operator import naming
 from tests.controlplane import harness
+from tests.operator.audit import Audit, audit_flags, operator_user
 from tests.operator.cluster import ROUTER_KEYS, Cluster, assert_matches_render, iris
 from tests.operator.harness import REPO_ROOT, running_operator, wait_for
 
 pytestmark = pytest.mark.controlplane
 NAMESPACE = "quiet"
-OPERATOR_USER = f"system:serviceaccount:{NAMESPACE}:modeldeploy-operator"
-WRITES = frozenset({"create", "update", "patch", "delete", "deletecollection"})
-POLICY = """apiVersion: audit.k8s.io/v1
-kind: Policy
-omitStages: ["RequestReceived"]
-rules:
-  - level: Metadata
-    users: ["%s"]
-  - level: None
-"""
-
-
-class Audit:
-    """The operator's requests as the API server's audit log records them, from a mark on."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def mark(self) -> None:
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
-
-    def requests(self) -> list[dict[str, Any]]:
-        with self.path.open("rb") as log:
-            log.seek(self.offset)
-            lines = log.read().splitlines()
-        events = [json.loads(line) for line in lines if line.strip()]
-        return [e for e in events if e["user"]["username"] == OPERATOR_USER]
-
-    def writes(self) -> Counter[str]:
-        """'verb resource/name' of every write since the mark."""
-        return Counter(
-            f"{e['verb']} {e['objectRef'].get('resource')}/{e['objectRef'].get('name', '')}"
-            + (f"/{e['objectRef']['subresource']}" if e["objectRef"].get("subresource") else "")
-            for e in self.requests()
-            if e["verb"] in WRITES
-        )
-
-    def lists(self) -> list[str]:
-        return [e["requestURI"] for e in self.requests() if e["verb"] == "list"]
 
 
 @pytest.fixture(scope="module")
 def plane(
     control_plane_binaries: harness.Binaries, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[harness.ControlPlane, Audit]]:
-    workdir = tmp_path_factory.mktemp("audit")
-    policy = workdir / "policy.yaml"
-    policy.write_text(POLICY % OPERATOR_USER)
-    audit = Audit(workdir / "audit.log")
-    flags = [
-        f"--audit-policy-file={policy}",
-        f"--audit-log-path={audit.path}",
-        "--audit-log-format=json",
-        "--audit-log-mode=blocking",
-    ]
+    flags, audit = audit_flags(tmp_path_factory.mktemp("audit"), operator_user(NAMESPACE))
     crds = [
         *(REPO_ROOT / "crds").glob("*.yaml"),
         *control_plane_binaries.gateway_crds.glob("*.yaml"),

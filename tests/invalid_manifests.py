@@ -170,6 +170,7 @@ def rollout_manifest(name: str = "iris") -> Manifest:
             "errorRate": {"max": 0.01, "maxRatioToStable": 2},
             "p99LatencyMs": {"maxRatioToStable": 1.5},
             "shadowDisagreement": {"max": 0.05},
+            "prometheus": {"url": "http://prometheus.monitoring.svc:9090"},
         },
         "minSamples": 200,
         "failureLimit": 1,
@@ -574,6 +575,16 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
 
 
 INVALID_MANIFESTS += [
+    _rollout_case(
+        "rollout-prometheus-url-not-http",
+        "spec.rollout.analysis.prometheus.url",
+        lambda m: _rollout(m)["analysis"]["prometheus"].update(url="prometheus:9090"),
+    ),
+    _rollout_case(
+        "rollout-prometheus-url-missing",
+        "spec.rollout.analysis.prometheus.url",
+        lambda m: _rollout(m)["analysis"]["prometheus"].pop("url"),
+    ),
     _rollout_case("gate-against-itself", "spec.variants", lambda m: _gate(m).update(against="v2")),
     _rollout_case(
         "gate-against-unknown-variant", "spec.variants", lambda m: _gate(m).update(against="v9")

@@ -27,11 +27,15 @@ class OperatorConfig:
     metrics_port: int = DEFAULT_METRICS_PORT
     # Reconciles of different ModelDeployments running at once (each in a worker thread).
     workers: int = DEFAULT_WORKERS
+    # Where rollouts read their metrics unless spec.rollout.analysis.prometheus says: a
+    # Prometheus' base URL, or None for the routers' own /metrics.
+    prometheus_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
         """Read MODELDEPLOY_SERVER_IMAGE, MODELDEPLOY_RESYNC_SECONDS, MODELDEPLOY_METRICS_HOST,
-        MODELDEPLOY_METRICS_PORT and MODELDEPLOY_WORKERS; fail fast on bad values."""
+        MODELDEPLOY_METRICS_PORT, MODELDEPLOY_WORKERS and MODELDEPLOY_PROMETHEUS_URL; fail fast on
+        bad values."""
         image = env.get("MODELDEPLOY_SERVER_IMAGE", DEFAULT_SERVER_IMAGE).strip()
         if not image or any(c.isspace() for c in image):
             raise ConfigError(f"MODELDEPLOY_SERVER_IMAGE: {image!r} is not an image reference")
@@ -51,10 +55,14 @@ class OperatorConfig:
         raw_workers = env.get("MODELDEPLOY_WORKERS", str(DEFAULT_WORKERS)).strip()
         if not raw_workers.isdigit() or not 1 <= int(raw_workers) <= MAX_WORKERS:
             raise ConfigError(f"MODELDEPLOY_WORKERS: {raw_workers!r} is not 1..{MAX_WORKERS}")
+        prometheus = env.get("MODELDEPLOY_PROMETHEUS_URL", "").strip() or None
+        if prometheus is not None and not prometheus.startswith(("http://", "https://")):
+            raise ConfigError(f"MODELDEPLOY_PROMETHEUS_URL: {prometheus!r} is not an http(s) URL")
         return cls(
             server_image=image,
             resync_seconds=resync,
             metrics_host=host,
             metrics_port=int(raw_port),
             workers=int(raw_workers),
+            prometheus_url=prometheus,
         )

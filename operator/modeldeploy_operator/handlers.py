@@ -34,7 +34,7 @@ from modeldeploy_operator.plan import Key, Snapshot, describe, plan_inputs
 from modeldeploy_operator.pod_problems import pod_problem
 from modeldeploy_operator.reconcile import Outcome, reconcile
 from modeldeploy_operator.rollout_control import command_of
-from modeldeploy_operator.rollout_sources import DirectMetrics
+from modeldeploy_operator.rollout_sources import Sources
 from modeldeploy_operator.spec import API_GROUP, API_VERSION, KIND, PLURAL
 from modeldeploy_operator.workqueue import WorkQueue
 
@@ -74,7 +74,7 @@ class Controller:
         self.queue: WorkQueue[MdKey] = WorkQueue()
         self.api: KubeApi | None = None
         self.metrics = OperatorMetrics(CollectorRegistry(), self.index.counts, self.queue.__len__)
-        self.rollout_metrics = DirectMetrics()
+        self.rollout_metrics = Sources(config.prometheus_url)
         # What each variant pod (by uid) last said was wrong with it: only a change is news.
         self.pod_problems: dict[str, str] = {}
         self._watch_api: KubeApi | None = None

@@ -192,6 +192,7 @@ def window_query(
         since=datetime.fromisoformat(since),
         now=datetime.fromisoformat(now),
         targets=router_metrics_urls(endpoint_slices),
+        prometheus_url=md.rollout.analysis.prometheus_url,
     )
 
 

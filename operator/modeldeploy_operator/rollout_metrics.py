@@ -39,12 +39,57 @@ class WindowQuery:
     since: datetime
     now: datetime
     targets: tuple[str, ...] = ()
+    prometheus_url: str | None = None  # spec.rollout.analysis.prometheus.url
 
 
 class MetricsSource(Protocol):
     """Each variant's user traffic over a step's window."""
 
     def window(self, query: WindowQuery) -> Mapping[str, VariantMetrics]: ...
+
+
+def prometheus_queries(query: WindowQuery) -> dict[str, str]:
+    """The PromQL of one window for the Prometheus source, by what it measures: sums by variant
+    (by shadow variant for the comparisons) of the routers' counters' increase over the window."""
+    seconds = max(int((query.now - query.since).total_seconds()), 1)
+    where = f'namespace="{query.namespace}",modeldeployment="{query.name}"'
+
+    def increase(metric: str, extra: str = "") -> str:
+        return f"increase({metric}{{{where}{extra}}}[{seconds}s])"
+
+    served = increase(REQUESTS, ',variant!=""')
+    failed = increase(REQUESTS, ',variant!="",code=~"5..|422"')
+    latency = f"sum by (variant, le) ({increase(LATENCY_BUCKETS)})"
+    return {
+        "requests": f"sum by (variant) ({served})",
+        "errors": f"sum by (variant) ({failed})",
+        "p99": f"histogram_quantile({QUANTILE}, {latency})",
+        "agreements": f"sum by (shadow) ({increase(SHADOW_AGREEMENTS)})",
+        "disagreements": f"sum by (shadow) ({increase(SHADOW_DISAGREEMENTS)})",
+    }
+
+
+def metrics_from_vectors(
+    variants: Sequence[str], vectors: Mapping[str, Mapping[str, float]]
+) -> dict[str, VariantMetrics]:
+    """Per-variant metrics from the answers to `prometheus_queries` (each: label value -> value;
+    Prometheus extrapolates increases, so counts are rounded)."""
+
+    def count(what: str, name: str) -> int:
+        return round(vectors.get(what, {}).get(name, 0.0))
+
+    result = {}
+    for name in variants:
+        p99 = vectors.get("p99", {}).get(name)
+        agreed, disagreed = count("agreements", name), count("disagreements", name)
+        result[name] = VariantMetrics(
+            requests=count("requests", name),
+            errors=count("errors", name),
+            p99_latency_ms=p99 * 1000.0 if p99 is not None and p99 == p99 else None,
+            shadow_compared=agreed + disagreed,
+            shadow_disagreed=disagreed,
+        )
+    return result
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,11 @@
 """The metrics sources a rollout reads (see rollout_metrics.py for the interface).
 
+`Sources` picks one per window: Prometheus when the spec (spec.rollout.analysis.prometheus.url) or
+the operator (MODELDEPLOY_PROMETHEUS_URL) names one, else the routers' own /metrics.
+
+`PrometheusMetrics` asks Prometheus' HTTP API (instant queries at the reconcile's `now`) for the
+increase of the routers' counters over the window; what it cannot read counts as no samples.
+
 `DirectMetrics` scrapes the routers' own /metrics: it keeps, per ModelDeployment, the scrapes it
 made (in memory) and answers a window with the counters now minus those of the last scrape made at
 or before the window's start. The operator scrapes on every reconcile of an active rollout,
@@ -11,16 +17,23 @@ silence never promotes by default).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
 
 from modeldeploy_operator.rollout import VariantMetrics
 from modeldeploy_operator.rollout_metrics import (
     Counters,
+    MetricsSource,
     WindowQuery,
+    metrics_from_vectors,
     parse_router_counters,
+    prometheus_queries,
     window_metrics,
 )
 
@@ -61,3 +74,56 @@ class DirectMetrics:
     def forget(self, namespace: str, name: str) -> None:
         """Drop what is kept for a ModelDeployment that is gone."""
         self._scrapes.pop((namespace, name), None)
+
+
+class PrometheusMetrics:
+    """Step windows from Prometheus, which scrapes the routers."""
+
+    def __init__(self, fetch: Callable[[str], str] = http_get) -> None:
+        self._fetch = fetch
+
+    def window(self, query: WindowQuery) -> Mapping[str, VariantMetrics]:
+        assert query.prometheus_url is not None
+        base = query.prometheus_url.rstrip("/")
+        vectors: dict[str, dict[str, float]] = {}
+        for what, promql in prometheus_queries(query).items():
+            params = urllib.parse.urlencode({"query": promql, "time": query.now.timestamp()})
+            try:
+                answer = json.loads(self._fetch(f"{base}/api/v1/query?{params}"))
+                vectors[what] = _vector(answer, "shadow" if "agreements" in what else "variant")
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                where = f"[{query.namespace}/{query.name}]"
+                log.warning(f"{where} cannot read {what} from Prometheus {base}: {error}")
+                return metrics_from_vectors(query.variants, {})
+        return metrics_from_vectors(query.variants, vectors)
+
+
+def _vector(answer: Mapping[str, object], label: str) -> dict[str, float]:
+    """label value -> value of an instant vector answer (NaN left out)."""
+    if answer.get("status") != "success":
+        raise ValueError(f"query failed: {answer.get('error')}")
+    data = answer["data"]
+    assert isinstance(data, dict)
+    result = {}
+    for sample in data["result"]:
+        value = float(sample["value"][1])
+        if not math.isnan(value):
+            result[str(sample["metric"].get(label, ""))] = value
+    return result
+
+
+class Sources:
+    """Prometheus where one is named (the spec's, else the operator's default), else direct."""
+
+    def __init__(self, default_prometheus: str | None = None) -> None:
+        self.default_prometheus = default_prometheus
+        self.direct = DirectMetrics()
+        self.prometheus = PrometheusMetrics()
+
+    def window(self, query: WindowQuery) -> Mapping[str, VariantMetrics]:
+        url = query.prometheus_url or self.default_prometheus
+        source: MetricsSource = self.direct if url is None else self.prometheus
+        return source.window(replace(query, prometheus_url=url))
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.direct.forget(namespace, name)

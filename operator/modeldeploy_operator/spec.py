@@ -115,6 +115,8 @@ class Analysis:
     error_rate: Bound = Bound()
     p99_latency_ms: Bound = Bound()
     shadow_disagreement: Bound = Bound()
+    # Prometheus' base URL to read the metrics from; None: the operator's default source.
+    prometheus_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -389,6 +391,14 @@ def _parse_rollout(spec: Mapping[str, Any]) -> Rollout | None:
             error_rate=_parse_bound(analysis, "errorRate", f"{path}.analysis"),
             p99_latency_ms=_parse_bound(analysis, "p99LatencyMs", f"{path}.analysis"),
             shadow_disagreement=_parse_bound(analysis, "shadowDisagreement", f"{path}.analysis"),
+            prometheus_url=_required(
+                _optional(analysis, "prometheus", f"{path}.analysis", dict, {}),
+                "url",
+                f"{path}.analysis.prometheus",
+                str,
+            )
+            if "prometheus" in analysis
+            else None,
         ),
         min_samples=max(_optional(raw, "minSamples", path, int, 100), 1),
         failure_limit=max(_optional(raw, "failureLimit", path, int, 0), 0),

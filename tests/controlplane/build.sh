@@ -4,7 +4,9 @@
 # through the Go module proxy, into a cache outside the repo keyed by version.
 # `node` also builds what a real node needs (tests/cluster): kubelet, kube-proxy, kube-scheduler
 # and kubectl from the same pinned k8s.io/kubernetes, and CoreDNS from its Go module.
-# Usage: tests/controlplane/build.sh [node]
+# Without an argument it also builds the Prometheus server that the rollout tests query (issue 12),
+# from its Go module; `prometheus` builds only that.
+# Usage: tests/controlplane/build.sh [node|coredns|prometheus]
 #        (env MODELDEPLOY_CONTROLPLANE_CACHE overrides the cache root)
 set -euo pipefail
 
@@ -17,6 +19,7 @@ etcd_dir="$cache/etcd-$ETCD_VERSION"
 gw_dir="$cache/gateway-api-$GATEWAY_API_VERSION"
 node_dir="$cache/kubernetes-node-$KUBERNETES_VERSION"
 coredns_dir="$cache/coredns-$COREDNS_VERSION"
+prometheus_dir="$cache/prometheus-$PROMETHEUS_VERSION"
 
 # The release's own go line may be older than the local toolchain; never let Go download another.
 export GOTOOLCHAIN=local CGO_ENABLED=0
@@ -182,20 +185,44 @@ build_coredns() {
     log "CoreDNS $COREDNS_VERSION: done -> $coredns_dir/coredns"
 }
 
+# Prometheus server without its UI assets (the HTTP API is all the tests use) and with only the
+# static/file/http service discovery (remove_all_sd: no cloud SDKs to compile).
+build_prometheus() {
+    if [[ -x "$prometheus_dir/prometheus" ]]; then
+        log "Prometheus $PROMETHEUS_VERSION: cached at $prometheus_dir"
+        return
+    fi
+    log "Prometheus $PROMETHEUS_VERSION: resolving modules"
+    local w pkg=github.com/prometheus/prometheus/cmd/prometheus
+    w="$(new_module prometheusbin)"
+    (cd "$w" && go get -tool "$pkg@$PROMETHEUS_VERSION")
+    check_go_line "Prometheus $PROMETHEUS_VERSION" \
+        "$(go mod download -json "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" | json_field GoMod)"
+    log "Prometheus $PROMETHEUS_VERSION: compiling (cold build: about 6 min on 2 cores)"
+    mkdir -p "$w/out"
+    (cd "$w" && go build -v -tags=remove_all_sd -ldflags="-s -w" -o out/prometheus "$pkg" 2>&1) \
+        | count_packages
+    [[ -x "$w/out/prometheus" ]]
+    publish "$w/out" "$prometheus_dir"
+    log "Prometheus $PROMETHEUS_VERSION: done -> $prometheus_dir/prometheus"
+}
+
 started=$SECONDS
 case "${1:-}" in
 "")
     build_etcd
     fetch_gateway_crds
     build_kubernetes "$k8s_dir" kube-apiserver kube-controller-manager
+    build_prometheus
     ;;
 node)
     build_kubernetes "$node_dir" kubelet kube-proxy kube-scheduler kubectl
     build_coredns
     ;;
 coredns) build_coredns ;;
+prometheus) build_prometheus ;;
 *)
-    log "usage: $0 [node|coredns]"
+    log "usage: $0 [node|coredns|prometheus]"
     exit 2
     ;;
 esac

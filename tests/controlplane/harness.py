@@ -62,6 +62,7 @@ class Binaries:
     kube_apiserver: Path
     kube_controller_manager: Path
     gateway_crds: Path
+    prometheus: Path  # for the rollout tests (issue 12), not part of the control plane itself
 
 
 def read_versions() -> dict[str, str]:
@@ -91,12 +92,18 @@ def expected_binaries() -> Binaries:
         kube_apiserver=k8s / "kube-apiserver",
         kube_controller_manager=k8s / "kube-controller-manager",
         gateway_crds=root / f"gateway-api-{v['GATEWAY_API_VERSION']}",
+        prometheus=root / f"prometheus-{v['PROMETHEUS_VERSION']}" / "prometheus",
     )
 
 
 def missing_binaries(binaries: Binaries) -> list[Path]:
     """The build outputs that are not there (empty when the cache is complete)."""
-    files = [binaries.etcd, binaries.kube_apiserver, binaries.kube_controller_manager]
+    files = [
+        binaries.etcd,
+        binaries.kube_apiserver,
+        binaries.kube_controller_manager,
+        binaries.prometheus,
+    ]
     missing = [p for p in files if not os.access(p, os.X_OK)]
     if not (binaries.gateway_crds / ".complete").exists():
         missing.append(binaries.gateway_crds)

@@ -15,6 +15,9 @@ def test_defaults_and_overrides() -> None:
     )
     assert (config.metrics_host, config.metrics_port) == ("127.0.0.1", 0)
     assert OperatorConfig.from_env({"MODELDEPLOY_WORKERS": "32"}).workers == 32
+    assert OperatorConfig().prometheus_url is None
+    url = "http://prometheus.monitoring.svc:9090"
+    assert OperatorConfig.from_env({"MODELDEPLOY_PROMETHEUS_URL": url}).prometheus_url == url
 
 
 @pytest.mark.parametrize(
@@ -28,6 +31,7 @@ def test_defaults_and_overrides() -> None:
         ({"MODELDEPLOY_WORKERS": "0"}, "MODELDEPLOY_WORKERS"),
         ({"MODELDEPLOY_WORKERS": "65"}, "MODELDEPLOY_WORKERS"),
         ({"MODELDEPLOY_WORKERS": "many"}, "MODELDEPLOY_WORKERS"),
+        ({"MODELDEPLOY_PROMETHEUS_URL": "prometheus:9090"}, "MODELDEPLOY_PROMETHEUS_URL"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:

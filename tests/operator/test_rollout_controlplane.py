@@ -1,29 +1,93 @@
-"""Rollouts against the real control plane: the operator (`kopf run`, its own RBAC) and the
-`modeldeploy rollout` CLI steering it by annotation."""
+"""Rollouts against the real control plane: the operator (`kopf run`, its own RBAC) walks a new
+generation's weights through the steps, judged on metrics from a real Prometheus scraping the real
+router while real servers answer real requests on loopback; and the `modeldeploy rollout` CLI
+steering it by annotation.
+
+What the missing kubelet, kube-proxy and DNS would do, the tests do: the Deployments are marked
+ready, and the routes the operator writes into its ConfigMap reach the router as a file whose
+variant URLs are the loopback servers (the router re-reads its file when it changes). Prometheus
+scrapes the router every second with the labels its Kubernetes service discovery would give it
+(namespace, modeldeployment).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
+import onnx
 import pytest
 
-from modeldeploy_operator import cli
+from modeldeploy_operator import cli, contract, naming
 from modeldeploy_operator.rollout_control import COMMAND_ANNOTATION
-from tests.controlplane.harness import ControlPlane
+from tests.controlplane.harness import ControlPlane, expected_binaries
+from tests.models import build_iris_logreg, build_iris_stump, write_graph
 from tests.operator.builders import model_deployment
 from tests.operator.cluster import Cluster, condition
+from tests.operator.harness import wait_for
+from tests.processes import RunningProcess, free_port, route, serve_model, stop
 
 pytestmark = pytest.mark.controlplane
 
+ROW = [5.1, 3.5, 1.4, 0.2]
+REQUEST = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}]}
+# Bounded load: at most this many requests a second, and never more than MAX_REQUESTS in a test.
+RATE_PER_S = 25.0
+MAX_REQUESTS = 20_000
+
+
+@dataclass(frozen=True)
+class Models:
+    good: Path
+    candidate: Path
+    failing: Path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    directory = tmp_path_factory.mktemp("rollout-models")
+    logreg = build_iris_logreg(directory)
+    stump = build_iris_stump(directory)
+    return Models(logreg.path, stump.path, build_failing(directory))
+
+
+def build_failing(directory: Path) -> Path:
+    """Takes iris rows like the others, but cannot run on one row: its Reshape to [3, -1] needs a
+    multiple of 3 values (the server answers 422, the model's failure)."""
+    shape = onnx.helper.make_tensor("shape", onnx.TensorProto.INT64, [2], [3, -1])
+    nodes = [
+        onnx.helper.make_node("Constant", [], ["shape"], value=shape),
+        onnx.helper.make_node("Reshape", ["input", "shape"], ["label"], name="to_three_rows"),
+    ]
+    return write_graph(
+        directory,
+        "iris_failing",
+        nodes,
+        {"input": (onnx.TensorProto.FLOAT, [None, 4])},
+        {"label": (onnx.TensorProto.FLOAT, [3, None])},
+    )
+
 
 def rollout_spec(
-    v1: int, v2: int, holds: tuple[int, int] = (8, 8), min_samples: int = 10
+    v1: int,
+    v2: int,
+    holds: tuple[int, int] = (8, 8),
+    min_samples: int = 10,
+    prometheus: str | None = None,
 ) -> dict[str, Any]:
     """iris at v1/v2, reached in two steps (20% and 60% of the way), each held `holds` s,
-    looked at every 5 s (the least intervalSeconds allowed)."""
+    looked at every 5 s (the least intervalSeconds allowed), judged on `prometheus`'s numbers."""
     obj = model_deployment()
     obj["spec"]["variants"][0]["weight"] = v1
     obj["spec"]["variants"][1]["weight"] = v2
@@ -33,7 +97,181 @@ def rollout_spec(
         "minSamples": min_samples,
         "intervalSeconds": 5,
     }
+    if prometheus is not None:
+        obj["spec"]["rollout"]["analysis"]["prometheus"] = {"url": prometheus}
     return obj
+
+
+class Background:
+    """`run` in a thread from `start` until `close` (which waits for it)."""
+
+    stop: threading.Event
+    thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=15)
+
+
+@dataclass
+class Loopback(Background):
+    """Plays DNS and kube-proxy for the router: the operator's routes, variant URLs replaced by
+    the loopback servers, written to the router's routes file whenever they change."""
+
+    cluster: Cluster
+    md_name: str
+    servers: dict[str, str]  # variant -> loopback URL
+    path: Path
+    written: str = ""
+
+    def sync(self) -> bool:
+        name = naming.routes_config_map_name(self.md_name)
+        config_map = self.cluster.child("ConfigMap", name)
+        if config_map is None:
+            return False
+        routes = json.loads(config_map["data"][contract.ROUTES_KEY])
+        for variant in routes["variants"]:
+            variant["url"] = self.servers[variant["name"]]
+        text = json.dumps(routes)
+        if text != self.written:
+            staged = self.path.with_suffix(".tmp")
+            staged.write_text(text)
+            os.replace(staged, self.path)
+            self.written = text
+        return True
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            with contextlib.suppress(Exception):  # the API server may be busy: next round
+                self.sync()
+
+    def start(self) -> None:
+        wait_for(self.sync, "the routes ConfigMap", timeout=60)
+        super().start()
+
+
+@dataclass
+class Traffic(Background):
+    """Users: bounded-rate inference requests through the router, counted by answer code."""
+
+    url: str
+    codes: dict[int, int] = field(default_factory=dict)
+
+    def run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            for _ in range(MAX_REQUESTS):
+                started = time.monotonic()
+                try:
+                    code = client.post(self.url + "/v2/models/iris/infer", json=REQUEST).status_code
+                except httpx.HTTPError:
+                    code = 0
+                self.codes[code] = self.codes.get(code, 0) + 1
+                if self.stop.wait(max(0.0, 1 / RATE_PER_S - (time.monotonic() - started))):
+                    return
+
+
+@dataclass
+class Prometheus:
+    """A real Prometheus server on loopback scraping the router every second."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def close(self) -> None:
+        stop(self.process)
+
+
+@contextlib.contextmanager
+def prometheus(tmp_path: Path, router: RunningProcess, namespace: str) -> Iterator[Prometheus]:
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    scrape = {
+        "job_name": "modeldeploy-routers",
+        "static_configs": [
+            {
+                "targets": [f"127.0.0.1:{router.port}"],
+                "labels": {"namespace": namespace, "modeldeployment": "iris"},
+            }
+        ],
+    }
+    config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [scrape]}))
+    argv = [
+        str(expected_binaries().prometheus),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    server = Prometheus(f"http://127.0.0.1:{port}", process)
+    try:
+
+        def scraped() -> bool:
+            try:
+                answer = httpx.get(f"{server.url}/api/v1/targets", timeout=2).json()
+            except (httpx.HTTPError, ValueError):
+                return False
+            targets = answer["data"]["activeTargets"]
+            return any(t["health"] == "up" for t in targets)
+
+        wait_for(scraped, "Prometheus scraping the router", timeout=60)
+        yield server
+    finally:
+        server.close()
+
+
+@dataclass
+class Serving:
+    router: RunningProcess
+    prometheus_url: str
+
+
+@contextlib.contextmanager
+def serving(
+    cluster: Cluster, tmp_path: Path, obj: dict[str, Any], v1: Path, v2: Path
+) -> Iterator[Serving]:
+    """`obj` created, its variants served by real servers, its router a real process and
+    Prometheus scraping it."""
+    name = obj["metadata"]["name"]
+    cluster.create(obj)
+    with serve_model(v1, name) as server1, serve_model(v2, name) as server2:
+        routes_file = tmp_path / "routes.json"
+        loopback = Loopback(cluster, name, {"v1": server1.url, "v2": server2.url}, routes_file)
+        for deployment in (f"{name}-v1", f"{name}-v2", name):
+            cluster.wait_child("Deployment", deployment)
+            cluster.set_ready(deployment)
+        # The router is ready once some variant has weight.
+        wait_for(
+            lambda: any((cluster.routes(name) or {}).values()), "routes with weight", timeout=60
+        )
+        loopback.start()
+        try:
+            with (
+                route(routes_file) as router,
+                prometheus(tmp_path, router, cluster.namespace) as server,
+            ):
+                yield Serving(router, server.url)
+        finally:
+            loopback.close()
+
+
+@contextlib.contextmanager
+def users(router: RunningProcess) -> Iterator[Traffic]:
+    traffic = Traffic(router.url)
+    traffic.start()
+    try:
+        yield traffic
+    finally:
+        traffic.close()
 
 
 def rollout(cluster: Cluster, name: str = "iris") -> dict[str, Any]:
@@ -55,6 +293,23 @@ def wait_phase(
     return dict(status["rollout"])
 
 
+def timeline(state: dict[str, Any]) -> str:
+    """The decisions, one a line (printed by the tests: the closing note's timeline)."""
+    lines = []
+    for entry in state.get("history", []):
+        weights = ",".join(f"{k}={v}" for k, v in entry["weights"].items())
+        numbers = {
+            k: {m: v[m] for m in ("requests", "errors", "errorRate", "p99LatencyMs")}
+            for k, v in entry.get("numbers", {}).items()
+            if isinstance(v, dict)
+        }
+        lines.append(
+            f"{entry['time']} step {entry['step'] + 1} {entry['action']:<14} {weights:<12} "
+            f"{json.dumps(numbers) if numbers else ''}"
+        )
+    return "\n".join(lines)
+
+
 def printed_columns(cluster: Cluster, name: str) -> dict[str, Any]:
     """The row `kubectl get modeldeployment NAME` prints (the server-side Table)."""
     path = f"/apis/modeldeploy.dev/v1alpha1/namespaces/{cluster.namespace}/modeldeployments/{name}"
@@ -67,6 +322,127 @@ def printed_columns(cluster: Cluster, name: str) -> dict[str, Any]:
     names = [c["name"] for c in table["columnDefinitions"]]
     (row,) = table["rows"]
     return dict(zip(names, row["cells"], strict=True))
+
+
+def seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def test_a_good_candidate_walks_every_step_and_is_promoted(
+    cluster: Cluster, tmp_path: Path, models: Models
+) -> None:
+    with serving(cluster, tmp_path, rollout_spec(100, 0), models.good, models.candidate) as served:
+        wait_phase(cluster, "Promoted", 1)
+        cluster.wait_routes("iris", {"v1": 100, "v2": 0})
+        with users(served.router) as traffic:
+            cluster.apply(rollout_spec(0, 100, prometheus=served.prometheus_url))
+            wait_phase(cluster, "Progressing", 2)
+            cluster.wait_routes("iris", {"v1": 80, "v2": 20})
+            # The spec's weights stay the destination: nobody rewrote them.
+            spec = cluster.get("iris")["spec"]["variants"]
+            assert [v["weight"] for v in spec] == [0, 100]
+            cluster.wait_routes("iris", {"v1": 40, "v2": 60}, timeout=120)
+            done = wait_phase(cluster, "Promoted", 2, timeout=180)
+        cluster.wait_routes("iris", {"v1": 0, "v2": 100})
+    print(f"\npromotion (answers {traffic.codes}):\n{timeline(done)}")
+    passed = [e for e in done["history"] if e["action"] == "StepPassed"]
+    assert [e["step"] for e in passed] == [0, 1]
+    for entry in passed:
+        assert entry["numbers"]["v2"]["requests"] >= 10
+        assert entry["numbers"]["v2"]["errors"] == 0
+    assert done["stableWeights"] == {"v1": 0, "v2": 100}
+    status = cluster.get("iris")["status"]
+    assert condition(status, "Degraded") == ("False", "AsExpected")
+    assert set(traffic.codes) == {200}
+
+
+def test_a_failing_candidate_is_rolled_back_within_one_window(
+    cluster: Cluster, tmp_path: Path, models: Models
+) -> None:
+    hold = 30
+    with serving(cluster, tmp_path, rollout_spec(100, 0), models.good, models.failing) as served:
+        wait_phase(cluster, "Promoted", 1)
+        with users(served.router):
+            cluster.apply(
+                rollout_spec(0, 100, holds=(hold, hold), prometheus=served.prometheus_url)
+            )
+            started = wait_phase(cluster, "Progressing", 2)
+            back = wait_phase(cluster, "RolledBack", 2, timeout=90)
+            cluster.wait_routes("iris", {"v1": 100, "v2": 0})
+    print(f"\nrollback:\n{timeline(back)}")
+    decision = back["history"][-1]
+    assert (decision["action"], decision["step"]) == ("RolledBack", 0)
+    # Within the first step's window, on the candidate's own numbers.
+    assert seconds(decision["time"]) - seconds(started["stepStartedAt"]) <= hold
+    numbers = decision["numbers"]["v2"]
+    assert numbers["requests"] >= 10 and numbers["errorRate"] > 0.05
+    assert back["weights"] == back["stableWeights"] == {"v1": 100, "v2": 0}
+    status = cluster.get("iris")["status"]
+    assert condition(status, "Degraded") == ("True", "RolledBack")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert (
+        "error rate" in degraded["message"]
+        and f"requests={numbers['requests']}" in (degraded["message"])
+    )
+    assert [v["weight"] for v in cluster.get("iris")["spec"]["variants"]] == [0, 100]
+
+
+def test_no_traffic_ends_inconclusive_and_holds_and_reapplying_changes_nothing(
+    cluster: Cluster, tmp_path: Path, models: Models
+) -> None:
+    with serving(cluster, tmp_path, rollout_spec(100, 0), models.good, models.candidate) as served:
+        wait_phase(cluster, "Promoted", 1)
+        spec = rollout_spec(0, 100, holds=(3, 3), prometheus=served.prometheus_url)
+        cluster.apply(spec)
+        progressing = wait_phase(cluster, "Progressing", 2)
+        # Re-applying the same YAML mid-rollout: same generation, same step, same window.
+        cluster.apply(spec)
+        assert cluster.get("iris")["metadata"]["generation"] == 2
+        held = wait_phase(cluster, "Inconclusive", 2, timeout=60)
+        assert held["startedAt"] == progressing["startedAt"]
+        assert (held["step"], held["weights"]) == (0, {"v1": 80, "v2": 20})
+        assert "fewer than 10 requests" in held["message"] and "policy hold" in held["message"]
+        # It holds: windows come and go, the weights stay, nothing is promoted on silence.
+        wait_for(
+            lambda: sum(e["action"] == "Inconclusive" for e in rollout(cluster)["history"]) >= 2,
+            "a second inconclusive window",
+            timeout=60,
+        )
+        assert rollout(cluster)["phase"] == "Inconclusive"
+        assert cluster.routes("iris") == {"v1": 80, "v2": 20}
+
+
+def test_the_operator_killed_mid_rollout_resumes_at_the_same_step(
+    cluster: Cluster, tmp_path: Path, models: Models
+) -> None:
+    with serving(cluster, tmp_path, rollout_spec(100, 0), models.good, models.candidate) as served:
+        wait_phase(cluster, "Promoted", 1)
+        with users(served.router):
+            cluster.apply(rollout_spec(0, 100, holds=(6, 30), prometheus=served.prometheus_url))
+            cluster.wait_status(
+                "iris",
+                "the second step",
+                lambda s: (s.get("rollout") or {}).get("step") == 1,
+                timeout=120,
+            )
+            cluster.operator.kill()
+            before = rollout(cluster)
+            offset = len(cluster.operator.log())
+            cluster.operator.start()
+            wait_for(
+                lambda: "reconciled generation 2" in cluster.operator.log()[offset:],
+                "a reconcile by the restarted operator",
+                timeout=60,
+            )
+            # The restarted operator picks up where it was: the same rollout, step and weights
+            # (the second step holds 30 s, longer than this takes on a quiet machine; on a
+            # loaded one it may have passed on: then it was promoted from there, never restarted).
+            after = rollout(cluster)
+            assert after["startedAt"] == before["startedAt"]
+            assert [e["action"] for e in after["history"]].count("Started") == 1
+            if after["phase"] == "Progressing":
+                assert (after["step"], after["weights"]) == (1, {"v1": 40, "v2": 60})
+            wait_phase(cluster, "Promoted", 2, timeout=180)
 
 
 def test_the_cli_pauses_resumes_and_aborts_by_annotation(

@@ -210,6 +210,14 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "spec.routing.timeoutSeconds: 0 must be 1..3600, in router mode only",
     ),
     (
+        "rollout prometheus without url",
+        {
+            **rollout_manifest(),
+            "spec": {**rollout_manifest()["spec"], "rollout": {"analysis": {"prometheus": {}}}},
+        },
+        "spec.rollout.analysis.prometheus.url: required",
+    ),
+    (
         "reserved pod label",
         model_deployment(pod={"labels": {"modeldeploy.dev/variant": "x"}}),
         "spec.pod.labels",
@@ -253,6 +261,7 @@ def test_gate_and_rollout_are_parsed() -> None:
             error_rate=Bound(max=0.01, max_ratio_to_stable=2.0),
             p99_latency_ms=Bound(max_ratio_to_stable=1.5),
             shadow_disagreement=Bound(max=0.05),
+            prometheus_url="http://prometheus.monitoring.svc:9090",
         ),
         min_samples=200,
         failure_limit=1,

@@ -71,6 +71,8 @@ def _refusal(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> dic
         {"output": {"uri": "pvc://data/scores"}},
         {"input": {"uri": "pvc://data/./x.csv", "format": "xml"}},
         {"shards": 0, "onError": "ignore"},
+        {"model": {"uri": "s3://bucket/a.onnx", "sha256": SHA}, "output": {"uri": "gs://b/out/"}},
+        {"input": {"uri": "file://relative.csv"}, "output": {"uri": "pvc://Data/out dir/"}},
     ],
 )
 def test_invalid_batch_predictions_are_refused_as_the_offline_validator_says(

@@ -37,6 +37,11 @@ from tests.conftest import REPO_ROOT
 SHA = "a" * 64
 IMAGE = "registry.example/modeldeploy-server:1"
 NOW = "2026-12-01T16:00:00Z"
+SCHEMES = "must start with https://, http://, file:// or pvc://"
+URI_FORMS = (
+    "must be https://host/path, http://host/path, file:///absolute/path or pvc://claim/path (a "
+    "lowercase claim name), without spaces"
+)
 
 
 def manifest(**spec: Any) -> dict[str, Any]:
@@ -89,7 +94,33 @@ def test_the_example_is_valid_and_defaults_fill_in() -> None:
             "spec.parallelism",
             "Invalid value: must not exceed shards",
         ),
-        ({"output": {"uri": "pvc://data/scores"}}, "spec.output.uri", None),
+        (
+            {"model": {"uri": "s3://bucket/a.onnx", "sha256": SHA}},
+            "spec.model.uri",
+            f'Invalid value: "s3://bucket/a.onnx": unsupported scheme: the model URI {SCHEMES}',
+        ),
+        (
+            {"input": {"uri": "gs://bucket/data.csv"}},
+            "spec.input.uri",
+            f'Invalid value: "gs://bucket/data.csv": unsupported scheme: the input URI {SCHEMES}',
+        ),
+        (
+            {"input": {"uri": "file://data.csv"}},
+            "spec.input.uri",
+            f'Invalid value: "file://data.csv": {URI_FORMS}',
+        ),
+        (
+            {"output": {"uri": "s3://bucket/scores/"}},
+            "spec.output.uri",
+            'Invalid value: "s3://bucket/scores/": unsupported scheme: the output must be a '
+            "directory on a PersistentVolumeClaim, pvc://claim/dir/",
+        ),
+        (
+            {"output": {"uri": "pvc://data/scores"}},
+            "spec.output.uri",
+            'Invalid value: "pvc://data/scores": must be pvc://claim/dir/ or pvc://claim/ (a '
+            "lowercase claim name; a directory, so ending in /), without spaces",
+        ),
         ({"input": {"uri": "pvc://data/../x.csv"}}, "spec.input.uri", None),
         ({"input": {"uri": "pvc://data/x.csv", "format": "parquet"}}, "spec.input.format", None),
         ({"onError": "ignore"}, "spec.onError", None),

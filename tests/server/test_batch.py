@@ -534,3 +534,30 @@ def test_rows_of_a_model_whose_rows_mix_run_alone_as_the_server_runs_them(
     assert "batching off" in result.stderr
     part = (tmp_path / "out" / "part-00000-of-00001.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line) for line in part] == [[float(k)] * 4 for k in range(5)]
+
+
+def test_a_quoted_field_spanning_lines_is_refused_by_line_number_the_rest_is_quoted_csv(
+    mixed: BuiltModel, mixed_server: RunningProcess, tmp_path: Path
+) -> None:
+    """Decided: in batch input every physical line is one row (so a shard can start at any line
+    of its byte range, and line numbers are exact), so an RFC 4180 field holding a newline is
+    refused with that reason, naming its line (with --on-error skip, the next line is a row of
+    its own, as any line is). Quotes, commas and doubled quotes within a line are RFC 4180 as the
+    server reads them."""
+    header = "city,plan,age,income\n"
+    quoted = '"paris","pro",30.5,1000\n"ly,on","te""am",40,2000.5\n'
+    source = tmp_path / "input.csv"
+    source.write_text(header + quoted + '"new\nyork",pro,30,1000\nlille,free,50,1500\n')
+    base = ("--model-path", mixed.path, "--input", source, "--output", tmp_path / "out")
+    failed = run_cli(*base)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "error: line 4: malformed CSV" in failed.stderr
+    assert "every line is one row: quoted fields may not span lines" in failed.stderr
+    assert_nothing_complete(tmp_path / "out")
+    skipped = run_cli(*base, "--on-error", "skip")
+    assert skipped.returncode == 0, skipped.stderr
+    side = (tmp_path / "out" / "part-00000-of-00001.skipped.jsonl").read_bytes()
+    assert [orjson.loads(line)["line"] for line in side.splitlines()] == [4]
+    part = (tmp_path / "out" / "part-00000-of-00001.csv").read_bytes()
+    body = (header + quoted + 'york",pro,30,1000\nlille,free,50,1500\n').encode()
+    assert part == server_answer(mixed_server, "mixed", "csv", body)

@@ -14,7 +14,9 @@ For the iris logistic regression and the digits MLP (tests/models.py), at the sa
 - one shard: `modeldeploy-server batch` on one core (taskset -c 0, --intra-op-threads 1);
 - two shards: `--shard 0/2` on CPU 0 and `--shard 1/2` on CPU 1 at once (wall time of both).
 Then the resident memory of one shard over a --rss-rows-row iris CSV, sampled every 0.2 s.
-Prints `uptime` first: on a shared machine the numbers are only as good as its load.
+Prints `uptime` first: on a shared machine the numbers are only as good as its load. So rates are
+also given per CPU second (the process's user + system time: what other processes on the core
+do not change), and `one_shard_vs_raw_onnxruntime_cpu` compares those.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import csv
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -63,17 +66,23 @@ def session(built: BuiltModel) -> ort.InferenceSession:
     return ort.InferenceSession(str(built.path), options, providers=["CPUExecutionProvider"])
 
 
-def raw_onnxruntime(built: BuiltModel, rows: int, batch_rows: int) -> float:
-    """rows/s of session.run alone on ready arrays of batch_rows rows."""
+def raw_onnxruntime(built: BuiltModel, rows: int, batch_rows: int) -> tuple[float, float]:
+    """rows/s and rows per CPU second of session.run alone on ready arrays of batch_rows rows."""
     sess = session(built)
     reps = -(-batch_rows // len(built.features))
     batch = np.tile(built.features, (reps, 1))[:batch_rows].astype(np.float32)
     runs = max(rows // batch_rows, 1)
     sess.run(None, {"input": batch})
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(runs):
         sess.run(None, {"input": batch})
-    return runs * batch_rows / (time.perf_counter() - started)
+    done = runs * batch_rows
+    return done / (time.perf_counter() - started), done / (time.process_time() - cpu)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def raw_file_loop(built: BuiltModel, source: Path, batch_rows: int) -> float:
@@ -101,7 +110,7 @@ def shards(
 ) -> dict[str, Any]:
     """Run `count` shards at once, shard i pinned to CPU i; rows/s over the wall time, peak RSS."""
     processes = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu_s()
     for index in range(count):
         argv = [
             "taskset", "-c", str(index % os.cpu_count()),  # type: ignore[operator]
@@ -127,6 +136,7 @@ def shards(
         _, err = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(err.decode())
+    cpu_seconds = _children_cpu_s() - cpu
     messages = [json.loads((output / f"message-{i}.json").read_text()) for i in range(count)]
     rows = sum(m["rowsIn"] for m in messages)
     return {
@@ -134,6 +144,8 @@ def shards(
         "rows": rows,
         "seconds": round(seconds, 2),
         "rows_per_s": round(rows / seconds),
+        "cpu_seconds": round(cpu_seconds, 2),
+        "rows_per_cpu_s": round(rows / cpu_seconds),
         "peak_rss_mib": round(peak / 2**20, 1),
         "rss_mib_at_10_50_90_percent": [
             round(samples[int(len(samples) * f)] / 2**20, 1) for f in (0.1, 0.5, 0.9)
@@ -164,9 +176,9 @@ def main() -> int:
             source = work / f"{name}.csv"
             write_csv(source, built.features, rows)
             cell: dict[str, Any] = {"rows": rows, "csv_bytes": source.stat().st_size}
-            cell["raw_onnxruntime_rows_per_s"] = round(
-                raw_onnxruntime(built, rows, args.batch_rows)
-            )
+            raw, raw_cpu = raw_onnxruntime(built, rows, args.batch_rows)
+            cell["raw_onnxruntime_rows_per_s"] = round(raw)
+            cell["raw_onnxruntime_rows_per_cpu_s"] = round(raw_cpu)
             cell["raw_file_loop_rows_per_s"] = round(raw_file_loop(built, source, args.batch_rows))
             for count in (1, 2):
                 out = work / f"{name}-out-{count}"
@@ -176,6 +188,9 @@ def main() -> int:
                 one / cell["raw_onnxruntime_rows_per_s"], 3
             )
             cell["one_shard_vs_raw_file_loop"] = round(one / cell["raw_file_loop_rows_per_s"], 3)
+            cell["one_shard_vs_raw_onnxruntime_cpu"] = round(
+                cell["shards_1"]["rows_per_cpu_s"] / raw_cpu, 3
+            )
             results[name] = cell
             print(name, json.dumps(cell), flush=True)
             source.unlink()

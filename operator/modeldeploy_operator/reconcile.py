@@ -122,6 +122,18 @@ def act(api: KubeApi, planned: Plan, observed: Mapping[Key, Mapping[str, Any]]) 
     )
 
 
+def _spec_changed(snapshot: Snapshot, written: Mapping[Key, Mapping[str, Any]]) -> bool:
+    """Whether a write moved some Deployment to a new generation (a spec the controller must
+    roll out)."""
+    observed = {key(o): o for o in snapshot.children}
+    return any(
+        k[0] == "Deployment"
+        and obj.get("metadata", {}).get("generation")
+        != observed.get(k, {}).get("metadata", {}).get("generation")
+        for k, obj in written.items()
+    )
+
+
 def reconcile(
     api: KubeApi,
     config: OperatorConfig,
@@ -141,6 +153,18 @@ def reconcile(
     observed = {key(o): o for o in snapshot.children}
     planned = plan(snapshot, server_image=config.server_image, now=now)
     done = act(api, planned, observed)
+    if _spec_changed(snapshot, done.written):
+        # A Deployment whose spec just changed has not rolled out yet, whatever the snapshot said:
+        # plan the status again from what the writes left, or it would claim the new generation
+        # complete (Progressing=False) before the Deployment controller even saw it.
+        after = (
+            *(o for o in snapshot.children if key(o) not in done.written),
+            *done.written.values(),
+        )
+        replanned = plan(
+            dataclasses.replace(snapshot, children=after), server_image=config.server_image, now=now
+        )
+        planned = dataclasses.replace(planned, status=replanned.status, events=replanned.events)
     settled = settle(planned, done.failures)
     if settled.status != obj.get("status"):
         api.apply_status(namespace, name, settled.status)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kubernetes import watch
 
 from modeldeploy_operator import naming
 from tests.controlplane.harness import ControlPlane
@@ -26,7 +27,7 @@ from tests.operator.cluster import (
     iris,
     time_to_restore,
 )
-from tests.operator.harness import running_operator, wait_for
+from tests.operator.harness import GROUP, PLURAL, VERSION, running_operator, wait_for
 
 pytestmark = pytest.mark.controlplane
 REPAIR_BOUND_S = 2.0
@@ -181,4 +182,58 @@ def test_a_failing_variant_pod_is_named_in_degraded_and_cleared_when_it_goes(
         "iris",
         "Degraded cleared once the pod is gone",
         lambda s: condition(s, "Degraded") == ("False", "AsExpected"),
+    )
+
+
+def test_no_status_calls_a_new_model_rolled_out_before_its_deployment_saw_it(
+    watched: Cluster,
+) -> None:
+    """Every status the operator writes for a new generation says Progressing=True until the
+    Deployment controller (played here) reports the new spec rolled out: `kubectl wait
+    --for=condition=Progressing=False` must not return on the old pods."""
+    cluster = watched
+    cluster.create(iris())
+    cluster.wait_owned("iris", ROUTER_KEYS)
+    for name in ("iris-v1", "iris-v2"):
+        cluster.set_ready(name)
+    cluster.serve("iris")
+    settled = cluster.wait_status(
+        "iris", "settled", lambda s: condition(s, "Progressing") == ("False", "RolloutComplete")
+    )
+    assert settled["observedGeneration"] == 1
+    since = cluster.get("iris")["metadata"]["resourceVersion"]
+    new_model = {"uri": "https://models.example/iris-3.onnx", "sha256": "c" * 64}
+    document = iris()
+    document["spec"]["variants"][1]["model"] = new_model
+    cluster.patch_spec("iris", {"variants": document["spec"]["variants"]})
+    seen: list[tuple[str, str] | None] = []
+    # Every status write for generation 2: the first within 30 s, then whatever follows for 3 s
+    # (the Deployment's own event brings a second look, which could hide a wrong first status).
+    for window in (30, 3):
+        for event in watch.Watch().stream(
+            cluster.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            cluster.namespace,
+            PLURAL,
+            field_selector="metadata.name=iris",
+            resource_version=since,
+            timeout_seconds=window,
+        ):
+            since = event["object"]["metadata"]["resourceVersion"]
+            status = event["object"].get("status") or {}
+            if status.get("observedGeneration") == 2:
+                seen.append(condition(status, "Progressing"))
+                if window == 30:
+                    break
+    assert seen, "no status for generation 2 within 30 s"
+    assert all(s is not None and s[0] == "True" for s in seen), seen
+    cluster.set_ready("iris-v2")
+    cluster.wait_status(
+        "iris",
+        "the new model rolled out",
+        lambda s: (
+            s.get("observedGeneration") == 2
+            and condition(s, "Progressing") == ("False", "RolloutComplete")
+        ),
     )

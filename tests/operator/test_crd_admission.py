@@ -7,6 +7,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -383,14 +384,27 @@ def test_kubectl_apply_refuses_every_invalid_manifest_naming_the_field(
 def test_kubectl_explain_and_get_show_the_api(
     control_plane: ControlPlane, api: client.ApiClient, namespace: str
 ) -> None:
+    # The API server publishes a CRD's OpenAPI schema a moment after it serves the resource
+    # (longer for a bigger schema): kubectl explain answers once it is published.
     explained = _kubectl(control_plane, "explain", "mdep.spec.routing.headerOverride")
+    deadline = time.monotonic() + 60
+    while explained.returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        explained = _kubectl(control_plane, "explain", "mdep.spec.routing.headerOverride")
     assert explained.returncode == 0, explained.stderr
     assert "pin a request to that" in explained.stdout
 
     _create(api, namespace, two_variant_manifest())
     listed = _kubectl(control_plane, "get", "ml", "-n", namespace)
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.split("\n")[0].split() == ["NAME", "READY", "VARIANTS", "TRAFFIC", "AGE"]
+    assert listed.stdout.split("\n")[0].split() == [
+        "NAME",
+        "READY",
+        "VARIANTS",
+        "TRAFFIC",
+        "ROLLOUT",
+        "AGE",
+    ]
     # The category `ml` holds BatchPredictions too, so kubectl names each row with its kind.
     assert listed.stdout.split("\n")[1].split()[0] == "modeldeployment.modeldeploy.dev/iris"
 

@@ -91,13 +91,18 @@ class Index:
             for (kind, _, _), o in owned.items()
             if kind == ENDPOINT_SLICE and _labels(o).get(naming.SERVICE_NAME_LABEL) == router
         )
-        pods = tuple(o for (kind, _, _), o in owned.items() if kind == POD)
+        pods = [o for (kind, _, _), o in owned.items() if kind == POD]
+        gate_pods = tuple(
+            p for p in pods if _labels(p).get(naming.COMPONENT) == naming.COMPONENT_GATE
+        )
+        variant_pods = tuple(p for p in pods if p not in gate_pods)
         return Snapshot(
             model_deployment=obj,
             children=children,
             endpoint_slices=slices,
             # As the plan wants them: only while some variant is not fully rolled out.
-            pods=pods if pods_worth_reading(children) else (),
+            pods=variant_pods if pods_worth_reading(children) else (),
+            gate_pods=gate_pods,
         )
 
     def _store(self, okey: ObjectKey, obj: Mapping[str, Any]) -> MdKey | None:

@@ -40,6 +40,7 @@ RESOURCES: dict[tuple[str, str], str] = {
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("batch/v1", "Job"): "jobs",  # gate Jobs (issue 12)
 }
 # What the informer keeps of each object it watches: our own children, their owner, the router
 # Services' EndpointSlices. (group/version, plural, kind, label selector.)
@@ -56,12 +57,13 @@ WATCHED: tuple[tuple[str, str, str, str], ...] = (
         # The EndpointSlice controller copies the router Service's labels onto its slices.
         f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},{naming.COMPONENT}={naming.COMPONENT_ROUTER}",
     ),
-    # The variant pods, for why they do not run.
+    # The variant pods, for why they do not run; the gate Jobs' pods, for their verdicts.
     (
         "v1",
         "pods",
         "Pod",
-        f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},{naming.COMPONENT}={naming.COMPONENT_VARIANT}",
+        f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},"
+        f"{naming.COMPONENT} in ({naming.COMPONENT_VARIANT},{naming.COMPONENT_GATE})",
     ),
 )
 _LIST_PAGE = 500

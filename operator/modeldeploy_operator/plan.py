@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modeldeploy_operator import naming, readiness
+from modeldeploy_operator.gate_jobs import gate_verdicts, render_gate_job
 from modeldeploy_operator.pod_problems import rollout_incomplete, variant_pod_problems
 from modeldeploy_operator.readiness import (
     Verdict,
@@ -25,7 +26,7 @@ from modeldeploy_operator.readiness import (
     stale_acks,
 )
 from modeldeploy_operator.render import render_objects
-from modeldeploy_operator.rollout import GateVerdict, VariantMetrics
+from modeldeploy_operator.rollout import VariantMetrics
 from modeldeploy_operator.rollout_control import plan_md_rollout
 from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
 from modeldeploy_operator.status import (
@@ -54,10 +55,10 @@ class Snapshot:
     # Its variant pods, read only while a variant Deployment is not fully available
     # (`pods_worth_reading`): they say why (a model refused by its sha256, a crash, a pull error).
     pods: Sequence[Mapping[str, Any]] = ()
-    # With a spec.rollout: each variant's user traffic over the current step's window, and the
-    # gate verdicts found, by variant.
+    # With a spec.rollout: each variant's user traffic over the current step's window, by variant.
     metrics: Mapping[str, VariantMetrics] = field(default_factory=dict)
-    verdicts: Mapping[str, GateVerdict] = field(default_factory=dict)
+    # The pods of its gate Jobs (their termination messages hold the verdicts).
+    gate_pods: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,21 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
         )
     owned = {key(o): o for o in snapshot.children if owned_by(o, md.uid)}
     deployments = {name: o for (kind, name), o in owned.items() if kind == "Deployment"}
-    rollout = plan_md_rollout(md, previous, snapshot.metrics, snapshot.verdicts, now)
+    ready = ready_variants(md, deployments)
+    verdicts = gate_verdicts(md, snapshot.gate_pods)
+    rollout = plan_md_rollout(md, previous, snapshot.metrics, verdicts, now)
     # With a rollout the routes carry its weights; the spec's stay the destination.
     routed = rollout.weights if rollout is not None else md.spec_weights
-    traffic = compute_effective_weights(routed, ready_variants(md, deployments))
+    traffic = compute_effective_weights(routed, ready)
+    # A gated variant's gate runs once it serves (against its Service), for its current digest.
+    gates = [
+        render_gate_job(md, v, md.pod.image or server_image)
+        for v in md.variants
+        if v.gate is not None and v.name in ready
+    ]
     desired = tuple(
-        with_applied_hash(o) for o in render_objects(md, server_image=server_image, weights=traffic)
+        with_applied_hash(o)
+        for o in (*render_objects(md, server_image=server_image, weights=traffic), *gates)
     )
     wanted = {key(o) for o in desired}
     recreate = tuple(
@@ -297,6 +307,8 @@ def recreate_reason(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> 
         return "marked immutable"
     elif kind == "RoleBinding" and observed.get("roleRef") != desired.get("roleRef"):
         return "roleRef is immutable"
+    elif kind == "Job" and _template_differs(have.get("template", {}), want["template"]):
+        return "a Job's pod template is immutable"
     return ""
 
 
@@ -343,6 +355,20 @@ def key(obj: Mapping[str, Any]) -> Key:
 def describe(obj: Mapping[str, Any]) -> str:
     """ "Kind/name", as logs, events and conditions name an object."""
     return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def _template_differs(have: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    """Whether the Job's pod template lacks what we set (the Job controller adds labels)."""
+    labels = have.get("metadata", {}).get("labels") or {}
+    wanted = want.get("metadata", {}).get("labels") or {}
+    if any(labels.get(k) != v for k, v in wanted.items()):
+        return True
+    containers = {c.get("name"): c for c in have.get("spec", {}).get("containers", [])}
+    return any(
+        containers.get(c["name"], {}).get(field) != c.get(field)
+        for c in want["spec"]["containers"]
+        for field in ("image", "args")
+    )
 
 
 def _routing_keys(desired: Sequence[Mapping[str, Any]]) -> set[Key]:

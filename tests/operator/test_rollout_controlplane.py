@@ -13,6 +13,7 @@ scrapes the router every second with the labels its Kubernetes service discovery
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -36,7 +37,7 @@ from tests.models import build_iris_logreg, build_iris_stump, write_graph
 from tests.operator.builders import model_deployment
 from tests.operator.cluster import Cluster, condition
 from tests.operator.harness import wait_for
-from tests.processes import RunningProcess, free_port, route, serve_model, stop
+from tests.processes import RunningProcess, free_port, route, serve_model, server_command, stop
 
 pytestmark = pytest.mark.controlplane
 
@@ -52,6 +53,12 @@ class Models:
     good: Path
     candidate: Path
     failing: Path
+    good_sha256: str
+    candidate_sha256: str
+    # The golden dataset: every iris row with its true label (logreg agrees on 146 of 150, the
+    # stump on far fewer).
+    golden: Path
+    golden_sha256: str
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,22 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     directory = tmp_path_factory.mktemp("rollout-models")
     logreg = build_iris_logreg(directory)
     stump = build_iris_stump(directory)
-    return Models(logreg.path, stump.path, build_failing(directory))
+    lines = ["sepal_l,sepal_w,petal_l,petal_w,expected.label"]
+    lines += [
+        ",".join([*(str(float(v)) for v in row), str(int(label))])
+        for row, label in zip(logreg.features, logreg.target, strict=True)
+    ]
+    golden = directory / "golden.csv"
+    golden.write_text("\n".join(lines) + "\n")
+    return Models(
+        logreg.path,
+        stump.path,
+        build_failing(directory),
+        logreg.sha256,
+        stump.sha256,
+        golden,
+        hashlib.sha256(golden.read_bytes()).hexdigest(),
+    )
 
 
 def build_failing(directory: Path) -> Path:
@@ -132,6 +154,7 @@ class Loopback(Background):
     servers: dict[str, str]  # variant -> loopback URL
     path: Path
     written: str = ""
+    routed: list[dict[str, int]] = field(default_factory=list)  # every split written, in order
 
     def sync(self) -> bool:
         name = naming.routes_config_map_name(self.md_name)
@@ -147,6 +170,7 @@ class Loopback(Background):
             staged.write_text(text)
             os.replace(staged, self.path)
             self.written = text
+            self.routed.append({v["name"]: v["weight"] for v in routes["variants"]})
         return True
 
     def run(self) -> None:
@@ -233,6 +257,7 @@ def prometheus(tmp_path: Path, router: RunningProcess, namespace: str) -> Iterat
 class Serving:
     router: RunningProcess
     prometheus_url: str
+    loopback: Loopback
 
 
 @contextlib.contextmanager
@@ -259,7 +284,7 @@ def serving(
                 route(routes_file) as router,
                 prometheus(tmp_path, router, cluster.namespace) as server,
             ):
-                yield Serving(router, server.url)
+                yield Serving(router, server.url, loopback)
         finally:
             loopback.close()
 
@@ -443,6 +468,107 @@ def test_the_operator_killed_mid_rollout_resumes_at_the_same_step(
             if after["phase"] == "Progressing":
                 assert (after["step"], after["weights"]) == (1, {"v1": 40, "v2": 60})
             wait_phase(cluster, "Promoted", 2, timeout=180)
+
+
+def play_gate_pod(cluster: Cluster, job_name: str, loopback: Loopback, tmp_path: Path) -> int:
+    """Play the Job controller and the kubelet for the gate Job (the test control plane runs
+    neither): create its pod from the Job's template, run the container's command here (the
+    variant Services' URLs being the loopback servers), and report the exit code and the
+    termination message in the pod's status, as the kubelet would."""
+    job = cluster.child("Job", job_name)
+    assert job is not None
+    template = job["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{job_name}-0",
+            "labels": {**template["metadata"]["labels"], "job-name": job_name},
+        },
+        "spec": template["spec"],
+    }
+    pods = f"/api/v1/namespaces/{cluster.namespace}/pods"
+    cluster.request("POST", pods, pod)
+    (container,) = template["spec"]["containers"]
+    services = {
+        naming.variant_service_url("iris", v, cluster.namespace): url
+        for v, url in loopback.servers.items()
+    }
+    message_path = tmp_path / "termination-log"
+    args = [
+        services.get(arg, str(message_path) if arg == "/dev/termination-log" else arg)
+        for arg in container["args"]
+    ]
+    code = subprocess.run(
+        [*server_command(), *args], check=False, timeout=120, capture_output=True
+    ).returncode
+    terminated = {"exitCode": code, "message": message_path.read_text(), "reason": "Completed"}
+    status = {
+        "phase": "Succeeded" if code == 0 else "Failed",
+        "containerStatuses": [
+            {
+                "name": container["name"],
+                "image": container["image"],
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"terminated": terminated},
+            }
+        ],
+    }
+    cluster.request(
+        "PATCH", f"{pods}/{job_name}-0/status", {"status": status}, "application/merge-patch+json"
+    )
+    return code
+
+
+def gated_spec(v1: int, v2: int, models: Models, prometheus: str | None = None) -> dict[str, Any]:
+    """rollout_spec with the real digests, v2 gated on the golden dataset (90% must agree)."""
+    obj = rollout_spec(v1, v2, prometheus=prometheus)
+    obj["spec"]["variants"][0]["model"]["sha256"] = models.good_sha256
+    obj["spec"]["variants"][1]["gate"] = {
+        "dataset": {"uri": models.golden.as_uri(), "sha256": models.golden_sha256},
+        "outputs": ["label"],
+        "minAgreement": 0.9,
+    }
+    return obj
+
+
+@pytest.mark.parametrize("candidate", ["stump", "logreg"])
+def test_a_candidate_gets_weight_only_once_its_gate_passed_for_its_digest(
+    cluster: Cluster, tmp_path: Path, models: Models, candidate: str
+) -> None:
+    model, sha256 = {
+        "stump": (models.candidate, models.candidate_sha256),
+        "logreg": (models.good, models.good_sha256),
+    }[candidate]
+    first = gated_spec(100, 0, models)
+    first["spec"]["variants"][1]["model"]["sha256"] = sha256
+    with serving(cluster, tmp_path, first, models.good, model) as served:
+        wait_phase(cluster, "Promoted", 1)
+        second = gated_spec(0, 100, models, served.prometheus_url)
+        second["spec"]["variants"][1]["model"]["sha256"] = sha256
+        cluster.apply(second)
+        gating = wait_phase(cluster, "Gating", 2)
+        assert gating["pendingGates"] == ["v2"]
+        job = f"iris-v2-gate-{sha256[:10]}"
+        cluster.wait_child("Job", job)
+        code = play_gate_pod(cluster, job, served.loopback, tmp_path)
+        if candidate == "stump":
+            assert code == 1
+            back = wait_phase(cluster, "RolledBack", 2)
+            assert back["reason"] == "GateFailed" and "rows agree" in back["message"]
+            status = cluster.get("iris")["status"]
+            assert condition(status, "Degraded") == ("True", "RolledBack")
+        else:
+            assert code == 0
+            wait_phase(cluster, "Progressing", 2)
+            cluster.wait_routes("iris", {"v1": 80, "v2": 20})
+    routed = served.loopback.routed
+    print(f"\ngate of the {candidate}: splits routed {routed}")
+    if candidate == "stump":
+        # It never got any weight.
+        assert routed and all(split["v2"] == 0 for split in routed)
 
 
 def test_the_cli_pauses_resumes_and_aborts_by_annotation(

@@ -5,12 +5,14 @@ commands by annotation; and the metrics window the operator reads for it."""
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
 
+from modeldeploy_operator.gate_jobs import gate_labels
 from modeldeploy_operator.plan import Plan, Snapshot, plan
-from modeldeploy_operator.rollout import GateVerdict, VariantMetrics
+from modeldeploy_operator.rollout import VariantMetrics
 from modeldeploy_operator.rollout_control import (
     COMMAND_ANNOTATION,
     parse_command,
@@ -59,12 +61,12 @@ def step(
     previous: dict[str, Any] | None,
     now: str,
     metrics: dict[str, VariantMetrics] | None = None,
-    verdicts: dict[str, GateVerdict] | None = None,
+    gate_pods: tuple[dict[str, Any], ...] = (),
 ) -> Plan:
     obj = copy.deepcopy(obj)
     if previous is not None:
         obj["status"] = previous
-    snapshot = Snapshot(obj, children(obj, READY), metrics=metrics or {}, verdicts=verdicts or {})
+    snapshot = Snapshot(obj, children(obj, READY), metrics=metrics or {}, gate_pods=gate_pods)
     return plan(snapshot, server_image=IMAGE, now=now)
 
 
@@ -206,6 +208,19 @@ def test_parse_command(value: str, command: str | None) -> None:
     assert parse_command(value) == command
 
 
+def gate_pod(sha256: str, exit_code: int, message: str) -> dict[str, Any]:
+    """A gate Job's pod as the kubelet leaves it: terminated, its verdict in the message."""
+    terminated = {"exitCode": exit_code, "message": message}
+    return {
+        "metadata": {"name": "p", "labels": gate_labels("iris", "v2", sha256)},
+        "status": {"containerStatuses": [{"name": "gate", "state": {"terminated": terminated}}]},
+    }
+
+
+PASSED = json.dumps({"passed": True, "rows": 150, "agreed": 150, "minAgreement": 1.0})
+FAILED = json.dumps({"passed": False, "rows": 150, "agreed": 98, "minAgreement": 0.9})
+
+
 def test_a_gated_candidate_gets_no_weight_until_its_gate_passed_for_its_digest() -> None:
     gate = {"dataset": {"uri": "https://data.example/golden.csv", "sha256": "c" * 64}}
     spec = md(0, 100, 2)
@@ -214,10 +229,22 @@ def test_a_gated_candidate_gets_no_weight_until_its_gate_passed_for_its_digest()
     assert gating.status["rollout"]["phase"] == "Gating"
     assert gating.status["rollout"]["pendingGates"] == ["v2"]
     assert routed_weights(gating.apply) == {"v1": 100, "v2": 0}
-    stale = {"v2": GateVerdict("d" * 64, True)}
-    assert step(spec, gating.status, at(10), verdicts=stale).status == gating.status
-    passed = step(spec, gating.status, at(20), verdicts={"v2": GateVerdict(SHA_V2, True)})
+    # The gate runs as a Job named after the digest, against the variant's Service.
+    (job,) = [o for o in gating.desired if o["kind"] == "Job"]
+    assert job["metadata"]["name"] == f"iris-v2-gate-{SHA_V2[:10]}"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--url") + 1] == "http://iris-v2.ml.svc:8080"
+    assert args[args.index("--model-sha256") + 1] == SHA_V2
+    # A verdict for another digest, or an error (exit 2), is no verdict.
+    for pod in (gate_pod("d" * 64, 0, PASSED), gate_pod(SHA_V2, 2, '{"error": "unreachable"}')):
+        assert step(spec, gating.status, at(10), gate_pods=(pod,)).status == gating.status
+    passed = step(spec, gating.status, at(20), gate_pods=(gate_pod(SHA_V2, 0, PASSED),))
     assert routed_weights(passed.apply) == {"v1": 90, "v2": 10}
+    failed = step(spec, gating.status, at(20), gate_pods=(gate_pod(SHA_V2, 1, FAILED),))
+    assert failed.status["rollout"]["phase"] == "RolledBack"
+    assert "98/150 rows agree" in failed.status["rollout"]["message"]
+    assert routed_weights(failed.apply) == {"v1": 100, "v2": 0}
 
 
 def test_without_rollout_nothing_changes() -> None:

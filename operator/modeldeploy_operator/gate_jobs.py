@@ -1,0 +1,169 @@
+"""Gate Jobs, pure: the Job that runs `modeldeploy-server gate` for one variant at one model
+digest against its Service (the real serving path), and the verdicts read back from the
+termination messages of those Jobs' pods.
+
+A Job's name carries the digest, so a new model gets a new gate; a verdict counts only for the
+digest its pod's label names. Exit 0 (passed) and 1 (failed) are verdicts; exit 2 (cannot judge:
+the Service unreachable, the dataset unreadable) is retried by the Job, and gives no verdict.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from modeldeploy_operator import naming
+from modeldeploy_operator.render import _object, container_security_context, render_pod_spec
+from modeldeploy_operator.rollout import GateVerdict
+from modeldeploy_operator.spec import ModelDeployment, Variant
+
+Manifest = dict[str, Any]
+CONTAINER = "gate"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+FAILED_EXIT_CODE = 1  # a verdict: retrying would judge the same model the same way
+BACKOFF_LIMIT = 3
+GRACE_SECONDS = 10
+DATASET_DIR = "/dataset"
+
+
+def gate_job_name(md_name: str, variant: str, sha256: str) -> str:
+    """`<md>-<variant>-gate-<digest prefix>`, within the 63 characters of a label value (the Job
+    controller labels its pods with the Job's name)."""
+    suffix = f"-gate-{sha256[:10]}"
+    base = naming.variant_object_name(md_name, variant)[: naming.MAX_NAME_LENGTH - len(suffix)]
+    return base.rstrip("-") + suffix
+
+
+def gate_labels(md_name: str, variant: str, sha256: str) -> dict[str, str]:
+    return {
+        **naming.common_labels(md_name, naming.COMPONENT_GATE),
+        naming.VARIANT: variant,
+        naming.MODEL_DIGEST: naming.model_digest_label(sha256),
+    }
+
+
+def gate_args(md: ModelDeployment, variant: Variant) -> list[str]:
+    """`modeldeploy-server gate` arguments for `variant`'s gate, against its Service (a pvc://
+    dataset is read where render_gate_job mounts its claim)."""
+    gate = variant.gate
+    assert gate is not None
+    dataset = gate.dataset.uri
+    if gate.dataset.scheme == "pvc":
+        dataset = f"{DATASET_DIR}/{gate.dataset.pvc_claim_and_path[1]}"
+    args = [
+        "gate",
+        "--dataset",
+        dataset,
+        "--sha256",
+        gate.dataset.sha256,
+        "--format",
+        gate.format,
+        "--url",
+        naming.variant_service_url(md.name, variant.name, md.namespace),
+        "--model-name",
+        md.name,
+        "--model-sha256",
+        variant.model.sha256,
+        "--atol",
+        repr(gate.absolute_tolerance),
+        "--rtol",
+        repr(gate.relative_tolerance),
+        "--min-agreement",
+        repr(gate.min_agreement),
+        "--termination-message-path",
+        TERMINATION_MESSAGE_PATH,
+    ]
+    if gate.against is not None:
+        args += ["--baseline-url", naming.variant_service_url(md.name, gate.against, md.namespace)]
+    for output in gate.outputs:
+        args += ["--compare", output]
+    return args
+
+
+def render_gate_job(md: ModelDeployment, variant: Variant, image: str) -> Manifest:
+    """The Job that gates `variant` at its current model digest."""
+    sha256 = variant.model.sha256
+    labels = gate_labels(md.name, variant.name, sha256)
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}]
+    container: Manifest = {
+        "name": CONTAINER,
+        "image": image,
+        "command": ["modeldeploy-server"],
+        "args": gate_args(md, variant),
+        "securityContext": container_security_context(),
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "File",
+        # The dataset is downloaded into a temporary directory.
+        "volumeMounts": mounts,
+    }
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
+    assert variant.gate is not None
+    if variant.gate.dataset.scheme == "pvc":
+        claim = {"claimName": variant.gate.dataset.pvc_claim_and_path[0], "readOnly": True}
+        volumes.append({"name": "dataset", "persistentVolumeClaim": claim})
+        mounts.append({"name": "dataset", "mountPath": DATASET_DIR, "readOnly": True})
+    pod_spec = render_pod_spec(
+        md.pod, init_containers=[], containers=[container], volumes=volumes, drain_seconds=0
+    )
+    pod_spec["restartPolicy"] = "Never"
+    pod_spec["terminationGracePeriodSeconds"] = GRACE_SECONDS
+    spec: Manifest = {
+        "backoffLimit": BACKOFF_LIMIT,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [FAILED_EXIT_CODE],
+                    },
+                }
+            ]
+        },
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    name = gate_job_name(md.name, variant.name, sha256)
+    return _object(md, "batch/v1", "Job", name, labels, spec)
+
+
+def gate_verdicts(md: ModelDeployment, pods: Iterable[Mapping[str, Any]]) -> dict[str, GateVerdict]:
+    """The verdict of each gated variant's gate at its current digest, from its Job's pods."""
+    current = {v.name: v.model.sha256 for v in md.variants if v.gate is not None}
+    verdicts: dict[str, GateVerdict] = {}
+    for pod in pods:
+        labels = pod.get("metadata", {}).get("labels") or {}
+        variant = labels.get(naming.VARIANT, "")
+        sha256 = current.get(variant)
+        if (
+            labels.get(naming.COMPONENT) != naming.COMPONENT_GATE
+            or sha256 is None
+            or labels.get(naming.MODEL_DIGEST) != naming.model_digest_label(sha256)
+        ):
+            continue
+        verdict = _verdict(pod, sha256)
+        if verdict is not None:
+            verdicts[variant] = verdict
+    return verdicts
+
+
+def _verdict(pod: Mapping[str, Any], sha256: str) -> GateVerdict | None:
+    for status in pod.get("status", {}).get("containerStatuses", []):
+        if status.get("name") != CONTAINER:
+            continue
+        terminated = (status.get("state") or {}).get("terminated") or {}
+        if terminated.get("exitCode") not in (0, FAILED_EXIT_CODE):
+            return None
+        try:
+            message = json.loads(terminated.get("message") or "")
+        except ValueError:
+            return None
+        if not isinstance(message, dict) or not isinstance(message.get("passed"), bool):
+            return None
+        summary = (
+            f"gate {'passed' if message['passed'] else 'FAILED'}: {message.get('agreed')}/"
+            f"{message.get('rows')} rows agree (need {message.get('minAgreement', '?')})"
+        )
+        return GateVerdict(sha256, message["passed"], summary)
+    return None

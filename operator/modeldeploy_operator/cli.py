@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
@@ -172,8 +172,40 @@ def run(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> int:
         base_dir=base_dir,
         claim_dirs=dict(args.pvc),
         cache_dir=args.cache_dir,
+        reload=None if args.file == "-" else watch_file(args.file),
     )
     return run_local(only.md, settings, out, sys.stderr)
+
+
+def watch_file(path: str) -> Callable[[], ModelDeployment | str | None]:
+    """For `run`: the file's ModelDeployment each time it changed, why it cannot be used, or None
+    while it has not changed."""
+    seen = [_stamp(path)]
+
+    def reload() -> ModelDeployment | str | None:
+        stamp = _stamp(path)
+        if stamp == seen[0]:
+            return None
+        seen[0] = stamp
+        try:
+            (verdict,) = check_file(path)
+        except (ManifestError, ValueError) as error:
+            return f"{path}: {error}"
+        if isinstance(verdict, Refused):
+            return f"{verdict.label}: {verdict.reason}"
+        if isinstance(verdict, LoadedBatch):
+            return f"{path}: no longer a ModelDeployment"
+        return verdict.md
+
+    return reload
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return stat.st_mtime_ns, stat.st_size
 
 
 def render(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> int:

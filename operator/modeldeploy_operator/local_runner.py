@@ -38,6 +38,7 @@ from modeldeploy_operator.local import (
     plan_local_run,
     render_example_requests,
 )
+from modeldeploy_operator.local_rollout import LocalRollout, Reload
 from modeldeploy_operator.spec import ModelDeployment
 
 # -P: the working directory stays off sys.path, so a checkout's operator/ folder cannot shadow
@@ -67,6 +68,8 @@ class LocalRunSettings:
     base_dir: Path  # pvc:// claims default to directories here (the YAML file's directory)
     claim_dirs: Mapping[str, Path]
     cache_dir: Path
+    # Re-reads the YAML file when it changed (None: stdin, read once); see local_rollout.py.
+    reload: Reload | None = None
 
 
 class Supervisor:
@@ -206,8 +209,11 @@ def _run(md: ModelDeployment, settings: LocalRunSettings, sup: Supervisor, say: 
     inputs = metadata["inputs"]
     for command in render_example_requests(md, plan.router.url, inputs, md.example_instance):
         say(f"  {command}")
+    urls = {process.name: process.url for process in plan.variants}
+    rollout = LocalRollout(md, urls, plan.router.url, routes_path, say, settings.reload)
     while (name := sup.first_exited()) is None:
         sup.check_stop()
+        rollout.tick()
         time.sleep(_POLL_S)
     raise LocalRunError(sup.describe_exit(name))
 

@@ -400,6 +400,8 @@ def run_phases(
     if not args.no_repair:
         results["repair_s"] = measure_repairs(cluster)
 
+    if args.no_restart:
+        return results
     total = len(names) + args.singles + 1 + (0 if args.no_repair else 2)
     operator.kill()
     audit.mark()
@@ -425,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="full")
     parser.add_argument("--timeout", type=float, default=0.0, help="per wait; 0: 120 s + 0.3 s/MD")
     parser.add_argument("--no-repair", action="store_true", help="skip the per-kind repair runs")
+    parser.add_argument(
+        "--no-restart", action="store_true", help="skip the restart (code without its metrics)"
+    )
     parser.add_argument("--operator-path", type=Path, help="import the operator from here")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "operator.json")
     args = parser.parse_args(argv)
@@ -449,9 +454,13 @@ def main(argv: list[str] | None = None) -> int:
         # Seconds per 100 ModelDeployments: flat when the cost is linear.
         results["per_100_s"] = {
             str(r["count"]): {
-                "children": round(100 * r["bulk_children_s"] / r["count"], 2),
-                "ready": round(100 * r["bulk_ready_s"] / r["count"], 2),
-                "restart": round(100 * r["restart_reconcile_all_s"] / r["count"], 2),
+                phase: round(100 * r[key] / r["count"], 2)
+                for phase, key in (
+                    ("children", "bulk_children_s"),
+                    ("ready", "bulk_ready_s"),
+                    ("restart", "restart_reconcile_all_s"),
+                )
+                if key in r
             }
             for r in runs
         }

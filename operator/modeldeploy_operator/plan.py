@@ -261,15 +261,14 @@ def up_to_date(observed: Mapping[str, Any] | None, desired: Mapping[str, Any]) -
 
 def _holds(observed: Any, desired: Any) -> bool:
     """Every field of `desired` is in `observed` with the same value (lists item by item)."""
-    if isinstance(desired, Mapping):
-        if not isinstance(observed, Mapping):
-            return False
-        return all(
+    # Plain dict and list checks: both sides are decoded JSON, and abc checks cost more here.
+    if type(desired) is dict:
+        return type(observed) is dict and all(
             _holds(observed[k], v) if k in observed else _empty(v) for k, v in desired.items()
         )
-    if isinstance(desired, list):
+    if type(desired) is list:
         return (
-            isinstance(observed, list)
+            type(observed) is list
             and len(observed) == len(desired)
             and all(_holds(o, d) for o, d in zip(observed, desired, strict=True))
         )

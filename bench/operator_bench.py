@@ -91,10 +91,19 @@ POLL_S = 0.1
 
 
 class Tracker:
-    """What the cluster holds, from watches: the operator's Index fed by its informer (as admin)."""
+    """What the cluster holds, from watches: the operator's Index fed by its informer (as admin).
 
-    def __init__(self, api: KubeApi) -> None:
+    Each event re-checks only the ModelDeployment it concerns, so following N of them costs the
+    harness O(events), not O(N) per poll.
+    """
+
+    def __init__(self, api: KubeApi, children: int) -> None:
         self.index = Index()
+        self.expected_children = children
+        self.with_children: set[str] = set()
+        self.with_status: set[str] = set()
+        self.ready: set[str] = set()
+        self.routes: dict[str, str] = {}  # ModelDeployment -> routes version not acked yet
         self._lock = threading.Lock()
         self._informer = NamespaceInformer(api, NAMESPACE, self, lambda deliver: deliver())
 
@@ -107,66 +116,81 @@ class Tracker:
 
     def replaced(self, kind: str, namespace: str, objects: Sequence[Mapping[str, Any]]) -> None:
         with self._lock:
-            self.index.replace(kind, namespace, objects)
+            for key in self.index.replace(kind, namespace, objects):
+                self._refresh(key[1])
 
     def changed(self, kind: str, type_: str, obj: Mapping[str, Any]) -> None:
         with self._lock:
-            self.index.update(kind, type_, obj)
+            key = self.index.update(kind, type_, obj)
+            if key is not None:
+                self._refresh(key[1])
 
-    def read(self, names: Sequence[str], fn: Callable[[Any], bool]) -> bool:
-        """`fn(snapshot)` holds for every ModelDeployment in `names`."""
+    def done(self, which: set[str], names: set[str]) -> bool:
         with self._lock:
-            snapshots = [self.index.snapshot((NAMESPACE, n)) for n in names]
-        return all(s is not None and fn(s) for s in snapshots)
+            return names <= which
 
-    def routes(self, names: Sequence[str]) -> list[tuple[str, str, Mapping[str, str]]]:
-        """(ModelDeployment, routes version, annotations) of the routes ConfigMap of each."""
-        found = []
+    def unacked(self) -> dict[str, str]:
         with self._lock:
-            snapshots = [self.index.snapshot((NAMESPACE, n)) for n in names]
-        for snapshot in snapshots:
-            for obj in snapshot.children if snapshot else ():
-                meta = obj["metadata"]
-                if obj["kind"] == "ConfigMap" and meta["name"].endswith("-routes"):
-                    version = json.loads(obj["data"][contract.ROUTES_KEY]).get("version", "")
-                    name = meta["labels"][naming.MODEL_DEPLOYMENT]
-                    found.append((name, version, meta.get("annotations") or {}))
-        return found
+            return dict(self.routes)
+
+    def _refresh(self, name: str) -> None:
+        snapshot = self.index.snapshot((NAMESPACE, name))
+        status = (snapshot.model_deployment.get("status") or {}) if snapshot else {}
+        children = snapshot.children if snapshot else ()
+        for which, holds in (
+            (self.with_children, len(children) == self.expected_children),
+            (self.with_status, bool(status.get("observedGeneration"))),
+            (self.ready, ready(status)),
+        ):
+            if holds:
+                which.add(name)
+            else:
+                which.discard(name)
+        self.routes.pop(name, None)
+        for obj in children:
+            meta = obj["metadata"]
+            if obj["kind"] == "ConfigMap" and meta["name"] == naming.routes_config_map_name(name):
+                version = json.loads(obj["data"][contract.ROUTES_KEY]).get("version", "")
+                acks = meta.get("annotations") or {}
+                if acks.get(f"{contract.ROUTES_ACK_ANNOTATION_PREFIX}{name}-router") != version:
+                    self.routes[name] = version
+
+
+def children_per_model_deployment(shape: str) -> int:
+    sample = manifest("sample", shape)
+    sample["metadata"].update(namespace=NAMESPACE, uid="sample", generation=1)
+    return len(render_objects(parse_model_deployment(sample), server_image=SERVER_IMAGE))
+
+
+def manifest(name: str, shape: str) -> dict[str, Any]:
+    variants, routing, _ = SHAPES[shape]
+    obj = model_deployment(name=name, variants=variants, routing={"mode": routing})
+    obj["metadata"] = {"name": name}
+    return obj
 
 
 class Bench:
     def __init__(self, api: client.ApiClient, shape: str, tracker: Tracker) -> None:
-        self.variants, self.routing, _ = SHAPES[shape]
+        self.shape = shape
+        self.routing = SHAPES[shape][1]
         self.tracker = tracker
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-        sample = self.manifest("sample")
-        sample["metadata"].update(namespace=NAMESPACE, uid="sample", generation=1)
-        self.children = len(
-            render_objects(parse_model_deployment(sample), server_image=SERVER_IMAGE)
-        )
-
-    def manifest(self, name: str) -> dict[str, Any]:
-        obj = model_deployment(name=name, variants=self.variants, routing={"mode": self.routing})
-        obj["metadata"] = {"name": name}
-        return obj
+        self.acked: dict[str, str] = {}
 
     def create(self, name: str) -> None:
         self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, NAMESPACE, PLURAL, self.manifest(name)
+            GROUP, VERSION, NAMESPACE, PLURAL, manifest(name, self.shape)
         )
 
-    def all_children(self, names: Sequence[str]) -> bool:
-        return self.tracker.read(names, lambda s: len(s.children) == self.children)
+    def all_children(self, names: set[str]) -> bool:
+        return self.tracker.done(self.tracker.with_children, names)
 
-    def all_status(self, names: Sequence[str]) -> bool:
-        return self.tracker.read(
-            names,
-            lambda s: bool((s.model_deployment.get("status") or {}).get("observedGeneration")),
-        )
+    def all_status(self, names: set[str]) -> bool:
+        return self.tracker.done(self.tracker.with_status, names)
 
-    def all_ready(self, names: Sequence[str]) -> bool:
-        return self.tracker.read(names, lambda s: ready(s.model_deployment.get("status") or {}))
+    def all_ready(self, names: set[str]) -> bool:
+        return self.tracker.done(self.tracker.ready, names)
 
     def mark_deployments_ready(self) -> int:
         selector = f"{naming.MANAGED_BY}={naming.FIELD_MANAGER}"
@@ -189,12 +213,12 @@ class Bench:
             )
         return len(deployments.items)
 
-    def play_routers(self, cluster: Cluster, names: Sequence[str]) -> None:
+    def play_routers(self, cluster: Cluster) -> None:
         """Each router pod acknowledges the routes version its ConfigMap carries now."""
-        for name, version, notes in self.tracker.routes(names):
-            pod = f"{name}-router"
-            if notes.get(f"{contract.ROUTES_ACK_ANNOTATION_PREFIX}{pod}") != version:
-                cluster.ack_routes(name, [pod])
+        for name, version in self.tracker.unacked().items():
+            if self.acked.get(name) != version:
+                cluster.ack_routes(name, [f"{name}-router"])
+                self.acked[name] = version
 
 
 def wait(what: str, done: Callable[[], bool], timeout: float, sample: Callable[[], None]) -> float:
@@ -299,7 +323,7 @@ def run_count(
             )
             watch_api = admin_api(plane)
             with (
-                Tracker(watch_api) as tracker,
+                Tracker(watch_api, children_per_model_deployment(args.shape)) as tracker,
                 running_operator(
                     plane,
                     [NAMESPACE],
@@ -334,7 +358,7 @@ def run_phases(
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     bench = Bench(api, args.shape, tracker)
-    results["children_per_model_deployment"] = bench.children
+    results["children_per_model_deployment"] = tracker.expected_children
     rss = [0]
 
     def sample() -> None:
@@ -343,13 +367,13 @@ def run_phases(
 
     # Warm-up: the operator's first reconcile also pays for imports and connections.
     bench.create("warmup")
-    wait("warm-up", lambda: bench.all_children(["warmup"]), timeout, sample)
+    wait("warm-up", lambda: bench.all_children({"warmup"}), timeout, sample)
     singles = []
     for i in range(args.singles):
         name = f"single-{i}"
         start = time.monotonic()
         bench.create(name)
-        wait(name, lambda n=name: bench.all_children([n]), timeout, sample)  # type: ignore[misc]
+        wait(name, lambda n=name: bench.all_children({n}), timeout, sample)  # type: ignore[misc]
         singles.append(time.monotonic() - start)
     if singles:
         results["apply_to_children_s"] = {
@@ -362,6 +386,7 @@ def run_phases(
     results["rss_idle_mib"] = rss_idle / 2**20
 
     names = [f"md-{i:05d}" for i in range(count)]
+    wanted = set(names)
     audit.mark()
     cpu.mark()
     before = reconciles(operator)
@@ -369,9 +394,9 @@ def run_phases(
     for name in names:
         bench.create(name)
     results["bulk_create_requests_s"] = time.monotonic() - start
-    wait("all children", lambda: bench.all_children(names), timeout, sample)
+    wait("all children", lambda: bench.all_children(wanted), timeout, sample)
     results["bulk_children_s"] = time.monotonic() - start
-    wait("all statuses", lambda: bench.all_status(names), timeout, sample)
+    wait("all statuses", lambda: bench.all_status(wanted), timeout, sample)
     results["bulk_status_s"] = time.monotonic() - start
     results["bulk_calls"] = calls(audit, reconciles(operator) - before)
     results["bulk_cpu_s"] = cpu.spent()
@@ -389,9 +414,9 @@ def run_phases(
     def sample_and_ack() -> None:
         sample()
         if routed:
-            bench.play_routers(cluster, routed)
+            bench.play_routers(cluster)
 
-    wait("all Ready", lambda: bench.all_ready(names), timeout, sample_and_ack)
+    wait("all Ready", lambda: bench.all_ready(wanted), timeout, sample_and_ack)
     results["bulk_ready_s"] = time.monotonic() - start
     results["bulk_create_to_ready_s"] = time.monotonic() - created
     results["ready_calls"] = calls(audit, reconciles(operator) - before)

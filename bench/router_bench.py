@@ -10,16 +10,21 @@ bench/server_bench.py (whose wrk runner this reuses): the server has a core to i
 and the router's cost shows as the difference. Each concurrency runs direct then routed, back to
 back. Needs a quiet machine to mean anything: it prints the load average before and after.
 
-Then, shadow traffic: a second server (variant v2, weight 0, the same model, also on CPU 0) gets
-a copy of `--shadow-percent` of the requests, and the routed run at 16 connections is repeated
-without and with the shadow, back to back, to compare the users' p50/p99.
+Then, shadow traffic: a second server (variant v2, weight 0, the same model) gets a copy of
+`--shadow-percent` of the requests. It runs on CPU 0 at SCHED_IDLE, so it only takes CPU the
+primary server leaves idle (in a cluster it has pods of its own). Two routers, without and with
+the shadow, take turns (3 runs each) under a paced load: 16 connections, each pausing
+`--shadow-pause-ms` after every answer, below saturation, so the users' p50/p99 compare latency
+rather than queueing; then each runs once at full speed (req/s, router CPU per request).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +42,8 @@ from tests.processes import route, serve_model  # noqa: E402
 MODEL = "iris"
 INFER = f"/v2/models/{MODEL}/infer"
 CONCURRENCIES = (1, 16, 64)
+# Paced runs without and with the shadow, alternated this many times each.
+SHADOW_ROUNDS = 3
 
 
 def cpu_seconds(pid: int) -> float:
@@ -46,14 +53,19 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure(
-    url: str, body: Path, connections: int, duration_s: float, pids: dict[str, int]
+    url: str,
+    body: Path,
+    connections: int,
+    duration_s: float,
+    pids: dict[str, int],
+    pause_ms: float = 0,
 ) -> dict[str, float]:
     """One wrk run, with the CPU time per request of each process in `pids`; fails on errors.
 
     CPU per request hardly moves when a neighbour takes CPU, unlike req/s and latency.
     """
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    stats = run_wrk(url, body, connections, duration_s)
+    stats = run_wrk(url, body, connections, duration_s, pause_ms)
     if stats["non2xx"] or stats["errors"]:
         raise RuntimeError(f"{url}: {stats['non2xx']} non-2xx, {stats['errors']} socket errors")
     result = {
@@ -91,25 +103,51 @@ def measure_shadow(
     variants: list[dict[str, Any]],
     percent: int,
     duration_s: float,
+    pause_ms: float,
 ) -> dict[str, Any]:
-    """Routed runs at 16 connections without, then with, a shadow variant on `percent`."""
-    pin_server, pin_router = ["taskset", "-c", SERVER_CPU], ["taskset", "-c", CLIENT_CPU]
-    result: dict[str, Any] = {"percent": percent, "connections": 16}
-    with serve_model(
-        model_path, MODEL, "v2", ["--intra-op-threads", "1"], prefix=pin_server
-    ) as shadow_server:
+    """Routed runs at 16 connections without and with a shadow variant on `percent`, paced (each
+    connection pauses `pause_ms` after every answer), alternated SHADOW_ROUNDS times; then once
+    each at full speed.
+
+    The shadow server runs on the primary server's core at SCHED_IDLE: it gets only the CPU the
+    primary leaves unused, as it would have a node of its own in a cluster, so the difference is
+    what mirroring costs the router (its queue, the copies, the comparisons), not a server
+    competing with the primary server for one core.
+    """
+    pin_router = ["taskset", "-c", CLIENT_CPU]
+    pin_shadow = ["taskset", "-c", SERVER_CPU, "chrt", "--idle", "0"]
+    result: dict[str, Any] = {"percent": percent, "connections": 16, "pause_ms": pause_ms}
+    with contextlib.ExitStack() as stack:
+        shadow_server = stack.enter_context(
+            serve_model(model_path, MODEL, "v2", ["--intra-op-threads", "1"], prefix=pin_shadow)
+        )
         dark = [*variants, {"name": "v2", "url": shadow_server.url, "weight": 0}]
+        routers = {}
         for name, extra in (
             ("unmirrored", {}),
             ("mirrored", {"shadow": {"variant": "v2", "percent": percent}}),
         ):
-            config.write_text(json.dumps({"model": MODEL, "variants": dark, **extra}))
-            with route(config, prefix=pin_router) as router:
-                run_wrk(router.url + INFER, body, 16, 1)
-                result[name] = measure(
-                    router.url + INFER, body, 16, duration_s, {"router": router.process.pid}
+            path = config.with_name(f"routes-{name}.json")
+            path.write_text(json.dumps({"model": MODEL, "variants": dark, **extra}))
+            routers[name] = stack.enter_context(route(path, prefix=pin_router))
+            run_wrk(routers[name].url + INFER, body, 16, 1)
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in routers}
+        for round_ in range(SHADOW_ROUNDS):
+            for name in sorted(routers, reverse=round_ % 2 == 1):
+                router = routers[name]
+                pids = {"router": router.process.pid}
+                runs[name].append(
+                    measure(router.url + INFER, body, 16, duration_s, pids, pause_ms=pause_ms)
                 )
-                metrics = httpx.get(router.url + "/metrics").text
+        for name, router in routers.items():
+            pids = {"router": router.process.pid}
+            result[name] = {
+                "paced": runs[name],
+                "p50_ms": statistics.median(run["p50_ms"] for run in runs[name]),
+                "p99_ms": statistics.median(run["p99_ms"] for run in runs[name]),
+                "full_speed": measure(router.url + INFER, body, 16, duration_s, pids),
+            }
+        metrics = httpx.get(routers["mirrored"].url + "/metrics").text
         result["shadow_metrics"] = [
             line
             for line in metrics.splitlines()
@@ -121,12 +159,16 @@ def measure_shadow(
 def summarize_shadow(shadow: dict[str, Any]) -> str:
     """Users' latency through the router without and with shadow copies."""
     plain, mirrored = shadow["unmirrored"], shadow["mirrored"]
+    fast_plain, fast_mirrored = plain["full_speed"], mirrored["full_speed"]
     return (
-        f"shadow {shadow['percent']}% at 16 connections: p50 {plain['p50_ms']:.2f} -> "
-        f"{mirrored['p50_ms']:.2f} ms, p99 {plain['p99_ms']:.2f} -> {mirrored['p99_ms']:.2f} ms "
-        f"({mirrored['p99_ms'] / plain['p99_ms']:.2f}x), req/s {plain['req_s']:.0f} -> "
-        f"{mirrored['req_s']:.0f}, router CPU {plain['router_cpu_us']:.0f} -> "
-        f"{mirrored['router_cpu_us']:.0f} us/req"
+        f"shadow {shadow['percent']}% at 16 connections, paced ({shadow['pause_ms']:g} ms pause, "
+        f"median of {SHADOW_ROUNDS} runs each, {plain['paced'][0]['req_s']:.0f} req/s): "
+        f"p50 {plain['p50_ms']:.2f} -> {mirrored['p50_ms']:.2f} ms, "
+        f"p99 {plain['p99_ms']:.2f} -> {mirrored['p99_ms']:.2f} ms "
+        f"({mirrored['p99_ms'] / plain['p99_ms']:.2f}x); full speed: req/s "
+        f"{fast_plain['req_s']:.0f} -> {fast_mirrored['req_s']:.0f}, p99 "
+        f"{fast_plain['p99_ms']:.2f} -> {fast_mirrored['p99_ms']:.2f} ms, router CPU "
+        f"{fast_plain['router_cpu_us']:.0f} -> {fast_mirrored['router_cpu_us']:.0f} us/req"
     )
 
 
@@ -136,6 +178,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "router.json")
     parser.add_argument("--shadow-percent", type=int, default=10, help="0: no shadow runs")
+    parser.add_argument(
+        "--shadow-pause-ms",
+        type=float,
+        default=4.0,
+        help="pause of each connection after every answer in the paced shadow runs",
+    )
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     print(f"load average before: {load_before}", flush=True)
@@ -174,7 +222,13 @@ def main(argv: list[str]) -> int:
                     print(json.dumps(row), flush=True)
             if args.shadow_percent:
                 shadow = measure_shadow(
-                    model.path, body, config, variants, args.shadow_percent, args.duration
+                    model.path,
+                    body,
+                    config,
+                    variants,
+                    args.shadow_percent,
+                    args.duration,
+                    args.shadow_pause_ms,
                 )
                 print(json.dumps({"shadow": shadow}), flush=True)
     # The machine is shared: a busy neighbour shows here and makes the run worth repeating.

@@ -41,6 +41,7 @@ CLIENT_CPU = "1"
 CONCURRENCIES = (1, 16, 64)
 ROW_COUNTS = (1, 64)
 LUA = REPO / "bench" / "post.lua"
+PACED_LUA = REPO / "bench" / "paced.lua"
 
 
 def v2_body(features: np.ndarray[Any, Any], rows: int) -> bytes:
@@ -59,12 +60,17 @@ def v2_body(features: np.ndarray[Any, Any], rows: int) -> bytes:
     return json.dumps(document).encode()
 
 
-def run_wrk(url: str, body_path: Path, connections: int, duration_s: float) -> dict[str, Any]:
-    """One wrk run on CPU 1; returns its JSON summary."""
+def run_wrk(
+    url: str, body_path: Path, connections: int, duration_s: float, pause_ms: float = 0
+) -> dict[str, Any]:
+    """One wrk run on CPU 1; returns its JSON summary. With `pause_ms`, each connection waits
+    that long after every answer (bench/paced.lua): a load below saturation."""
     seconds = max(1, round(duration_s))
+    script = str(PACED_LUA if pause_ms else LUA)
     command = [
         "taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
-        "--timeout", "5s", "-s", str(LUA), url, "--", str(body_path), "application/json",
+        "--timeout", "5s", "-s", script, url, "--", str(body_path), "application/json",
+        *([str(pause_ms)] if pause_ms else []),
     ]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     summary: dict[str, Any] = json.loads(output.strip().splitlines()[-1])

@@ -46,7 +46,7 @@ class MirrorSettings:
     log_max_bytes: int  # the file rotates to <path>.1 above this size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MirroredRequest:
     """One user request and the primary's answer, waiting to be sent to the shadow."""
 

@@ -207,18 +207,17 @@ class Proxy:
         """The whole body when it is small and sized, else a stream of it."""
         length = incoming.content_length
         if length is not None and length <= BUFFER_LIMIT_BYTES and not incoming.chunked:
-            return await self._read_body(receive)
+            # Most small bodies arrive in one message: read it here, without further calls.
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            body: bytes = message.get("body", b"")
+            if message.get("more_body", False):
+                body += b"".join([chunk async for chunk in self._stream_body(receive)])
+            return body
         if length is not None or incoming.chunked:
             return self._stream_body(receive)
         return b""
-
-    async def _read_body(self, receive: Receive) -> bytes:
-        parts = []
-        while True:
-            message = await self._receive(receive)
-            parts.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _stream_body(self, receive: Receive) -> AsyncIterator[bytes]:
         while True:

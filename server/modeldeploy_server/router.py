@@ -253,7 +253,9 @@ class RouterMetrics:
                 ("disagreements", "answers that differ beyond the tolerances"),
             )
         }
+        # Labelled children, looked up once per label set: the mirror counts every copy.
         self._shadow_children: dict[tuple[str, str, str], Counter] = {}
+        self._difference_children: dict[tuple[str, str], Histogram] = {}
         self._shadow_difference = Histogram(
             "modeldeploy_router_shadow_abs_difference",
             "Largest absolute difference between the float outputs of a shadow answer and the "
@@ -281,7 +283,6 @@ class RouterMetrics:
         key = (kind, primary, shadow)
         child = self._shadow_children.get(key)
         if child is None:
-            # The labelled child once per (kind, primary, shadow): `offer` runs per request.
             child = self._shadow_children[key] = self._shadow[kind].labels(primary, shadow)
         child.inc()
 
@@ -291,7 +292,11 @@ class RouterMetrics:
         """Count one comparison of a shadow answer with the primary's."""
         self.count_shadow(primary, shadow, "agreements" if agree else "disagreements")
         if difference is not None:
-            self._shadow_difference.labels(primary, shadow).observe(difference)
+            histogram = self._difference_children.get((primary, shadow))
+            if histogram is None:
+                histogram = self._shadow_difference.labels(primary, shadow)
+                self._difference_children[(primary, shadow)] = histogram
+            histogram.observe(difference)
 
     def count_unrouted(self, code: int) -> None:
         """Count a request that no variant was chosen for."""

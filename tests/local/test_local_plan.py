@@ -12,13 +12,19 @@ import pytest
 from modeldeploy_operator.local import (
     Download,
     LocalFile,
+    LocalPlan,
     list_ignored_fields,
     locate_model,
     plan_local_run,
     render_example_requests,
 )
 from modeldeploy_operator.render import routes_version
-from modeldeploy_operator.spec import ModelSource, parse_example_instance, parse_model_deployment
+from modeldeploy_operator.spec import (
+    ModelDeployment,
+    ModelSource,
+    parse_example_instance,
+    parse_model_deployment,
+)
 from tests.invalid_manifests import SHA_V1, VALID_MANIFESTS
 
 BASE = Path("/work/project")
@@ -45,8 +51,9 @@ def test_locate_model(uri: str, claims: dict[str, Path], location: object) -> No
     assert locate_model(source, base_dir=BASE, claim_dirs=claims, cache_dir=CACHE) == location
 
 
-def test_plan_starts_each_variant_as_the_operator_configures_it() -> None:
-    md = parse_model_deployment(VALID_MANIFESTS["full"]("iris"))
+def plan_example(manifest: str) -> tuple[ModelDeployment, LocalPlan]:
+    """The local plan of a valid example manifest: models in /m, ports from 9000, router 8080."""
+    md = parse_model_deployment(VALID_MANIFESTS[manifest]("iris"))
     names = [v.name for v in md.variants]
     plan = plan_local_run(
         md,
@@ -56,6 +63,11 @@ def test_plan_starts_each_variant_as_the_operator_configures_it() -> None:
         router_port=8080,
         routes_path=Path("/run/routes.json"),
     )
+    return md, plan
+
+
+def test_plan_starts_each_variant_as_the_operator_configures_it() -> None:
+    md, plan = plan_example("full")
     v1 = plan.variants[0]
     assert v1.argv == (
         "modeldeploy-server",
@@ -114,16 +126,7 @@ def test_plan_starts_each_variant_as_the_operator_configures_it() -> None:
 
 
 def test_plan_gives_the_router_the_timeout_and_a_shadow_log_beside_its_routes() -> None:
-    md = parse_model_deployment(VALID_MANIFESTS["shadow"]("iris"))
-    names = [v.name for v in md.variants]
-    plan = plan_local_run(
-        md,
-        server_command=("modeldeploy-server",),
-        model_paths={n: Path(f"/m/{n}.onnx") for n in names},
-        variant_ports={n: 9000 + i for i, n in enumerate(names)},
-        router_port=8080,
-        routes_path=Path("/run/routes.json"),
-    )
+    _, plan = plan_example("shadow")
     # The same env the operator gives the router's pod, the log in the run's folder.
     assert plan.router.env == {
         "MODELDEPLOY_ROUTER_TIMEOUT_S": "20",

@@ -339,10 +339,11 @@ async def backoff_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def test_an_overload_refusal_pauses_only_its_own_connection() -> None:
-    """Clients that ignore Retry-After cannot keep the server busy refusing them."""
+@contextlib.contextmanager
+def in_process_server(app: Any) -> Iterator[int]:
+    """`app` behind the edge (build_server) in a thread of this process; yields its port."""
     server = build_server(
-        backoff_app, host=LOOPBACK, port=0, access_log=False, graceful_shutdown_s=1,
+        app, host=LOOPBACK, port=0, access_log=False, graceful_shutdown_s=1,
         edge=EdgeSettings(shutdown_delay_s=0), on_drain=lambda: None, log_config=None,
     )  # fmt: skip
     sock = socket.socket()
@@ -354,20 +355,27 @@ def test_an_overload_refusal_pauses_only_its_own_connection() -> None:
         while not server.started:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        port = sock.getsockname()[1]
-        with socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as retrying:
-            retrying.sendall(b"GET /busy HTTP/1.1\r\nhost: x\r\n\r\n")
-            assert retrying.recv(100).startswith(b"HTTP/1.1 503 ")
-            started = time.monotonic()
-            retrying.sendall(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
-            with socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as other:
-                other.sendall(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
-                assert other.recv(100).startswith(b"HTTP/1.1 200 ")
-            assert retrying.recv(100).startswith(b"HTTP/1.1 200 ")
-            assert time.monotonic() - started >= 0.9  # read only after the back-off
+        yield sock.getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(WAIT_S)
+
+
+def test_an_overload_refusal_pauses_only_its_own_connection() -> None:
+    """Clients that ignore Retry-After cannot keep the server busy refusing them."""
+    with (
+        in_process_server(backoff_app) as port,
+        socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as retrying,
+    ):
+        retrying.sendall(b"GET /busy HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert retrying.recv(100).startswith(b"HTTP/1.1 503 ")
+        started = time.monotonic()
+        retrying.sendall(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+        with socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as other:
+            other.sendall(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert other.recv(100).startswith(b"HTTP/1.1 200 ")
+        assert retrying.recv(100).startswith(b"HTTP/1.1 200 ")
+        assert time.monotonic() - started >= 0.9  # read only after the back-off
 
 
 def late_body_app(release: threading.Event) -> Any:
@@ -404,21 +412,11 @@ def test_answer_heads_are_written_with_their_bodies_and_never_wait_for_a_late_on
     """The edge joins an answer's head to its body (one write); a head whose body comes later,
     a HEAD answer's head, and a 100 Continue still go out at once, in order."""
     release = threading.Event()
-    server = build_server(
-        late_body_app(release), host=LOOPBACK, port=0, access_log=False, graceful_shutdown_s=1,
-        edge=EdgeSettings(shutdown_delay_s=0), on_drain=lambda: None, log_config=None,
-    )  # fmt: skip
-    sock = socket.socket()
-    sock.bind((LOOPBACK, 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        port = sock.getsockname()[1]
-        with socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as client:
+        with (
+            in_process_server(late_body_app(release)) as port,
+            socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as client,
+        ):
             client.sendall(b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\n")
             assert read_until(client, b"whole").startswith(b"HTTP/1.1 200 OK\r\n")
             # The body waits for the client to have the head (the head is not held for it).
@@ -442,5 +440,3 @@ def test_answer_heads_are_written_with_their_bodies_and_never_wait_for_a_late_on
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"HTTP/1.1") == 1
     finally:
         release.set()
-        server.should_exit = True
-        thread.join(WAIT_S)

@@ -66,6 +66,18 @@ class NamespaceInformer:
         failures = 0
         while not self._stopped.is_set():
             try:
+                failures = self._list_and_watch(api_version, plural, kind, selector, failures)
+            except Exception as error:  # a thread that dies would leave its kind stale for good
+                failures += 1
+                log.exception(f"watching {plural} in {self.namespace} failed; listing again")
+                self._pause(f"watch {plural} in {self.namespace}", error, failures)
+
+    def _list_and_watch(
+        self, api_version: str, plural: str, kind: str, selector: str, failures: int
+    ) -> int:
+        """One list, then watches until one fails; the count of failures in a row."""
+        while not self._stopped.is_set():
+            try:
                 objects, version = self._api.list_objects(
                     api_version, plural, kind, self.namespace, selector
                 )
@@ -76,6 +88,8 @@ class NamespaceInformer:
                     self._stopped.wait(UNSERVED_RETRY_S)
                     continue
                 failures += 1
+                # Until every kind is listed, this namespace is not reconciled: say why.
+                log.warning(f"cannot list {plural} in {self.namespace}: {error}")
                 self._pause(f"list {plural} in {self.namespace}", error, failures)
                 continue
             failures = 0
@@ -93,8 +107,9 @@ class NamespaceInformer:
                 # server may not say it).
                 failures += 1
                 self._pause(f"watch {plural} in {self.namespace}", error, failures)
+        return failures
 
-    def _pause(self, what: str, error: ApiError, failures: int) -> None:
+    def _pause(self, what: str, error: Exception, failures: int) -> None:
         delay = min(RETRY_MAX_S, 0.5 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
         log.debug(f"{what} failed, listing again in {delay:.1f}s: {error}")
         self._stopped.wait(delay)

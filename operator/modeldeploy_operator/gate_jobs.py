@@ -128,8 +128,14 @@ def render_gate_job(md: ModelDeployment, variant: Variant, image: str) -> Manife
     return _object(md, "batch/v1", "Job", name, labels, spec)
 
 
-def gate_verdicts(md: ModelDeployment, pods: Iterable[Mapping[str, Any]]) -> dict[str, GateVerdict]:
-    """The verdict of each gated variant's gate at its current digest, from its Job's pods."""
+def gate_verdicts(
+    md: ModelDeployment,
+    pods: Iterable[Mapping[str, Any]],
+    jobs: Iterable[Mapping[str, Any]] = (),
+) -> dict[str, GateVerdict]:
+    """The verdict of each gated variant's gate at its current digest, from its Job's pods; a Job
+    that failed without any (its retries spent on "cannot judge") fails the gate: a candidate
+    whose gate cannot run gets no weight, and the status says why."""
     current = {v.name: v.model.sha256 for v in md.variants if v.gate is not None}
     verdicts: dict[str, GateVerdict] = {}
     for pod in pods:
@@ -145,7 +151,23 @@ def gate_verdicts(md: ModelDeployment, pods: Iterable[Mapping[str, Any]]) -> dic
         verdict = _verdict(pod, sha256)
         if verdict is not None:
             verdicts[variant] = verdict
+    by_name = {j["metadata"]["name"]: j for j in jobs}
+    for name, sha256 in current.items():
+        job_name = gate_job_name(md.name, name, sha256)
+        job = by_name.get(job_name)
+        failed = _failed(job) if job is not None else None
+        if name not in verdicts and failed is not None:
+            summary = f"gate Job {job_name} failed without a verdict: {failed}"
+            verdicts[name] = GateVerdict(sha256, False, summary)
     return verdicts
+
+
+def _failed(job: Mapping[str, Any]) -> str | None:
+    """The Job's Failed condition's reason and message, or None while it has not failed."""
+    for condition in job.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            return f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+    return None
 
 
 def _verdict(pod: Mapping[str, Any], sha256: str) -> GateVerdict | None:

@@ -137,7 +137,8 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
     owned = {key(o): o for o in snapshot.children if owned_by(o, md.uid)}
     deployments = {name: o for (kind, name), o in owned.items() if kind == "Deployment"}
     ready = ready_variants(md, deployments)
-    verdicts = gate_verdicts(md, snapshot.gate_pods)
+    jobs = [o for (kind, _), o in owned.items() if kind == "Job"]
+    verdicts = gate_verdicts(md, snapshot.gate_pods, jobs)
     rollout = plan_md_rollout(md, previous, snapshot.metrics, verdicts, now)
     # With a rollout the routes carry its weights; the spec's stay the destination.
     routed = rollout.weights if rollout is not None else md.spec_weights

@@ -247,6 +247,25 @@ def test_a_gated_candidate_gets_no_weight_until_its_gate_passed_for_its_digest()
     assert routed_weights(failed.apply) == {"v1": 100, "v2": 0}
 
 
+def test_a_gate_job_that_failed_without_a_verdict_fails_the_gate() -> None:
+    spec = md(0, 100, 2)
+    spec["spec"]["variants"][1]["gate"] = {
+        "dataset": {"uri": "https://data.example/golden.csv", "sha256": "c" * 64}
+    }
+    gating = step(spec, promoted_v1(), at(0))
+    (job,) = [o for o in gating.desired if o["kind"] == "Job"]
+    failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}
+    job = {**job, "metadata": {**job["metadata"], "uid": "j"}, "status": {"conditions": [failed]}}
+    obj = copy.deepcopy(spec)
+    obj["status"] = gating.status
+    planned = plan(
+        Snapshot(obj, [*children(obj, READY), job], gate_pods=()), server_image=IMAGE, now=at(30)
+    )
+    rollout = planned.status["rollout"]
+    assert (rollout["phase"], rollout["reason"]) == ("RolledBack", "GateFailed")
+    assert "failed without a verdict: BackoffLimitExceeded" in rollout["message"]
+
+
 def test_without_rollout_nothing_changes() -> None:
     planned = step(model_deployment(), None, T0)
     assert "rollout" not in planned.status and planned.requeue_after_s is None

@@ -28,6 +28,7 @@ import onnxruntime
 import pytest
 import yaml
 
+from modeldeploy_operator.render import MODEL_SOURCE_DIR
 from tests.cluster.conftest import MEASURED, REPO_ROOT, Cluster
 from tests.processes import server_command
 
@@ -130,8 +131,13 @@ def is_ready(md: dict[str, Any]) -> bool:
 
 
 def is_settled(md: dict[str, Any]) -> bool:
-    """Ready, and no rollout in progress (old pods gone)."""
-    return is_ready(md) and condition(md, "Progressing").get("status") == "False"
+    """Ready, and no rollout in progress (old pods gone), for the current generation."""
+    generation = md["metadata"].get("generation")
+    return (
+        md.get("status", {}).get("observedGeneration") == generation
+        and is_ready(md)
+        and condition(md, "Progressing").get("status") == "False"
+    )
 
 
 # --- load -----------------------------------------------------------------------------------------
@@ -547,11 +553,20 @@ def test_wrong_sha256_never_ready_never_served_and_status_says_why(edited_iris: 
         ]
     assert {(a.status, a.sha256) for a in answers} == {(200, served_sha)}
     assert not any(_ready(p) for p in pods())
-    status = iris.md().get("status", {})
-    said = " ".join(c.get("message", "") for c in status.get("conditions", []))
-    assert "sha256" in said.lower(), (
-        f"no condition says why v2 does not roll out:\n{yaml.safe_dump(status)}"
-    )
+
+    def degraded_says_why() -> dict[str, Any] | None:
+        found = condition(iris.md(), "Degraded")
+        return found if found.get("status") == "True" else None
+
+    # The pod's failure reaches the status through the operator's pod watch.
+    degraded = poll(degraded_says_why, 60, "Degraded=True naming the refused model")
+    assert degraded["reason"] == "PodsFailing"
+    assert degraded["message"].startswith("v2: pod iris-v2-"), degraded
+    assert (
+        f"sha256 mismatch for {MODEL_SOURCE_DIR}/iris-v2.onnx: expected {wrong}"
+        in degraded["message"]
+    ), degraded
+    assert condition(iris.md(), "Ready").get("status") == "True"  # v1 and the old v2 still serve
 
 
 def installed_pods(cluster: Cluster, variant: str, sha256: str) -> list[dict[str, Any]]:

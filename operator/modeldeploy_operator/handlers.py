@@ -214,6 +214,10 @@ class Controller:
             log.warning(f"{where} reconcile failed, retrying in {delay:.0f}s: {error}")
             self.schedule(key, delay)
             return
+        # What this reconcile wrote is what the next one must see, even before the watch brings
+        # it: a stale Deployment would make the status call a new spec rolled out.
+        for written in outcome.written.values():
+            self.index.update(str(written.get("kind", "")), "MODIFIED", written)
         # Remembered before the next reconcile of this key may start and look for echoes.
         self._remember(key, outcome)
         self._report(key, outcome, cause)

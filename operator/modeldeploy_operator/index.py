@@ -50,6 +50,9 @@ class Index:
         if type_ == "DELETED":
             self._remove(okey)
             return before
+        if _older(obj, self._objects.get(okey)):
+            # A watch event from before a write of ours that the index already holds.
+            return before
         after = self._store(okey, obj)
         return after if after is not None else before
 
@@ -134,6 +137,18 @@ class Index:
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
     labels: Mapping[str, str] = obj.get("metadata", {}).get("labels") or {}
     return labels
+
+
+def _older(obj: Mapping[str, Any], held: Mapping[str, Any] | None) -> bool:
+    """Whether `obj` is an earlier version of the same object than `held`. Resource versions are
+    opaque to clients, but etcd's are increasing integers: compare them only when both are."""
+    if held is None:
+        return False
+    meta, held_meta = obj.get("metadata", {}), held.get("metadata", {})
+    if meta.get("uid") != held_meta.get("uid"):
+        return False
+    version, held_version = str(meta.get("resourceVersion", "")), _version(held)
+    return version.isdigit() and held_version.isdigit() and int(version) < int(held_version)
 
 
 def _version(obj: Mapping[str, Any]) -> str:

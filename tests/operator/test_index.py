@@ -73,3 +73,25 @@ def test_a_relist_drops_objects_deleted_while_no_watch_ran_and_names_their_owner
     assert changed == {("ns", "b")}
     assert index.replace(KIND, "ns", [md("b")]) == {("ns", "a")}
     assert index.model_deployments("ns") == [("ns", "b")]
+
+
+def test_an_event_older_than_what_the_index_holds_does_not_replace_it() -> None:
+    """The operator writes what it applied into the index; the watch's earlier events that
+    arrive afterwards must not bring back the object as it was before that write."""
+    index = Index()
+    written = child("Deployment", "a-v1", "a", version="120")
+    written["metadata"]["uid"] = "u1"
+    index.update("Deployment", "MODIFIED", written)
+    late = child("Deployment", "a-v1", "a", version="95")
+    late["metadata"]["uid"] = "u1"
+    assert index.update("Deployment", "MODIFIED", late) == ("ns", "a")
+    assert index.get("Deployment", "ns", "a-v1") is written
+    newer = child("Deployment", "a-v1", "a", version="121")
+    newer["metadata"]["uid"] = "u1"
+    index.update("Deployment", "MODIFIED", newer)
+    assert index.get("Deployment", "ns", "a-v1") is newer
+    # Another object of that name (deleted and created again) is news at any version.
+    recreated = child("Deployment", "a-v1", "a", version="7")
+    recreated["metadata"]["uid"] = "u2"
+    index.update("Deployment", "MODIFIED", recreated)
+    assert index.get("Deployment", "ns", "a-v1") is recreated

@@ -19,10 +19,10 @@ import yaml
 from modeldeploy_operator import cli_rollout
 from modeldeploy_operator.batch_render import UnresolvedModel, render_batch_job, resolve_model
 from modeldeploy_operator.config import DEFAULT_SERVER_IMAGE
+from modeldeploy_operator.gate_jobs import render_with_gates
 from modeldeploy_operator.kubeyaml import Document, KubeYAMLError, load_documents
 from modeldeploy_operator.local_batch import LocalBatchSettings, run_local_batch
 from modeldeploy_operator.local_runner import LocalRunSettings, run_local
-from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import (
     BATCH_KIND,
     KIND,
@@ -232,7 +232,7 @@ def render(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> in
         md = loaded.md
         if args.namespace is not None:
             md = dataclasses.replace(md, namespace=args.namespace)
-        objects += render_objects(md, server_image=args.server_image)
+        objects += render_with_gates(md, server_image=args.server_image)
     yaml.dump_all(objects, out, Dumper=_BlockStringDumper, sort_keys=False)
     return 0
 

@@ -10,11 +10,16 @@ the Service unreachable, the dataset unreadable) is retried by the Job, and give
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from modeldeploy_operator import naming
-from modeldeploy_operator.render import _object, container_security_context, render_pod_spec
+from modeldeploy_operator.render import (
+    _object,
+    container_security_context,
+    render_objects,
+    render_pod_spec,
+)
 from modeldeploy_operator.rollout import GateVerdict
 from modeldeploy_operator.spec import ModelDeployment, Variant
 
@@ -126,6 +131,24 @@ def render_gate_job(md: ModelDeployment, variant: Variant, image: str) -> Manife
     }
     name = gate_job_name(md.name, variant.name, sha256)
     return _object(md, "batch/v1", "Job", name, labels, spec)
+
+
+def render_with_gates(
+    md: ModelDeployment,
+    *,
+    server_image: str,
+    weights: Mapping[str, int] | None = None,
+    serving: Collection[str] | None = None,
+) -> list[Manifest]:
+    """render_objects, then the gate Job of each gated variant that serves (`serving`; None, as
+    offline: every variant)."""
+    image = md.pod.image or server_image
+    gates = [
+        render_gate_job(md, v, image)
+        for v in md.variants
+        if v.gate is not None and (serving is None or v.name in serving)
+    ]
+    return [*render_objects(md, server_image=server_image, weights=weights), *gates]
 
 
 def gate_verdicts(

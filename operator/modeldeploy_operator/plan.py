@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modeldeploy_operator import naming, readiness
-from modeldeploy_operator.gate_jobs import gate_verdicts, render_gate_job
+from modeldeploy_operator.gate_jobs import gate_verdicts, render_with_gates
 from modeldeploy_operator.pod_problems import rollout_incomplete, variant_pod_problems
 from modeldeploy_operator.readiness import (
     Verdict,
@@ -25,7 +25,6 @@ from modeldeploy_operator.readiness import (
     routes_version,
     stale_acks,
 )
-from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.rollout import VariantMetrics
 from modeldeploy_operator.rollout_control import plan_md_rollout
 from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
@@ -144,14 +143,9 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
     routed = rollout.weights if rollout is not None else md.spec_weights
     traffic = compute_effective_weights(routed, ready)
     # A gated variant's gate runs once it serves (against its Service), for its current digest.
-    gates = [
-        render_gate_job(md, v, md.pod.image or server_image)
-        for v in md.variants
-        if v.gate is not None and v.name in ready
-    ]
     desired = tuple(
         with_applied_hash(o)
-        for o in (*render_objects(md, server_image=server_image, weights=traffic), *gates)
+        for o in render_with_gates(md, server_image=server_image, weights=traffic, serving=ready)
     )
     wanted = {key(o) for o in desired}
     recreate = tuple(

@@ -15,7 +15,7 @@ import yaml
 from modeldeploy_operator.batch_render import render_batch_job, resolve_model
 from modeldeploy_operator.cli import main
 from modeldeploy_operator.config import DEFAULT_SERVER_IMAGE
-from modeldeploy_operator.render import render_objects
+from modeldeploy_operator.gate_jobs import render_with_gates
 from modeldeploy_operator.spec import BATCH_KIND, parse_batch_prediction, parse_model_deployment
 from modeldeploy_operator.validation import default_model_deployment
 from tests.invalid_manifests import VALID_MANIFESTS
@@ -52,13 +52,13 @@ def render_with_cli(
 
 
 def operator_objects(manifest: dict[str, Any], image: str = DEFAULT_SERVER_IMAGE) -> list[Any]:
-    """What the operator applies: render_objects of the object as the API server stores it
+    """What the operator applies: render_with_gates of the object as the API server stores it
     (CRD defaults filled in), every variant Ready."""
     if manifest["kind"] == BATCH_KIND:
         bp = parse_batch_prediction(default_model_deployment(manifest, BATCH_KIND))
         return [render_batch_job(bp, resolve_model(bp, None), server_image=image)]
     stored = default_model_deployment(manifest)
-    return render_objects(parse_model_deployment(stored), server_image=image)
+    return render_with_gates(parse_model_deployment(stored), server_image=image)
 
 
 @pytest.mark.parametrize("manifest", manifests())

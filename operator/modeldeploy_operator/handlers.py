@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from modeldeploy_operator.config import OperatorConfig
 from modeldeploy_operator.index import Index, MdKey
-from modeldeploy_operator.informer import NamespaceInformer
+from modeldeploy_operator.informer import NamespaceInformer, trim
 from modeldeploy_operator.kube import WATCHED, ApiError, KubeApi, TransientApiError
 from modeldeploy_operator.metrics import OperatorMetrics
 from modeldeploy_operator.plan import Key, Snapshot, describe, plan_inputs
@@ -215,9 +215,11 @@ class Controller:
             self.schedule(key, delay)
             return
         # What this reconcile wrote is what the next one must see, even before the watch brings
-        # it: a stale Deployment would make the status call a new spec rolled out.
-        for written in outcome.written.values():
-            self.index.update(str(written.get("kind", "")), "MODIFIED", written)
+        # it: a stale Deployment would make the status call a new spec rolled out, and a stale
+        # status would post the same transition's event twice.
+        for written in (*outcome.written.values(), outcome.status_written):
+            if written is not None:
+                self.index.update(str(written.get("kind", "")), "MODIFIED", trim(written))
         # Remembered before the next reconcile of this key may start and look for echoes.
         self._remember(key, outcome)
         self._report(key, outcome, cause)

@@ -101,7 +101,7 @@ class NamespaceInformer:
                     ):
                         version = obj.get("metadata", {}).get("resourceVersion", version)
                         if type_ in ("ADDED", "MODIFIED", "DELETED"):
-                            self._change(kind, type_, _trim(obj))
+                            self._change(kind, type_, trim(obj))
             except ApiError as error:
                 # Relist: events may have been missed (410 Gone says so; a restarted API
                 # server may not say it).
@@ -115,14 +115,14 @@ class NamespaceInformer:
         self._stopped.wait(delay)
 
     def _replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
-        trimmed = [_trim(o) for o in objects]
+        trimmed = [trim(o) for o in objects]
         self._deliver(lambda: self._sink.replaced(kind, self.namespace, trimmed))
 
     def _change(self, kind: str, type_: str, obj: Mapping[str, Any]) -> None:
         self._deliver(lambda: self._sink.changed(kind, type_, obj))
 
 
-def _trim(obj: Mapping[str, Any]) -> dict[str, Any]:
+def trim(obj: Mapping[str, Any]) -> dict[str, Any]:
     """The object without its managedFields: nothing reads them and they are most of its size."""
     meta = {k: v for k, v in obj.get("metadata", {}).items() if k != "managedFields"}
     return {**obj, "metadata": meta}

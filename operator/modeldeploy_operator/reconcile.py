@@ -50,6 +50,8 @@ class Outcome:
     pruned: tuple[str, ...] = ()
     recreated: tuple[Recreate, ...] = ()
     deleted_uids: frozenset[str] = frozenset()
+    # The ModelDeployment as our status write left it (None: no status write was needed).
+    status_written: Mapping[str, Any] | None = None
 
     @property
     def retry(self) -> bool:
@@ -166,8 +168,9 @@ def reconcile(
         )
         planned = dataclasses.replace(planned, status=replanned.status, events=replanned.events)
     settled = settle(planned, done.failures)
+    status_written = None
     if settled.status != obj.get("status"):
-        api.apply_status(namespace, name, settled.status)
+        status_written = api.apply_status(namespace, name, settled.status)
     recreated = (
         Event("Normal", "Recreated", f"recreated {describe(r.observed)}: {r.reason}")
         for r in done.recreated
@@ -190,4 +193,5 @@ def reconcile(
         new_failures=settled.new_failures,
         observed=observed,
         changed=changed,
+        status_written=status_written,
     )

@@ -223,6 +223,11 @@ def _rollout_gap(variant: Variant, deployment: Mapping[str, Any] | None) -> str:
     )
     if updated < desired or ready < desired or total > updated:
         return f"{variant.name}: {ready}/{desired} ready, {updated} updated"
+    # Old pods still answer while they terminate (preStop, then their drain), over the
+    # connections clients keep alive to them: the rollout is over once they are gone.
+    terminating = _int(deployment, "terminatingReplicas")
+    if terminating:
+        return f"{variant.name}: {ready}/{desired} ready, {terminating} terminating"
     return ""
 
 

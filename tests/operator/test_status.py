@@ -299,3 +299,15 @@ def test_shadow_is_described_and_gateway_mode_says_nothing_is_compared() -> None
     status = status_of(md(variants=dark, routing=gateway), {}, previous=None, now=T0)
     assert "the Gateway discards its answers and makes no comparison" in status["shadow"]
     assert "shadow" not in status_of(md(), {}, previous=None, now=T0)
+
+
+def test_old_pods_still_terminating_keep_the_rollout_in_progress() -> None:
+    """They still answer over kept-alive connections: RolloutComplete only once they are gone."""
+    terminating = deployment("iris-v2", ready=1)
+    terminating["status"]["terminatingReplicas"] = 1
+    children = {"iris-v1": deployment("iris-v1", ready=1), "iris-v2": terminating}
+    status = status_of(md(), children, previous=None, now=T0)
+    (progressing,) = [c for c in status["conditions"] if c["type"] == "Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("True", "RollingOut")
+    assert progressing["message"] == "v2: 1/1 ready, 1 terminating"
+    assert conditions(status)["Ready"] == ("True", "AllVariantsReady")

@@ -743,6 +743,13 @@ def import_images(paths: Paths, archives: dict[str, str]) -> None:
             ctr(paths, "images", "remove", "--sync", *stale)
         if image not in known:
             ctr(paths, "images", "import", archive, timeout=600)
+    # The CRI also names each image it ran by its id ("sha256:..."): those of images no longer
+    # tagged would keep every old build's layers forever (7 GB after a day of rebuilds).
+    listed = [line.split() for line in ctr(paths, "images", "list").splitlines()[1:]]
+    current = {fields[2] for fields in listed if not fields[0].startswith("sha256:")}
+    orphans = [f[0] for f in listed if f[0].startswith("sha256:") and f[2] not in current]
+    if orphans:
+        ctr(paths, "images", "remove", "--sync", *orphans)
 
 
 def healthy(paths: Paths, state: dict[str, Any]) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,7 +27,7 @@ from modeldeploy_operator.batch_render import (
 )
 from modeldeploy_operator.batch_status import compute_batch_events, compute_batch_status
 from modeldeploy_operator.config import OperatorConfig
-from modeldeploy_operator.kube import KubeApi, RejectedError, TransientApiError
+from modeldeploy_operator.kube import ApiError, KubeApi, RejectedError, TransientApiError
 from modeldeploy_operator.spec import (
     API_GROUP,
     API_VERSION,
@@ -38,9 +39,11 @@ from modeldeploy_operator.spec import (
 from modeldeploy_operator.status import Event
 
 RETRY_DELAY_S = 10.0
-# While a Job runs, its pods' reports arrive with Job events; the timer only backs them up.
+RETRY_MAX_S = 300.0
 RESYNC_S = 60.0
 FINISHED = ("Succeeded", "Failed")
+BatchKey = tuple[str, str]  # (namespace, name)
+log = logging.getLogger("modeldeploy_operator")
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,17 @@ def reconcile_batch(
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
-    """Register the BatchPrediction handlers in `registry`, configured by `config`."""
+    """Register the BatchPrediction handlers in `registry`, configured by `config`.
+
+    Watch-event handlers and timers of our own, as for ModelDeployments: kopf then puts no
+    finalizer on BatchPredictions, so deleting one (or uninstalling) never waits for an operator.
+    """
     api_holder: list[KubeApi] = []
-    locks: dict[tuple[str, str], asyncio.Lock] = {}
+    locks: dict[BatchKey, asyncio.Lock] = {}
+    timers: dict[BatchKey, asyncio.TimerHandle] = {}
+    attempts: dict[BatchKey, int] = {}
+    handled: dict[BatchKey, tuple[str, int]] = {}  # (uid, generation) last reconciled
+    tasks: set[asyncio.Task[None]] = set()
 
     @kopf.on.startup(registry=registry)
     def configure_batch(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -99,84 +110,130 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
 
     @kopf.on.cleanup(registry=registry)
     def close_batch(**_: Any) -> None:
+        for timer in timers.values():
+            timer.cancel()
+        timers.clear()
         for api in api_holder:
             api.close()
 
-    async def reconcile_now(namespace: str, name: str) -> BatchOutcome:
+    def forget(key: BatchKey) -> None:
+        timer = timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        attempts.pop(key, None)
+        handled.pop(key, None)
+        locks.pop(key, None)
+
+    def schedule(key: BatchKey, delay: float) -> None:
+        old = timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+
+        def fire() -> None:
+            timers.pop(key, None)
+            task = asyncio.get_running_loop().create_task(look(key, "resync"))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        timers[key] = asyncio.get_running_loop().call_later(delay, fire)
+
+    async def look(key: BatchKey, cause: str) -> None:
+        """Reconcile `key`, post its events, and schedule the next look: the resync while it
+        runs, a backoff when the API server could not be reached, none once it is finished."""
+        namespace, name = key
+
         def work() -> BatchOutcome:
             now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             return reconcile_batch(api_holder[0], config, namespace, name, now)
 
-        lock = locks.setdefault((namespace, name), asyncio.Lock())
-        async with lock:
-            outcome = await asyncio.to_thread(work)
-        if outcome.obj is not None:
-            for event in outcome.events:
-                kopf.event(
-                    kopf.Body(cast(kopf.RawBody, outcome.obj)),
-                    type=event.type,
-                    reason=event.reason,
-                    message=event.message,
-                )
-        return outcome
+        lock = locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                outcome = await asyncio.to_thread(work)
+        except TransientApiError as error:
+            attempt = attempts.get(key, 0)
+            attempts[key] = attempt + 1
+            delay = min(RETRY_DELAY_S * 2**attempt, RETRY_MAX_S)
+            log.warning(
+                f"[{namespace}/{name}] batch reconcile ({cause}) failed, retrying in "
+                f"{delay:.0f}s: {error}"
+            )
+            schedule(key, delay)
+            return
+        except RejectedError as error:
+            # Nothing changes that by waiting: the next edit of the object is looked at again.
+            log.error(f"[{namespace}/{name}] batch reconcile ({cause}) refused: {error}")
+            return
+        attempts.pop(key, None)
+        if outcome.obj is None:
+            forget(key)
+            return
+        meta = outcome.obj["metadata"]
+        handled[key] = (meta.get("uid", ""), int(meta.get("generation") or 1))
+        for event in outcome.events:
+            kopf.event(
+                kopf.Body(cast(kopf.RawBody, outcome.obj)),
+                type=event.type,
+                reason=event.reason,
+                message=event.message,
+            )
+        if outcome.status.get("phase") in FINISHED:
+            timer = timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+        else:
+            # While a Job runs, its pods' reports arrive with Job events; this only backs them up.
+            schedule(key, RESYNC_S)
 
-    @kopf.on.resume(API_GROUP, API_VERSION, BATCH_PLURAL, id="batch", registry=registry)
-    @kopf.on.create(API_GROUP, API_VERSION, BATCH_PLURAL, id="batch", registry=registry)
-    @kopf.on.update(API_GROUP, API_VERSION, BATCH_PLURAL, id="batch", registry=registry)
-    async def reconcile_batch_prediction(
-        *, namespace: str | None, name: str, retry: int, **_: Any
+    @kopf.on.event(
+        API_GROUP, API_VERSION, BATCH_PLURAL, id="watch-batch-predictions", registry=registry
+    )
+    async def batch_prediction_changed(
+        *, type: str | None, namespace: str | None, name: str, meta: kopf.Meta, **_: Any
     ) -> None:
         assert namespace is not None  # BatchPredictions are namespaced
-        try:
-            await reconcile_now(namespace, name)
-        except TransientApiError as error:
-            raise kopf.TemporaryError(
-                str(error), delay=min(RETRY_DELAY_S * 2**retry, 300)
-            ) from error
-        except RejectedError as error:
-            raise kopf.PermanentError(str(error)) from error
-
-    @kopf.timer(
-        API_GROUP,
-        API_VERSION,
-        BATCH_PLURAL,
-        id="batch-resync",
-        interval=RESYNC_S,
-        initial_delay=RESYNC_S,
-        registry=registry,
-    )
-    async def resync_batch(
-        *, namespace: str | None, name: str, status: kopf.Status, **_: Any
-    ) -> None:
-        # A finished BatchPrediction never changes again: nothing to look at.
-        if status.get("phase") in FINISHED:
+        key = (namespace, name)
+        if type == "DELETED":
+            forget(key)
             return
-        assert namespace is not None
-        try:
-            await reconcile_now(namespace, name)
-        except TransientApiError as error:
-            raise kopf.TemporaryError(str(error), delay=RETRY_DELAY_S) from error
+        finalizers = list(meta.get("finalizers") or [])
+        if naming.LEGACY_FINALIZER in finalizers:
+            # Earlier versions let kopf keep it here; one left behind would block deletion.
+            try:
+                await asyncio.to_thread(
+                    api_holder[0].remove_finalizer,
+                    namespace,
+                    name,
+                    naming.LEGACY_FINALIZER,
+                    finalizers,
+                    BATCH_PLURAL,
+                )
+            except ApiError as error:
+                log.warning(
+                    f"[{namespace}/{name}] could not remove {naming.LEGACY_FINALIZER}: {error}"
+                )
+        if meta.get("deletionTimestamp"):
+            forget(key)
+            return
+        # Our own status writes change neither the uid nor the generation.
+        seen = (meta.get("uid", ""), int(meta.get("generation") or 1))
+        if type is not None and handled.get(key) == seen:
+            return
+        await look(key, "listed" if type is None else f"generation {seen[1]}")
 
     @kopf.on.event(
         "batch",
         "v1",
         "jobs",
+        id="watch-batch-jobs",
         labels={naming.MANAGED_BY: naming.FIELD_MANAGER, BATCH_PREDICTION_LABEL: kopf.PRESENT},
         registry=registry,
     )
     async def batch_job_changed(
-        *,
-        type: str | None,
-        namespace: str | None,
-        labels: kopf.Labels,
-        logger: kopf.Logger,
-        **_: Any,
+        *, type: str | None, namespace: str | None, labels: kopf.Labels, **_: Any
     ) -> None:
         # Job status (indexes done and failed, completion) moves the BatchPrediction's status.
         owner = labels.get(BATCH_PREDICTION_LABEL)
         if type is None or not owner or namespace is None:
             return
-        try:
-            await reconcile_now(namespace, owner)
-        except (TransientApiError, RejectedError) as error:
-            logger.warning(f"refreshing BatchPrediction {namespace}/{owner} failed: {error}")
+        await look((namespace, owner), f"Job {type.lower()}")

@@ -25,6 +25,7 @@ from typing import Any
 import kopf
 from prometheus_client import CollectorRegistry, start_http_server
 
+from modeldeploy_operator import naming
 from modeldeploy_operator.config import OperatorConfig
 from modeldeploy_operator.index import Index, MdKey
 from modeldeploy_operator.informer import NamespaceInformer, trim
@@ -40,9 +41,6 @@ from modeldeploy_operator.workqueue import WorkQueue
 
 RETRY_BASE_S = 1.0
 RETRY_MAX_S = 300.0
-# Earlier versions kept this kopf finalizer on ModelDeployments; one left there would block their
-# deletion. (kopf still puts it on BatchPredictions, whose handlers use kopf's timers.)
-LEGACY_FINALIZER = f"{API_GROUP}/operator"
 log = logging.getLogger("modeldeploy_operator")
 
 
@@ -195,7 +193,7 @@ class Controller:
             return
         snapshot = self.index.snapshot(key)
         meta = snapshot.model_deployment["metadata"] if snapshot else {}
-        if LEGACY_FINALIZER in (meta.get("finalizers") or []):
+        if naming.LEGACY_FINALIZER in (meta.get("finalizers") or []):
             await self._remove_legacy_finalizer(key, meta.get("finalizers") or [])
         if snapshot is None or meta.get("deletionTimestamp"):
             # Deletion is the garbage collector's job: every child has an ownerReference.
@@ -239,12 +237,12 @@ class Controller:
                 self.api.remove_finalizer,
                 key[0],
                 key[1],
-                LEGACY_FINALIZER,
+                naming.LEGACY_FINALIZER,
                 finalizers,
             )
         except ApiError as error:
             where = f"[{key[0]}/{key[1]}]"
-            log.warning(f"{where} could not remove finalizer {LEGACY_FINALIZER}: {error}")
+            log.warning(f"{where} could not remove finalizer {naming.LEGACY_FINALIZER}: {error}")
 
     def is_echo(self, key: MdKey, body: Mapping[str, Any], type_: str) -> bool:
         echoes = self._echoes.get(key)
@@ -354,14 +352,6 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
 
     @kopf.on.startup(id="configure-watches-and-metrics", registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # kopf's own bookkeeping, for the handlers that still use it (BatchPredictions, see
-        # batch_handlers.py; the ModelDeployment handlers here need none): annotations under our
-        # prefix, since status.kopf would be pruned by the CRDs' structural schemas.
-        settings.persistence.finalizer = LEGACY_FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=API_GROUP, key="last-handled-configuration"
-        )
         # The watches hold their connections for minutes: a client of their own, so the
         # reconcile workers' pool is never short of one.
         clients.extend([KubeApi.from_environment(config.workers + 4), KubeApi.from_environment(64)])

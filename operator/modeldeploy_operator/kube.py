@@ -195,10 +195,16 @@ class KubeApi:
             raise
 
     def remove_finalizer(
-        self, namespace: str, name: str, finalizer: str, finalizers: list[str]
+        self,
+        namespace: str,
+        name: str,
+        finalizer: str,
+        finalizers: list[str],
+        plural: str = PLURAL,
     ) -> None:
-        """Remove `finalizer` from a ModelDeployment whose finalizers are still `finalizers`."""
-        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, PLURAL, namespace) + f"/{name}"
+        """Remove `finalizer` from one of our objects (a ModelDeployment, or another `plural` of
+        our group) whose finalizers are still `finalizers`."""
+        path = _collection_path(MODEL_DEPLOYMENT_API_VERSION, plural, namespace) + f"/{name}"
         body: Any = [
             {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
             {

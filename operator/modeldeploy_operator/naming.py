@@ -4,6 +4,9 @@ child watch always agree on them."""
 from __future__ import annotations
 
 FIELD_MANAGER = "modeldeploy-operator"
+# Earlier versions let kopf keep this finalizer on ModelDeployments and BatchPredictions; one left
+# there would block their deletion, so the operator removes it wherever it sees it.
+LEGACY_FINALIZER = "modeldeploy.dev/operator"
 PART_OF = "modeldeploy"
 
 # Labels on every object the operator owns; prune and the child watch select on the first two.

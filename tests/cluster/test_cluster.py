@@ -744,9 +744,10 @@ def test_deleting_the_modeldeployment_removes_every_child(iris_applied: Iris) ->
 
 
 def test_uninstall_as_the_readme_says_leaves_nothing(installed: Cluster) -> None:
-    """README: delete the ModelDeployments first, then `kubectl delete -k manifests/`."""
+    """README: delete the ModelDeployments and BatchPredictions first, then
+    `kubectl delete -k manifests/`."""
     installed.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
-    installed.kubectl("delete", "mdep", "--all", "-A", "--timeout=120s", timeout=150)
+    installed.kubectl("delete", "mdep,bpred", "--all", "-A", "--timeout=120s", timeout=150)
     installed.kubectl("delete", "-k", str(REPO_ROOT / "manifests"), "--timeout=120s", timeout=150)
     crds = installed.get("crd")["items"]
     assert not [c for c in crds if c["spec"]["group"] == "modeldeploy.dev"]

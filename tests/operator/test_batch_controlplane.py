@@ -16,6 +16,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from modeldeploy_operator import naming
 from modeldeploy_operator.batch_render import render_batch_job
 from modeldeploy_operator.spec import BATCH_KIND, parse_batch_prediction
 from modeldeploy_operator.validation import default_model_deployment, validate_model_deployment
@@ -367,3 +368,33 @@ def test_a_job_the_api_server_refuses_fails_it_once_and_says_why(cluster: Batch)
     assert "the API server refused the Job" in failed["message"]
     assert "bad key!" in failed["message"]
     assert cluster.job("refused") is None
+
+
+def test_no_finalizer_so_deletion_never_waits_for_the_operator(cluster: Batch) -> None:
+    """The operator removes the finalizer earlier versions left, puts none of its own, and a
+    BatchPrediction deleted with the operator gone is gone at once (its Job with it)."""
+    custom, ns = cluster.custom, cluster.namespace
+    legacy = batch_prediction("legacy")
+    legacy["metadata"]["finalizers"] = [naming.LEGACY_FINALIZER]
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, legacy)
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, batch_prediction("fresh"))
+    for name in ("legacy", "fresh"):
+        wait_for(
+            lambda name=name: cluster.job(name), f"{name}'s Job", check=cluster.operator.check_alive
+        )
+
+    def finalizers(name: str) -> list[str] | None:
+        try:
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return list(obj["metadata"].get("finalizers") or [])
+
+    wait_for(lambda: finalizers("legacy") == [], "the legacy finalizer removed")
+    assert finalizers("fresh") == []
+    cluster.operator.kill()
+    for name in ("legacy", "fresh"):
+        custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        wait_for(lambda name=name: finalizers(name) is None, f"{name} deleted", timeout=30)

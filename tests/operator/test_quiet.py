@@ -57,6 +57,9 @@ def quiet(
         cluster.wait_owned("iris", ROUTER_KEYS)
         cluster.set_ready("iris-v1")
         cluster.set_ready("iris-v2")
+        # The routes must carry both variants before the routers ack them: an ack of the
+        # version before v2 was ready would stay stale, as no real router here re-acks.
+        cluster.wait_routes("iris", {"v1": 90, "v2": 10})
         cluster.serve("iris")
         cluster.wait_status("iris", "Ready", lambda s: _ready(s))
         yield cluster, audit

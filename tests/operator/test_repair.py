@@ -196,6 +196,7 @@ def test_no_status_calls_a_new_model_rolled_out_before_its_deployment_saw_it(
     cluster.wait_owned("iris", ROUTER_KEYS)
     for name in ("iris-v1", "iris-v2"):
         cluster.set_ready(name)
+    cluster.wait_routes("iris", {"v1": 90, "v2": 10})
     cluster.serve("iris")
     settled = cluster.wait_status(
         "iris", "settled", lambda s: condition(s, "Progressing") == ("False", "RolloutComplete")

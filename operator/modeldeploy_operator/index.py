@@ -20,6 +20,7 @@ MdKey = tuple[str, str]  # (namespace, name) of a ModelDeployment
 ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
 ENDPOINT_SLICE = "EndpointSlice"
 POD = "Pod"
+DELETED_UIDS_KEPT = 100_000
 NOT_CHILDREN = frozenset({KIND, ENDPOINT_SLICE, POD})  # kept here, but not applied by us
 
 
@@ -31,6 +32,9 @@ class Index:
         self._owner: dict[ObjectKey, MdKey] = {}
         self._by_owner: dict[MdKey, dict[ObjectKey, Mapping[str, Any]]] = {}
         self._counts: dict[str, int] = {}
+        # Uids whose deletion the watch reported (oldest first, bounded): an object a reconcile
+        # wrote before it was deleted must not come back when that write reaches the index.
+        self._deleted: dict[str, None] = {}
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -47,10 +51,19 @@ class Index:
         meta = obj.get("metadata", {})
         okey = (kind, meta.get("namespace", ""), meta.get("name", ""))
         before = self._owner.get(okey)
+        uid = str(meta.get("uid", ""))
         if type_ == "DELETED":
-            self._remove(okey)
+            held = self._objects.get(okey)
+            held_uid = str((held or {}).get("metadata", {}).get("uid", ""))
+            # Not the object created again under that name (our write may be here first).
+            if not uid or not held_uid or held_uid == uid:
+                self._remove(okey)
+            if uid:
+                self._deleted[uid] = None
+                if len(self._deleted) > DELETED_UIDS_KEPT:
+                    del self._deleted[next(iter(self._deleted))]
             return before
-        if _older(obj, self._objects.get(okey)):
+        if uid in self._deleted or _older(obj, self._objects.get(okey)):
             # A watch event from before a write of ours that the index already holds.
             return before
         after = self._store(okey, obj)

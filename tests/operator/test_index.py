@@ -95,3 +95,34 @@ def test_an_event_older_than_what_the_index_holds_does_not_replace_it() -> None:
     recreated["metadata"]["uid"] = "u2"
     index.update("Deployment", "MODIFIED", recreated)
     assert index.get("Deployment", "ns", "a-v1") is recreated
+
+
+def test_a_write_that_reaches_the_index_after_its_objects_deletion_is_dropped() -> None:
+    """A reconcile applied a child, the garbage collector deleted it (the watch said so), and
+    only then the reconcile's write reaches the index: it must not bring the object back."""
+    index = Index()
+    applied = child("Deployment", "gone-v1", "gone", version="40")
+    applied["metadata"]["uid"] = "u1"
+    index.update("Deployment", "ADDED", applied)
+    index.update("Deployment", "DELETED", applied)
+    index.update("Deployment", "MODIFIED", applied)  # the reconcile's write, late
+    assert index.get("Deployment", "ns", "gone-v1") is None
+    assert index.counts()["Deployment"] == 0
+    again = child("Deployment", "gone-v1", "gone", version="41")
+    again["metadata"]["uid"] = "u2"  # created anew: another uid, news
+    index.update("Deployment", "ADDED", again)
+    assert index.get("Deployment", "ns", "gone-v1") is again
+
+
+def test_the_deletion_of_a_recreated_objects_predecessor_keeps_the_new_one() -> None:
+    """Recreate: our write of the new object reaches the index before the watch reports the old
+    one's deletion; that deletion must not remove the new one."""
+    index = Index()
+    old = child("Service", "a-v1", "a", version="10")
+    old["metadata"]["uid"] = "old"
+    index.update("Service", "ADDED", old)
+    new = child("Service", "a-v1", "a", version="12")
+    new["metadata"]["uid"] = "new"
+    index.update("Service", "MODIFIED", new)  # our write, through
+    index.update("Service", "DELETED", old)  # the watch, late
+    assert index.get("Service", "ns", "a-v1") is new

@@ -124,10 +124,11 @@ def act(api: KubeApi, planned: Plan, observed: Mapping[Key, Mapping[str, Any]]) 
     )
 
 
-def _spec_changed(snapshot: Snapshot, written: Mapping[Key, Mapping[str, Any]]) -> bool:
-    """Whether a write moved some Deployment to a new generation (a spec the controller must
-    roll out)."""
-    observed = {key(o): o for o in snapshot.children}
+def _spec_changed(
+    observed: Mapping[Key, Mapping[str, Any]], written: Mapping[Key, Mapping[str, Any]]
+) -> bool:
+    """Whether a write moved some observed Deployment to a new generation (a spec the controller
+    must roll out)."""
     return any(
         k[0] == "Deployment"
         and obj.get("metadata", {}).get("generation")
@@ -155,7 +156,7 @@ def reconcile(
     observed = {key(o): o for o in snapshot.children}
     planned = plan(snapshot, server_image=config.server_image, now=now)
     done = act(api, planned, observed)
-    if _spec_changed(snapshot, done.written):
+    if _spec_changed(observed, done.written):
         # A Deployment whose spec just changed has not rolled out yet, whatever the snapshot said:
         # plan the status again from what the writes left, or it would claim the new generation
         # complete (Progressing=False) before the Deployment controller even saw it.

@@ -14,13 +14,17 @@ def md(name: str, version: str = "1") -> dict[str, Any]:
     return {"kind": KIND, "metadata": meta}
 
 
-def child(kind: str, name: str, owner: str, version: str = "1", **labels: str) -> dict[str, Any]:
-    meta = {
+def child(
+    kind: str, name: str, owner: str, version: str = "1", uid: str = "", **labels: str
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
         "name": name,
         "namespace": "ns",
         "resourceVersion": version,
         "labels": {naming.MODEL_DEPLOYMENT: owner, **labels},
     }
+    if uid:
+        meta["uid"] = uid
     return {"kind": kind, "metadata": meta}
 
 
@@ -79,20 +83,16 @@ def test_an_event_older_than_what_the_index_holds_does_not_replace_it() -> None:
     """The operator writes what it applied into the index; the watch's earlier events that
     arrive afterwards must not bring back the object as it was before that write."""
     index = Index()
-    written = child("Deployment", "a-v1", "a", version="120")
-    written["metadata"]["uid"] = "u1"
+    written = child("Deployment", "a-v1", "a", version="120", uid="u1")
     index.update("Deployment", "MODIFIED", written)
-    late = child("Deployment", "a-v1", "a", version="95")
-    late["metadata"]["uid"] = "u1"
+    late = child("Deployment", "a-v1", "a", version="95", uid="u1")
     assert index.update("Deployment", "MODIFIED", late) == ("ns", "a")
     assert index.get("Deployment", "ns", "a-v1") is written
-    newer = child("Deployment", "a-v1", "a", version="121")
-    newer["metadata"]["uid"] = "u1"
+    newer = child("Deployment", "a-v1", "a", version="121", uid="u1")
     index.update("Deployment", "MODIFIED", newer)
     assert index.get("Deployment", "ns", "a-v1") is newer
     # Another object of that name (deleted and created again) is news at any version.
-    recreated = child("Deployment", "a-v1", "a", version="7")
-    recreated["metadata"]["uid"] = "u2"
+    recreated = child("Deployment", "a-v1", "a", version="7", uid="u2")
     index.update("Deployment", "MODIFIED", recreated)
     assert index.get("Deployment", "ns", "a-v1") is recreated
 
@@ -101,15 +101,15 @@ def test_a_write_that_reaches_the_index_after_its_objects_deletion_is_dropped() 
     """A reconcile applied a child, the garbage collector deleted it (the watch said so), and
     only then the reconcile's write reaches the index: it must not bring the object back."""
     index = Index()
-    applied = child("Deployment", "gone-v1", "gone", version="40")
-    applied["metadata"]["uid"] = "u1"
+    applied = child("Deployment", "gone-v1", "gone", version="40", uid="u1")
     index.update("Deployment", "ADDED", applied)
     index.update("Deployment", "DELETED", applied)
     index.update("Deployment", "MODIFIED", applied)  # the reconcile's write, late
     assert index.get("Deployment", "ns", "gone-v1") is None
     assert index.counts()["Deployment"] == 0
-    again = child("Deployment", "gone-v1", "gone", version="41")
-    again["metadata"]["uid"] = "u2"  # created anew: another uid, news
+    again = child(
+        "Deployment", "gone-v1", "gone", version="41", uid="u2"
+    )  # created anew: another uid, news
     index.update("Deployment", "ADDED", again)
     assert index.get("Deployment", "ns", "gone-v1") is again
 
@@ -118,11 +118,9 @@ def test_the_deletion_of_a_recreated_objects_predecessor_keeps_the_new_one() -> 
     """Recreate: our write of the new object reaches the index before the watch reports the old
     one's deletion; that deletion must not remove the new one."""
     index = Index()
-    old = child("Service", "a-v1", "a", version="10")
-    old["metadata"]["uid"] = "old"
+    old = child("Service", "a-v1", "a", version="10", uid="old")
     index.update("Service", "ADDED", old)
-    new = child("Service", "a-v1", "a", version="12")
-    new["metadata"]["uid"] = "new"
+    new = child("Service", "a-v1", "a", version="12", uid="new")
     index.update("Service", "MODIFIED", new)  # our write, through
     index.update("Service", "DELETED", old)  # the watch, late
     assert index.get("Service", "ns", "a-v1") is new

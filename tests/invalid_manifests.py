@@ -177,6 +177,7 @@ def rollout_manifest(name: str = "iris") -> Manifest:
         "lowTraffic": "rollback",
         "intervalSeconds": 15,
         "deadlineSeconds": 7200,
+        "probes": {"requestsPerSecond": 3},
     }
     return manifest
 
@@ -584,6 +585,16 @@ INVALID_MANIFESTS += [
         "rollout-prometheus-url-missing",
         "spec.rollout.analysis.prometheus.url",
         lambda m: _rollout(m)["analysis"]["prometheus"].pop("url"),
+    ),
+    _rollout_case(
+        "rollout-probes-rate-zero",
+        "spec.rollout.probes.requestsPerSecond",
+        lambda m: _rollout(m)["probes"].update(requestsPerSecond=0),
+    ),
+    _rollout_case(
+        "rollout-probes-without-a-gate",
+        "spec.rollout.probes",
+        lambda m: m["spec"]["variants"][1].pop("gate"),
     ),
     _rollout_case("gate-against-itself", "spec.variants", lambda m: _gate(m).update(against="v2")),
     _rollout_case(

@@ -1,6 +1,7 @@
-"""Gate Jobs, pure: the Job that runs `modeldeploy-server gate` for one variant at one model
-digest against its Service (the real serving path), and the verdicts read back from the
-termination messages of those Jobs' pods.
+"""Gate and probe Jobs, pure: the Job that runs `modeldeploy-server gate` for one variant at one
+model digest against its Service (the real serving path), the verdicts read back from the
+termination messages of those Jobs' pods, and the Job that sends a rollout window's probe traffic
+(`modeldeploy-server probe`, a gated variant's dataset through the router).
 
 A Job's name carries the digest, so a new model gets a new gate; a verdict counts only for the
 digest its pod's label names. Exit 0 (passed) and 1 (failed) are verdicts; exit 2 (cannot judge:
@@ -20,8 +21,8 @@ from modeldeploy_operator.render import (
     render_objects,
     render_pod_spec,
 )
-from modeldeploy_operator.rollout import GateVerdict
-from modeldeploy_operator.spec import ModelDeployment, Variant
+from modeldeploy_operator.rollout import GateVerdict, ProbeRun
+from modeldeploy_operator.spec import Gate, ModelDeployment, Variant
 
 Manifest = dict[str, Any]
 CONTAINER = "gate"
@@ -48,22 +49,22 @@ def gate_labels(md_name: str, variant: str, sha256: str) -> dict[str, str]:
     }
 
 
-def gate_args(md: ModelDeployment, variant: Variant) -> list[str]:
-    """`modeldeploy-server gate` arguments for `variant`'s gate, against its Service (a pvc://
-    dataset is read where render_gate_job mounts its claim)."""
-    gate = variant.gate
-    assert gate is not None
+def dataset_args(gate: Gate) -> list[str]:
+    """The dataset arguments of `gate` and `probe` (a pvc:// dataset is read where the Job
+    mounts its claim)."""
     dataset = gate.dataset.uri
     if gate.dataset.scheme == "pvc":
         dataset = f"{DATASET_DIR}/{gate.dataset.pvc_claim_and_path[1]}"
+    return ["--dataset", dataset, "--sha256", gate.dataset.sha256, "--format", gate.format]
+
+
+def gate_args(md: ModelDeployment, variant: Variant) -> list[str]:
+    """`modeldeploy-server gate` arguments for `variant`'s gate, against its Service."""
+    gate = variant.gate
+    assert gate is not None
     args = [
         "gate",
-        "--dataset",
-        dataset,
-        "--sha256",
-        gate.dataset.sha256,
-        "--format",
-        gate.format,
+        *dataset_args(gate),
         "--url",
         naming.variant_service_url(md.name, variant.name, md.namespace),
         "--model-name",
@@ -86,33 +87,54 @@ def gate_args(md: ModelDeployment, variant: Variant) -> list[str]:
     return args
 
 
+def probe_dataset(md: ModelDeployment, probes: ProbeRun) -> Gate:
+    """The gate whose dataset the probes send: the first probed gated variant's, else the first
+    gated variant's (the spec has one: parse_model_deployment checks)."""
+    gated = {v.name: v.gate for v in md.variants if v.gate is not None}
+    name = next((n for n in probes.variants if n in gated), next(iter(gated)))
+    return gated[name]
+
+
+def probe_args(md: ModelDeployment, probes: ProbeRun, router_url: str) -> list[str]:
+    """`modeldeploy-server probe` arguments for one window's probe traffic through the router."""
+    args = ["probe", *dataset_args(probe_dataset(md, probes)), "--url", router_url]
+    args += ["--model-name", md.name, "--header-override", md.routing.header_override]
+    for name in probes.variants:
+        args += ["--variant", name]
+    return [
+        *args,
+        "--rate",
+        str(probes.requests_per_second),
+        "--duration-s",
+        str(probes.seconds),
+    ]
+
+
+def probe_job_name(md_name: str, key: str) -> str:
+    """`<md>-probe-<window key>`: one Job per window's probe traffic."""
+    suffix = f"-probe-{key}"
+    return md_name[: naming.MAX_NAME_LENGTH - len(suffix)].rstrip("-") + suffix
+
+
+def render_probe_job(md: ModelDeployment, probes: ProbeRun, image: str) -> Manifest:
+    """The Job that sends one window's probe traffic (it ends with the window; the plan prunes
+    it when the window is over)."""
+    labels = naming.common_labels(md.name, naming.COMPONENT_PROBE)
+    args = probe_args(md, probes, naming.router_url(md.name, md.namespace))
+    spec: Manifest = {
+        "backoffLimit": 0,
+        # Bounded even if the process were stuck: the window's length and a grace minute.
+        "activeDeadlineSeconds": probes.seconds + 60,
+        "template": {"metadata": {"labels": labels}},
+    }
+    name = probe_job_name(md.name, probes.key)
+    return _dataset_job(md, name, labels, args, spec, image, probe_dataset(md, probes))
+
+
 def render_gate_job(md: ModelDeployment, variant: Variant, image: str) -> Manifest:
     """The Job that gates `variant` at its current model digest."""
     sha256 = variant.model.sha256
     labels = gate_labels(md.name, variant.name, sha256)
-    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}]
-    container: Manifest = {
-        "name": CONTAINER,
-        "image": image,
-        "command": ["modeldeploy-server"],
-        "args": gate_args(md, variant),
-        "securityContext": container_security_context(),
-        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
-        "terminationMessagePolicy": "File",
-        # The dataset is downloaded into a temporary directory.
-        "volumeMounts": mounts,
-    }
-    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
-    assert variant.gate is not None
-    if variant.gate.dataset.scheme == "pvc":
-        claim = {"claimName": variant.gate.dataset.pvc_claim_and_path[0], "readOnly": True}
-        volumes.append({"name": "dataset", "persistentVolumeClaim": claim})
-        mounts.append({"name": "dataset", "mountPath": DATASET_DIR, "readOnly": True})
-    pod_spec = render_pod_spec(
-        md.pod, init_containers=[], containers=[container], volumes=volumes, drain_seconds=0
-    )
-    pod_spec["restartPolicy"] = "Never"
-    pod_spec["terminationGracePeriodSeconds"] = GRACE_SECONDS
     spec: Manifest = {
         "backoffLimit": BACKOFF_LIMIT,
         "podFailurePolicy": {
@@ -127,10 +149,48 @@ def render_gate_job(md: ModelDeployment, variant: Variant, image: str) -> Manife
                 }
             ]
         },
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "template": {"metadata": {"labels": labels}},
     }
     name = gate_job_name(md.name, variant.name, sha256)
-    return _object(md, "batch/v1", "Job", name, labels, spec)
+    assert variant.gate is not None
+    return _dataset_job(md, name, labels, gate_args(md, variant), spec, image, variant.gate)
+
+
+def _dataset_job(
+    md: ModelDeployment,
+    name: str,
+    labels: Mapping[str, str],
+    args: list[str],
+    spec: Manifest,
+    image: str,
+    gate: Gate,
+) -> Manifest:
+    """A Job running `modeldeploy-server ARGS` with `gate`'s dataset at hand: `spec` with the
+    pod template's spec filled in."""
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}]
+    container: Manifest = {
+        "name": CONTAINER,
+        "image": image,
+        "command": ["modeldeploy-server"],
+        "args": args,
+        "securityContext": container_security_context(),
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "File",
+        # The dataset is downloaded into a temporary directory.
+        "volumeMounts": mounts,
+    }
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
+    if gate.dataset.scheme == "pvc":
+        claim = {"claimName": gate.dataset.pvc_claim_and_path[0], "readOnly": True}
+        volumes.append({"name": "dataset", "persistentVolumeClaim": claim})
+        mounts.append({"name": "dataset", "mountPath": DATASET_DIR, "readOnly": True})
+    pod_spec = render_pod_spec(
+        md.pod, init_containers=[], containers=[container], volumes=volumes, drain_seconds=0
+    )
+    pod_spec["restartPolicy"] = "Never"
+    pod_spec["terminationGracePeriodSeconds"] = GRACE_SECONDS
+    spec["template"]["spec"] = pod_spec
+    return _object(md, "batch/v1", "Job", name, dict(labels), spec)
 
 
 def render_with_gates(
@@ -139,16 +199,19 @@ def render_with_gates(
     server_image: str,
     weights: Mapping[str, int] | None = None,
     serving: Collection[str] | None = None,
+    probes: ProbeRun | None = None,
 ) -> list[Manifest]:
     """render_objects, then the gate Job of each gated variant that serves (`serving`; None, as
-    offline: every variant)."""
+    offline: every variant), and the probe Job of the rollout's current window, if any."""
     image = md.pod.image or server_image
-    gates = [
+    jobs = [
         render_gate_job(md, v, image)
         for v in md.variants
         if v.gate is not None and (serving is None or v.name in serving)
     ]
-    return [*render_objects(md, server_image=server_image, weights=weights), *gates]
+    if probes is not None:
+        jobs.append(render_probe_job(md, probes, image))
+    return [*render_objects(md, server_image=server_image, weights=weights), *jobs]
 
 
 def gate_verdicts(

@@ -24,6 +24,7 @@ APPLIED_HASH = "modeldeploy.dev/applied-hash"
 COMPONENT_VARIANT = "variant"
 COMPONENT_ROUTER = "router"
 COMPONENT_GATE = "gate"  # a variant's gate Job and its pods
+COMPONENT_PROBE = "probe"  # a rollout window's probe Job and its pod
 
 # Users may add pod labels (spec.pod.labels) but not ones the selectors and prune rely on.
 RESERVED_LABELS = frozenset(

@@ -7,11 +7,18 @@ the traffic actually flowing; a candidate (a variant whose weight grows) waits f
 the effective weights walk the steps, each judged on the candidates' metrics; a failure returns to
 the stable weights (those flowing when the rollout began). A step that ends without enough samples
 is Inconclusive and the low-traffic policy applies (default hold: never promote on silence).
+
+With `spec.rollout.probes`, a look that finds a candidate's user requests behind the pace that
+minSamples needs by the window's end starts probe traffic for the rest of the window (sent to the
+candidates and the stable variants, counted apart from users). A variant short of user samples
+is judged on its probe samples when they reach minSamples, against the stable variants' probe
+samples: like for like, never users' numbers against probes'.
 No clock reads: `now` is an argument.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -49,13 +56,14 @@ class Target:
 
 @dataclass(frozen=True)
 class VariantMetrics:
-    """One variant's user traffic over the step's window."""
+    """One variant's user traffic over the step's window (and its probe traffic, apart)."""
 
     requests: int = 0
     errors: int = 0
     p99_latency_ms: float | None = None
     shadow_compared: int = 0
     shadow_disagreed: int = 0
+    probes: VariantMetrics | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -117,6 +125,7 @@ class RolloutState:
     paused_from: Phase | None = None
     pending_gates: tuple[str, ...] = ()
     history: tuple[Decision, ...] = ()
+    probes_started_at: str | None = None
 
     def as_status(self) -> dict[str, Any]:
         """The status form (camelCase, JSON)."""
@@ -136,7 +145,28 @@ class RolloutState:
         }
         if self.paused_from is not None:
             document["pausedFrom"] = self.paused_from
+        if self.probes_started_at is not None:
+            document["probesStartedAt"] = self.probes_started_at
         return document
+
+    def probing(self) -> bool:
+        """Whether probe traffic was started in the current step's window."""
+        return (
+            self.phase in ("Progressing", "Inconclusive")
+            and self.probes_started_at is not None
+            and _parse_time(self.probes_started_at) >= _parse_time(self.step_started_at)
+        )
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    """Probe traffic for the rest of a step's window: which variants, for how long, how fast;
+    `key` names the window (the same for every plan of it, another for the next)."""
+
+    key: str
+    variants: tuple[str, ...]
+    seconds: int
+    requests_per_second: int
 
 
 @dataclass(frozen=True)
@@ -146,6 +176,7 @@ class RolloutPlan:
     state: RolloutState
     decisions: tuple[Decision, ...]
     requeue_after_s: float | None
+    probes: ProbeRun | None = None
 
 
 def parse_rollout_status(raw: Mapping[str, Any] | None) -> RolloutState | None:
@@ -166,6 +197,7 @@ def parse_rollout_status(raw: Mapping[str, Any] | None) -> RolloutState | None:
             failures=int(raw.get("failures", 0)),
             paused_from=raw.get("pausedFrom") if raw.get("pausedFrom") in PHASES else None,
             pending_gates=tuple(str(name) for name in raw.get("pendingGates", ())),
+            probes_started_at=str(raw["probesStartedAt"]) if "probesStartedAt" in raw else None,
             history=tuple(
                 Decision(
                     at=str(entry["time"]),
@@ -404,15 +436,23 @@ class _Planner:
         numbers["stable"] = _metrics_json(reference)
         violations: list[str] = []
         short: list[str] = []
+        behind: list[str] = []
+        elapsed = (self.now - _parse_time(state.step_started_at)).total_seconds()
+        hold = self.rollout.steps[state.step].hold_seconds
+        minimum = self.rollout.min_samples
         for name in growing:
             observed = self.metrics.get(name, VariantMetrics())
             numbers[name] = _metrics_json(observed)
-            if observed.requests < self.rollout.min_samples:
-                short.append(name)
-                continue
-            violations += [f"{name}: {v}" for v in _violations(observed, reference, self.rollout)]
-        elapsed = (self.now - _parse_time(state.step_started_at)).total_seconds()
-        hold = self.rollout.steps[state.step].hold_seconds
+            judged, against = observed, reference
+            if observed.requests < minimum:
+                if observed.requests * hold < minimum * elapsed:
+                    behind.append(name)
+                judged = observed.probes or VariantMetrics()
+                against = reference.probes or VariantMetrics()
+                if judged.requests < minimum:
+                    short.append(name)
+                    continue
+            violations += [f"{name}: {v}" for v in _violations(judged, against, self.rollout)]
         if violations:
             failures = state.failures + 1
             message = "; ".join(violations)
@@ -429,6 +469,15 @@ class _Planner:
                 step_started_at=self.stamp,
             )
         if elapsed < hold:
+            if behind and self.rollout.probes is not None and not state.probing():
+                return self.decide(
+                    state,
+                    "ProbesStarted",
+                    f"{', '.join(behind)} behind the pace of {minimum} requests in "
+                    f"{hold} s; probe traffic until the window ends",
+                    numbers,
+                    probes_started_at=self.stamp,
+                )
             return state
         if not short:
             return self.advance(state, "StepPassed", "every candidate within bounds", numbers)
@@ -437,6 +486,8 @@ class _Planner:
             "step's window"
         )
         policy = self.rollout.low_traffic
+        if state.probing():
+            why += " (probe samples included)"
         if policy == "rollback":
             return self.roll_back(state, "Inconclusive", f"{why}; policy rollback", numbers)
         if policy == "promote":
@@ -499,23 +550,51 @@ def plan_rollout(
         state = planner.gate(state)
     elif state.phase in ("Progressing", "Inconclusive"):
         state = planner.analyse(state)
-    return RolloutPlan(state, tuple(planner.decisions), planner.requeue_after(state))
+    return RolloutPlan(
+        state,
+        tuple(planner.decisions),
+        planner.requeue_after(state),
+        probe_run(state, target, rollout),
+    )
+
+
+def probe_run(state: RolloutState, target: Target, rollout: Rollout) -> ProbeRun | None:
+    """The probe traffic of the current window, or None: to the stable variants and the
+    candidates, from when it was started to the window's end."""
+    if rollout.probes is None or not state.probing() or state.probes_started_at is None:
+        return None
+    growing = candidates(state.stable_weights, target.weights)
+    stable = [name for name, weight in state.stable_weights if weight > 0 and name not in growing]
+    started = _parse_time(state.probes_started_at)
+    end = _parse_time(state.step_started_at) + timedelta(
+        seconds=rollout.steps[state.step].hold_seconds
+    )
+    digests = ",".join(f"{name}@{target.digests.get(name, '')}" for name in growing)
+    window = f"{state.generation}/{state.step}/{state.probes_started_at}/{digests}"
+    return ProbeRun(
+        key=hashlib.sha256(window.encode()).hexdigest()[:10],
+        variants=(*stable, *growing),
+        seconds=max(int((end - started).total_seconds()), 1),
+        requests_per_second=rollout.probes.requests_per_second,
+    )
 
 
 def _sum_metrics(parts: Sequence[VariantMetrics]) -> VariantMetrics:
-    """The stable variants together (p99: the worst of them)."""
+    """The stable variants together (p99: the worst of them), their probes likewise."""
     latencies = [m.p99_latency_ms for m in parts if m.p99_latency_ms is not None]
+    probes = [m.probes for m in parts if m.probes is not None]
     return VariantMetrics(
         requests=sum(m.requests for m in parts),
         errors=sum(m.errors for m in parts),
         p99_latency_ms=max(latencies) if latencies else None,
         shadow_compared=sum(m.shadow_compared for m in parts),
         shadow_disagreed=sum(m.shadow_disagreed for m in parts),
+        probes=_sum_metrics(probes) if probes else None,
     )
 
 
 def _metrics_json(metrics: VariantMetrics) -> dict[str, Any]:
-    return {
+    document: dict[str, Any] = {
         "requests": metrics.requests,
         "errors": metrics.errors,
         "errorRate": metrics.error_rate,
@@ -523,6 +602,15 @@ def _metrics_json(metrics: VariantMetrics) -> dict[str, Any]:
         "shadowCompared": metrics.shadow_compared,
         "shadowDisagreed": metrics.shadow_disagreed,
     }
+    if metrics.probes is not None:
+        probes = metrics.probes
+        document["probes"] = {
+            "requests": probes.requests,
+            "errors": probes.errors,
+            "errorRate": probes.error_rate,
+            "p99LatencyMs": probes.p99_latency_ms,
+        }
+    return document
 
 
 def _violations(observed: VariantMetrics, reference: VariantMetrics, rollout: Rollout) -> list[str]:

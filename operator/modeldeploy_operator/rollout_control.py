@@ -21,6 +21,7 @@ from modeldeploy_operator.rollout import (
     Command,
     Decision,
     GateVerdict,
+    ProbeRun,
     RolloutState,
     Target,
     VariantMetrics,
@@ -47,6 +48,7 @@ class RolloutOutcome:
     events: tuple[Event, ...]
     degraded: tuple[str, str] | None  # (reason, message) while rolled back
     requeue_after_s: float | None
+    probes: ProbeRun | None  # the current window's probe traffic
 
 
 def target_of(md: ModelDeployment) -> Target:
@@ -127,6 +129,7 @@ def plan_md_rollout(
         events=tuple(events),
         degraded=rolled_back(state),
         requeue_after_s=planned.requeue_after_s,
+        probes=planned.probes,
     )
 
 

@@ -7,13 +7,14 @@ by code, `modeldeploy_router_request_duration_seconds` buckets) and every shadow
 (primary, shadow) variant; errors are the answers the variant failed to give: 5xx, and 422 (the
 server's answer when the model cannot run on the values sent, which the stable model could); other
 4xx are the client's. p99 is estimated from the bucket counts as Prometheus'
-`histogram_quantile` does.
+`histogram_quantile` does. Probe requests (a rollout's probe traffic) are counted apart, in the
+`modeldeploy_router_probe_*` families, and read into each variant's `probes`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -25,6 +26,8 @@ REQUESTS = "modeldeploy_router_requests_total"
 LATENCY_BUCKETS = "modeldeploy_router_request_duration_seconds_bucket"
 SHADOW_AGREEMENTS = "modeldeploy_router_shadow_agreements_total"
 SHADOW_DISAGREEMENTS = "modeldeploy_router_shadow_disagreements_total"
+PROBE_REQUESTS = "modeldeploy_router_probe_requests_total"
+PROBE_LATENCY_BUCKETS = "modeldeploy_router_probe_request_duration_seconds_bucket"
 QUANTILE = 0.99
 
 
@@ -57,16 +60,21 @@ def prometheus_queries(query: WindowQuery) -> dict[str, str]:
     def increase(metric: str, extra: str = "") -> str:
         return f"increase({metric}{{{where}{extra}}}[{seconds}s])"
 
-    served = increase(REQUESTS, ',variant!=""')
-    failed = increase(REQUESTS, ',variant!="",code=~"5..|422"')
-    latency = f"sum by (variant, le) ({increase(LATENCY_BUCKETS)})"
-    return {
-        "requests": f"sum by (variant) ({served})",
-        "errors": f"sum by (variant) ({failed})",
-        "p99": f"histogram_quantile({QUANTILE}, {latency})",
+    queries = {
         "agreements": f"sum by (shadow) ({increase(SHADOW_AGREEMENTS)})",
         "disagreements": f"sum by (shadow) ({increase(SHADOW_DISAGREEMENTS)})",
     }
+    for prefix, requests, buckets in (
+        ("", REQUESTS, LATENCY_BUCKETS),
+        ("probe", PROBE_REQUESTS, PROBE_LATENCY_BUCKETS),
+    ):
+        served = increase(requests, ',variant!=""')
+        failed = increase(requests, ',variant!="",code=~"5..|422"')
+        latency = f"sum by (variant, le) ({increase(buckets)})"
+        queries[f"{prefix}requests"] = f"sum by (variant) ({served})"
+        queries[f"{prefix}errors"] = f"sum by (variant) ({failed})"
+        queries[f"{prefix}p99"] = f"histogram_quantile({QUANTILE}, {latency})"
+    return queries
 
 
 def metrics_from_vectors(
@@ -78,16 +86,24 @@ def metrics_from_vectors(
     def count(what: str, name: str) -> int:
         return round(vectors.get(what, {}).get(name, 0.0))
 
+    def p99_ms(what: str, name: str) -> float | None:
+        p99 = vectors.get(what, {}).get(name)
+        return p99 * 1000.0 if p99 is not None and p99 == p99 else None
+
     result = {}
     for name in variants:
-        p99 = vectors.get("p99", {}).get(name)
         agreed, disagreed = count("agreements", name), count("disagreements", name)
         result[name] = VariantMetrics(
             requests=count("requests", name),
             errors=count("errors", name),
-            p99_latency_ms=p99 * 1000.0 if p99 is not None and p99 == p99 else None,
+            p99_latency_ms=p99_ms("p99", name),
             shadow_compared=agreed + disagreed,
             shadow_disagreed=disagreed,
+            probes=VariantMetrics(
+                requests=count("proberequests", name),
+                errors=count("probeerrors", name),
+                p99_latency_ms=p99_ms("probep99", name),
+            ),
         )
     return result
 
@@ -102,6 +118,7 @@ class Counters:
     buckets: Mapping[float, int] = field(default_factory=dict)
     shadow_compared: int = 0
     shadow_disagreed: int = 0
+    probes: Counters | None = None
 
     def since(self, base: Counters | None) -> Counters:
         """What was counted after `base`; all of it when the counters went back (a restart)."""
@@ -109,6 +126,7 @@ class Counters:
             base is None
             or self.requests < base.requests
             or self.shadow_compared < (base.shadow_compared)
+            or (self.probes or Counters()).requests < (base.probes or Counters()).requests
         ):
             return self
         return Counters(
@@ -117,33 +135,40 @@ class Counters:
             buckets={le: n - base.buckets.get(le, 0) for le, n in self.buckets.items()},
             shadow_compared=self.shadow_compared - base.shadow_compared,
             shadow_disagreed=max(self.shadow_disagreed - base.shadow_disagreed, 0),
+            probes=None if self.probes is None else self.probes.since(base.probes),
         )
 
 
 def parse_router_counters(text: str) -> dict[str, Counters]:
-    """Per-variant counters from a router's /metrics text."""
+    """Per-variant counters from a router's /metrics text (probe requests in `probes`)."""
     requests: dict[str, int] = {}
     errors: dict[str, int] = {}
     buckets: dict[str, dict[float, int]] = {}
     compared: dict[str, int] = {}
     disagreed: dict[str, int] = {}
+    probe_requests: dict[str, int] = {}
+    probe_errors: dict[str, int] = {}
+    probe_buckets: dict[str, dict[float, int]] = {}
+    counted = {REQUESTS: (requests, errors), PROBE_REQUESTS: (probe_requests, probe_errors)}
+    bucketed = {LATENCY_BUCKETS: buckets, PROBE_LATENCY_BUCKETS: probe_buckets}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
             count = int(sample.value)
-            if sample.name == REQUESTS and labels.get("variant"):
+            if sample.name in counted and labels.get("variant"):
                 variant = labels["variant"]
-                requests[variant] = requests.get(variant, 0) + count
+                total, failed = counted[sample.name]
+                total[variant] = total.get(variant, 0) + count
                 if _is_error(labels.get("code", "")):
-                    errors[variant] = errors.get(variant, 0) + count
-            elif sample.name == LATENCY_BUCKETS and labels.get("variant"):
-                buckets.setdefault(labels["variant"], {})[float(labels["le"])] = count
+                    failed[variant] = failed.get(variant, 0) + count
+            elif sample.name in bucketed and labels.get("variant"):
+                bucketed[sample.name].setdefault(labels["variant"], {})[float(labels["le"])] = count
             elif sample.name in (SHADOW_AGREEMENTS, SHADOW_DISAGREEMENTS):
                 shadow = labels.get("shadow", "")
                 compared[shadow] = compared.get(shadow, 0) + count
                 if sample.name == SHADOW_DISAGREEMENTS:
                     disagreed[shadow] = disagreed.get(shadow, 0) + count
-    names = set(requests) | set(buckets) | set(compared)
+    names = set(requests) | set(buckets) | set(compared) | set(probe_requests)
     return {
         name: Counters(
             requests=requests.get(name, 0),
@@ -151,6 +176,11 @@ def parse_router_counters(text: str) -> dict[str, Counters]:
             buckets=buckets.get(name, {}),
             shadow_compared=compared.get(name, 0),
             shadow_disagreed=disagreed.get(name, 0),
+            probes=Counters(
+                requests=probe_requests.get(name, 0),
+                errors=probe_errors.get(name, 0),
+                buckets=probe_buckets.get(name, {}),
+            ),
         )
         for name in names
     }
@@ -170,14 +200,22 @@ def window_metrics(
             for target, counters in current.items()
             if variant in counters
         ]
-        result[variant] = VariantMetrics(
-            requests=sum(p.requests for p in parts),
-            errors=sum(p.errors for p in parts),
-            p99_latency_ms=_quantile_ms(QUANTILE, _add_buckets(p.buckets for p in parts)),
-            shadow_compared=sum(p.shadow_compared for p in parts),
-            shadow_disagreed=sum(p.shadow_disagreed for p in parts),
+        probes = [p.probes for p in parts if p.probes is not None]
+        result[variant] = replace(
+            _add_counters(parts), probes=_add_counters(probes) if probes else None
         )
     return result
+
+
+def _add_counters(parts: Sequence[Counters]) -> VariantMetrics:
+    """The metrics of several routers' counters of one variant together."""
+    return VariantMetrics(
+        requests=sum(p.requests for p in parts),
+        errors=sum(p.errors for p in parts),
+        p99_latency_ms=_quantile_ms(QUANTILE, _add_buckets(p.buckets for p in parts)),
+        shadow_compared=sum(p.shadow_compared for p in parts),
+        shadow_disagreed=sum(p.shadow_disagreed for p in parts),
+    )
 
 
 def _is_error(code: str) -> bool:

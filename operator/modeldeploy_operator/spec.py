@@ -128,6 +128,15 @@ class RolloutStep:
     hold_seconds: int
 
 
+@dataclass(frozen=True)
+class Probes:
+    """Probe traffic for a step whose users are short of samples: rows of a gated variant's
+    golden dataset sent through the router to the candidates and the stable variants."""
+
+    requests_per_second: int
+
+
+MIN_PROBE_RATE, MAX_PROBE_RATE = 1, 100  # requests a second
 LowTrafficPolicy = Literal["hold", "rollback", "promote"]
 LOW_TRAFFIC_POLICIES: tuple[LowTrafficPolicy, ...] = ("hold", "rollback", "promote")
 
@@ -145,6 +154,7 @@ class Rollout:
     low_traffic: LowTrafficPolicy = "hold"
     interval_seconds: int = 30
     deadline_seconds: int | None = None
+    probes: Probes | None = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +262,14 @@ def parse_model_deployment(obj: Mapping[str, Any]) -> ModelDeployment:
                 f"spec.routing.shadow.variant: {routing.shadow.variant!r} must name a variant "
                 "with weight 0"
             )
+    rollout = _parse_rollout(spec)
+    if rollout is not None and rollout.probes is not None:
+        if routing.mode != "router":
+            raise InvalidSpecError("spec.rollout.probes: needs routing mode router")
+        if not any(v.gate is not None for v in variants):
+            raise InvalidSpecError(
+                "spec.rollout.probes: needs a variant with a gate (probes send its dataset)"
+            )
     return ModelDeployment(
         name=name,
         namespace=_optional(metadata, "namespace", "metadata", str, DEFAULT_NAMESPACE),
@@ -261,7 +279,7 @@ def parse_model_deployment(obj: Mapping[str, Any]) -> ModelDeployment:
         routing=routing,
         pod=_parse_pod(_optional(spec, "pod", "spec", dict, {})),
         example_instance=parse_example_instance(annotations),
-        rollout=_parse_rollout(spec),
+        rollout=rollout,
         rollout_command=str(annotations.get(ROLLOUT_COMMAND_ANNOTATION, "")),
     )
 
@@ -405,7 +423,20 @@ def _parse_rollout(spec: Mapping[str, Any]) -> Rollout | None:
         low_traffic=policy,
         interval_seconds=max(_optional(raw, "intervalSeconds", path, int, 30), 1),
         deadline_seconds=_optional(raw, "deadlineSeconds", path, int, None),
+        probes=_parse_probes(raw, path),
     )
+
+
+def _parse_probes(raw: Mapping[str, Any], path: str) -> Probes | None:
+    if raw.get("probes") is None:
+        return None
+    probes = _required(raw, "probes", path, dict)
+    rate = _required(probes, "requestsPerSecond", f"{path}.probes", int)
+    if not MIN_PROBE_RATE <= rate <= MAX_PROBE_RATE:
+        raise InvalidSpecError(
+            f"{path}.probes.requestsPerSecond: {rate} is outside {MIN_PROBE_RATE}..{MAX_PROBE_RATE}"
+        )
+    return Probes(requests_per_second=rate)
 
 
 def _parse_bound(analysis: Mapping[str, Any], key: str, path: str) -> Bound:

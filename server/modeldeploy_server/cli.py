@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "route": ("modeldeploy_server.router", "split traffic by weight across variants"),
     "batch": ("modeldeploy_server.batch", "score a CSV or JSON-lines file (one shard of it)"),
     "gate": ("modeldeploy_server.gate", "judge a variant's answers to a golden dataset"),
+    "probe": ("modeldeploy_server.probe", "send a rollout's probe traffic at a bounded rate"),
 }
 
 

@@ -31,7 +31,7 @@ import io
 import math
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,6 +264,8 @@ class Endpoint:
     model_sha256: str | None = None
     # The digests that did answer.
     answered_by: set[str] = field(default_factory=set)
+    # Sent with every request besides the content type (the probe's variant and probe headers).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def body(self, rows: Sequence[GoldenRow]) -> tuple[bytes, str]:
         """The request body for the rows and its content type."""
@@ -283,7 +285,11 @@ class Endpoint:
             response = self.client.post(
                 self.url,
                 content=content,
-                headers={"content-type": content_type, "accept": "application/json"},
+                headers={
+                    **self.headers,
+                    "content-type": content_type,
+                    "accept": "application/json",
+                },
             )
         except httpx.HTTPError as exc:
             raise GateError(f"{self.url}: {exc or type(exc).__name__}") from None
@@ -376,7 +382,6 @@ class GateConfig:
     batch_rows: int = 64
     max_mismatches: int = 10
     timeout_s: float = 30.0
-    max_bytes: int = MAX_DATASET_BYTES
     outputs: tuple[str, ...] = ()  # compare only these outputs (default: every output)
     model_sha256: str | None = None  # the candidate's model digest every answer must come from
 
@@ -386,15 +391,20 @@ def records_url(base: str, model_name: str) -> str:
     return f"{base.rstrip('/')}/v1/models/{model_name}:predict"
 
 
-def run_gate(config: GateConfig, workdir: Path) -> dict[str, Any]:
-    """Download and verify the dataset into workdir, send it, and return the verdict."""
+def fetch_dataset(
+    uri: str, sha256: str | None, workdir: Path, timeout_s: float
+) -> tuple[Path, str]:
+    """Download and verify a dataset into workdir: its local path and its sha256."""
     local = workdir / "dataset"
     try:
-        actual_sha256 = fetch_model(
-            config.dataset, local, config.sha256, config.timeout_s, config.max_bytes
-        )
+        return local, fetch_model(uri, local, sha256, timeout_s, MAX_DATASET_BYTES)
     except FetchError as exc:
         raise GateError(str(exc)) from None
+
+
+def run_gate(config: GateConfig, workdir: Path) -> dict[str, Any]:
+    """Download and verify the dataset into workdir, send it, and return the verdict."""
+    local, actual_sha256 = fetch_dataset(config.dataset, config.sha256, workdir, config.timeout_s)
     inputs, rows = read_rows(local, config.file_format)
     tally = Tally(config.max_mismatches)
     timeout = httpx.Timeout(config.timeout_s)
@@ -447,6 +457,30 @@ def summary(document: dict[str, Any]) -> str:
     )
 
 
+def add_dataset_arguments(parser: argparse.ArgumentParser, url_help: str) -> None:
+    """The arguments `gate` and `probe` share: the dataset, where to send it, the model name."""
+    parser.add_argument("--dataset", required=True, help="CSV or JSON lines: http(s)://, file://")
+    parser.add_argument("--sha256", help="the dataset's sha256; required for http(s)://")
+    parser.add_argument("--format", choices=FORMATS, help="csv or jsonl (default: by extension)")
+    parser.add_argument("--url", required=True, help=url_help)
+    parser.add_argument("--model-name", required=True, help="the served model's name")
+
+
+def parse_dataset_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> argparse.Namespace:
+    """The parsed arguments; a remote dataset without its sha256 is an error (exit 2)."""
+    args = parser.parse_args(list(argv))
+    if args.sha256 is None and is_remote(args.dataset):
+        parser.error(f"--sha256 is required for {args.dataset}")
+    return args
+
+
+def dataset_format(dataset: str, named: str | None) -> str:
+    """The dataset's format: the one named, else by its extension (JSON lines or CSV)."""
+    return named or ("jsonl" if dataset.endswith((".jsonl", ".ndjson")) else "csv")
+
+
 def _sha256(value: str) -> str:
     try:
         return parse_sha256(value)
@@ -482,11 +516,7 @@ def parse_gate_config(argv: Sequence[str]) -> tuple[GateConfig, Path | None, Pat
         prog="modeldeploy-server gate",
         description="Send a golden dataset to a variant and judge its answers.",
     )
-    parser.add_argument("--dataset", required=True, help="CSV or JSON lines: http(s)://, file://")
-    parser.add_argument("--sha256", help="the dataset's sha256; required for http(s)://")
-    parser.add_argument("--format", choices=FORMATS, help="csv or jsonl (default: by extension)")
-    parser.add_argument("--url", required=True, help="the candidate variant's base URL")
-    parser.add_argument("--model-name", required=True, help="the served model's name")
+    add_dataset_arguments(parser, "the candidate variant's base URL")
     parser.add_argument(
         "--model-sha256",
         type=_sha256,
@@ -510,21 +540,16 @@ def parse_gate_config(argv: Sequence[str]) -> tuple[GateConfig, Path | None, Pat
         type=Path,
         help="also write the verdict (or the error) here, within 4096 bytes (a Job's outcome)",
     )
-    args = parser.parse_args(list(argv))
-    if args.sha256 is None and is_remote(args.dataset):
-        parser.error(f"--sha256 is required for {args.dataset}")
+    args = parse_dataset_arguments(parser, argv)
     if not args.timeout_s > 0:
         parser.error("--timeout-s must be positive")
-    file_format = args.format or (
-        "jsonl" if args.dataset.endswith((".jsonl", ".ndjson")) else "csv"
-    )
     config = GateConfig(
         dataset=args.dataset,
         sha256=args.sha256,
         url=args.url,
         model_name=args.model_name,
         baseline_url=args.baseline_url,
-        file_format=file_format,
+        file_format=dataset_format(args.dataset, args.format),
         tolerance=Tolerance(args.atol, args.rtol),
         min_agreement=args.min_agreement,
         batch_rows=args.batch_rows,

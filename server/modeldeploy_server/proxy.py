@@ -169,6 +169,7 @@ class Proxy:
             if (
                 shadow is not None
                 and pinned is None
+                and not incoming.probe
                 and isinstance(body, bytes)
                 and answer.body is not None
                 and random.random() * 100 < shadow.percent
@@ -191,7 +192,8 @@ class Proxy:
             await send_json(send, status, {"error": str(exc)}, variant.name)
         except ClientGone:
             status = CLIENT_CLOSED_REQUEST
-        self._metrics.observe(variant.name, status, time.perf_counter() - started)
+        observe = self._metrics.observe_probe if incoming.probe else self._metrics.observe
+        observe(variant.name, status, time.perf_counter() - started)
 
     def _count_failure(self, variant: Variant, exc: UpstreamError) -> None:
         """Count a variant's failure, and eject it if it was not already."""

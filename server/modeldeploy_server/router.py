@@ -213,6 +213,20 @@ class RouterMetrics:
         )
         self.registry.register(self._requests)
         self.observe = self._requests.observe
+        # Probe traffic (requests with the probe header) apart: users' numbers stay users'.
+        self._probes = RequestStats(
+            RequestFamilies(
+                "modeldeploy_router_probe_requests",
+                "Probe requests (a rollout's probe traffic) answered, by variant and status code.",
+                "modeldeploy_router_probe_request_duration_seconds",
+                "Time from receiving a probe request to passing on the variant's whole answer.",
+                fixed=(),
+                key="variant",
+                buckets=_LATENCY_BUCKETS,
+            )
+        )
+        self.registry.register(self._probes)
+        self.observe_probe = self._probes.observe
         self._errors = Counter(
             "modeldeploy_router_backend_errors",
             "Requests the variant did not answer: unreachable, timeout or broken connection.",

@@ -17,6 +17,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_HEADER_OVERRIDE = "x-model-variant"
+# A request carrying this header is probe traffic (a rollout's `modeldeploy-server probe`): served
+# as any other, counted apart from users' requests (modeldeploy_router_probe_* metrics).
+PROBE_HEADER = "x-modeldeploy-probe"
+_PROBE_NAME = PROBE_HEADER.encode("latin-1")
 TOTAL_WEIGHT = 100
 # Sticky cohorts: a header value hashes to one of this many buckets, laid over the cumulative
 # weights, so a weight change of k points moves k% of the buckets and no others.
@@ -407,6 +411,7 @@ class IncomingRequest:
     sticky: str | None
     content_length: int | None  # None when absent or not a number
     chunked: bool
+    probe: bool = False
 
 
 def read_request_headers(
@@ -436,6 +441,7 @@ def read_request_headers(
     override = sticky = None
     content_length = None
     chunked = False
+    probe = False
     for name, value in raw:
         if name == override_name:
             override = value.decode("latin-1").strip()
@@ -445,6 +451,8 @@ def read_request_headers(
             content_length = int(value) if value.isdigit() else None
         elif name == b"transfer-encoding":
             chunked = True
+        elif name == _PROBE_NAME:
+            probe = True
         elif name == b"x-forwarded-for":
             if name not in dropped:
                 forwarded_for.append(value)
@@ -455,7 +463,7 @@ def read_request_headers(
         forwarded_for.append(client_host.encode("latin-1"))
     if forwarded_for:
         forwarded.append((b"x-forwarded-for", b", ".join(forwarded_for)))
-    return IncomingRequest(forwarded, override, sticky, content_length, chunked)
+    return IncomingRequest(forwarded, override, sticky, content_length, chunked, probe)
 
 
 def returned_response_headers(

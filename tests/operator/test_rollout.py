@@ -15,6 +15,7 @@ from modeldeploy_operator.rollout import (
     HISTORY_LIMIT,
     Command,
     GateVerdict,
+    ProbeRun,
     RolloutPlan,
     RolloutState,
     Target,
@@ -24,7 +25,7 @@ from modeldeploy_operator.rollout import (
     plan_rollout,
     timestamp,
 )
-from modeldeploy_operator.spec import Analysis, Bound, Rollout, RolloutStep
+from modeldeploy_operator.spec import Analysis, Bound, Probes, Rollout, RolloutStep
 
 T0 = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 OLD, NEW = "a" * 64, "b" * 64
@@ -89,6 +90,20 @@ SLOW = {**GOOD, "v2": VariantMetrics(requests=100, errors=0, p99_latency_ms=45.0
 FAILING = {**GOOD, "v2": VariantMetrics(requests=120, errors=12, p99_latency_ms=25.0)}
 QUIET = {**GOOD, "v2": VariantMetrics(requests=40, errors=0, p99_latency_ms=25.0)}
 DISAGREEING = {**GOOD, "v2": replace(GOOD["v2"], shadow_compared=200, shadow_disagreed=30)}
+PROBED = replace(ROLLOUT, probes=Probes(requests_per_second=5))
+# v2's users are short; its probes (and the stable variant's) are plenty.
+PROBE_GOOD = VariantMetrics(requests=100, errors=0, p99_latency_ms=20.0)
+PROBE_BAD = VariantMetrics(requests=100, errors=40, p99_latency_ms=20.0)
+PROBING_10 = replace(PROGRESS_10, probes_started_at=timestamp(at(10)))
+
+
+def probed(v2_probes: VariantMetrics, v2_users: int = 5) -> dict[str, VariantMetrics]:
+    """Users: plenty on v1, `v2_users` on v2; probes: 100 good ones on v1, `v2_probes` on v2."""
+    return {
+        "v1": replace(GOOD["v1"], probes=PROBE_GOOD),
+        "v2": VariantMetrics(requests=v2_users, errors=0, p99_latency_ms=20.0, probes=v2_probes),
+    }
+
 
 # (id, previous, keyword inputs, expected phase, reason, step, weights)
 CASES: list[tuple[str, RolloutState | None, dict[str, Any], str, str, int, dict[str, int]]] = [
@@ -372,6 +387,69 @@ CASES: list[tuple[str, RolloutState | None, dict[str, Any], str, str, int, dict[
         0,
         {"v1": 90, "v2": 10},
     ),
+    (
+        "probes: users behind the pace of minSamples start probe traffic",
+        PROGRESS_10,
+        {"rollout": PROBED, "metrics": QUIET, "now": 30},
+        "Progressing",
+        "ProbesStarted",
+        0,
+        {"v1": 90, "v2": 10},
+    ),
+    (
+        "probes: users on pace (40 of 100 after 20 of 60 s) start none",
+        PROGRESS_10,
+        {"rollout": PROBED, "metrics": QUIET, "now": 20},
+        "Progressing",
+        "",
+        0,
+        {"v1": 90, "v2": 10},
+    ),
+    (
+        "probes: none without spec.rollout.probes",
+        PROGRESS_10,
+        {"metrics": QUIET, "now": 30},
+        "Progressing",
+        "",
+        0,
+        {"v1": 90, "v2": 10},
+    ),
+    (
+        "probes: good probe samples decide a step short of user samples",
+        PROBING_10,
+        {"rollout": PROBED, "metrics": probed(PROBE_GOOD), "now": 60},
+        "Progressing",
+        "StepStarted",
+        1,
+        {"v1": 50, "v2": 50},
+    ),
+    (
+        "probes: failing probe samples roll back within the window",
+        PROBING_10,
+        {"rollout": PROBED, "metrics": probed(PROBE_BAD), "now": 30},
+        "RolledBack",
+        "RolledBack",
+        0,
+        FLOW,
+    ),
+    (
+        "probes: enough user samples are judged on users alone (bad probes ignored)",
+        PROBING_10,
+        {"rollout": PROBED, "metrics": probed(PROBE_BAD, v2_users=100), "now": 60},
+        "Progressing",
+        "StepStarted",
+        1,
+        {"v1": 50, "v2": 50},
+    ),
+    (
+        "probes: still short with probes, the window ends Inconclusive and holds",
+        PROBING_10,
+        {"rollout": PROBED, "metrics": probed(replace(PROBE_GOOD, requests=30)), "now": 60},
+        "Inconclusive",
+        "Inconclusive",
+        0,
+        {"v1": 90, "v2": 10},
+    ),
 ]
 
 
@@ -490,3 +568,40 @@ def test_interpolate(before: list[int], after: list[int], percent: int) -> None:
     assert sum(weight for _, weight in scaled) == 100
     if percent == 100:
         assert scaled == interpolate(destination, destination, 0)
+
+
+def test_probe_traffic_runs_from_its_start_to_the_window_end_and_only_in_that_window() -> None:
+    started = plan(PROGRESS_10, rollout=PROBED, metrics=QUIET, now=30)
+    assert started.state.probes_started_at == timestamp(at(30))
+    assert started.decisions[-1].numbers["v2"]["requests"] == 40
+    run = started.probes
+    assert run is not None
+    assert (run.variants, run.seconds, run.requests_per_second) == (("v1", "v2"), 30, 5)
+    # Later looks in the same window: the same run (same key: the same Job), no new decision.
+    later = plan(started.state, rollout=PROBED, metrics=QUIET, now=45)
+    assert later.decisions == () and later.probes == run
+    # The window ends short: Inconclusive, the probes of that window are over; the next window
+    # starts its own (another key) once a look finds the users behind again.
+    held = plan(later.state, rollout=PROBED, metrics=QUIET, now=60)
+    assert held.state.phase == "Inconclusive" and held.probes is None
+    assert "(probe samples included)" in held.state.message
+    again = plan(held.state, rollout=PROBED, metrics=QUIET, now=90)
+    assert again.state.reason == "ProbesStarted"
+    assert isinstance(again.probes, ProbeRun) and again.probes.key != run.key
+    # A new step is a new window: no probes until a look finds its users behind.
+    assert plan(PROBING_10, rollout=PROBED, metrics=GOOD, now=60).probes is None
+
+
+def test_probes_are_judged_like_for_like() -> None:
+    """A candidate judged on probes is compared with the stable variants' probes: a p99 bound
+    relative to stable holds against the stable probes' p99, not the users'."""
+    rollout = replace(PROBED, analysis=Analysis(p99_latency_ms=Bound(max_ratio_to_stable=2.0)))
+    metrics = probed(replace(PROBE_GOOD, p99_latency_ms=30.0))
+    # 30 ms > 2 x 10 ms (users' p99 on v1) but < 2 x 20 ms (v1's probes): passes.
+    metrics["v1"] = replace(metrics["v1"], p99_latency_ms=10.0)
+    result = plan(PROBING_10, rollout=rollout, metrics=metrics, now=60)
+    assert result.state.reason == "StepStarted", result.state.message
+    slow = probed(replace(PROBE_GOOD, p99_latency_ms=50.0))
+    result = plan(PROBING_10, rollout=rollout, metrics=slow, now=30)
+    assert result.state.phase == "RolledBack"
+    assert "p99 latency ms 50 > 2 x stable 20" in result.state.message

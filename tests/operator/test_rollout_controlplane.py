@@ -324,7 +324,11 @@ def timeline(state: dict[str, Any]) -> str:
     for entry in state.get("history", []):
         weights = ",".join(f"{k}={v}" for k, v in entry["weights"].items())
         numbers = {
-            k: {m: v[m] for m in ("requests", "errors", "errorRate", "p99LatencyMs")}
+            k: {
+                m: v[m]
+                for m in ("requests", "errors", "errorRate", "p99LatencyMs", "probes")
+                if m in v
+            }
             for k, v in entry.get("numbers", {}).items()
             if isinstance(v, dict)
         }
@@ -569,6 +573,92 @@ def test_a_candidate_gets_weight_only_once_its_gate_passed_for_its_digest(
     if candidate == "stump":
         # It never got any weight.
         assert routed and all(split["v2"] == 0 for split in routed)
+
+
+@dataclass
+class ProbePlayer(Background):
+    """Plays the Job controller and the kubelet for the probe Jobs: runs each new probe Job's
+    container command here (the router Service's URL being the loopback router) as it appears,
+    one at a time, stopped when its Job is deleted or the player is closed."""
+
+    cluster: Cluster
+    router_url: str
+    played: list[str] = field(default_factory=list)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        selector = f"{naming.COMPONENT}={naming.COMPONENT_PROBE}"
+        path = f"/apis/batch/v1/namespaces/{self.cluster.namespace}/jobs?labelSelector={selector}"
+        answer = self.cluster.request("GET", path) or {}
+        return list(answer.get("items", []))
+
+    def run(self) -> None:
+        service = naming.router_url("iris", self.cluster.namespace)
+        while not self.stop.wait(0.5):
+            with contextlib.suppress(Exception):  # the API server may be busy: next round
+                for job in self.jobs():
+                    name = job["metadata"]["name"]
+                    if name in self.played:
+                        continue
+                    self.played.append(name)
+                    (container,) = job["spec"]["template"]["spec"]["containers"]
+                    args = [self.router_url if a == service else a for a in container["args"]]
+                    process = subprocess.Popen(
+                        [*server_command(), *args],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    try:
+                        # Until it ends, or the Job is deleted (pruned once its window is over).
+                        while process.poll() is None and not self.stop.wait(1):
+                            if self.cluster.child("Job", name) is None:
+                                break
+                    finally:
+                        stop(process)
+
+
+def test_low_traffic_with_probes_decides_on_the_probe_samples(
+    cluster: Cluster, tmp_path: Path, models: Models
+) -> None:
+    """No user at all: each step's first look finds the candidate behind the pace of minSamples,
+    probe traffic (the golden dataset's rows, through the router, counted apart) runs for the
+    rest of the window, and the steps are judged on the probe samples: promoted."""
+    first = gated_spec(100, 0, models)
+    first["spec"]["variants"][1]["model"]["sha256"] = models.good_sha256
+    with serving(cluster, tmp_path, first, models.good, models.good) as served:
+        wait_phase(cluster, "Promoted", 1)
+        second = gated_spec(0, 100, models, served.prometheus_url)
+        second["spec"]["variants"][1]["model"]["sha256"] = models.good_sha256
+        second["spec"]["rollout"]["steps"] = [
+            {"percent": 20, "holdSeconds": 20},
+            {"percent": 60, "holdSeconds": 20},
+        ]
+        second["spec"]["rollout"]["probes"] = {"requestsPerSecond": 10}
+        cluster.apply(second)
+        wait_phase(cluster, "Gating", 2)
+        job = f"iris-v2-gate-{models.good_sha256[:10]}"
+        cluster.wait_child("Job", job)
+        assert play_gate_pod(cluster, job, served.loopback, tmp_path) == 0
+        player = ProbePlayer(cluster, served.router.url)
+        player.start()
+        try:
+            done = wait_phase(cluster, "Promoted", 2, timeout=240)
+        finally:
+            player.close()
+        metrics = httpx.get(f"{served.router.url}/metrics", timeout=10).text
+    print(f"\nprobes (Jobs played {player.played}):\n{timeline(done)}")
+    actions = [(e["action"], e["step"]) for e in done["history"] if e["time"] >= done["startedAt"]]
+    assert ("ProbesStarted", 0) in actions and ("ProbesStarted", 1) in actions
+    assert len(player.played) >= 2
+    passed = [e for e in done["history"] if e["action"] == "StepPassed"]
+    assert [e["step"] for e in passed] == [0, 1]
+    for entry in passed:
+        v2 = entry["numbers"]["v2"]
+        # No user request at all: decided on the probe samples alone.
+        assert v2["requests"] == 0 and v2["probes"]["requests"] >= 10, v2
+        assert v2["probes"]["errors"] == 0
+    # The router kept them apart: no user request counted for either variant.
+    assert 'modeldeploy_router_requests_total{code="200",variant="v2"}' not in metrics
+    assert 'modeldeploy_router_probe_requests_total{code="200",variant="v2"}' in metrics
 
 
 def test_the_cli_pauses_resumes_and_aborts_by_annotation(

@@ -45,6 +45,26 @@ def test_counters_are_read_from_the_routers_own_text() -> None:
     assert counters["v2"].buckets[float("inf")] == 10
 
 
+def test_probe_requests_are_read_apart_from_users() -> None:
+    a = RouterMetrics()
+    traffic(a, "v2", 3, 0, 0.004)
+    a.observe_probe("v2", 200, 0.002)
+    base = {"a": parse_router_counters(a.render().decode())}
+    traffic(a, "v2", 2, 0, 0.004)
+    for code in (200, 200, 200, 503):
+        a.observe_probe("v2", code, 0.002)
+    a.observe_probe("v1", 200, 0.002)
+    counters = parse_router_counters(a.render().decode())
+    probes = counters["v2"].probes
+    assert counters["v2"].requests == 5
+    assert probes is not None and (probes.requests, probes.errors) == (5, 1)
+    got = window_metrics({"a": counters}, base, ("v1", "v2"))
+    assert (got["v2"].requests, got["v2"].errors) == (2, 0)
+    assert got["v2"].probes is not None and got["v1"].probes is not None
+    assert (got["v2"].probes.requests, got["v2"].probes.errors) == (4, 1)
+    assert (got["v1"].requests, got["v1"].probes.requests) == (0, 1)
+
+
 def test_window_counts_are_deltas_summed_over_routers() -> None:
     a, b = RouterMetrics(), RouterMetrics()
     traffic(a, "v1", 50, 1, 0.004)

@@ -15,6 +15,7 @@ from modeldeploy_operator.spec import (
     Gate,
     InvalidSpecError,
     ModelSource,
+    Probes,
     Rollout,
     RolloutStep,
     Shadow,
@@ -268,6 +269,7 @@ def test_gate_and_rollout_are_parsed() -> None:
         low_traffic="rollback",
         interval_seconds=15,
         deadline_seconds=7200,
+        probes=Probes(requests_per_second=3),
     )
 
 
@@ -309,6 +311,18 @@ def test_rollout_defaults() -> None:
         (
             lambda m: m["spec"]["rollout"]["steps"][1].pop("percent"),
             "spec.rollout.steps[1].percent: required",
+        ),
+        (
+            lambda m: m["spec"]["rollout"]["probes"].update(requestsPerSecond=101),
+            "spec.rollout.probes.requestsPerSecond: 101 is outside",
+        ),
+        (
+            lambda m: m["spec"]["variants"][1].pop("gate"),
+            "spec.rollout.probes: needs a variant with a gate",
+        ),
+        (
+            lambda m: m["spec"].update(routing={"mode": "none"}),
+            "spec.rollout.probes: needs routing mode router",
         ),
     ],
 )

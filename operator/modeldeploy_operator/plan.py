@@ -27,6 +27,7 @@ from modeldeploy_operator.readiness import (
 )
 from modeldeploy_operator.rollout import VariantMetrics
 from modeldeploy_operator.rollout_control import plan_md_rollout
+from modeldeploy_operator.rollout_metrics import RouterCounters
 from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
 from modeldeploy_operator.status import (
     Event,
@@ -56,6 +57,8 @@ class Snapshot:
     pods: Sequence[Mapping[str, Any]] = ()
     # With a spec.rollout: each variant's user traffic over the current step's window, by variant.
     metrics: Mapping[str, VariantMetrics] = field(default_factory=dict)
+    # The routers' counters read for it now (the direct source), a new window's baseline.
+    counters: RouterCounters | None = None
     # The pods of its gate Jobs (their termination messages hold the verdicts).
     gate_pods: Sequence[Mapping[str, Any]] = ()
 
@@ -138,7 +141,7 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
     ready = ready_variants(md, deployments)
     jobs = [o for (kind, _), o in owned.items() if kind == "Job"]
     verdicts = gate_verdicts(md, snapshot.gate_pods, jobs)
-    rollout = plan_md_rollout(md, previous, snapshot.metrics, verdicts, now)
+    rollout = plan_md_rollout(md, previous, snapshot.metrics, verdicts, now, snapshot.counters)
     # With a rollout the routes carry its weights; the spec's stay the destination.
     routed = rollout.weights if rollout is not None else md.spec_weights
     traffic = compute_effective_weights(routed, ready)

@@ -71,7 +71,9 @@ def observe_metrics(
         md = parse_model_deployment(obj)
         query = window_query(md, obj.get("status"), snapshot.endpoint_slices, now)
         if query is not None:
-            return dataclasses.replace(snapshot, metrics=metrics_source.window(query))
+            metrics = metrics_source.window(query)
+            counters = metrics_source.read_at_now(query)
+            return dataclasses.replace(snapshot, metrics=metrics, counters=counters)
     return snapshot
 
 

@@ -28,7 +28,12 @@ from modeldeploy_operator.rollout import (
     parse_rollout_status,
     plan_rollout,
 )
-from modeldeploy_operator.rollout_metrics import WindowQuery
+from modeldeploy_operator.rollout_metrics import (
+    RouterCounters,
+    WindowQuery,
+    counters_json,
+    parse_counters_json,
+)
 from modeldeploy_operator.spec import ROLLOUT_COMMAND_ANNOTATION, ModelDeployment
 from modeldeploy_operator.status import Event
 
@@ -91,8 +96,12 @@ def plan_md_rollout(
     metrics: Mapping[str, VariantMetrics],
     verdicts: Mapping[str, GateVerdict],
     now: str,
+    counters: RouterCounters | None = None,
 ) -> RolloutOutcome | None:
-    """The rollout's part of the plan at `now` (RFC 3339); None when the spec has no `rollout`."""
+    """The rollout's part of the plan at `now` (RFC 3339); None when the spec has no `rollout`.
+
+    `counters` are the routers' counters read now (the direct source): when a window begins now
+    they are its baseline, kept in `status.rollout.baseline` while the window lasts."""
     if md.rollout is None:
         return None
     raw = (previous or {}).get("rollout")
@@ -123,6 +132,9 @@ def plan_md_rollout(
     status = state.as_status()
     if value:
         status["command"] = value
+    baseline = window_baseline(state, raw, counters, now)
+    if baseline is not None:
+        status["baseline"] = baseline
     return RolloutOutcome(
         weights=state.weights,
         status=status,
@@ -131,6 +143,50 @@ def plan_md_rollout(
         requeue_after_s=planned.requeue_after_s,
         probes=planned.probes,
     )
+
+
+def window_baseline(
+    state: RolloutState,
+    raw: Mapping[str, Any] | None,
+    counters: RouterCounters | None,
+    now: str,
+) -> dict[str, Any] | None:
+    """`status.rollout.baseline`: the routers' counters when the current step's window began
+    (read now when it begins now, else as the previous status kept them); None without one."""
+    if state.phase not in ("Progressing", "Inconclusive"):
+        return None
+    began = datetime.fromisoformat(state.step_started_at)
+    if counters is not None and began == datetime.fromisoformat(now):
+        routers = {
+            target: {variant: counters_json(c) for variant, c in sorted(by_variant.items())}
+            for target, by_variant in sorted(counters.items())
+        }
+        return {"at": state.step_started_at, "routers": routers}
+    kept = (raw or {}).get("baseline") if isinstance(raw, Mapping) else None
+    if isinstance(kept, Mapping) and _same_time(kept.get("at"), began):
+        return dict(kept)
+    return None
+
+
+def parse_baseline(raw: Mapping[str, Any] | None, since: datetime) -> RouterCounters | None:
+    """The counters `status.rollout.baseline` kept for the window begun at `since`, or None."""
+    kept = (raw or {}).get("baseline")
+    if not isinstance(kept, Mapping) or not _same_time(kept.get("at"), since):
+        return None
+    try:
+        return {
+            str(target): {str(v): parse_counters_json(c) for v, c in dict(by_variant).items()}
+            for target, by_variant in dict(kept["routers"]).items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _same_time(text: Any, when: datetime) -> bool:
+    try:
+        return isinstance(text, str) and datetime.fromisoformat(text) == when
+    except ValueError:
+        return False
 
 
 def decision_event(decision: Decision) -> Event:
@@ -187,15 +243,17 @@ def window_query(
     current = state is not None and state.generation == md.generation
     if current and state is not None and state.phase not in (*ACTIVE, "Paused"):
         return None
-    since = state.step_started_at if current and state is not None else now
+    since = datetime.fromisoformat(state.step_started_at if current and state else now)
+    raw = (previous or {}).get("rollout")
     return WindowQuery(
         namespace=md.namespace,
         name=md.name,
         variants=tuple(v.name for v in md.variants),
-        since=datetime.fromisoformat(since),
+        since=since,
         now=datetime.fromisoformat(now),
         targets=router_metrics_urls(endpoint_slices),
         prometheus_url=md.rollout.analysis.prometheus_url,
+        baseline=parse_baseline(raw, since) if current and isinstance(raw, Mapping) else None,
     )
 
 

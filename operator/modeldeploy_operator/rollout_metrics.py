@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,7 +34,8 @@ QUANTILE = 0.99
 @dataclass(frozen=True)
 class WindowQuery:
     """One step window of one ModelDeployment: its variants, since when, and the /metrics URLs of
-    its routers (for the direct source)."""
+    its routers (for the direct source), with the routers' counters read when the window began
+    as `status.rollout.baseline` kept them (so a restarted operator counts from there too)."""
 
     namespace: str
     name: str
@@ -43,12 +44,18 @@ class WindowQuery:
     now: datetime
     targets: tuple[str, ...] = ()
     prometheus_url: str | None = None  # spec.rollout.analysis.prometheus.url
+    baseline: RouterCounters | None = None
 
 
 class MetricsSource(Protocol):
     """Each variant's user traffic over a step's window."""
 
     def window(self, query: WindowQuery) -> Mapping[str, VariantMetrics]: ...
+
+    def read_at_now(self, query: WindowQuery) -> RouterCounters | None:
+        """The routers' counters the last `window(query)` read at `query.now`, for a source
+        that counts from such reads (the direct source); None for others."""
+        ...
 
 
 def prometheus_queries(query: WindowQuery) -> dict[str, str]:
@@ -137,6 +144,37 @@ class Counters:
             shadow_disagreed=max(self.shadow_disagreed - base.shadow_disagreed, 0),
             probes=None if self.probes is None else self.probes.since(base.probes),
         )
+
+
+# Each router's (target's) counters by variant.
+RouterCounters = Mapping[str, Mapping[str, Counters]]
+
+
+def counters_json(counters: Counters) -> dict[str, Any]:
+    """The status form of one variant's counters (`status.rollout.baseline`)."""
+    document: dict[str, Any] = {
+        "requests": counters.requests,
+        "errors": counters.errors,
+        "buckets": {repr(le): n for le, n in sorted(counters.buckets.items())},
+        "shadowCompared": counters.shadow_compared,
+        "shadowDisagreed": counters.shadow_disagreed,
+    }
+    if counters.probes is not None:
+        document["probes"] = counters_json(counters.probes)
+    return document
+
+
+def parse_counters_json(raw: Mapping[str, Any]) -> Counters:
+    """counters_json's inverse (KeyError, TypeError, ValueError on anything else)."""
+    probes = raw.get("probes")
+    return Counters(
+        requests=int(raw["requests"]),
+        errors=int(raw["errors"]),
+        buckets={float(le): int(n) for le, n in dict(raw["buckets"]).items()},
+        shadow_compared=int(raw["shadowCompared"]),
+        shadow_disagreed=int(raw["shadowDisagreed"]),
+        probes=None if probes is None else parse_counters_json(probes),
+    )
 
 
 def parse_router_counters(text: str) -> dict[str, Counters]:

@@ -9,10 +9,10 @@ increase of the routers' counters over the window; what it cannot read counts as
 `DirectMetrics` scrapes the routers' own /metrics: it keeps, per ModelDeployment, the scrapes it
 made (in memory) and answers a window with the counters now minus those of the last scrape made at
 or before the window's start. The operator scrapes on every reconcile of an active rollout,
-including the one that starts a step, so a window's baseline is read when it begins. After an
-operator restart nothing earlier is known: the first scrape is the baseline, the window counts
-from then on (fewer samples, never wrong ones: a step short of samples is Inconclusive, and
-silence never promotes by default).
+including the one that starts a step, so a window's baseline is read when it begins; the plan
+keeps that read in `status.rollout.baseline`, and a restarted operator (nothing in memory) starts
+from it, so the window still counts from its beginning. Without one (a status written before the
+baseline was kept) the first scrape is the baseline: fewer samples, never wrong ones.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from modeldeploy_operator.rollout import VariantMetrics
 from modeldeploy_operator.rollout_metrics import (
     Counters,
     MetricsSource,
+    RouterCounters,
     WindowQuery,
     metrics_from_vectors,
     parse_router_counters,
@@ -64,12 +65,18 @@ class DirectMetrics:
                 log.warning(f"[{query.namespace}/{query.name}] cannot read {target}: {error}")
         key = (query.namespace, query.name)
         scrapes = self._scrapes.setdefault(key, [])
+        if not scrapes and query.baseline is not None:
+            scrapes.append((query.since, {t: dict(c) for t, c in query.baseline.items()}))
         earlier = [s for s in scrapes if s[0] <= query.since]
         base = earlier[-1] if earlier else (scrapes[0] if scrapes else (query.now, current))
         # Keep the baseline and what came after it: a later window starts no earlier.
         kept = [s for s in scrapes if s[0] >= base[0]]
         self._scrapes[key] = [*kept, (query.now, current)][-64:]
         return window_metrics(current, base[1], query.variants)
+
+    def read_at_now(self, query: WindowQuery) -> RouterCounters | None:
+        scrapes = self._scrapes.get((query.namespace, query.name)) or []
+        return scrapes[-1][1] if scrapes and scrapes[-1][0] == query.now else None
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop what is kept for a ModelDeployment that is gone."""
@@ -97,6 +104,9 @@ class PrometheusMetrics:
                 return metrics_from_vectors(query.variants, {})
         return metrics_from_vectors(query.variants, vectors)
 
+    def read_at_now(self, query: WindowQuery) -> RouterCounters | None:
+        return None  # Prometheus keeps the history: nothing to carry over
+
 
 def _vector(answer: Mapping[str, object], label: str) -> dict[str, float]:
     """label value -> value of an instant vector answer (NaN left out)."""
@@ -121,9 +131,16 @@ class Sources:
         self.prometheus = PrometheusMetrics()
 
     def window(self, query: WindowQuery) -> Mapping[str, VariantMetrics]:
-        url = query.prometheus_url or self.default_prometheus
-        source: MetricsSource = self.direct if url is None else self.prometheus
-        return source.window(replace(query, prometheus_url=url))
+        return self._source(query).window(self._resolved(query))
+
+    def read_at_now(self, query: WindowQuery) -> RouterCounters | None:
+        return self._source(query).read_at_now(self._resolved(query))
+
+    def _resolved(self, query: WindowQuery) -> WindowQuery:
+        return replace(query, prometheus_url=query.prometheus_url or self.default_prometheus)
+
+    def _source(self, query: WindowQuery) -> MetricsSource:
+        return self.prometheus if self._resolved(query).prometheus_url else self.direct
 
     def forget(self, namespace: str, name: str) -> None:
         self.direct.forget(namespace, name)

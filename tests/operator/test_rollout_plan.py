@@ -12,6 +12,7 @@ import pytest
 
 from modeldeploy_operator.gate_jobs import gate_labels
 from modeldeploy_operator.plan import Plan, Snapshot, plan
+from modeldeploy_operator.reconcile import observe_metrics
 from modeldeploy_operator.rollout import VariantMetrics
 from modeldeploy_operator.rollout_control import (
     COMMAND_ANNOTATION,
@@ -19,7 +20,9 @@ from modeldeploy_operator.rollout_control import (
     router_metrics_urls,
     window_query,
 )
+from modeldeploy_operator.rollout_sources import DirectMetrics
 from modeldeploy_operator.spec import parse_model_deployment
+from modeldeploy_server.router import RouterMetrics
 from tests.operator.builders import SHA_V2, model_deployment
 from tests.operator.test_plan import IMAGE, children, conditions, routed_weights
 
@@ -303,3 +306,59 @@ def test_the_metrics_window_is_the_steps_and_the_routers_are_the_ready_endpoints
     done = step(spec, step(spec, start.status, at(61), GOOD).status, at(122), GOOD)
     assert window_query(parsed, done.status, [SLICE], at(130)) is None
     assert window_query(parse_model_deployment(model_deployment()), None, [SLICE], T0) is None
+
+
+def test_a_restarted_operator_counts_the_window_from_the_baseline_kept_in_the_status() -> None:
+    """The direct source, as the operator runs it (observe_metrics, then the pure plan), on the
+    real router's /metrics text; the status goes through JSON as through the API server, and
+    the restart is a fresh source that has read nothing yet."""
+    router = RouterMetrics()
+    slices = [
+        {
+            "metadata": {"name": "iris-abcde", "labels": {"kubernetes.io/service-name": "iris"}},
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["10.1.0.7"], "conditions": {"ready": True}}],
+        }
+    ]
+
+    def reconcile(source: DirectMetrics, status: dict[str, Any], now: str) -> dict[str, Any]:
+        obj = md(0, 100, 2)
+        obj["status"] = status
+        snapshot = Snapshot(obj, children(obj, READY), endpoint_slices=slices)
+        planned = plan(observe_metrics(snapshot, now, source), server_image=IMAGE, now=now)
+        return dict(json.loads(json.dumps(planned.status)))
+
+    def served(variant: str, count: int) -> None:
+        for _ in range(count):
+            router.observe(variant, 200, 0.004)
+
+    served("v1", 500)  # before the rollout
+    first = DirectMetrics(fetch=lambda _: router.render().decode())
+    status = reconcile(first, promoted_v1(), T0)
+    assert (status["rollout"]["phase"], status["rollout"]["stepStartedAt"]) == ("Progressing", T0)
+    baseline = status["rollout"]["baseline"]
+    assert baseline["at"] == T0
+    assert baseline["routers"]["http://10.1.0.7:8080/metrics"]["v1"]["requests"] == 500
+    served("v1", 150)
+    served("v2", 30)
+    status = reconcile(first, status, at(20))
+    assert status["rollout"]["baseline"] == baseline  # the same window: the same baseline
+    # The operator restarts: a fresh source; no request after it.
+    status = reconcile(DirectMetrics(fetch=lambda _: router.render().decode()), status, at(60))
+    decision = next(e for e in status["rollout"]["history"] if e["action"] == "StepPassed")
+    assert decision["numbers"]["v2"]["requests"] == 30
+    assert decision["numbers"]["stable"]["requests"] == 150
+    # The next step's window begins now: its baseline is the read made now.
+    assert status["rollout"]["baseline"]["at"] == at(60)
+    assert (
+        status["rollout"]["baseline"]["routers"]["http://10.1.0.7:8080/metrics"]["v2"]["requests"]
+        == 30
+    )
+
+
+def test_no_baseline_is_kept_for_prometheus_or_outside_a_window() -> None:
+    obj = md(0, 100, 2, rollout={**ROLLOUT, "analysis": {"prometheus": {"url": "http://p:9090"}}})
+    progressing = step(obj, promoted_v1(), T0)
+    assert progressing.status["rollout"]["phase"] == "Progressing"
+    assert "baseline" not in progressing.status["rollout"]
+    assert "baseline" not in promoted_v1()["rollout"]

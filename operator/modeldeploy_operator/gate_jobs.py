@@ -261,17 +261,23 @@ def _verdict(pod: Mapping[str, Any], sha256: str) -> GateVerdict | None:
         if status.get("name") != CONTAINER:
             continue
         terminated = (status.get("state") or {}).get("terminated") or {}
-        if terminated.get("exitCode") not in (0, FAILED_EXIT_CODE):
-            return None
-        try:
-            message = json.loads(terminated.get("message") or "")
-        except ValueError:
-            return None
-        if not isinstance(message, dict) or not isinstance(message.get("passed"), bool):
-            return None
-        summary = (
-            f"gate {'passed' if message['passed'] else 'FAILED'}: {message.get('agreed')}/"
-            f"{message.get('rows')} rows agree (need {message.get('minAgreement', '?')})"
-        )
-        return GateVerdict(sha256, message["passed"], summary)
+        return verdict_of(terminated.get("exitCode"), terminated.get("message") or "", sha256)
     return None
+
+
+def verdict_of(exit_code: Any, message: str, sha256: str) -> GateVerdict | None:
+    """The verdict of a gate run that ended with `exit_code` and wrote `message` (its
+    termination message), for model digest `sha256`; None when it gave none (exit 2)."""
+    if exit_code not in (0, FAILED_EXIT_CODE):
+        return None
+    try:
+        document = json.loads(message)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("passed"), bool):
+        return None
+    summary = (
+        f"gate {'passed' if document['passed'] else 'FAILED'}: {document.get('agreed')}/"
+        f"{document.get('rows')} rows agree (need {document.get('minAgreement', '?')})"
+    )
+    return GateVerdict(sha256, document["passed"], summary)

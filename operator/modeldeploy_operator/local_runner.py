@@ -39,7 +39,7 @@ from modeldeploy_operator.local import (
     render_example_requests,
 )
 from modeldeploy_operator.local_rollout import LocalRollout, Reload
-from modeldeploy_operator.spec import ModelDeployment
+from modeldeploy_operator.spec import ModelDeployment, ModelSource
 
 # -P: the working directory stays off sys.path, so a checkout's operator/ folder cannot shadow
 # the standard library's `operator` module when run from the repository root.
@@ -79,6 +79,8 @@ class Supervisor:
         self.run_dir = run_dir
         self._out = out
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # Children expected to end (gates, probes): their exit is no failure of the run.
+        self._jobs: set[str] = set()
         self._stop_signal: int | None = None
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
@@ -111,7 +113,30 @@ class Supervisor:
         return self._children[name].poll()
 
     def first_exited(self) -> str | None:
-        return next((n for n, c in self._children.items() if c.poll() is not None), None)
+        return next(
+            (n for n, c in self._children.items() if n not in self._jobs and c.poll() is not None),
+            None,
+        )
+
+    def start_job(self, name: str, args: Sequence[str]) -> None:
+        """Start `modeldeploy-server ARGS`, a child expected to end (its log: `<name>.log`)."""
+        self._jobs.add(name)
+        self.start(name, [*SERVER_COMMAND, *args], {})
+
+    def job_exit_code(self, name: str) -> int | None:
+        return self.exit_code(name)
+
+    def stop_job(self, name: str) -> None:
+        """SIGTERM the job's process group; SIGKILL after the grace period."""
+        child = self._children.pop(name)
+        self._jobs.discard(name)
+        if child.poll() is None:
+            _signal_group(child.pid, signal.SIGTERM)
+            try:
+                child.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                _signal_group(child.pid, signal.SIGKILL)
+                child.wait()
 
     def wait_exit(self, name: str, report: Callable[[], None], every_s: float) -> int:
         """Wait for a short-lived child (a fetch), calling `report` every `every_s` seconds and
@@ -210,7 +235,21 @@ def _run(md: ModelDeployment, settings: LocalRunSettings, sup: Supervisor, say: 
     for command in render_example_requests(md, plan.router.url, inputs, md.example_instance):
         say(f"  {command}")
     urls = {process.name: process.url for process in plan.variants}
-    rollout = LocalRollout(md, urls, plan.router.url, routes_path, say, settings.reload)
+
+    def dataset_location(source: ModelSource) -> str:
+        # A local file (file://, pvc:// in its claim's directory) by its path; a download by its
+        # URL (the gate fetches and verifies it itself).
+        location = locate_model(
+            source,
+            base_dir=settings.base_dir,
+            claim_dirs=settings.claim_dirs,
+            cache_dir=settings.cache_dir,
+        )
+        return str(location.path) if isinstance(location, LocalFile) else source.uri
+
+    rollout = LocalRollout(
+        md, urls, plan.router.url, routes_path, say, settings.reload, sup, dataset_location
+    )
     while (name := sup.first_exited()) is None:
         sup.check_stop()
         rollout.tick()

@@ -13,7 +13,9 @@ import csv
 import hashlib
 import io
 import math
+import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -24,12 +26,17 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import yaml
 
 from modeldeploy_operator.render import MODEL_SOURCE_DIR
+from modeldeploy_operator.spec import EXAMPLE_ANNOTATION
+from tests.cluster.cluster import NODE_IP
 from tests.cluster.conftest import MEASURED, REPO_ROOT, Cluster
+from tests.controlplane.harness import expected_binaries
+from tests.models import write_graph
 from tests.processes import server_command
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -538,6 +545,224 @@ def _v2_serves(iris: Iris, sha256: str) -> bool:
             send(client, iris.url, v2_body(ROWS[:1]), {"x-model-variant": "v2"}) for _ in range(10)
         ]
     return all(a.status == 200 and a.sha256 == sha256 for a in answers)
+
+
+# --- rollouts judged on Prometheus scraping the pods ---------------------------------------------
+
+SCRAPE_CONFIG = REPO_ROOT / "examples" / "prometheus" / "scrape.yaml"
+ROLLOUT_TIMEOUT_S = 420.0
+ENTERED = (
+    "GatesPassed",
+    "StepStarted",
+    "Promoted",
+)  # the history's actions that change the routed weights
+
+
+@dataclass
+class ClusterPrometheus:
+    url: str  # on the node's address: the operator's pod reaches it there
+    process: subprocess.Popen[bytes]
+
+    def series(self, promql: str) -> list[dict[str, Any]]:
+        try:
+            answer = httpx.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=5)
+            result: list[dict[str, Any]] = answer.json()["data"]["result"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return []
+        return result
+
+
+@pytest.fixture
+def prometheus(installed: Cluster, tmp_path: Path) -> Iterator[ClusterPrometheus]:
+    """A real Prometheus on this host (the node) with the scrape job of
+    examples/prometheus/scrape.yaml, finding the pods through the API server as an in-cluster
+    Prometheus would; only where to find the API server is added."""
+    binary = expected_binaries().prometheus
+    if not binary.exists():
+        message = f"{binary} is missing: run tests/controlplane/build.sh"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+    for job in config["scrape_configs"]:
+        for discovery in job["kubernetes_sd_configs"]:
+            discovery["kubeconfig_file"] = str(installed.kubeconfig)
+            discovery["namespaces"] = {"names": [NAMESPACE]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with socket.socket() as probe:
+        probe.bind((NODE_IP, 0))
+        port = probe.getsockname()[1]
+    argv = [
+        str(binary),
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address={NODE_IP}:{port}",
+    ]
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    server = ClusterPrometheus(f"http://{NODE_IP}:{port}", process)
+    try:
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def rollout_document(
+    prometheus: ClusterPrometheus, weights: tuple[int, int], v2_model: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """iris towards `weights` in two steps (30% and 70% of the way, 30 s each), judged every 5 s
+    on the Prometheus numbers: at most 1% errors and a p99 under 2 s, from 50 requests on."""
+    document = iris_document(weights=weights, v2_model=v2_model)
+    document["spec"]["rollout"] = {
+        "steps": [{"percent": 30, "holdSeconds": 30}, {"percent": 70, "holdSeconds": 30}],
+        "analysis": {
+            "errorRate": {"max": 0.01},
+            "p99LatencyMs": {"max": 2000},
+            "prometheus": {"url": prometheus.url},
+        },
+        "minSamples": 50,
+        "intervalSeconds": 5,
+    }
+    return document
+
+
+def wait_scraped(prometheus: ClusterPrometheus) -> None:
+    """Until Prometheus has the routers' series with the labels rollouts query by."""
+    routes = f'modeldeploy_router_routes_info{{namespace="{NAMESPACE}",modeldeployment="iris"}}'
+    poll(lambda: prometheus.series(routes), 180, "Prometheus scraping iris' routers", interval=1)
+
+
+def rollout_phase(md: dict[str, Any], *phases: str) -> dict[str, Any] | None:
+    rollout = md.get("status", {}).get("rollout", {})
+    done = rollout.get("generation") == md["metadata"]["generation"]
+    return md if done and rollout.get("phase") in phases else None
+
+
+def timeline(rollout: dict[str, Any]) -> str:
+    """The decisions with their weights and the candidate's numbers, for the closing note."""
+    lines = []
+    for decision in rollout["history"]:
+        numbers = decision.get("numbers", {})
+        v2 = numbers.get("v2") or {}
+        seen = (
+            f" (v2 {v2.get('requests')} requests, {v2.get('errors')} errors, "
+            f"p99 {v2.get('p99LatencyMs')} ms; stable {numbers['stable'].get('requests')})"
+            if v2
+            else ""
+        )
+        weights = "/".join(str(w) for w in decision["weights"].values())
+        lines.append(
+            f"{decision['time']} step {decision['step']} {decision['action']} {weights}{seen}"
+        )
+    return "; ".join(lines)
+
+
+def test_rollout_walks_its_steps_on_prometheus_and_no_request_fails(
+    edited_iris: Iris, prometheus: ClusterPrometheus
+) -> None:
+    """`spec.rollout` from 90/10 to 0/100: the operator (in its pod) reads the Prometheus that
+    scrapes the routers' pods, walks the routes through both steps on real traffic and promotes;
+    no request of the load (c=8, through the Service) fails meanwhile, and afterwards v2 answers
+    everything."""
+    iris = edited_iris
+    wait_scraped(prometheus)
+    with Load(iris.url, concurrency=8, max_seconds=ROLLOUT_TIMEOUT_S + 120) as load:
+        poll(lambda: len(load.answers) >= 200, 120, "load to start", interval=0.2)
+        iris.apply(rollout_document(prometheus, (0, 100)))
+        md = poll(
+            lambda: rollout_phase(iris.md(), "Promoted", "RolledBack"),
+            ROLLOUT_TIMEOUT_S,
+            "the rollout to end",
+            interval=1,
+        )
+        ended = time.monotonic()
+        poll(lambda: len(load.since(ended + 5)) >= 200, 120, "load after the promotion")
+    rollout = md["status"]["rollout"]
+    MEASURED.append(f"rollout 90/10 -> 0/100 on Prometheus: {timeline(rollout)}")
+    assert rollout["phase"] == "Promoted", rollout
+    assert not load.failures(), [(a.status, a.error) for a in load.failures()[:10]]
+    walked = [d["weights"] for d in rollout["history"] if d["action"] in ENTERED]
+    assert walked == [{"v1": 63, "v2": 37}, {"v1": 27, "v2": 73}, {"v1": 0, "v2": 100}], walked
+    passed = [d for d in rollout["history"] if d["action"] == "StepPassed"]
+    assert len(passed) == 2, rollout["history"]
+    for decision in passed:  # each step judged on real v2 traffic, counted by Prometheus
+        assert decision["numbers"]["v2"]["requests"] >= 50, decision
+        assert decision["numbers"]["v2"]["errors"] == 0, decision
+    assert {a.variant for a in load.since(ended + 5)} == {"v2"}
+
+
+def build_failing_iris(directory: Path) -> Path:
+    """iris' four inputs, but its Reshape of the row to [3, -1] fails on one row (4 values): the
+    server answers each 1-row request 422, the model's failure."""
+    shape = onnx.helper.make_tensor("shape", onnx.TensorProto.INT64, [2], [3, -1])
+    nodes = [
+        onnx.helper.make_node("Concat", list(FEATURES), ["row"], axis=1),
+        onnx.helper.make_node("Constant", [], ["shape"], value=shape),
+        onnx.helper.make_node("Reshape", ["row", "shape"], ["label"]),
+    ]
+    return write_graph(
+        directory,
+        "iris-failing",
+        nodes,
+        {name: (onnx.TensorProto.FLOAT, [None, 1]) for name in FEATURES},
+        {"label": (onnx.TensorProto.FLOAT, [3, None])},
+    )
+
+
+def without_example(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` without its example instance: the servers warm up on a synthetic request, which
+    a model may refuse and still serve (an example it refuses would stop it from starting)."""
+    document["metadata"].get("annotations", {}).pop(EXAMPLE_ANNOTATION, None)
+    return document
+
+
+def test_rollout_of_a_failing_candidate_rolls_back_within_one_window(
+    edited_iris: Iris, prometheus: ClusterPrometheus
+) -> None:
+    """v2 serves a model that fails every 1-row request, first at weight 0; then a rollout to
+    50/50: the first step's window shows v2's errors through Prometheus, the operator rolls back to
+    100/0 (Degraded, reason RolledBack, with the numbers), and then every request succeeds on v1."""
+    iris = edited_iris
+    failing = build_failing_iris(iris.cluster.models_dir)
+    failing.chmod(0o644)
+    v2_model = ("pvc://models/iris-failing.onnx", sha256_of(failing))
+    at_zero = without_example(iris_document(weights=(100, 0), v2_model=v2_model))
+    iris.apply(at_zero)
+    iris.wait_settled()
+    wait_scraped(prometheus)
+    with Load(iris.url, concurrency=8, max_seconds=ROLLOUT_TIMEOUT_S + 120) as load:
+        poll(lambda: len(load.answers) >= 200, 120, "load to start", interval=0.2)
+        started = time.monotonic()
+        iris.apply(without_example(rollout_document(prometheus, (50, 50), v2_model)))
+        md = poll(
+            lambda: rollout_phase(iris.md(), "Promoted", "RolledBack"),
+            ROLLOUT_TIMEOUT_S,
+            "the rollout to end",
+            interval=1,
+        )
+        ended = time.monotonic()
+        poll(lambda: len(load.since(ended + 5)) >= 200, 120, "load after the rollback")
+    rollout = md["status"]["rollout"]
+    MEASURED.append(
+        f"rollback of a failing v2 ({ended - started:.0f} s from the apply): {timeline(rollout)}"
+    )
+    assert rollout["phase"] == "RolledBack", rollout
+    assert rollout["weights"] == {"v1": 100, "v2": 0}, rollout
+    degraded = condition(md, "Degraded")
+    assert (degraded.get("status"), degraded.get("reason")) == ("True", "RolledBack"), degraded
+    rolled_back = rollout["history"][-1]
+    assert rolled_back["action"] == "RolledBack" and rolled_back["step"] == 0, rolled_back
+    assert rolled_back["numbers"]["v2"]["errors"] > 0, rolled_back
+    failed = load.failures()
+    assert failed, "the failing candidate answered every request it was sent"
+    assert {(a.status, a.variant) for a in failed} == {(422, "v2")}, failed[:10]
+    after = load.since(ended + 5)
+    assert {(a.status, a.variant) for a in after} == {(200, "v1")}, after[:10]
 
 
 def test_wrong_sha256_never_ready_never_served_and_status_says_why(edited_iris: Iris) -> None:

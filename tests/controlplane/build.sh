@@ -19,7 +19,7 @@ etcd_dir="$cache/etcd-$ETCD_VERSION"
 gw_dir="$cache/gateway-api-$GATEWAY_API_VERSION"
 node_dir="$cache/kubernetes-node-$KUBERNETES_VERSION"
 coredns_dir="$cache/coredns-$COREDNS_VERSION"
-prometheus_dir="$cache/prometheus-$PROMETHEUS_VERSION"
+prometheus_dir="$cache/prometheus-$PROMETHEUS_VERSION-kubernetes-sd"
 
 # The release's own go line may be older than the local toolchain; never let Go download another.
 export GOTOOLCHAIN=local CGO_ENABLED=0
@@ -186,7 +186,8 @@ build_coredns() {
 }
 
 # Prometheus server without its UI assets (the HTTP API is all the tests use) and with only the
-# static/file/http service discovery (remove_all_sd: no cloud SDKs to compile).
+# static/file/http and Kubernetes service discovery (no cloud SDKs to compile; the real-cluster
+# suite finds the pods as examples/prometheus/scrape.yaml tells it to).
 build_prometheus() {
     if [[ -x "$prometheus_dir/prometheus" ]]; then
         log "Prometheus $PROMETHEUS_VERSION: cached at $prometheus_dir"
@@ -200,7 +201,7 @@ build_prometheus() {
         "$(go mod download -json "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" | json_field GoMod)"
     log "Prometheus $PROMETHEUS_VERSION: compiling (cold build: about 6 min on 2 cores)"
     mkdir -p "$w/out"
-    (cd "$w" && go build -v -tags=remove_all_sd -ldflags="-s -w" -o out/prometheus "$pkg" 2>&1) \
+    (cd "$w" && go build -v -tags=remove_all_sd,enable_kubernetes_sd -ldflags="-s -w" -o out/prometheus "$pkg" 2>&1) \
         | count_packages
     [[ -x "$w/out/prometheus" ]]
     publish "$w/out" "$prometheus_dir"

@@ -92,7 +92,7 @@ def expected_binaries() -> Binaries:
         kube_apiserver=k8s / "kube-apiserver",
         kube_controller_manager=k8s / "kube-controller-manager",
         gateway_crds=root / f"gateway-api-{v['GATEWAY_API_VERSION']}",
-        prometheus=root / f"prometheus-{v['PROMETHEUS_VERSION']}" / "prometheus",
+        prometheus=root / f"prometheus-{v['PROMETHEUS_VERSION']}-kubernetes-sd" / "prometheus",
     )
 
 

@@ -209,8 +209,8 @@ class Cluster:
     def set_router_endpoints(self, md_name: str, pods: dict[str, bool]) -> None:
         """Play the EndpointSlice controller for the router Service: one slice with the
         Service's labels and an owner reference to it, one endpoint per pod (name -> ready)."""
-        service = self.core.read_namespaced_service(md_name, self.namespace)
-        assert service.metadata is not None
+        service = self.child("Service", md_name)
+        assert service is not None, f"Service/{md_name} does not exist"
         body = {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
@@ -218,7 +218,7 @@ class Cluster:
                 "name": f"{md_name}-slice",
                 "namespace": self.namespace,
                 "labels": {
-                    **(service.metadata.labels or {}),
+                    **service["metadata"].get("labels", {}),
                     naming.SERVICE_NAME_LABEL: md_name,
                     "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
                 },
@@ -227,7 +227,7 @@ class Cluster:
                         "apiVersion": "v1",
                         "kind": "Service",
                         "name": md_name,
-                        "uid": service.metadata.uid,
+                        "uid": service["metadata"]["uid"],
                         "controller": True,
                         "blockOwnerDeletion": True,
                     }
@@ -252,18 +252,21 @@ class Cluster:
             "application/apply-patch+yaml",
         )
 
-    def ack_routes(self, md_name: str, pods: list[str]) -> str:
-        """Play the routers: each pod acknowledges the routes version the ConfigMap carries now
-        (a JSON merge patch under the router's field manager, as the routes contract says)."""
-        name = naming.routes_config_map_name(md_name)
-        config_map = self.core.read_namespaced_config_map(name, self.namespace)
-        version = str(json.loads((config_map.data or {})[contract.ROUTES_KEY]).get("version", ""))
+    def ack_routes(self, md_name: str, pods: list[str], version: str | None = None) -> str:
+        """Play the routers: each pod acknowledges routes `version` (by default the one the
+        ConfigMap carries now), by a JSON merge patch under the router's field manager, as the
+        routes contract says (a router knows the version from its watch: no read first)."""
+        path = self.child_path("ConfigMap", naming.routes_config_map_name(md_name))
+        if version is None:
+            config_map = self.request("GET", path)
+            assert config_map is not None, f"{path} does not exist"
+            version = str(json.loads(config_map["data"][contract.ROUTES_KEY]).get("version", ""))
         annotations = {contract.ROUTES_ACK_ANNOTATION_PREFIX + pod: version for pod in pods}
-        self.core.patch_namespaced_config_map(
-            name,
-            self.namespace,
+        self.request(
+            "PATCH",
+            f"{path}?fieldManager={contract.ROUTER_FIELD_MANAGER}",
             {"metadata": {"annotations": annotations}},
-            field_manager=contract.ROUTER_FIELD_MANAGER,
+            "application/merge-patch+json",
         )
         return version
 

@@ -41,6 +41,11 @@ from modeldeploy_operator.workqueue import WorkQueue
 
 RETRY_BASE_S = 1.0
 RETRY_MAX_S = 300.0
+# How long news of a child waits for the rest of its burst before its reconcile is queued: the
+# Deployments of one ModelDeployment turn ready together, every router pod acks a new routes
+# version at once, and each piece taken alone would change the routes (and ask for acks) again.
+# A spec change, a resync or a relist at startup is queued at once.
+CHILD_NEWS_DELAY_S = 0.25
 log = logging.getLogger("modeldeploy_operator")
 
 
@@ -49,14 +54,13 @@ class Echoes:
     """What the last reconcile of one ModelDeployment wrote, so the watch can ignore its echoes.
 
     A child event is an echo when it carries the resourceVersion our apply returned and that
-    version holds nothing the plan reads that the snapshot did not already hold (so a readiness
-    change that raced with our apply is never swallowed).
+    version holds nothing the plan reads that the plan did not already see (in the snapshot, or
+    in what the writes left when the status was planned again from it), so a readiness change
+    that raced with our apply is never swallowed.
     """
 
     versions: dict[Key, str] = field(default_factory=dict)
     deleted_uids: frozenset[str] = frozenset()
-    # (uid, generation, rollout command annotation) last planned
-    model_deployment: tuple[str, int, str] | None = None
 
 
 Cause = tuple[str, tuple[Mapping[str, Any], str] | None]  # (why, the child event (body, type))
@@ -81,6 +85,8 @@ class Controller:
         self._synced: set[str] = set()  # namespaces whose every kind has been listed
         self._causes: dict[MdKey, list[Cause]] = {}
         self._echoes: dict[MdKey, Echoes] = {}
+        # What of each ModelDeployment its latest reconcile planned from: _planned_of(metadata).
+        self._planned: dict[MdKey, tuple[str, int, str]] = {}
         self._timers: dict[MdKey, asyncio.TimerHandle] = {}
         self._attempts: dict[MdKey, int] = {}
         self._workers: list[asyncio.Task[None]] = []
@@ -120,7 +126,7 @@ class Controller:
         listed.add(kind)
         if namespace in self._synced:
             for key in changed:
-                self.enqueue(key, f"{kind} relisted")
+                self.enqueue(key, f"{kind} relisted", delay=CHILD_NEWS_DELAY_S)
         elif len(listed) == len(WATCHED):
             # Only now is every child of every ModelDeployment here known: reconciling earlier
             # would re-create what merely was not listed yet.
@@ -139,12 +145,8 @@ class Controller:
                 return
             # A status write of ours, or a label edit, changes neither the uid nor the
             # generation; a rollout command (an annotation) is news.
-            planned = (
-                meta.get("uid", ""),
-                int(meta.get("generation") or 1),
-                command_of(meta.get("annotations")),
-            )
-            if self.planned(key) != planned:
+            planned = _planned_of(meta)
+            if self._planned.get(key) != planned:
                 self.enqueue(key, f"generation {planned[1]}")
             return
         if kind == "Pod":
@@ -156,17 +158,25 @@ class Controller:
             if problem:
                 self.pod_problems[uid] = problem
             if problem != before:
-                self.enqueue(key, f"pod {meta.get('name')} {type_.lower()}")
+                self.enqueue(
+                    key, f"pod {meta.get('name')} {type_.lower()}", delay=CHILD_NEWS_DELAY_S
+                )
             return
         if not self.is_echo(key, obj, type_):
-            self.enqueue(key, f"{describe(obj)} {type_.lower()}", (obj, type_))
+            cause = f"{describe(obj)} {type_.lower()}"
+            self.enqueue(key, cause, (obj, type_), delay=CHILD_NEWS_DELAY_S)
 
     # --- the queue ---
 
     def enqueue(
-        self, key: MdKey, cause: str, event: tuple[Mapping[str, Any], str] | None = None
+        self,
+        key: MdKey,
+        cause: str,
+        event: tuple[Mapping[str, Any], str] | None = None,
+        delay: float = 0.0,
     ) -> None:
-        """Reconcile `key` when a worker is free (after any reconcile of it already running).
+        """Reconcile `key` when a worker is free (after any reconcile of it already running),
+        and not before `delay` seconds from now.
 
         `event` is the child event that asked for it: if every cause turns out, at its turn, to
         be the echo of the reconcile it waited for, the turn is skipped.
@@ -174,7 +184,7 @@ class Controller:
         if key[0] not in self._synced:
             return  # it is reconciled once its namespace is listed
         self._causes.setdefault(key, []).append((cause, event))
-        self.queue.add(key)
+        self.queue.add(key, delay)
 
     async def _work_loop(self) -> None:
         while True:
@@ -202,6 +212,8 @@ class Controller:
         cause = causes[0][0] if causes else "resync"
         if len(causes) > 1:
             cause += f" and {len(causes) - 1} more"
+        # Set before the reconcile runs: the watch may bring its status write before it ends.
+        self._planned[key] = _planned_of(meta)
         loop = asyncio.get_running_loop()
         try:
             outcome = await loop.run_in_executor(self._executor, self._work, snapshot)
@@ -254,10 +266,6 @@ class Controller:
         version = echoes.versions.get((body.get("kind", ""), meta.get("name", "")))
         return version is not None and version == meta.get("resourceVersion")
 
-    def planned(self, key: MdKey) -> tuple[str, int, str] | None:
-        echoes = self._echoes.get(key)
-        return echoes.model_deployment if echoes else None
-
     def schedule(self, key: MdKey, delay: float) -> None:
         old = self._timers.pop(key, None)
         if old is not None:
@@ -270,6 +278,7 @@ class Controller:
         if timer is not None:
             timer.cancel()
         self._echoes.pop(key, None)
+        self._planned.pop(key, None)
         self._attempts.pop(key, None)
         self._causes.pop(key, None)
         self.rollout_metrics.forget(*key)
@@ -295,18 +304,9 @@ class Controller:
         versions = {
             k: str(written["metadata"]["resourceVersion"])
             for k, written in outcome.written.items()
-            if plan_inputs(k[0], written) == plan_inputs(k[0], outcome.observed.get(k))
+            if plan_inputs(k[0], written) == plan_inputs(k[0], outcome.planned_from.get(k))
         }
-        md_meta = (outcome.model_deployment or {}).get("metadata", {})
-        self._echoes[key] = Echoes(
-            versions=versions,
-            deleted_uids=outcome.deleted_uids,
-            model_deployment=(
-                md_meta.get("uid", ""),
-                int(md_meta.get("generation", 1)),
-                command_of(md_meta.get("annotations")),
-            ),
-        )
+        self._echoes[key] = Echoes(versions=versions, deleted_uids=outcome.deleted_uids)
 
     def _report(self, key: MdKey, outcome: Outcome, cause: str) -> None:
         where = f"[{key[0]}/{key[1]}]"
@@ -342,6 +342,16 @@ class Controller:
             log.info(f"{where} reconciled generation {generation} ({cause}): {'; '.join(parts)}")
         else:
             log.debug(f"{where} reconciled generation {generation} ({cause}): nothing to change")
+
+
+def _planned_of(meta: Mapping[str, Any]) -> tuple[str, int, str]:
+    """What of a ModelDeployment's metadata a reconcile plans from: its uid, its generation and
+    its rollout command (an annotation); a change of anything else in it is no news."""
+    return (
+        meta.get("uid", ""),
+        int(meta.get("generation") or 1),
+        command_of(meta.get("annotations")),
+    )
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:

@@ -38,14 +38,15 @@ from modeldeploy_operator.status import Event
 class Outcome:
     """What one reconcile saw and did, for the kopf layer to log and to recognise its echoes."""
 
-    model_deployment: Mapping[str, Any] | None  # None: it no longer exists (or is being deleted)
     plan: Plan | None = None
     events: tuple[Event, ...] = ()
     failures: tuple[Failure, ...] = ()
     new_failures: tuple[Failure, ...] = ()
-    # The children as observed and as this reconcile's writes left them, by (kind, name).
-    observed: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    # The children as this reconcile's writes left them, by (kind, name).
     written: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    # The children the final plan (and the status written) was computed from: a watch event of
+    # a write that brings nothing the plan reads beyond these is this reconcile's echo.
+    planned_from: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     changed: tuple[str, ...] = ()  # "Kind/name" of applies that changed or created something
     pruned: tuple[str, ...] = ()
     recreated: tuple[Recreate, ...] = ()
@@ -117,7 +118,6 @@ def act(api: KubeApi, planned: Plan, observed: Mapping[Key, Mapping[str, Any]]) 
         if attempt(routes, lambda: api.remove_annotations(routes, keys)):
             pruned.extend(f"ack of pod {pod}" for pod in planned.prune_acks)
     return Outcome(
-        model_deployment=None,
         failures=tuple(failures),
         written=written,
         pruned=tuple(pruned),
@@ -158,6 +158,7 @@ def reconcile(
     observed = {key(o): o for o in snapshot.children}
     planned = plan(snapshot, server_image=config.server_image, now=now)
     done = act(api, planned, observed)
+    planned_from: Mapping[Key, Mapping[str, Any]] = observed
     if _spec_changed(observed, done.written):
         # A Deployment whose spec just changed has not rolled out yet, whatever the snapshot said:
         # plan the status again from what the writes left, or it would claim the new generation
@@ -170,6 +171,10 @@ def reconcile(
             dataclasses.replace(snapshot, children=after), server_image=config.server_image, now=now
         )
         planned = dataclasses.replace(planned, status=replanned.status, events=replanned.events)
+        if not (replanned.apply or replanned.recreate or replanned.prune):
+            # Planned from what the writes left, nothing more is wanted: their own watch events
+            # (a created Deployment's first of all) are echoes, not news.
+            planned_from = {key(o): o for o in after}
     settled = settle(planned, done.failures)
     status_written = None
     if settled.status != obj.get("status"):
@@ -190,11 +195,10 @@ def reconcile(
     )
     return dataclasses.replace(
         done,
-        model_deployment=obj,
         plan=planned,
         events=settled.events,
         new_failures=settled.new_failures,
-        observed=observed,
+        planned_from=planned_from,
         changed=changed,
         status_written=status_written,
     )

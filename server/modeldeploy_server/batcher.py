@@ -22,6 +22,8 @@ import numpy as np
 from modeldeploy_server.batching import Feed, merge_feeds, merge_key, plan_batches, split_outputs
 from modeldeploy_server.errors import ModelExecutionError, Overloaded, ServerError
 
+QUEUE_FULL = "the model's request queue is full; retry later"
+
 Outputs = dict[str, np.ndarray[Any, Any]]
 RunModel = Callable[[Feed], Outputs]
 # (requests merged, rows, seconds in the model) for each run.
@@ -83,13 +85,15 @@ class Batcher:
     def check_room(self) -> None:
         """Raise Overloaded if the queue is full now (before a body is even read)."""
         if len(self._waiting) + len(self._reserved) >= self._max_queue:
-            raise Overloaded("the model's request queue is full; retry later")
+            raise Overloaded(QUEUE_FULL)
 
     def reserve(self, task: asyncio.Task[Any]) -> None:
         """Hold a place in the queue for `task`'s request before its body is decoded, so that a
         full queue refuses it before that work; raises Overloaded when full."""
-        self.check_room()
-        self._reserved.add(task)
+        reserved = self._reserved
+        if len(self._waiting) + len(reserved) >= self._max_queue:
+            raise Overloaded(QUEUE_FULL)
+        reserved.add(task)
 
     def release(self, task: asyncio.Task[Any]) -> None:
         """Give back `task`'s place if it never reached `submit` (it failed or was refused)."""

@@ -13,13 +13,24 @@ import asyncio
 import http
 import json
 import logging
+import urllib.parse
 from asyncio import TimerHandle
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
 
 import httptools
+from uvicorn._types import ASGISendEvent
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.server import ServerState
 
 from modeldeploy_server.config import EdgeSettings
@@ -38,8 +49,10 @@ ALLOWED_METHODS = b"GET, HEAD, POST"
 # nothing more for that long. Clients that retry at once (ignoring Retry-After) would otherwise
 # keep the event loop busy refusing them, and the admitted requests would starve.
 BACKOFF_STATE_KEY = "modeldeploy.backoff_s"
-# What uvicorn writes, whole, when a request expects it; it precedes the answer's head.
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The read and keep-alive timeouts are checked this many times per the shorter of the two, by one
+# sweep over the connections (not a timer per request): each fires between its time and a quarter
+# of the shorter one later.
+SWEEPS_PER_TIMEOUT = 4
 
 
 @dataclass
@@ -50,6 +63,28 @@ class Edge:
     body_bytes_in_flight: int = 0
     # Set at SIGTERM: every answer from now on closes its connection.
     draining: bool = False
+    # The next sweep of the connections' timeouts, while there are connections.
+    _sweep: TimerHandle | None = field(default=None, init=False, repr=False)
+    # Answer heads held in this turn of the loop (HeadHolder).
+    held_heads: list[HeadHolder] = field(default_factory=list, init=False, repr=False)
+
+    def watch(self, loop: asyncio.AbstractEventLoop, connections: Collection[object]) -> None:
+        """Sweep `connections` (the server's EdgeProtocols) for timeouts while there are any."""
+        if self._sweep is None:
+            settings = self.settings
+            interval = min(settings.read_timeout_s, settings.keepalive_timeout_s)
+            self._sweep = loop.call_later(
+                interval / SWEEPS_PER_TIMEOUT, self._sweep_once, loop, connections
+            )
+
+    def _sweep_once(self, loop: asyncio.AbstractEventLoop, connections: Collection[object]) -> None:
+        self._sweep = None
+        now = loop.time()
+        for protocol in list(connections):
+            if isinstance(protocol, EdgeProtocol):
+                protocol.check_timeouts(now)
+        if connections:
+            self.watch(loop, connections)
 
 
 def render_refusal(status: int, message: str, *, retry_after: bool = False) -> bytes:
@@ -67,61 +102,175 @@ def render_refusal(status: int, message: str, *, retry_after: bool = False) -> b
 
 
 class HeadHolder:
-    """The connection's transport as uvicorn's request cycles see it: the head of each answer is
-    held back until the first piece of its body, so that a small answer leaves in one write.
+    """The connection's transport as uvicorn's request cycles see it, holding the head of an
+    answer (EdgeCycle.send) until the first piece of its body, so that a small answer leaves in
+    one write.
 
     uvicorn writes the status line and headers, then the body, in two calls; on a TCP_NODELAY
     socket that is two syscalls, two segments and two wake-ups of the client per answer. A head
-    never waits longer than the current turn of the event loop (an answer whose body comes later,
-    a HEAD answer): it is written then, or before anything else the connection writes or closes.
+    never waits longer than the current turn of the event loop (an answer whose body comes later):
+    it is written then, or before anything else the connection writes or closes. The heads held
+    in one turn are written by one callback (`flush_all`), not one each.
     """
 
-    __slots__ = ("_expect_head", "_held", "_loop", "_transport")
+    __slots__ = ("_loop", "_pending", "held", "transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        pending: list[HeadHolder],
+    ) -> None:
+        self.transport = transport
         self._loop = loop
-        self._held: bytes | None = None
-        self._expect_head = True
+        # The server's holders with a head held in this turn of the loop (shared by all).
+        self._pending = pending
+        # The head waiting for its body.
+        self.held: bytes | None = None
+
+    def hold(self, head: bytes) -> None:
+        """Keep `head` until its body's first piece, or the end of this turn of the loop."""
+        self.held = head
+        pending = self._pending
+        if not pending:
+            self._loop.call_soon(self.flush_all, pending)
+        pending.append(self)
 
     def write(self, data: bytes) -> None:
-        """The first write of an answer is its head: hold it; join it to the next write."""
-        held = self._held
-        if held is not None:
-            self._held = None
-            self._transport.write(held + data)
-        elif self._expect_head and data != CONTINUE:
-            self._expect_head = False
-            self._held = data
-            self._loop.call_soon(self.flush)
-        else:
-            self._transport.write(data)
+        """Write after what is held (uvicorn's `100 Continue` goes before any head)."""
+        self.flush()
+        self.transport.write(data)
 
     def flush(self) -> None:
         """Write a head still held."""
-        held = self._held
+        held = self.held
         if held is not None:
-            self._held = None
-            if not self._transport.is_closing():
-                self._transport.write(held)
+            self.held = None
+            if not self.transport.is_closing():
+                self.transport.write(held)
 
-    def next_answer(self) -> None:
-        """An answer is complete: write what it left held; the next write is the next head."""
-        self.flush()
-        self._expect_head = True
+    @staticmethod
+    def flush_all(pending: list[HeadHolder]) -> None:
+        """The turn in which `pending`'s heads were held is over: write those still held."""
+        for holder in pending:
+            if holder.held is not None:  # the usual: its body took it
+                holder.flush()
+        pending.clear()
 
     def close(self) -> None:
         """Close the connection after what is held."""
         self.flush()
-        self._transport.close()
+        self.transport.close()
 
     def is_closing(self) -> bool:
         """Whether the connection is closing."""
-        return self._transport.is_closing()
+        return self.transport.is_closing()
+
+
+class EdgeCycle(RequestResponseCycle):
+    """uvicorn's request cycle with a leaner `send` (uvicorn's, but for two changes): the answer's
+    head is held by the connection's HeadHolder and leaves with the first piece of the body, and
+    the header names and values are checked by one search each rather than two per header."""
+
+    holder: HeadHolder
+
+    async def send(self, message: ASGISendEvent) -> None:
+        """Send one ASGI message of the answer."""
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(f"Expected 'http.response.start', got '{message['type']}'.")
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            status_code = message["status"]
+            headers = self.default_headers + list(message.get("headers", []))
+            if self.access_log:
+                self.access_logger.info(
+                    '%s - "%s %s HTTP/%s" %d',
+                    get_client_addr(self.scope),
+                    self.scope["method"],
+                    get_path_with_query_string(self.scope),
+                    self.scope["http_version"],
+                    status_code,
+                )
+            content = [STATUS_LINE[status_code]]
+            has_connection_close = False
+            for name, value in headers:
+                name = name.lower()
+                if name == b"content-length" and self.chunked_encoding is None:
+                    self.expected_content_length = int(value.decode())
+                    self.chunked_encoding = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    self.expected_content_length = 0
+                    self.chunked_encoding = True
+                elif name == b"connection":
+                    connection = [token.lower().strip() for token in value.split(b",")]
+                    if b"close" in connection:
+                        self.keep_alive = False
+                        has_connection_close = True
+                content.extend((name, b": ", value, b"\r\n"))
+            # Names are content[1], [5], ...; values content[3], [7], ... (a tab is valid there).
+            if HEADER_RE.search(b"".join(content[1::4])):
+                raise RuntimeError("Invalid HTTP header name.")
+            if HEADER_VALUE_RE.search(b"\t".join(content[3::4])):
+                raise RuntimeError("Invalid HTTP header value.")
+            if not self.keep_alive and not has_connection_close:
+                content.append(b"connection: close\r\n")
+            if (
+                self.chunked_encoding is None
+                and self.scope["method"] != "HEAD"
+                and status_code not in (204, 304)
+            ):
+                self.chunked_encoding = True
+                content.append(b"transfer-encoding: chunked\r\n")
+            content.append(b"\r\n")
+            self.holder.hold(b"".join(content))
+        elif not self.response_complete:
+            if message["type"] != "http.response.body":
+                raise RuntimeError(f"Expected 'http.response.body', got '{message['type']}'.")
+            body = message.get("body", b"")
+            more_body = message.get("more_body", False)
+            if self.scope["method"] == "HEAD":
+                self.expected_content_length = 0
+                body = b""
+            elif self.chunked_encoding:
+                chunk = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
+                if not more_body:
+                    chunk.append(b"0\r\n\r\n")
+                body = b"".join(chunk)
+            elif len(body) > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            else:
+                self.expected_content_length -= len(body)
+            holder = self.holder
+            held = holder.held
+            if held is not None:
+                holder.held = None
+                body = held + body
+            if body:
+                holder.transport.write(body)
+            if not more_body:
+                if self.expected_content_length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.message_event.set()
+                if not self.keep_alive:
+                    holder.close()
+                self.on_response()
+        else:
+            raise RuntimeError(f"Unexpected ASGI message '{message['type']}' after the answer.")
 
 
 class EdgeProtocol(HttpToolsProtocol):
-    """One connection; the Edge it is given holds the settings and the shared counters."""
+    """One connection; the Edge it is given holds the settings and the shared counters.
+
+    The parser callbacks replace uvicorn's rather than extend them (each keeps uvicorn's few
+    lines): a request costs as many Python calls as it does in uvicorn itself. uvicorn's timer per
+    answer for the keep-alive timeout is replaced by the Edge's sweep, as is the read timeout.
+    """
 
     def __init__(
         self,
@@ -138,8 +287,14 @@ class EdgeProtocol(HttpToolsProtocol):
         # Bytes of the current request fed to the parser, and of its body alone.
         self._request_bytes = 0
         self._body_bytes = 0
+        # The current request's Content-Length as sent, and whether its body is chunked.
+        self._content_length: bytes | None = None
         self._chunked = False
-        self._read_timer: TimerHandle | None = None
+        # loop.time() when the current request (or, before the first, the connection) began:
+        # it must have arrived read_timeout_s later. None while no request is arriving.
+        self._reading_since: float | None = None
+        # loop.time() when the connection's last answer completed, while it waits for the next.
+        self._idle_since: float | None = None
         self._refused = False
         self._discarded = 0
         # Body bytes charged to the process budget, per request, until its answer is complete.
@@ -150,18 +305,31 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Refuse past max_connections; otherwise the first request must arrive in time."""
         super().connection_made(transport)
-        self._writer = HeadHolder(transport, self.loop)
+        self._writer = HeadHolder(transport, self.loop, self._edge.held_heads)
         if len(self.connections) > self._edge.settings.max_connections:
             limit = self._edge.settings.max_connections
             self._refuse(503, f"over the limit of {limit} connections; retry later", True)
             return
-        self._arm_read_timer()
+        self._reading_since = self.loop.time()
+        self._edge.watch(self.loop, self.connections)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Release whatever this connection still holds."""
-        self._cancel_read_timer()
+        self._reading_since = self._idle_since = None
         self._release(everything=True)
         super().connection_lost(exc)
+
+    def check_timeouts(self, now: float) -> None:
+        """The Edge's sweep: a request that took too long is refused, an idle connection closed."""
+        settings = self._edge.settings
+        since = self._reading_since
+        if since is not None and now - since >= settings.read_timeout_s:
+            self._read_timed_out()
+        since = self._idle_since
+        if since is not None and now - since >= settings.keepalive_timeout_s:
+            self._idle_since = None
+            if not self.transport.is_closing():
+                self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser, never more than max_header_bytes of a request's head at a time."""
@@ -170,9 +338,9 @@ class EdgeProtocol(HttpToolsProtocol):
             if self._discarded > LINGER_READ_BYTES:
                 self.transport.pause_reading()
             return
-        self._unset_keepalive_if_required()
-        if self._read_timer is None and self._in_head:
-            self._arm_read_timer()
+        self._idle_since = None
+        if self._reading_since is None and self._in_head:
+            self._reading_since = self.loop.time()
         limit = self._edge.settings.max_header_bytes
         try:
             while data and not self._refused:
@@ -197,9 +365,17 @@ class EdgeProtocol(HttpToolsProtocol):
     # -- parser callbacks ------------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Headers of the head only: chunked trailers never become headers."""
+        """uvicorn's, for the head only (chunked trailers never become headers), noting the
+        body's framing."""
         if self._in_head:
-            super().on_header(name, value)
+            name = name.lower()
+            if name == b"content-length":
+                self._content_length = value
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                self._chunked = True
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         """Check the target and the body's size before the application sees the request."""
@@ -212,53 +388,115 @@ class EdgeProtocol(HttpToolsProtocol):
             else:
                 self._refuse(400, "the request target * is only valid for OPTIONS")
             return
-        declared = self._declared_length()
-        if declared and declared > self._edge.settings.max_body_bytes_in_flight:
-            # More than the whole budget: the application's own size limit refuses it before
-            # reading (the server's 413; `serve` keeps its limit within the budget).
-            declared = None
-        if declared and not self._charge(declared):
+        declared = self._content_length
+        self._content_length = None
+        # httptools has checked the number; it is charged unless it is over the whole budget (the
+        # application's own size limit refuses it before reading: the server's 413; `serve`
+        # keeps its limit within the budget).
+        size = int(declared) if declared else 0
+        edge = self._edge
+        budget = edge.settings.max_body_bytes_in_flight
+        if size > budget:
+            size = 0
+        elif edge.body_bytes_in_flight + size > budget:
+            self._refuse_over_budget()
             return
+        # uvicorn's, without websockets or its concurrency limit (this server uses neither).
+        parser = self.parser
+        scope = self.scope
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
         try:
-            super().on_headers_complete()
+            url = httptools.parse_url(self.url)
+            raw_path = url.path
+            path = raw_path.decode("ascii")
         except (httptools.HttpParserError, ValueError, AttributeError):
             # httptools.parse_url refused the target, or it has no path, or it is not ASCII.
-            self._release_charge(declared)
             self._refuse(400, f"malformed request target {self.url[:100]!r}")
             return
-        # uvicorn's cycle writes through the head holder (the cycle is not running yet).
-        self.cycle.transport = cast(asyncio.Transport, self._writer)
-        if self._edge.draining:
-            self.cycle.keep_alive = False
-        if declared:
-            self._charges.append((self.cycle, declared))
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = url.query or b""
+        running = self.cycle
+        cycle = self.cycle = EdgeCycle(
+            scope=scope,
+            transport=self._writer,  # type: ignore[arg-type]
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive() and not edge.draining,
+            on_response=self.on_response_complete,
+        )
+        cycle.holder = self._writer
+        if size:
+            edge.body_bytes_in_flight += size
+            self._charges.append((cycle, size))
+        if running is None or running.response_complete:
+            self._start_asgi_task(cycle, self.app)
+        else:  # pipelined: after the running one
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, self.app))
 
     def on_body(self, body: bytes) -> None:
-        """Chunked bodies are charged to the budget as they arrive."""
+        """uvicorn's; chunked bodies are charged to the budget as they arrive."""
         if self._refused:
             return
         self._body_bytes += len(body)
-        if self._chunked and not self.cycle.response_complete:
-            if not self._charge(len(body)):
+        cycle = self.cycle
+        if cycle.response_complete:
+            return
+        if self._chunked:
+            edge = self._edge
+            if edge.body_bytes_in_flight + len(body) > edge.settings.max_body_bytes_in_flight:
+                self._refuse_over_budget()
                 return
-            self._charges.append((self.cycle, len(body)))
-        super().on_body(body)
+            edge.body_bytes_in_flight += len(body)
+            self._charges.append((cycle, len(body)))
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
 
     def on_message_complete(self) -> None:
-        """The whole request arrived: stop its read timer, start counting the next head."""
-        self._cancel_read_timer()
+        """uvicorn's; the whole request arrived in time; the next byte starts the next head."""
+        self._reading_since = None
         self._in_head = True
+        self._chunked = False
         self._request_bytes = self._body_bytes = 0
-        if not self._refused:
-            super().on_message_complete()
+        cycle = self.cycle
+        if self._refused or cycle.response_complete:
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
 
     def on_response_complete(self) -> None:
-        """An answer went out: give its body bytes back to the budget, back off if asked."""
-        self._writer.next_answer()
-        self._release(everything=False)
-        super().on_response_complete()
+        """An answer went out: give its body bytes back to the budget, back off if asked; then
+        uvicorn's: the next pipelined request starts, or the connection is idle."""
+        charges = self._charges
+        if len(charges) == 1 and charges[0][0].response_complete:  # the usual: the one answered
+            self._edge.body_bytes_in_flight -= charges[0][1]
+            charges.clear()
+        elif charges:
+            self._release(everything=False)
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle_since = self.loop.time()
         backoff_s = self.cycle.scope["state"].get(BACKOFF_STATE_KEY)
-        if backoff_s and not self.transport.is_closing():
+        if backoff_s:
             self.flow.pause_reading()
             self.loop.call_later(backoff_s, self._end_backoff)
 
@@ -268,31 +506,11 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _declared_length(self) -> int | None:
-        """Content-Length as a number (httptools has checked it), noting a chunked body."""
-        self._chunked = False
-        declared = None
-        for name, value in self.headers:
-            if name == b"content-length" and value.strip().isdigit():
-                declared = int(value)
-            elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                self._chunked = True
-        return declared
-
-    def _charge(self, size: int) -> bool:
-        """Take `size` body bytes from the process budget, or refuse this request."""
-        edge = self._edge
-        if edge.body_bytes_in_flight + size > edge.settings.max_body_bytes_in_flight:
-            message = "too many request bytes in flight; retry later"
-            self._refuse(503, message, retry_after=True)
-            return False
-        edge.body_bytes_in_flight += size
-        return True
-
-    def _release_charge(self, size: int | None) -> None:
-        self._edge.body_bytes_in_flight -= size or 0
+    def _refuse_over_budget(self) -> None:
+        self._refuse(503, "too many request bytes in flight; retry later", retry_after=True)
 
     def _release(self, *, everything: bool) -> None:
+        """Give back the body bytes of the answered requests (of all, when the connection goes)."""
         kept = []
         for cycle, size in self._charges:
             if everything or cycle.response_complete:
@@ -321,8 +539,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _close_after(self, answer: bytes) -> None:
         self._refused = True
-        self._cancel_read_timer()
-        self._unset_keepalive_if_required()
+        self._reading_since = self._idle_since = None
         self.connections.discard(self)
         transport = self.transport
         if transport.is_closing():
@@ -333,18 +550,8 @@ class EdgeProtocol(HttpToolsProtocol):
             transport.write_eof()
         self.loop.call_later(LINGER_S, transport.close)
 
-    def _arm_read_timer(self) -> None:
-        self._read_timer = self.loop.call_later(
-            self._edge.settings.read_timeout_s, self._read_timed_out
-        )
-
-    def _cancel_read_timer(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-
     def _read_timed_out(self) -> None:
-        self._read_timer = None
+        self._reading_since = None
         if self._request_bytes == 0 and self._in_head:
             # Nothing of a request arrived: an idle connection, closed without a word.
             self._close_after(b"")

@@ -76,7 +76,6 @@ def build_server(
         # router appends to X-Forwarded-For: never take it from a client-supplied header (uvicorn
         # trusts those from 127.0.0.1 by default).
         proxy_headers=False,
-        timeout_keep_alive=edge.keepalive_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=graceful_shutdown_s,
         # Beyond max_connections the protocol answers 503 itself; keep the kernel queue as deep.
         backlog=edge.max_connections,

@@ -188,6 +188,8 @@ def test_slow_idle_and_stalled_clients_time_out(target: RunningProcess, iris: Bu
     with GoodClient(target.url, iris):
         slowloris = [connect(target) for _ in range(20)]
         idle = connect(target)
+        kept_alive = connect(target)  # asks once, then stays silent: closed after keep-alive
+        kept_alive.sendall(head_of(INFER, b"content-length: %d\r\n\r\n" % len(body)) + body)
         stalled_body = connect(target)
         stalled_body.sendall(head_of(INFER, b"content-length: %d\r\n\r\n" % len(body)) + body[:5])
         started = time.monotonic()
@@ -203,6 +205,9 @@ def test_slow_idle_and_stalled_clients_time_out(target: RunningProcess, iris: Bu
             sock.close()
         assert read_answer(idle) == b""  # nothing was asked: closed without a word
         idle.close()
+        assert read_answer(kept_alive).startswith(b"HTTP/1.1 200 ")
+        assert kept_alive.recv(1) == b""  # closed, not timed out (that raises)
+        kept_alive.close()
 
 
 def test_connections_over_the_limit_are_refused_at_once(

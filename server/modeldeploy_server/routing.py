@@ -431,9 +431,6 @@ def read_request_headers(
         dropped = _NOT_FORWARDED_REQUEST
     else:
         dropped = _NOT_FORWARDED_FROM_UNTRUSTED
-    tokens = connection_tokens(raw)
-    if tokens:
-        dropped = dropped | tokens
     override_name = config.override_name
     sticky_name = config.sticky_name
     forwarded: list[tuple[bytes, bytes]] = []
@@ -442,6 +439,7 @@ def read_request_headers(
     content_length = None
     chunked = False
     probe = False
+    connection: list[bytes] = []  # Connection values: more hop-by-hop header names
     for name, value in raw:
         if name == override_name:
             override = value.decode("latin-1").strip()
@@ -453,12 +451,20 @@ def read_request_headers(
             chunked = True
         elif name == _PROBE_NAME:
             probe = True
+        elif name == b"connection":
+            connection.append(value)
+            continue
         elif name == b"x-forwarded-for":
             if name not in dropped:
                 forwarded_for.append(value)
             continue
         if name not in dropped:
             forwarded.append((name, value))
+    if connection:  # rare in HTTP/1.1: filtered afterwards, they may name earlier headers
+        named = {token.strip().lower() for value in connection for token in value.split(b",")}
+        forwarded = [(name, value) for name, value in forwarded if name not in named]
+        if b"x-forwarded-for" in named:
+            forwarded_for.clear()
     if client_host:
         forwarded_for.append(client_host.encode("latin-1"))
     if forwarded_for:
@@ -482,13 +488,3 @@ def returned_response_headers(
         headers = [(name, value) for name, value in headers if name not in named]
     headers.append((b"x-model-variant", variant.encode("latin-1")))
     return headers
-
-
-def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
-    """Header names listed in Connection: hop-by-hop too (RFC 9110 section 7.6.1)."""
-    return {
-        token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
-        for token in value.split(b",")
-    }

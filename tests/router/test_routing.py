@@ -271,6 +271,20 @@ def test_request_headers_drop_hop_by_hop_and_extend_forwarded_for_from_a_trusted
     )
 
 
+def test_headers_named_by_connection_are_dropped_wherever_they_are() -> None:
+    raw = [
+        (b"x-early", b"1"),
+        (b"x-forwarded-for", b"10.0.0.1"),
+        (b"accept", b"*/*"),
+        (b"connection", b"X-Early"),
+        (b"connection", b" x-forwarded-for , x-late"),
+        (b"x-late", b"2"),
+    ]
+    trusted = parse_trusted_proxies("127.0.0.0/8")
+    incoming = read_request_headers(raw, parse_router_config(config_json()), "127.0.0.1", trusted)
+    assert incoming.forwarded_headers == [(b"accept", b"*/*"), (b"x-forwarded-for", b"127.0.0.1")]
+
+
 SPOOFED = [
     (b"x-forwarded-for", b"1.2.3.4"),
     (b"x-forwarded-for", b"5.6.7.8"),

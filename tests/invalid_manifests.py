@@ -178,6 +178,7 @@ def rollout_manifest(name: str = "iris") -> Manifest:
         "intervalSeconds": 15,
         "deadlineSeconds": 7200,
         "probes": {"requestsPerSecond": 3},
+        "shadow": {"percent": 50, "holdSeconds": 120, "tolerance": 0.001},
     }
     return manifest
 
@@ -585,6 +586,16 @@ INVALID_MANIFESTS += [
         "rollout-prometheus-url-missing",
         "spec.rollout.analysis.prometheus.url",
         lambda m: _rollout(m)["analysis"]["prometheus"].pop("url"),
+    ),
+    _rollout_case(
+        "rollout-shadow-without-a-disagreement-bound",
+        "spec.rollout.shadow",
+        lambda m: _rollout(m)["analysis"].pop("shadowDisagreement"),
+    ),
+    _rollout_case(
+        "rollout-shadow-percent-zero",
+        "spec.rollout.shadow.percent",
+        lambda m: _rollout(m)["shadow"].update(percent=0),
     ),
     _rollout_case(
         "rollout-probes-rate-zero",

@@ -22,7 +22,7 @@ from modeldeploy_operator.render import (
     render_pod_spec,
 )
 from modeldeploy_operator.rollout import GateVerdict, ProbeRun
-from modeldeploy_operator.spec import Gate, ModelDeployment, Variant
+from modeldeploy_operator.spec import Gate, ModelDeployment, Shadow, Variant
 
 Manifest = dict[str, Any]
 CONTAINER = "gate"
@@ -200,9 +200,11 @@ def render_with_gates(
     weights: Mapping[str, int] | None = None,
     serving: Collection[str] | None = None,
     probes: ProbeRun | None = None,
+    mirror: Shadow | None = None,
 ) -> list[Manifest]:
     """render_objects, then the gate Job of each gated variant that serves (`serving`; None, as
-    offline: every variant), and the probe Job of the rollout's current window, if any."""
+    offline: every variant), and the probe Job of the rollout's current window, if any; `mirror`:
+    see render_objects."""
     image = md.pod.image or server_image
     jobs = [
         render_gate_job(md, v, image)
@@ -211,7 +213,8 @@ def render_with_gates(
     ]
     if probes is not None:
         jobs.append(render_probe_job(md, probes, image))
-    return [*render_objects(md, server_image=server_image, weights=weights), *jobs]
+    objects = render_objects(md, server_image=server_image, weights=weights, mirror=mirror)
+    return [*objects, *jobs]
 
 
 def gate_verdicts(

@@ -38,7 +38,7 @@ from modeldeploy_operator.render import render_routes_config
 from modeldeploy_operator.rollout import GateVerdict, ProbeRun, VariantMetrics, timestamp
 from modeldeploy_operator.rollout_control import plan_md_rollout, window_query
 from modeldeploy_operator.rollout_sources import DirectMetrics
-from modeldeploy_operator.spec import Gate, ModelDeployment, ModelSource
+from modeldeploy_operator.spec import Gate, ModelDeployment, ModelSource, Shadow
 
 Say = Callable[[str], None]
 # The file's new ModelDeployment, why it cannot be read, or None while it has not changed.
@@ -99,6 +99,7 @@ class LocalRollout:
         self.gates: dict[str, tuple[str, str]] = {}
         self.verdicts: dict[str, GateVerdict] = {}
         self.probe_job: str | None = None
+        self.mirror: Shadow | None = None  # the shadow step's, in the routes
 
     def tick(self, now: datetime | None = None) -> None:
         """Pick up an edited file, and plan when the rollout wants a look."""
@@ -124,8 +125,9 @@ class LocalRollout:
             self.say(f"  rollout {event.reason.removeprefix('Rollout')}: {event.message}")
         if outcome is not None:
             self.status = {"rollout": outcome.status}
-        if weights != self.weights:
-            self.write_routes(weights)
+        mirror = outcome.mirror if outcome is not None else None
+        if weights != self.weights or mirror != self.mirror:
+            self.write_routes(weights, mirror)
         self.run_probes(outcome.probes if outcome is not None else None)
         requeue = outcome.requeue_after_s if outcome is not None else None
         self.next_look = time.monotonic() + (requeue or IDLE_LOOK_S)
@@ -197,13 +199,14 @@ class LocalRollout:
             # Without a rollout the spec's weights are routed at once (no status to keep).
             self.status = {}
 
-    def write_routes(self, weights: Mapping[str, int]) -> None:
-        routes = render_routes_config(self.md, weights, self.urls)
+    def write_routes(self, weights: Mapping[str, int], mirror: Shadow | None) -> None:
+        routes = render_routes_config(self.md, weights, self.urls, mirror)
         staged = self.routes_path.with_name(self.routes_path.name + ".new")
         staged.write_text(json.dumps(routes, indent=2) + "\n")
         staged.replace(self.routes_path)
-        self.weights = dict(weights)
-        self.say(f"  routes: {_show(tuple(weights.items()))}")
+        self.weights, self.mirror = dict(weights), mirror
+        shadow = f", {mirror.percent}% mirrored to {mirror.variant}" if mirror else ""
+        self.say(f"  routes: {_show(tuple(weights.items()))}{shadow}")
 
 
 def _show(weights: tuple[tuple[str, int], ...]) -> str:

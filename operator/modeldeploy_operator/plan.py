@@ -146,11 +146,15 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
     routed = rollout.weights if rollout is not None else md.spec_weights
     traffic = compute_effective_weights(routed, ready)
     # A gated variant's gate runs once it serves (against its Service), for its current digest.
-    probes = rollout.probes if rollout is not None else None
     desired = tuple(
         with_applied_hash(o)
         for o in render_with_gates(
-            md, server_image=server_image, weights=traffic, serving=ready, probes=probes
+            md,
+            server_image=server_image,
+            weights=traffic,
+            serving=ready,
+            probes=rollout.probes if rollout is not None else None,
+            mirror=rollout.mirror if rollout is not None else None,
         )
     )
     wanted = {key(o) for o in desired}

@@ -32,6 +32,7 @@ from modeldeploy_operator.spec import (
     ModelDeployment,
     PodSettings,
     ServerSettings,
+    Shadow,
     Variant,
 )
 from modeldeploy_operator.traffic import compute_effective_weights
@@ -85,12 +86,17 @@ SERVER_ENV: tuple[tuple[str, str], ...] = (
 
 
 def render_objects(
-    md: ModelDeployment, *, server_image: str, weights: Mapping[str, int] | None = None
+    md: ModelDeployment,
+    *,
+    server_image: str,
+    weights: Mapping[str, int] | None = None,
+    mirror: Shadow | None = None,
 ) -> list[Manifest]:
     """All desired objects, variant by variant, then routing.
 
     `weights` is the traffic plan (effective weights by variant, see traffic.py). None (offline
     rendering, no cluster to observe) renders the spec's split as if every variant were Ready.
+    `mirror` replaces spec.routing.shadow in the routes (a rollout's shadow step).
     """
     image = md.pod.image or server_image
     objects: list[Manifest] = []
@@ -107,14 +113,17 @@ def render_objects(
     if weights is None:
         weights = compute_effective_weights(md.spec_weights, [v.name for v in md.variants])
     if md.routing.mode == "router":
-        objects.extend(_router_objects(md, image, weights))
+        objects.extend(_router_objects(md, image, weights, mirror))
     elif md.routing.mode == "gateway":
         objects.append(_http_route(md, weights))
     return objects
 
 
 def render_routes_config(
-    md: ModelDeployment, weights: Mapping[str, int], urls: Mapping[str, str] | None = None
+    md: ModelDeployment,
+    weights: Mapping[str, int],
+    urls: Mapping[str, str] | None = None,
+    mirror: Shadow | None = None,
 ) -> dict[str, Any]:
     """The router's routes.json (the contract in the team brief), with effective weights.
 
@@ -128,7 +137,7 @@ def render_routes_config(
     }
     if md.routing.sticky_header is not None:
         routes["stickyHeader"] = md.routing.sticky_header
-    shadow = md.routing.shadow
+    shadow = mirror or md.routing.shadow
     if shadow is not None:
         routes["shadow"] = {"variant": shadow.variant, "percent": shadow.percent}
         if shadow.tolerance is not None:
@@ -255,13 +264,15 @@ def _env_value(value: float) -> str:
     return format(value, "g") if isinstance(value, float) else str(value)
 
 
-def _router_objects(md: ModelDeployment, image: str, weights: Mapping[str, int]) -> list[Manifest]:
+def _router_objects(
+    md: ModelDeployment, image: str, weights: Mapping[str, int], mirror: Shadow | None
+) -> list[Manifest]:
     labels = naming.common_labels(md.name, naming.COMPONENT_ROUTER)
     name = naming.router_object_name(md.name)
     config_map_name = naming.routes_config_map_name(md.name)
     config_map = _object(md, "v1", "ConfigMap", config_map_name, labels, None)
     config_map["data"] = {
-        ROUTES_KEY: json.dumps(render_routes_config(md, weights), indent=2) + "\n"
+        ROUTES_KEY: json.dumps(render_routes_config(md, weights, mirror=mirror), indent=2) + "\n"
     }
     # The router watches its ConfigMap through the API (a mounted one reaches the pod only at the
     # kubelet's next sync, about a minute) and acknowledges the version it serves on it: weight

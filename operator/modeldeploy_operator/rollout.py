@@ -13,6 +13,11 @@ minSamples needs by the window's end starts probe traffic for the rest of the wi
 candidates and the stable variants, counted apart from users). A variant short of user samples
 is judged on its probe samples when they reach minSamples, against the stable variants' probe
 samples: like for like, never users' numbers against probes'.
+
+With `spec.rollout.shadow`, a single candidate growing from weight 0 first goes through a shadow
+step (phase Shadowing): the routes mirror part of the traffic to it, it still answers no user,
+and it is judged on how often its answers disagree with the stable variants' (the router's
+shadow counters); one that disagrees too much is rolled back before it ever gets weight.
 No clock reads: `now` is an argument.
 """
 
@@ -27,16 +32,19 @@ from typing import Any, Literal
 from modeldeploy_operator.spec import Bound, Rollout
 from modeldeploy_operator.traffic import compute_effective_weights
 
-Phase = Literal["Gating", "Progressing", "Paused", "Inconclusive", "Promoted", "RolledBack"]
+Phase = Literal[
+    "Gating", "Shadowing", "Progressing", "Paused", "Inconclusive", "Promoted", "RolledBack"
+]
 PHASES: tuple[Phase, ...] = (
     "Gating",
+    "Shadowing",
     "Progressing",
     "Paused",
     "Inconclusive",
     "Promoted",
     "RolledBack",
 )
-ACTIVE: frozenset[Phase] = frozenset({"Gating", "Progressing", "Inconclusive"})
+ACTIVE: frozenset[Phase] = frozenset({"Gating", "Shadowing", "Progressing", "Inconclusive"})
 Command = Literal["pause", "resume", "promote", "abort"]
 COMMANDS: tuple[Command, ...] = ("pause", "resume", "promote", "abort")
 HISTORY_LIMIT = 20
@@ -177,6 +185,8 @@ class RolloutPlan:
     decisions: tuple[Decision, ...]
     requeue_after_s: float | None
     probes: ProbeRun | None = None
+    # The candidate the routes mirror traffic to (the shadow step), if any.
+    mirror: str | None = None
 
 
 def parse_rollout_status(raw: Mapping[str, Any] | None) -> RolloutState | None:
@@ -395,7 +405,85 @@ class _Planner:
             return state
         if not self.rollout.steps or sum(w for _, w in state.stable_weights) == 0:
             return self.promote(state, "Promoted", "gates passed; no steps to walk")
+        if self.rollout.shadow is not None:
+            return self.enter_shadow(state, growing)
         return self.enter_step(state, 0, "GatesPassed", "gates passed")
+
+    def enter_shadow(self, state: RolloutState, growing: Sequence[str]) -> RolloutState:
+        """Mirror traffic to the single candidate before it gets weight (else skip the step)."""
+        assert self.rollout.shadow is not None
+        if len(growing) != 1 or dict(state.stable_weights).get(growing[0], 0) > 0:
+            why = f"shadow step skipped: {', '.join(growing)} " + (
+                "already has weight" if len(growing) == 1 else "are several candidates"
+            )
+            return self.enter_step(state, 0, "GatesPassed", why)
+        shadow = self.rollout.shadow
+        return self.decide(
+            state,
+            "ShadowStarted",
+            f"gates passed; {shadow.percent}% of the traffic mirrored to {growing[0]} (no "
+            f"weight) for {shadow.hold_seconds} s",
+            phase="Shadowing",
+            step=0,
+            weights=state.stable_weights,
+            step_started_at=self.stamp,
+            pending_gates=(),
+        )
+
+    def analyse_shadow(self, state: RolloutState) -> RolloutState:
+        """Shadowing: judge the candidate's disagreement with the stable answers."""
+        assert self.rollout.shadow is not None
+        (name,) = candidates(state.stable_weights, self.target.weights)
+        observed = self.metrics.get(name, VariantMetrics())
+        minimum = self.rollout.min_samples
+        numbers: dict[str, Any] = {"minSamples": minimum, name: _metrics_json(observed)}
+        bound = self.rollout.analysis.shadow_disagreement.max
+        disagreement = observed.shadow_disagreement
+        if (
+            observed.shadow_compared >= minimum
+            and bound is not None
+            and disagreement is not None
+            and disagreement > bound
+        ):
+            violation = f"{name}: shadow disagreement {disagreement:.4g} > {bound:.4g}"
+            return self.fail(state, [violation], numbers)
+        elapsed = (self.now - _parse_time(state.step_started_at)).total_seconds()
+        if elapsed < self.rollout.shadow.hold_seconds:
+            return state
+        if observed.shadow_compared >= minimum:
+            state = self.decide(state, "ShadowPassed", f"{name} agrees enough", numbers)
+            return self.enter_step(state, 0, "StepStarted", "shadow step passed")
+        why = f"{name} was compared on fewer than {minimum} mirrored requests in the window"
+        policy = self.rollout.low_traffic
+        if policy == "rollback":
+            return self.roll_back(state, "Inconclusive", f"{why}; policy rollback", numbers)
+        if policy == "promote":
+            state = self.decide(state, "Inconclusive", f"{why}; policy promote", numbers)
+            return self.enter_step(state, 0, "StepStarted", "shadow step inconclusive")
+        return self.decide(
+            state,
+            "Inconclusive",
+            f"{why}; policy hold: still mirrored, a new window starts",
+            numbers,
+            step_started_at=self.stamp,
+        )
+
+    def fail(
+        self, state: RolloutState, violations: Sequence[str], numbers: Mapping[str, Any]
+    ) -> RolloutState:
+        """A failed analysis: rolled back past the failure limit, else a new window."""
+        failures = state.failures + 1
+        message = "; ".join(violations)
+        if failures > self.rollout.failure_limit:
+            return self.roll_back(replace(state, failures=failures), "RolledBack", message, numbers)
+        return self.decide(
+            state,
+            "AnalysisFailed",
+            f"{message} (failure {failures} of {self.rollout.failure_limit} tolerated)",
+            numbers,
+            failures=failures,
+            step_started_at=self.stamp,
+        )
 
     def enter_step(self, state: RolloutState, step: int, action: str, why: str) -> RolloutState:
         """Route the weights of `step` and start its window."""
@@ -454,20 +542,7 @@ class _Planner:
                     continue
             violations += [f"{name}: {v}" for v in _violations(judged, against, self.rollout)]
         if violations:
-            failures = state.failures + 1
-            message = "; ".join(violations)
-            if failures > self.rollout.failure_limit:
-                return self.roll_back(
-                    replace(state, failures=failures), "RolledBack", message, numbers
-                )
-            return self.decide(
-                state,
-                "AnalysisFailed",
-                f"{message} (failure {failures} of {self.rollout.failure_limit} tolerated)",
-                numbers,
-                failures=failures,
-                step_started_at=self.stamp,
-            )
+            return self.fail(state, violations, numbers)
         if elapsed < hold:
             if behind and self.rollout.probes is not None and not state.probing():
                 return self.decide(
@@ -501,13 +576,18 @@ class _Planner:
             step_started_at=self.stamp,
         )
 
+    def _hold(self, state: RolloutState) -> int:
+        if state.phase == "Shadowing" and self.rollout.shadow is not None:
+            return self.rollout.shadow.hold_seconds
+        return self.rollout.steps[state.step].hold_seconds
+
     def requeue_after(self, state: RolloutState) -> float | None:
         """When to look again: None when only a spec change or a command can move it."""
         interval = float(self.rollout.interval_seconds)
         if state.phase == "Gating":
             delay = interval
-        elif state.phase in ("Progressing", "Inconclusive"):
-            hold = self.rollout.steps[state.step].hold_seconds
+        elif state.phase in ("Shadowing", "Progressing", "Inconclusive"):
+            hold = self._hold(state)
             elapsed = (self.now - _parse_time(state.step_started_at)).total_seconds()
             delay = min(interval, max(hold - elapsed, 1.0))
         else:
@@ -548,13 +628,19 @@ def plan_rollout(
         )
     if state.phase == "Gating":
         state = planner.gate(state)
+    elif state.phase == "Shadowing" and rollout.shadow is not None:
+        state = planner.analyse_shadow(state)
     elif state.phase in ("Progressing", "Inconclusive"):
         state = planner.analyse(state)
+    mirrored = None
+    if state.phase == "Shadowing":
+        mirrored = candidates(state.stable_weights, target.weights)[0]
     return RolloutPlan(
         state,
         tuple(planner.decisions),
         planner.requeue_after(state),
         probe_run(state, target, rollout),
+        mirrored,
     )
 
 

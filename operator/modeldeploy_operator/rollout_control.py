@@ -34,7 +34,7 @@ from modeldeploy_operator.rollout_metrics import (
     counters_json,
     parse_counters_json,
 )
-from modeldeploy_operator.spec import ROLLOUT_COMMAND_ANNOTATION, ModelDeployment
+from modeldeploy_operator.spec import ROLLOUT_COMMAND_ANNOTATION, ModelDeployment, Shadow
 from modeldeploy_operator.status import Event
 
 COMMAND_ANNOTATION = ROLLOUT_COMMAND_ANNOTATION
@@ -54,6 +54,7 @@ class RolloutOutcome:
     degraded: tuple[str, str] | None  # (reason, message) while rolled back
     requeue_after_s: float | None
     probes: ProbeRun | None  # the current window's probe traffic
+    mirror: Shadow | None  # the shadow step's mirroring to the candidate
 
 
 def target_of(md: ModelDeployment) -> Target:
@@ -142,7 +143,16 @@ def plan_md_rollout(
         degraded=rolled_back(state),
         requeue_after_s=planned.requeue_after_s,
         probes=planned.probes,
+        mirror=shadow_step_mirror(md, planned.mirror),
     )
+
+
+def shadow_step_mirror(md: ModelDeployment, candidate: str | None) -> Shadow | None:
+    """The routes' shadow while the shadow step mirrors traffic to `candidate`."""
+    step = md.rollout.shadow if md.rollout is not None else None
+    if candidate is None or step is None:
+        return None
+    return Shadow(variant=candidate, percent=step.percent, tolerance=step.tolerance)
 
 
 def window_baseline(

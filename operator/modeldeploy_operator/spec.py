@@ -136,6 +136,16 @@ class Probes:
     requests_per_second: int
 
 
+@dataclass(frozen=True)
+class ShadowStep:
+    """A step before the candidate gets any weight: the router mirrors `percent` of the traffic
+    to it for hold_seconds and compares its answers with the stable variants'."""
+
+    percent: int
+    hold_seconds: int
+    tolerance: float | None = None  # None: the router's default
+
+
 MIN_PROBE_RATE, MAX_PROBE_RATE = 1, 100  # requests a second
 LowTrafficPolicy = Literal["hold", "rollback", "promote"]
 LOW_TRAFFIC_POLICIES: tuple[LowTrafficPolicy, ...] = ("hold", "rollback", "promote")
@@ -155,6 +165,7 @@ class Rollout:
     interval_seconds: int = 30
     deadline_seconds: int | None = None
     probes: Probes | None = None
+    shadow: ShadowStep | None = None
 
 
 @dataclass(frozen=True)
@@ -263,6 +274,13 @@ def parse_model_deployment(obj: Mapping[str, Any]) -> ModelDeployment:
                 "with weight 0"
             )
     rollout = _parse_rollout(spec)
+    if rollout is not None and rollout.shadow is not None:
+        if routing.mode != "router":
+            raise InvalidSpecError("spec.rollout.shadow: needs routing mode router")
+        if rollout.analysis.shadow_disagreement.max is None:
+            raise InvalidSpecError(
+                "spec.rollout.shadow: needs spec.rollout.analysis.shadowDisagreement.max"
+            )
     if rollout is not None and rollout.probes is not None:
         if routing.mode != "router":
             raise InvalidSpecError("spec.rollout.probes: needs routing mode router")
@@ -424,7 +442,20 @@ def _parse_rollout(spec: Mapping[str, Any]) -> Rollout | None:
         interval_seconds=max(_optional(raw, "intervalSeconds", path, int, 30), 1),
         deadline_seconds=_optional(raw, "deadlineSeconds", path, int, None),
         probes=_parse_probes(raw, path),
+        shadow=_parse_shadow_step(raw, path),
     )
+
+
+def _parse_shadow_step(raw: Mapping[str, Any], path: str) -> ShadowStep | None:
+    if raw.get("shadow") is None:
+        return None
+    sub = f"{path}.shadow"
+    shadow = _required(raw, "shadow", path, dict)
+    percent = _optional(shadow, "percent", sub, int, 100)
+    hold = _required(shadow, "holdSeconds", sub, int)
+    if not 1 <= percent <= 100 or hold < 1:
+        raise InvalidSpecError(f"{sub}: percent must be in 1..100 and holdSeconds at least 1")
+    return ShadowStep(percent, hold, _non_negative(shadow, "tolerance", sub, float))
 
 
 def _parse_probes(raw: Mapping[str, Any], path: str) -> Probes | None:

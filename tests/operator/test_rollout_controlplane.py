@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from modeldeploy_operator import cli, contract, naming
@@ -185,17 +187,21 @@ class Loopback(Background):
 
 @dataclass
 class Traffic(Background):
-    """Users: bounded-rate inference requests through the router, counted by answer code."""
+    """Users: bounded-rate inference requests through the router, counted by answer code (one
+    iris row a request, taking `rows` in turn)."""
 
     url: str
     codes: dict[int, int] = field(default_factory=dict)
+    rows: list[list[float]] = field(default_factory=lambda: [ROW])
 
     def run(self) -> None:
         with httpx.Client(timeout=10) as client:
-            for _ in range(MAX_REQUESTS):
+            for sent in range(MAX_REQUESTS):
                 started = time.monotonic()
+                row = self.rows[sent % len(self.rows)]
+                request = {"inputs": [{**REQUEST["inputs"][0], "data": row}]}
                 try:
-                    code = client.post(self.url + "/v2/models/iris/infer", json=REQUEST).status_code
+                    code = client.post(self.url + "/v2/models/iris/infer", json=request).status_code
                 except httpx.HTTPError:
                     code = 0
                 self.codes[code] = self.codes.get(code, 0) + 1
@@ -290,8 +296,8 @@ def serving(
 
 
 @contextlib.contextmanager
-def users(router: RunningProcess) -> Iterator[Traffic]:
-    traffic = Traffic(router.url)
+def users(router: RunningProcess, rows: list[list[float]] | None = None) -> Iterator[Traffic]:
+    traffic = Traffic(router.url) if rows is None else Traffic(router.url, rows=rows)
     traffic.start()
     try:
         yield traffic
@@ -698,3 +704,61 @@ def test_the_cli_pauses_resumes_and_aborts_by_annotation(
     assert printed_columns(cluster, "iris")["Rollout"] == "RolledBack"
     code, text = modeldeploy("pause", "nothere")
     assert code == 1 and "404" in text
+
+
+def answers(model: Path, rows: Any) -> tuple[Any, Any]:
+    """onnxruntime's own labels and each row's argmax of the probabilities."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    label, probabilities = session.run(["label", "probabilities"], {"input": rows})
+    return label, np.argmax(probabilities, axis=1)
+
+
+@pytest.mark.parametrize("candidate", ["stump", "logreg"])
+def test_a_shadow_step_judges_the_candidate_on_its_disagreement_before_any_weight(
+    cluster: Cluster, tmp_path: Path, models: Models, candidate: str
+) -> None:
+    """The candidate is mirrored every user request (answering none) and compared with the
+    stable logistic regression by the router: the stump, which onnxruntime itself says disagrees
+    on about a third of the iris rows, is rolled back without ever getting weight; the same
+    model as the stable one agrees on every request and goes on to its first weighted step."""
+    model = {"stump": models.candidate, "logreg": models.good}[candidate]
+    rows = build_iris_logreg(tmp_path).features[np.random.default_rng(0).permutation(150)]
+    (stable_label, stable_top), (label, top) = answers(models.good, rows), answers(model, rows)
+    expected = float(np.mean((stable_label != label) | (stable_top != top)))
+
+    def spec(v1: int, v2: int, prometheus: str | None = None) -> dict[str, Any]:
+        obj = rollout_spec(v1, v2, min_samples=50, prometheus=prometheus)
+        obj["spec"]["rollout"]["analysis"]["shadowDisagreement"] = {"max": 0.1}
+        # Tolerance 1: probabilities agree unless their argmax differs (labels: exactly).
+        obj["spec"]["rollout"]["shadow"] = {"percent": 100, "holdSeconds": 15, "tolerance": 1.0}
+        return obj
+
+    with serving(cluster, tmp_path, spec(100, 0), models.good, model) as served:
+        wait_phase(cluster, "Promoted", 1)
+        with users(served.router, rows=rows.tolist()):
+            cluster.apply(spec(0, 100, served.prometheus_url))
+            wait_phase(cluster, "Shadowing", 2)
+            if candidate == "stump":
+                done = wait_phase(cluster, "RolledBack", 2, timeout=120)
+            else:
+                routes = cluster.child("ConfigMap", naming.routes_config_map_name("iris"))
+                assert routes is not None
+                mirrored = json.loads(routes["data"][contract.ROUTES_KEY])["shadow"]
+                assert (mirrored["variant"], mirrored["percent"]) == ("v2", 100)
+                done = wait_phase(cluster, "Progressing", 2, timeout=120)
+                cluster.wait_routes("iris", {"v1": 80, "v2": 20})
+    numbers = next(e for e in done["history"] if e["action"] in ("RolledBack", "ShadowPassed"))
+    v2 = numbers["numbers"]["v2"]
+    seen = v2["shadowDisagreed"] / v2["shadowCompared"]
+    print(f"\nshadow step of the {candidate} (onnxruntime: {expected:.3f} of the rows disagree):")
+    print(f"{timeline(done)}\nrouter: {v2['shadowDisagreed']}/{v2['shadowCompared']} disagree")
+    assert v2["shadowCompared"] >= 50 and v2["requests"] == 0
+    routed = served.loopback.routed
+    if candidate == "stump":
+        assert expected > 0.3 and seen > 0.1
+        assert numbers["action"] == "RolledBack" and "shadow disagreement" in numbers["message"]
+        # It never got any weight.
+        assert routed and all(split["v2"] == 0 for split in routed)
+    else:
+        assert expected == 0.0 and v2["shadowDisagreed"] == 0
+        assert numbers["action"] == "ShadowPassed"

@@ -19,6 +19,7 @@ from modeldeploy_operator.spec import (
     Rollout,
     RolloutStep,
     Shadow,
+    ShadowStep,
     parse_model_deployment,
 )
 from tests.invalid_manifests import SHA_V1 as GOLDEN_SHA
@@ -270,6 +271,7 @@ def test_gate_and_rollout_are_parsed() -> None:
         interval_seconds=15,
         deadline_seconds=7200,
         probes=Probes(requests_per_second=3),
+        shadow=ShadowStep(percent=50, hold_seconds=120, tolerance=0.001),
     )
 
 
@@ -322,7 +324,22 @@ def test_rollout_defaults() -> None:
         ),
         (
             lambda m: m["spec"].update(routing={"mode": "none"}),
+            "spec.rollout.shadow: needs routing mode router",
+        ),
+        (
+            lambda m: (
+                m["spec"]["rollout"].pop("shadow"),
+                m["spec"].update(routing={"mode": "none"}),
+            ),
             "spec.rollout.probes: needs routing mode router",
+        ),
+        (
+            lambda m: m["spec"]["rollout"]["analysis"].pop("shadowDisagreement"),
+            "spec.rollout.shadow: needs spec.rollout.analysis.shadowDisagreement.max",
+        ),
+        (
+            lambda m: m["spec"]["rollout"]["shadow"].update(percent=0),
+            "spec.rollout.shadow: percent must be in 1..100",
         ),
     ],
 )

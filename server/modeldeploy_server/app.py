@@ -56,6 +56,7 @@ from modeldeploy_server.records import (
     encode_csv,
     encode_predictions,
 )
+from modeldeploy_server.routing import PROBE_HEADER
 from modeldeploy_server.runtime import OnnxModel
 
 logger = logging.getLogger("uvicorn.error")
@@ -78,6 +79,7 @@ JSON = b"application/json"
 CSV = b"text/csv"
 BINARY = b"application/octet-stream"
 HEADER_LENGTH = b"inference-header-content-length"
+_PROBE_NAME = PROBE_HEADER.encode("latin-1")
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -147,6 +149,8 @@ class _Incoming:
     content_encoding: bytes = b"identity"
     accept: bytes = b""
     header_length: bytes | None = None
+    # Probe traffic (a rollout's `modeldeploy-server probe`): counted apart, never captured.
+    probe: bool = False
     # The request's scope["state"]: where an overload refusal asks the connection to back off.
     state: dict[str, Any] | None = None
 
@@ -164,6 +168,8 @@ class _Incoming:
                 incoming.accept = value
             elif name == HEADER_LENGTH:
                 incoming.header_length = value
+            elif name == _PROBE_NAME:
+                incoming.probe = True
         return incoming
 
 
@@ -351,6 +357,9 @@ class InferenceService:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
+        if incoming.probe:
+            self.metrics.observe_probe(protocol, status, time.perf_counter() - started)
+            return
         self.metrics.observe_request(protocol, status, time.perf_counter() - started)
         if self._capture is not None:
             self._capture.offer(

@@ -30,6 +30,19 @@ class ServerMetrics:
         )
         self.registry.register(self._requests)
         self.observe_request = self._requests.observe
+        # Probe traffic (requests with the probe header) apart: users' numbers stay users'.
+        self._probes = RequestStats(
+            RequestFamilies(
+                "modeldeploy_probe_requests",
+                "Probe requests (a rollout's probe traffic) by protocol and HTTP status code.",
+                "modeldeploy_probe_request_duration_seconds",
+                "Probe request latency, from the first body byte to the response.",
+                fixed=(("model", metadata.name), ("version", metadata.version)),
+                key="protocol",
+            )
+        )
+        self.registry.register(self._probes)
+        self.observe_probe = self._probes.observe
         self._batch_requests = Histogram(
             "modeldeploy_batch_size",
             "Requests merged into one model run.",

@@ -1,6 +1,7 @@
 """`modeldeploy-server probe` through a real router to real servers on loopback: every probe is
-pinned to a variant, the variants take turns on the same rows, and the router counts the probes
-apart from users' requests (the rollout reads users' and probes' numbers separately)."""
+pinned to a variant, the variants take turns on the same rows, and the router and the servers
+count the probes apart from users' requests (the rollout reads users' and probes' numbers
+separately; users' dashboards never see probes)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def test_probes_are_pinned_paced_and_counted_apart(
                 timeout=120,
             )
             counters = parse_router_counters(httpx.get(f"{router.url}/metrics").text)
+        served = httpx.get(f"{candidate.url}/metrics").text
     assert probe.returncode == 0, probe.stderr
     counts = orjson.loads(probe.stdout)
     # At most rate x duration requests in all, the variants taking turns.
@@ -77,6 +79,14 @@ def test_probes_are_pinned_paced_and_counted_apart(
     for name in ("v1", "v2"):
         probes = counters[name].probes
         assert probes is not None and (probes.requests, probes.errors) == (sent[name], 0)
+    # The candidate's server (only probes reached it) counts them apart too.
+    probe_counts = [
+        float(line.rsplit(" ", 1)[1])
+        for line in served.splitlines()
+        if line.startswith("modeldeploy_probe_requests_total{")
+    ]
+    assert sum(probe_counts) == sent["v2"]
+    assert "\nmodeldeploy_requests_total{" not in served
 
 
 def test_an_unreadable_dataset_exits_2(tmp_path: Path) -> None:

@@ -43,7 +43,6 @@ MODEL = "iris"
 INFER = f"/v2/models/{MODEL}/infer"
 CONCURRENCIES = (1, 16, 64)
 # Paced runs without and with the shadow, alternated this many times each.
-SHADOW_ROUNDS = 3
 
 
 def cpu_seconds(pid: int) -> float:
@@ -104,10 +103,11 @@ def measure_shadow(
     percent: int,
     duration_s: float,
     pause_ms: float,
+    rounds: int,
 ) -> dict[str, Any]:
     """Routed runs at 16 connections without and with a shadow variant on `percent`, paced (each
-    connection pauses `pause_ms` after every answer), alternated SHADOW_ROUNDS times; then once
-    each at full speed.
+    connection pauses `pause_ms` after every answer), alternated `rounds` times; then once each
+    at full speed.
 
     The shadow server runs on the primary server's core at SCHED_IDLE: it gets only the CPU the
     primary leaves unused, as it would have a node of its own in a cluster, so the difference is
@@ -116,7 +116,12 @@ def measure_shadow(
     """
     pin_router = ["taskset", "-c", CLIENT_CPU]
     pin_shadow = ["taskset", "-c", SERVER_CPU, "chrt", "--idle", "0"]
-    result: dict[str, Any] = {"percent": percent, "connections": 16, "pause_ms": pause_ms}
+    result: dict[str, Any] = {
+        "percent": percent,
+        "connections": 16,
+        "pause_ms": pause_ms,
+        "rounds": rounds,
+    }
     with contextlib.ExitStack() as stack:
         shadow_server = stack.enter_context(
             serve_model(model_path, MODEL, "v2", ["--intra-op-threads", "1"], prefix=pin_shadow)
@@ -132,7 +137,7 @@ def measure_shadow(
             routers[name] = stack.enter_context(route(path, prefix=pin_router))
             run_wrk(routers[name].url + INFER, body, 16, 1)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in routers}
-        for round_ in range(SHADOW_ROUNDS):
+        for round_ in range(rounds):
             for name in sorted(routers, reverse=round_ % 2 == 1):
                 router = routers[name]
                 pids = {"router": router.process.pid}
@@ -162,7 +167,7 @@ def summarize_shadow(shadow: dict[str, Any]) -> str:
     fast_plain, fast_mirrored = plain["full_speed"], mirrored["full_speed"]
     return (
         f"shadow {shadow['percent']}% at 16 connections, paced ({shadow['pause_ms']:g} ms pause, "
-        f"median of {SHADOW_ROUNDS} runs each, {plain['paced'][0]['req_s']:.0f} req/s): "
+        f"median of {shadow['rounds']} runs each, {plain['paced'][0]['req_s']:.0f} req/s): "
         f"p50 {plain['p50_ms']:.2f} -> {mirrored['p50_ms']:.2f} ms, "
         f"p99 {plain['p99_ms']:.2f} -> {mirrored['p99_ms']:.2f} ms "
         f"({mirrored['p99_ms'] / plain['p99_ms']:.2f}x); full speed: req/s "
@@ -183,6 +188,9 @@ def main(argv: list[str]) -> int:
         type=float,
         default=4.0,
         help="pause of each connection after every answer in the paced shadow runs",
+    )
+    parser.add_argument(
+        "--shadow-rounds", type=int, default=5, help="paced runs of each router, alternated"
     )
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
@@ -229,6 +237,7 @@ def main(argv: list[str]) -> int:
                     args.shadow_percent,
                     args.duration,
                     args.shadow_pause_ms,
+                    args.shadow_rounds,
                 )
                 print(json.dumps({"shadow": shadow}), flush=True)
     # The machine is shared: a busy neighbour shows here and makes the run worth repeating.

@@ -53,6 +53,11 @@ BACKOFF_STATE_KEY = "modeldeploy.backoff_s"
 # sweep over the connections (not a timer per request): each fires between its time and a quarter
 # of the shorter one later.
 SWEEPS_PER_TIMEOUT = 4
+# The bytes uvicorn's patterns allow in a header name and in a header value: a name or value
+# holds only those when deleting them (bytes.translate, a C loop) leaves nothing, which costs a
+# fraction of a regular-expression search over the same bytes.
+_NAME_BYTES = bytes(b for b in range(256) if not HEADER_RE.match(bytes([b])))
+_VALUE_BYTES = bytes(b for b in range(256) if not HEADER_VALUE_RE.match(bytes([b])))
 
 
 @dataclass
@@ -170,7 +175,7 @@ class HeadHolder:
 class EdgeCycle(RequestResponseCycle):
     """uvicorn's request cycle with a leaner `send` (uvicorn's, but for two changes): the answer's
     head is held by the connection's HeadHolder and leaves with the first piece of the body, and
-    the header names and values are checked by one search each rather than two per header."""
+    the header names and values are checked by one pass each rather than two searches per header."""
 
     holder: HeadHolder
 
@@ -212,10 +217,10 @@ class EdgeCycle(RequestResponseCycle):
                         self.keep_alive = False
                         has_connection_close = True
                 content.extend((name, b": ", value, b"\r\n"))
-            # Names are content[1], [5], ...; values content[3], [7], ... (a tab is valid there).
-            if HEADER_RE.search(b"".join(content[1::4])):
+            # Names are content[1], [5], ...; values content[3], [7], ...
+            if b"".join(content[1::4]).translate(None, _NAME_BYTES):
                 raise RuntimeError("Invalid HTTP header name.")
-            if HEADER_VALUE_RE.search(b"\t".join(content[3::4])):
+            if b"".join(content[3::4]).translate(None, _VALUE_BYTES):
                 raise RuntimeError("Invalid HTTP header value.")
             if not self.keep_alive and not has_connection_close:
                 content.append(b"connection: close\r\n")

@@ -445,3 +445,35 @@ def test_answer_heads_are_written_with_their_bodies_and_never_wait_for_a_late_on
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"HTTP/1.1") == 1
     finally:
         release.set()
+
+
+async def header_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with the header the path names: a valid one, or one that would inject a line."""
+    if scope["type"] != "http":
+        return
+    header = {
+        "/tab": (b"x-tab", b"a\tb"),
+        "/latin": (b"x-latin", "é".encode("latin-1")),
+        "/line-in-value": (b"x-echo", b"a\r\nx-injected: 1"),
+        "/nul-in-value": (b"x-echo", b"a\x00b"),
+        "/space-in-name": (b"x bad", b"1"),
+        "/colon-in-name": (b"x-injected: 1\r\nx", b"1"),
+    }[scope["path"]]
+    headers = [(b"content-length", b"2"), header]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize(
+    "path", ["/line-in-value", "/nul-in-value", "/space-in-name", "/colon-in-name"]
+)
+def test_an_answer_header_that_would_break_the_head_is_never_written(path: str) -> None:
+    with in_process_server(header_app) as port:
+        for valid, expected in (("/tab", b"x-tab: a\tb\r\n"), ("/latin", b"x-latin: \xe9\r\n")):
+            with socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as client:
+                client.sendall(f"GET {valid} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+                answer = read_until(client, b"ok")
+                assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and expected in answer
+        with socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as client:
+            client.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            assert read_answer(client) == b""  # closed: nothing of the head went out

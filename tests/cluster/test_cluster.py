@@ -765,6 +765,58 @@ def test_rollout_of_a_failing_candidate_rolls_back_within_one_window(
     assert {(a.status, a.variant) for a in after} == {(200, "v1")}, after[:10]
 
 
+def window_begun(md: dict[str, Any]) -> dict[str, Any] | None:
+    """`md` once its rollout's step window has begun with the routers' counters kept."""
+    found = rollout_phase(md, "Progressing")
+    return found if found and "baseline" in found["status"]["rollout"] else None
+
+
+def test_rollout_on_the_routers_own_metrics_counts_its_window_across_an_operator_restart(
+    edited_iris: Iris,
+) -> None:
+    """Without Prometheus the operator scrapes the routers' pods itself. Its pod is deleted late
+    in the step's window; the new operator counts the window from its start (the counters kept in
+    `status.rollout.baseline`), not from its own first scrape: the step passes on at least the v2
+    answers the load saw before the kill, and no request fails."""
+    iris = edited_iris
+    document = iris_document(weights=(0, 100))
+    document["spec"]["rollout"] = {
+        "steps": [{"percent": 50, "holdSeconds": 45}],
+        "analysis": {"errorRate": {"max": 0.01}, "p99LatencyMs": {"max": 2000}},
+        "minSamples": 50,
+        "intervalSeconds": 5,
+    }
+    old_operator = {pod["metadata"]["name"] for pod in operator_pods(iris.cluster)}
+    with Load(iris.url, concurrency=8, max_seconds=ROLLOUT_TIMEOUT_S + 120) as load:
+        poll(lambda: len(load.answers) >= 200, 120, "load to start", interval=0.2)
+        iris.apply(document)
+        poll(lambda: window_begun(iris.md()), 120, "the step's window to begin", interval=0.2)
+        began = time.monotonic()
+        # Late in the 45 s window: most of its answers come before the kill.
+        poll(lambda: time.monotonic() - began >= 25, 60, "25 s of the window", interval=1)
+        killed = time.monotonic()
+        for name in old_operator:
+            iris.cluster.kubectl("-n", SYSTEM_NAMESPACE, "delete", "pod", name, "--wait=false")
+        md = poll(
+            lambda: rollout_phase(iris.md(), "Promoted", "RolledBack", "Inconclusive"),
+            ROLLOUT_TIMEOUT_S,
+            "the rollout to be decided",
+            interval=1,
+        )
+    before_kill = [a for a in load.since(began, killed) if a.variant == "v2"]
+    rollout = md["status"]["rollout"]
+    MEASURED.append(
+        f"rollout on the routers' own metrics, operator killed 25 s into the window: "
+        f"{len(before_kill)} v2 answers seen before the kill; {timeline(rollout)}"
+    )
+    assert rollout["phase"] == "Promoted", rollout
+    assert not load.failures(), [(a.status, a.error) for a in load.failures()[:10]]
+    decided = [d for d in rollout["history"] if d["action"] == "StepPassed"]
+    assert len(decided) == 1, rollout["history"]
+    assert decided[0]["numbers"]["v2"]["requests"] >= len(before_kill), decided[0]
+    assert not old_operator & {pod["metadata"]["name"] for pod in operator_pods(iris.cluster)}
+
+
 def test_wrong_sha256_never_ready_never_served_and_status_says_why(edited_iris: Iris) -> None:
     iris = edited_iris
     served_sha = sha256_of(MODELS / "iris-v2.onnx")

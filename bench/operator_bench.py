@@ -233,7 +233,9 @@ class Bench:
         """One ready endpoint (pod `<name>-router`) behind each router Service in `names`."""
 
         def add(name: str) -> None:
-            cluster.set_router_endpoints(name, {f"{name}-router": True})
+            # The Service as the watch brought it, as the EndpointSlice controller's cache has it.
+            service = self.tracker.index.get("Service", NAMESPACE, name)
+            cluster.set_router_endpoints(name, {f"{name}-router": True}, service)
 
         list(self.players.map(add, names))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -206,10 +206,13 @@ class Cluster:
             _content_type="application/merge-patch+json",
         )
 
-    def set_router_endpoints(self, md_name: str, pods: dict[str, bool]) -> None:
-        """Play the EndpointSlice controller for the router Service: one slice with the
-        Service's labels and an owner reference to it, one endpoint per pod (name -> ready)."""
-        service = self.child("Service", md_name)
+    def set_router_endpoints(
+        self, md_name: str, pods: dict[str, bool], service: Mapping[str, Any] | None = None
+    ) -> None:
+        """Play the EndpointSlice controller for the router Service (read now unless given, as
+        from the controller's cache): one slice with the Service's labels and an owner reference
+        to it, one endpoint per pod (name -> ready)."""
+        service = service or self.child("Service", md_name)
         assert service is not None, f"Service/{md_name} does not exist"
         body = {
             "apiVersion": "discovery.k8s.io/v1",

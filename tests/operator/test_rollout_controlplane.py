@@ -55,6 +55,7 @@ class Models:
     good: Path
     candidate: Path
     failing: Path
+    slow: Path
     good_sha256: str
     candidate_sha256: str
     # The golden dataset: every iris row with its true label (logreg agrees on 146 of 150, the
@@ -79,6 +80,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
         logreg.path,
         stump.path,
         build_failing(directory),
+        build_slow(directory),
         logreg.sha256,
         stump.sha256,
         golden,
@@ -103,12 +105,35 @@ def build_failing(directory: Path) -> Path:
     )
 
 
+def build_slow(directory: Path) -> Path:
+    """Takes iris rows like the others and answers every one, each after about 0.1 s of one
+    core here: 600 products with a 1024x1024 identity matrix (the answer: the row's largest value
+    times 0.01)."""
+    first = onnx.numpy_helper.from_array(np.full((4, 1024), 0.01, np.float32), "first")
+    same = onnx.numpy_helper.from_array(np.eye(1024, dtype=np.float32), "same")
+    nodes = [
+        onnx.helper.make_node("Constant", [], ["first"], value=first),
+        onnx.helper.make_node("Constant", [], ["same"], value=same),
+        onnx.helper.make_node("MatMul", ["input", "first"], ["h0"]),
+    ]
+    nodes += [onnx.helper.make_node("MatMul", [f"h{i}", "same"], [f"h{i + 1}"]) for i in range(600)]
+    nodes.append(onnx.helper.make_node("ReduceMax", ["h600"], ["label"], axes=[1], keepdims=1))
+    return write_graph(
+        directory,
+        "iris_slow",
+        nodes,
+        {"input": (onnx.TensorProto.FLOAT, [None, 4])},
+        {"label": (onnx.TensorProto.FLOAT, [None, 1])},
+    )
+
+
 def rollout_spec(
     v1: int,
     v2: int,
     holds: tuple[int, int] = (8, 8),
     min_samples: int = 10,
     prometheus: str | None = None,
+    p99_max_ms: int = 5000,
 ) -> dict[str, Any]:
     """iris at v1/v2, reached in two steps (20% and 60% of the way), each held `holds` s,
     looked at every 5 s (the least intervalSeconds allowed), judged on `prometheus`'s numbers."""
@@ -117,7 +142,7 @@ def rollout_spec(
     obj["spec"]["variants"][1]["weight"] = v2
     obj["spec"]["rollout"] = {
         "steps": [{"percent": p, "holdSeconds": h} for p, h in zip((20, 60), holds, strict=True)],
-        "analysis": {"errorRate": {"max": 0.05}, "p99LatencyMs": {"max": 5000}},
+        "analysis": {"errorRate": {"max": 0.05}, "p99LatencyMs": {"max": p99_max_ms}},
         "minSamples": min_samples,
         "intervalSeconds": 5,
     }
@@ -391,33 +416,46 @@ def test_a_good_candidate_walks_every_step_and_is_promoted(
     assert set(traffic.codes) == {200}
 
 
-def test_a_failing_candidate_is_rolled_back_within_one_window(
-    cluster: Cluster, tmp_path: Path, models: Models
+# A candidate whose model fails (422 on each 1-row request) and one that is slow (about 100 ms of
+# CPU a request, judged against a p99 bound of 30 ms).
+BAD_CANDIDATES = {"failing": ("errorRate", 0.05, "error rate"), "slow": ("p99LatencyMs", 30, "p99")}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CANDIDATES))
+def test_a_bad_candidate_is_rolled_back_within_one_window(
+    cluster: Cluster, tmp_path: Path, models: Models, kind: str
 ) -> None:
     hold = 30
-    with serving(cluster, tmp_path, rollout_spec(100, 0), models.good, models.failing) as served:
+    metric, bound, words = BAD_CANDIDATES[kind]
+    candidate = models.failing if kind == "failing" else models.slow
+    with serving(cluster, tmp_path, rollout_spec(100, 0), models.good, candidate) as served:
         wait_phase(cluster, "Promoted", 1)
         with users(served.router):
             cluster.apply(
-                rollout_spec(0, 100, holds=(hold, hold), prometheus=served.prometheus_url)
+                rollout_spec(
+                    0,
+                    100,
+                    holds=(hold, hold),
+                    prometheus=served.prometheus_url,
+                    p99_max_ms=30 if kind == "slow" else 5000,
+                )
             )
             started = wait_phase(cluster, "Progressing", 2)
             back = wait_phase(cluster, "RolledBack", 2, timeout=90)
             cluster.wait_routes("iris", {"v1": 100, "v2": 0})
-    print(f"\nrollback:\n{timeline(back)}")
+    print(f"\nrollback of the {kind} candidate:\n{timeline(back)}")
     decision = back["history"][-1]
     assert (decision["action"], decision["step"]) == ("RolledBack", 0)
     # Within the first step's window, on the candidate's own numbers.
     assert seconds(decision["time"]) - seconds(started["stepStartedAt"]) <= hold
     numbers = decision["numbers"]["v2"]
-    assert numbers["requests"] >= 10 and numbers["errorRate"] > 0.05
+    assert numbers["requests"] >= 10 and numbers[metric] > bound, numbers
     assert back["weights"] == back["stableWeights"] == {"v1": 100, "v2": 0}
     status = cluster.get("iris")["status"]
     assert condition(status, "Degraded") == ("True", "RolledBack")
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert (
-        "error rate" in degraded["message"]
-        and f"requests={numbers['requests']}" in (degraded["message"])
+        words in degraded["message"] and f"requests={numbers['requests']}" in (degraded["message"])
     )
     assert [v["weight"] for v in cluster.get("iris")["spec"]["variants"]] == [0, 100]
 

@@ -15,7 +15,6 @@ import io
 import math
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -35,7 +34,7 @@ from modeldeploy_operator.render import MODEL_SOURCE_DIR
 from modeldeploy_operator.spec import EXAMPLE_ANNOTATION
 from tests.cluster.cluster import NODE_IP
 from tests.cluster.conftest import MEASURED, REPO_ROOT, Cluster
-from tests.controlplane.harness import expected_binaries
+from tests.controlplane.harness import expected_binaries, start_prometheus
 from tests.models import write_graph
 from tests.processes import server_command
 
@@ -589,18 +588,8 @@ def prometheus(installed: Cluster, tmp_path: Path) -> Iterator[ClusterPrometheus
             discovery["kubeconfig_file"] = str(installed.kubeconfig)
             discovery["namespaces"] = {"names": [NAMESPACE]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    with socket.socket() as probe:
-        probe.bind((NODE_IP, 0))
-        port = probe.getsockname()[1]
-    argv = [
-        str(binary),
-        f"--config.file={tmp_path / 'prometheus.yml'}",
-        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address={NODE_IP}:{port}",
-    ]
-    with (tmp_path / "prometheus.log").open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    server = ClusterPrometheus(f"http://{NODE_IP}:{port}", process)
+    process, url = start_prometheus(tmp_path / "prometheus.yml", tmp_path, NODE_IP)
+    server = ClusterPrometheus(url, process)
     try:
         yield server
     finally:
@@ -643,6 +632,27 @@ def rollout_phase(md: dict[str, Any], *phases: str) -> dict[str, Any] | None:
     return md if done and rollout.get("phase") in phases else None
 
 
+def roll_out_under_load(
+    iris: Iris, document: dict[str, Any]
+) -> tuple[dict[str, Any], Load, float, float]:
+    """`document` applied under load (c=8 through the Service) until its rollout ended
+    (Promoted or RolledBack) and 200 answers more: the ModelDeployment then, the load, when the
+    apply was sent and when the end was seen."""
+    with Load(iris.url, concurrency=8, max_seconds=ROLLOUT_TIMEOUT_S + 120) as load:
+        poll(lambda: len(load.answers) >= 200, 120, "load to start", interval=0.2)
+        started = time.monotonic()
+        iris.apply(document)
+        md = poll(
+            lambda: rollout_phase(iris.md(), "Promoted", "RolledBack"),
+            ROLLOUT_TIMEOUT_S,
+            "the rollout to end",
+            interval=1,
+        )
+        ended = time.monotonic()
+        poll(lambda: len(load.since(ended + 5)) >= 200, 120, "load after the rollout's end")
+    return md, load, started, ended
+
+
 def timeline(rollout: dict[str, Any]) -> str:
     """The decisions with their weights and the candidate's numbers, for the closing note."""
     lines = []
@@ -671,17 +681,7 @@ def test_rollout_walks_its_steps_on_prometheus_and_no_request_fails(
     everything."""
     iris = edited_iris
     wait_scraped(prometheus)
-    with Load(iris.url, concurrency=8, max_seconds=ROLLOUT_TIMEOUT_S + 120) as load:
-        poll(lambda: len(load.answers) >= 200, 120, "load to start", interval=0.2)
-        iris.apply(rollout_document(prometheus, (0, 100)))
-        md = poll(
-            lambda: rollout_phase(iris.md(), "Promoted", "RolledBack"),
-            ROLLOUT_TIMEOUT_S,
-            "the rollout to end",
-            interval=1,
-        )
-        ended = time.monotonic()
-        poll(lambda: len(load.since(ended + 5)) >= 200, 120, "load after the promotion")
+    md, load, _, ended = roll_out_under_load(iris, rollout_document(prometheus, (0, 100)))
     rollout = md["status"]["rollout"]
     MEASURED.append(f"rollout 90/10 -> 0/100 on Prometheus: {timeline(rollout)}")
     assert rollout["phase"] == "Promoted", rollout
@@ -735,18 +735,8 @@ def test_rollout_of_a_failing_candidate_rolls_back_within_one_window(
     iris.apply(at_zero)
     iris.wait_settled()
     wait_scraped(prometheus)
-    with Load(iris.url, concurrency=8, max_seconds=ROLLOUT_TIMEOUT_S + 120) as load:
-        poll(lambda: len(load.answers) >= 200, 120, "load to start", interval=0.2)
-        started = time.monotonic()
-        iris.apply(without_example(rollout_document(prometheus, (50, 50), v2_model)))
-        md = poll(
-            lambda: rollout_phase(iris.md(), "Promoted", "RolledBack"),
-            ROLLOUT_TIMEOUT_S,
-            "the rollout to end",
-            interval=1,
-        )
-        ended = time.monotonic()
-        poll(lambda: len(load.since(ended + 5)) >= 200, 120, "load after the rollback")
+    document = without_example(rollout_document(prometheus, (50, 50), v2_model))
+    md, load, started, ended = roll_out_under_load(iris, document)
     rollout = md["status"]["rollout"]
     MEASURED.append(
         f"rollback of a failing v2 ({ended - started:.0f} s from the apply): {timeline(rollout)}"

@@ -96,6 +96,25 @@ def expected_binaries() -> Binaries:
     )
 
 
+def start_prometheus(
+    config: Path, directory: Path, host: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The pinned Prometheus serving `config` on a free port of `host`, its data and log in
+    `directory`: the process and its URL."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    argv = [
+        str(expected_binaries().prometheus),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={directory / 'tsdb'}",
+        f"--web.listen-address={host}:{port}",
+    ]
+    with (directory / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    return process, f"http://{host}:{port}"
+
+
 def missing_binaries(binaries: Binaries) -> list[Path]:
     """The build outputs that are not there (empty when the cache is complete)."""
     files = [

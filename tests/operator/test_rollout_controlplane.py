@@ -34,12 +34,12 @@ import pytest
 
 from modeldeploy_operator import cli, contract, naming
 from modeldeploy_operator.rollout_control import COMMAND_ANNOTATION
-from tests.controlplane.harness import ControlPlane, expected_binaries
+from tests.controlplane.harness import ControlPlane, start_prometheus
 from tests.models import build_iris_logreg, build_iris_stump, write_graph
 from tests.operator.builders import model_deployment
 from tests.operator.cluster import Cluster, condition
 from tests.operator.harness import wait_for
-from tests.processes import RunningProcess, free_port, route, serve_model, server_command, stop
+from tests.processes import RunningProcess, route, serve_model, server_command, stop
 
 pytestmark = pytest.mark.controlplane
 
@@ -247,7 +247,6 @@ class Prometheus:
 
 @contextlib.contextmanager
 def prometheus(tmp_path: Path, router: RunningProcess, namespace: str) -> Iterator[Prometheus]:
-    port = free_port()
     config = tmp_path / "prometheus.yml"
     scrape = {
         "job_name": "modeldeploy-routers",
@@ -259,15 +258,8 @@ def prometheus(tmp_path: Path, router: RunningProcess, namespace: str) -> Iterat
         ],
     }
     config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [scrape]}))
-    argv = [
-        str(expected_binaries().prometheus),
-        f"--config.file={config}",
-        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-    ]
-    with (tmp_path / "prometheus.log").open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    server = Prometheus(f"http://127.0.0.1:{port}", process)
+    process, url = start_prometheus(config, tmp_path, "127.0.0.1")
+    server = Prometheus(url, process)
     try:
 
         def scraped() -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
-from uvicorn._types import ASGISendEvent
+from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
 from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import (
@@ -49,6 +49,8 @@ ALLOWED_METHODS = b"GET, HEAD, POST"
 # nothing more for that long. Clients that retry at once (ignoring Retry-After) would otherwise
 # keep the event loop busy refusing them, and the admitted requests would starve.
 BACKOFF_STATE_KEY = "modeldeploy.backoff_s"
+# What a request that expects it gets before its body is read.
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # The read and keep-alive timeouts are checked this many times per the shorter of the two, by one
 # sweep over the connections (not a timer per request): each fires between its time and a quarter
 # of the shorter one later.
@@ -172,12 +174,62 @@ class HeadHolder:
         return self.transport.is_closing()
 
 
+class MessageEvent:
+    """What uvicorn's cycle and protocol use of asyncio.Event (`set`, `wait`, `clear`), lighter:
+    no Python call to create one, and where the edge itself sets or reads it, the flag is read
+    directly (a request that arrived whole is set and cleared without a call)."""
+
+    # Class defaults instead of __init__: creating one runs no Python code.
+    flag = False
+    waiters: list[asyncio.Future[None]] | None = None
+
+    def set(self) -> None:
+        """Set the flag and wake whoever waits for it."""
+        self.flag = True
+        waiters = self.waiters
+        if waiters:
+            self.waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until the flag is set."""
+        if not self.flag:
+            waiter = asyncio.get_running_loop().create_future()
+            if self.waiters is None:
+                self.waiters = []
+            self.waiters.append(waiter)
+            await waiter
+
+    def clear(self) -> None:
+        """Unset the flag."""
+        self.flag = False
+
+
 class EdgeCycle(RequestResponseCycle):
     """uvicorn's request cycle with a leaner `send` (uvicorn's, but for two changes): the answer's
     head is held by the connection's HeadHolder and leaves with the first piece of the body, and
     the header names and values are checked by one pass each rather than two searches per header."""
 
     holder: HeadHolder
+    message_event: MessageEvent  # type: ignore[assignment]
+
+    async def receive(self) -> ASGIReceiveEvent:
+        """uvicorn's, without a call when the request's body is at hand already."""
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(CONTINUE)
+            self.waiting_for_100_continue = False
+        if not self.disconnected and not self.response_complete:
+            self.flow.resume_reading()
+            event = self.message_event
+            if not event.flag:
+                await event.wait()
+            event.flag = False
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        body, self.body = self.body, bytearray()
+        return {"type": "http.request", "body": bytes(body), "more_body": self.more_body}
 
     async def send(self, message: ASGISendEvent) -> None:
         """Send one ASGI message of the answer."""
@@ -261,7 +313,10 @@ class EdgeCycle(RequestResponseCycle):
                 if self.expected_content_length != 0:
                     raise RuntimeError("Response content shorter than Content-Length")
                 self.response_complete = True
-                self.message_event.set()
+                event = self.message_event
+                event.flag = True
+                if event.waiters:  # a receive() waiting for the client to go
+                    event.set()
                 if not self.keep_alive:
                     holder.close()
                 self.on_response()
@@ -435,7 +490,7 @@ class EdgeProtocol(HttpToolsProtocol):
             access_logger=self.access_logger,
             access_log=self.access_log,
             default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
+            message_event=MessageEvent(),  # type: ignore[arg-type]
             expect_100_continue=self.expect_100_continue,
             keep_alive=http_version != "1.0" and parser.should_keep_alive() and not edge.draining,
             on_response=self.on_response_complete,
@@ -468,7 +523,10 @@ class EdgeProtocol(HttpToolsProtocol):
         cycle.body += body
         if len(cycle.body) > HIGH_WATER_LIMIT:
             self.flow.pause_reading()
-        cycle.message_event.set()
+        event: MessageEvent = cycle.message_event  # type: ignore[assignment]
+        event.flag = True
+        if event.waiters:  # usually the request's task has not asked yet
+            event.set()
 
     def on_message_complete(self) -> None:
         """uvicorn's; the whole request arrived in time; the next byte starts the next head."""
@@ -480,7 +538,10 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._refused or cycle.response_complete:
             return
         cycle.more_body = False
-        cycle.message_event.set()
+        event: MessageEvent = cycle.message_event  # type: ignore[assignment]
+        event.flag = True
+        if event.waiters:
+            event.set()
 
     def on_response_complete(self) -> None:
         """An answer went out: give its body bytes back to the budget, back off if asked; then

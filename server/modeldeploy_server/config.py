@@ -34,6 +34,9 @@ class EdgeSettings:
     # SIGTERM: readiness fails at once, the port stays open this long (answers carry
     # `Connection: close`), then in-flight requests finish.
     shutdown_delay_s: float = SHUTDOWN_DELAY_S
+    # Then a connection between requests waits this long for a request already on its way (in
+    # its socket, not read yet), which is answered with `Connection: close` instead of lost.
+    shutdown_grace_s: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -626,6 +626,21 @@ class EdgeProtocol(HttpToolsProtocol):
         self._refuse(408, f"the request did not arrive within {timeout:g} s")
 
     def shutdown(self) -> None:
-        """uvicorn's graceful shutdown; a refused connection is closing already."""
-        if not self._refused:
+        """uvicorn's graceful shutdown, except that a connection between requests is closed
+        only if no request reaches it within the settings' `shutdown_grace_s`: one already sent
+        (in the socket's buffer, not read yet) is answered, with `Connection: close`, instead of
+        lost. A refused connection is closing already."""
+        if self._refused:
+            return
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            grace_s = self._edge.settings.shutdown_grace_s
+            self.loop.call_later(grace_s, self._close_unless_answering, cycle)
+            return
+        super().shutdown()
+
+    def _close_unless_answering(self, idle_cycle: RequestResponseCycle | None) -> None:
+        if self.cycle is idle_cycle and self._request_bytes == 0:
+            self.transport.close()
+        else:
             super().shutdown()

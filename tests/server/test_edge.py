@@ -24,7 +24,7 @@ import pytest
 
 from modeldeploy_server.config import EdgeSettings
 from modeldeploy_server.edge import BACKOFF_STATE_KEY
-from modeldeploy_server.http_server import build_server
+from modeldeploy_server.http_server import DrainingServer, build_server
 from tests.models import BuiltModel
 from tests.processes import LOOPBACK, RunningProcess, route, serve_model
 
@@ -347,9 +347,16 @@ async def backoff_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 @contextlib.contextmanager
 def in_process_server(app: Any) -> Iterator[int]:
     """`app` behind the edge (build_server) in a thread of this process; yields its port."""
+    with in_process_edge(app, EdgeSettings(shutdown_delay_s=0)) as (_, port):
+        yield port
+
+
+@contextlib.contextmanager
+def in_process_edge(app: Any, settings: EdgeSettings) -> Iterator[tuple[DrainingServer, int]]:
+    """`app` behind the edge with `settings` in a thread of this process: the server, its port."""
     server = build_server(
         app, host=LOOPBACK, port=0, access_log=False, graceful_shutdown_s=1,
-        edge=EdgeSettings(shutdown_delay_s=0), on_drain=lambda: None, log_config=None,
+        edge=settings, on_drain=lambda: None, log_config=None,
     )  # fmt: skip
     sock = socket.socket()
     sock.bind((LOOPBACK, 0))
@@ -360,10 +367,43 @@ def in_process_server(app: Any) -> Iterator[int]:
         while not server.started:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        yield sock.getsockname()[1]
+        yield server, sock.getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(WAIT_S)
+
+
+def test_a_request_reaching_an_idle_connection_at_shutdown_is_answered() -> None:
+    """A kept-alive connection idle when the server shuts down (its port already closed) is not
+    cut at once: a request that reaches it within the grace is answered, closing it. Without the
+    grace, uvicorn closes it and the request is lost (a client that sent it gets no answer)."""
+    settings = EdgeSettings(shutdown_delay_s=0, shutdown_grace_s=WAIT_S / 2)
+    request = b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n"
+    with (
+        in_process_edge(backoff_app, settings) as (server, port),
+        socket.create_connection((LOOPBACK, port), timeout=WAIT_S) as sock,
+    ):
+        sock.sendall(request)
+        kept = b""
+        while not kept.endswith(b"\r\n\r\n"):  # the answer has no body: its head, kept alive
+            kept += sock.recv(65536)
+        assert kept.startswith(b"HTTP/1.1 200") and b"connection: close" not in kept.lower()
+        server.handle_exit(signal.SIGTERM, None)  # with no shutdown delay: the port closes now
+        deadline = time.monotonic() + WAIT_S
+        while _accepts(port):  # until the port is closed, and so the connections shut down
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        sock.sendall(request)
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((LOOPBACK, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_an_overload_refusal_pauses_only_its_own_connection() -> None:

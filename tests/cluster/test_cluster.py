@@ -36,7 +36,7 @@ from tests.cluster.cluster import NODE_IP
 from tests.cluster.conftest import MEASURED, REPO_ROOT, Cluster
 from tests.controlplane.harness import expected_binaries, start_prometheus
 from tests.models import write_graph
-from tests.processes import server_command
+from tests.processes import server_command, stop
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -593,12 +593,7 @@ def prometheus(installed: Cluster, tmp_path: Path) -> Iterator[ClusterPrometheus
     try:
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout_s=30)
 
 
 def rollout_document(

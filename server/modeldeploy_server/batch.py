@@ -14,6 +14,7 @@ shard is left but the reason, on stderr and in `--termination-message-path`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import http.client
@@ -21,10 +22,10 @@ import io
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
@@ -59,6 +60,7 @@ from modeldeploy_server.config import (
 from modeldeploy_server.digest import CHUNK_BYTES
 from modeldeploy_server.errors import ConfigError, ModelRejected, ServerError
 from modeldeploy_server.fetch import FetchError, declared_length, open_source
+from modeldeploy_server.npzio import NpzInput, NpzPartWriter, decode_npz_chunk, seekable_input
 from modeldeploy_server.runtime import OnnxModel, load_model
 from modeldeploy_server.termination import write_termination_message
 
@@ -103,7 +105,7 @@ _OPTIONS: dict[str, tuple[str, Any, str]] = {
     "input": ("MODELDEPLOY_BATCH_INPUT", str, "input: http(s)://, file:// or a path (required)"),
     "input_sha256": ("MODELDEPLOY_BATCH_INPUT_SHA256", parse_sha256, "expected input sha256"),
     "output": ("MODELDEPLOY_BATCH_OUTPUT", Path, "output directory (required)"),
-    "format": ("MODELDEPLOY_BATCH_FORMAT", _choice(*FORMATS), "csv or jsonl; default csv"),
+    "format": ("MODELDEPLOY_BATCH_FORMAT", _choice(*FORMATS), "csv, jsonl or npz; default csv"),
     "shard": ("MODELDEPLOY_BATCH_SHARD", parse_shard, "this shard, I/N (0-based); default 0/1"),
     "batch_rows": (
         "MODELDEPLOY_BATCH_ROWS",
@@ -165,7 +167,7 @@ class _HashingWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = path.open("wb")
+        self._file = path.open("w+b")
         self._digest = hashlib.sha256()
         self.bytes = 0
 
@@ -176,6 +178,19 @@ class _HashingWriter:
             raise BatchError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self._digest.update(data)
         self.bytes += len(data)
+
+    def write_with(self, write: Callable[[IO[bytes]], None]) -> None:
+        """Let `write` fill the file (it may seek back, as a zip writer does), then hash it."""
+        try:
+            write(self._file)
+            self._file.flush()
+            self._file.seek(0)
+            self._digest = hashlib.sha256()
+            while block := self._file.read(CHUNK_BYTES):
+                self._digest.update(block)
+            self.bytes = self._file.tell()
+        except OSError as exc:
+            raise BatchError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def commit(self, final: Path) -> FileDigest:
         """Flush to disk and rename into place."""
@@ -271,6 +286,109 @@ def run_batch(config: BatchConfig, progress: bool) -> ShardResult:
         raise
 
 
+@dataclass
+class _Scored:
+    """What the shard read and wrote."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    data_rows: bool = False  # whether the input has any row (in any shard)
+
+
+def _score_chunks(
+    config: BatchConfig,
+    model: OnnxModel,
+    chunks: Iterable[tuple[int, DecodedChunk]],
+    sink: Callable[[Mapping[str, np.ndarray[Any, Any]]], None],
+    side: _HashingWriter,
+    show: Callable[[int], None],
+    unit: str,
+) -> tuple[int, int]:
+    """Score (rows read, decoded rows) chunks into `sink`; bad rows per `--on-error`."""
+    rows_in = rows_out = 0
+    for count, decoded in chunks:
+        outputs, rejected = _score(model, decoded)
+        skipped = sorted([*decoded.skipped, *rejected], key=lambda row: row.line)
+        if skipped and config.on_error == "fail":
+            first_bad = skipped[0]
+            raise BatchError(
+                f"{unit} {first_bad.line}: {first_bad.reason} (--on-error skip skips bad rows)"
+            )
+        rows_in += count
+        if outputs:
+            sink(outputs)
+        rows_out += len(decoded.lines) - len(rejected)
+        side.write(skipped_lines(skipped, unit))
+        show(rows_in)
+    return rows_in, rows_out
+
+
+def _score_text(
+    config: BatchConfig,
+    model: OnnxModel,
+    reader: IO[bytes],
+    bounds_of: Callable[[int], tuple[int, int]],
+    part: _HashingWriter,
+    side: _HashingWriter,
+    show: Callable[[int], None],
+) -> _Scored:
+    metadata = model.metadata
+    header: list[str] = []
+    data_start = 0
+    if config.format == "csv":
+        first = reader.readline()
+        if not first:
+            raise BatchError(f"{config.input} is empty: CSV needs a header row")
+        header = parse_csv_header(first, metadata)
+        data_start = len(first)
+    rows_per_run = config.batch_rows if _rows_share_runs(model) else 1
+    chunker = ShardChunker(bounds_of(data_start), rows_per_run, 2 if header else 1, data_start)
+    blocks = iter(functools.partial(reader.readlines, _BLOCK_BYTES), [])
+    chunks = (
+        (len(chunk.lines), decode_chunk(chunk, config.format, header, metadata))
+        for chunk in chunker.chunks(blocks)
+    )
+    encoder = PartEncoder(config.format)
+    sink = lambda outputs: part.write(encoder.encode(outputs))  # noqa: E731
+    scored = _score_chunks(config, model, chunks, sink, side, show, "line")
+    return _Scored(*scored, data_rows=chunker.data_lines)
+
+
+def _score_npz(
+    config: BatchConfig,
+    model: OnnxModel,
+    source: BinaryIO,
+    reader: IO[bytes],
+    part: _HashingWriter,
+    side: _HashingWriter,
+    show: Callable[[int, float | None], None],
+) -> _Scored:
+    metadata = model.metadata
+    writer = NpzPartWriter(config.output, [spec.name for spec in metadata.outputs])
+    with contextlib.ExitStack() as stack:
+        stack.callback(writer.discard)
+        file = seekable_input(source, reader)
+        if file is not source:
+            stack.enter_context(file)
+        npz = NpzInput(file, config.input, metadata)
+        start, stop = shard_bounds(0, npz.rows, config.shard)
+        rows_per_run = config.batch_rows if _rows_share_runs(model) else 1
+        chunks = (
+            (len(arrays[metadata.inputs[0].name]), decode_npz_chunk(first, arrays, metadata))
+            for first, arrays in npz.read(start, stop, rows_per_run)
+        )
+        total = max(stop - start, 1)
+        scored = _score_chunks(
+            config, model, chunks, writer.write, side, lambda rows: show(rows, rows / total), "row"
+        )
+        if not writer.rows:
+            # An empty part still names every output, with its dtype and row shape.
+            template = model.run(model.synthetic_feed())
+            writer.write({name: array[:0] for name, array in template.items()})
+        part.write_with(writer.finish)
+    return _Scored(*scored, data_rows=npz.rows > 0)
+
+
 def _run(
     config: BatchConfig,
     part: _HashingWriter,
@@ -290,50 +408,32 @@ def _run(
     shard = config.shard
     with source:
         size = _input_size(source)
-        if size is None and shard.count > 1:
+        if size is None and shard.count > 1 and config.format != "npz":
             raise BatchError(
                 f"the size of {config.input} is unknown (no Content-Length): sharding needs it"
             )
         hashing = _HashingReader(source)
         reader = io.BufferedReader(hashing, CHUNK_BYTES)
-        header: list[str] = []
-        data_start = 0
-        if config.format == "csv":
-            first = reader.readline()
-            if not first:
-                raise BatchError(f"{config.input} is empty: CSV needs a header row")
-            header = parse_csv_header(first, metadata)
-            data_start = len(first)
-        bounds = shard_bounds(data_start, size if size is not None else 1 << 62, shard)
-        rows_per_run = config.batch_rows if _rows_share_runs(model) else 1
-        chunker = ShardChunker(bounds, rows_per_run, 2 if header else 1, data_start)
-        blocks = iter(functools.partial(reader.readlines, _BLOCK_BYTES), [])
         meter = _Progress(progress)
-        encoder = PartEncoder(config.format)
-        rows_in = rows_out = 0
         try:
-            for chunk in chunker.chunks(blocks):
-                decoded = decode_chunk(chunk, config.format, header, metadata)
-                outputs, rejected = _score(model, decoded)
-                skipped = sorted([*decoded.skipped, *rejected], key=lambda row: row.line)
-                if skipped and config.on_error == "fail":
-                    first_bad = skipped[0]
-                    raise BatchError(
-                        f"line {first_bad.line}: {first_bad.reason} (--on-error skip skips "
-                        "bad rows)"
-                    )
-                rows_in += len(chunk.lines)
-                if outputs:
-                    part.write(encoder.encode(outputs))
-                rows_out += len(decoded.lines) - len(rejected)
-                side.write(skipped_lines(skipped))
-                meter.show(rows_in, hashing.bytes / size if size else None)
+            if config.format == "npz":
+                scored = _score_npz(config, model, source, reader, part, side, meter.show)
+            else:
+                scored = _score_text(
+                    config,
+                    model,
+                    reader,
+                    lambda start: shard_bounds(start, size if size is not None else 1 << 62, shard),
+                    part,
+                    side,
+                    lambda rows: meter.show(rows, hashing.bytes / size if size else None),
+                )
         except ServerError as exc:
             raise BatchError(str(exc)) from None
         except (OSError, http.client.HTTPException) as exc:
             reason = exc or type(exc).__name__
             raise InputReadError(f"cannot read {config.input}: {reason}") from None
-        meter.show(rows_in, 1.0, final=True)
+        meter.show(scored.rows_in, 1.0, final=True)
     if size is not None and hashing.bytes != size:
         raise InputReadError(f"{config.input} is truncated: read {hashing.bytes} of {size} bytes")
     input_sha256 = hashing.digest.hexdigest()
@@ -341,7 +441,7 @@ def _run(
         raise BatchError(
             f"{config.input} has sha256 {input_sha256}, expected {config.input_sha256}"
         )
-    if not chunker.data_lines:
+    if not scored.data_rows:
         raise BatchError(f"{config.input} has no data rows")
     part_path, skipped_path, manifest_path = paths
     part_digest = part.commit(part_path)
@@ -356,8 +456,8 @@ def _run(
         input_uri=config.input,
         input_sha256=input_sha256,
         input_bytes=hashing.bytes,
-        rows_in=rows_in,
-        rows_out=rows_out,
+        rows_in=scored.rows_in,
+        rows_out=scored.rows_out,
         part=part_digest,
         skipped=skipped_digest,
     )

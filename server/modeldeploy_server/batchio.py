@@ -32,7 +32,7 @@ from modeldeploy_server.records import (
     tensors_from_numeric_csv,
 )
 
-FORMATS = ("csv", "jsonl")
+FORMATS = ("csv", "jsonl", "npz")
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 
 
@@ -304,10 +304,11 @@ class PartEncoder:
         return rows
 
 
-def skipped_lines(skipped: Iterable[SkippedRow]) -> bytes:
-    """The side file: one JSON object per skipped row, `{"line": N, "error": "..."}`."""
+def skipped_lines(skipped: Iterable[SkippedRow], unit: str = "line") -> bytes:
+    """The side file: one JSON object per skipped row, `{"line": N, "error": "..."}` (an .npz
+    input's rows: `{"row": N, ...}`, numbered from 0)."""
     return b"".join(
-        orjson.dumps({"line": row.line, "error": row.reason}, option=orjson.OPT_APPEND_NEWLINE)
+        orjson.dumps({unit: row.line, "error": row.reason}, option=orjson.OPT_APPEND_NEWLINE)
         for row in skipped
     )
 

@@ -82,23 +82,40 @@ def array_from_json(
                 return np.array(data, dtype=dtype)
             except OverflowError:
                 raise InvalidInput(f"{where}: a value is out of range for {datatype}") from None
+    if parsed.size and may_hold_bool and dtype.kind != "b" and _holds_bool(data, parsed.ndim):
+        raise InvalidInput(f"{where}: data does not hold {datatype} values")
+    if (
+        dtype.kind == "f"
+        and parsed.dtype.kind == "f"
+        and dtype.itemsize < parsed.dtype.itemsize
+        and parsed.ndim == 1
+        and 0 < parsed.size <= SMALL
+    ):
+        # Small flat lists: builtin max/min cost far less than entering np.errstate.
+        largest = _FLOAT_MAX[datatype]
+        if max(data) > largest or min(data) < -largest:
+            raise InvalidInput(f"{where}: a value is out of range for {datatype}")
+        return parsed.astype(dtype)
+    return cast_array(where, datatype, parsed)
+
+
+def accepts_kind(datatype: str, dtype: np.dtype[Any]) -> bool:
+    """Whether values of `dtype` may become the (non-BYTES) datatype's: see cast_array."""
+    return dtype.kind in _ACCEPTED_KINDS[V2_TO_NUMPY[datatype].kind]
+
+
+def cast_array(where: str, datatype: str, parsed: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A numeric array as the datatype, strictly: the same kinds only (ints may become floats,
+    never the reverse; bool only from bool) and no value out of the datatype's range."""
+    dtype = V2_TO_NUMPY[datatype]
     if parsed.size:
-        accepted = _ACCEPTED_KINDS[dtype.kind]
-        if parsed.dtype.kind not in accepted or (
-            may_hold_bool and dtype.kind != "b" and _holds_bool(data, parsed.ndim)
-        ):
+        if not accepts_kind(datatype, parsed.dtype):
             raise InvalidInput(f"{where}: data does not hold {datatype} values")
         if dtype.kind in "iu":
             info = np.iinfo(dtype)
             if parsed.min() < info.min or parsed.max() > info.max:
                 raise InvalidInput(f"{where}: a value is out of range for {datatype}")
     if dtype.kind == "f" and parsed.dtype.kind == "f" and dtype.itemsize < parsed.dtype.itemsize:
-        largest = _FLOAT_MAX[datatype]
-        if parsed.ndim == 1 and 0 < parsed.size <= SMALL:
-            # Small flat lists: builtin max/min cost far less than entering np.errstate.
-            if max(data) > largest or min(data) < -largest:
-                raise InvalidInput(f"{where}: a value is out of range for {datatype}")
-            return parsed.astype(dtype)
         with np.errstate(over="raise"):
             try:
                 return parsed.astype(dtype)

@@ -12,7 +12,10 @@ For the iris logistic regression and the digits MLP (tests/models.py), at the sa
 - raw file loop: the least a script does for the same job in this process, pinned to CPU 0:
   read the CSV with the csv module in chunks, np.array(..., float32), session.run, csv.writer;
 - one shard: `modeldeploy-server batch` on one core (taskset -c 0, --intra-op-threads 1);
-- two shards: `--shard 0/2` on CPU 0 and `--shard 1/2` on CPU 1 at once (wall time of both).
+- two shards: `--shard 0/2` on CPU 0 and `--shard 1/2` on CPU 1 at once (wall time of both);
+- the same with `--format npz` (binary columns in and out, nothing to parse) on
+  --npz-rows-factor times the rows (default 10: it is that much faster), and a shard's fixed
+  start cost (a one-row file), which `..._cpu_after_start` leaves out.
 Then the resident memory of one shard over a --rss-rows-row iris CSV, sampled every 0.2 s.
 Prints `uptime` first: on a shared machine the numbers are only as good as its load. So rates are
 also given per CPU second (the process's user + system time: what other processes on the core
@@ -57,6 +60,12 @@ def write_csv(path: Path, features: np.ndarray[Any, Any], rows: int) -> None:
         for _ in range(whole):
             stream.write(block)
         stream.write(tail)
+
+
+def write_npz(path: Path, features: np.ndarray[Any, Any], rows: int) -> None:
+    """The same rows as write_csv, as float32 arrays in an .npz (np.savez: stored members)."""
+    reps = -(-rows // len(features))
+    np.savez(path, input=np.tile(features.astype(np.float32), (reps, 1))[:rows])
 
 
 def session(built: BuiltModel) -> ort.InferenceSession:
@@ -106,7 +115,12 @@ def raw_file_loop(built: BuiltModel, source: Path, batch_rows: int) -> float:
 
 
 def shards(
-    built: BuiltModel, source: Path, output: Path, count: int, batch_rows: int
+    built: BuiltModel,
+    source: Path,
+    output: Path,
+    count: int,
+    batch_rows: int,
+    file_format: str = "csv",
 ) -> dict[str, Any]:
     """Run `count` shards at once, shard i pinned to CPU i; rows/s over the wall time, peak RSS."""
     processes = []
@@ -117,7 +131,7 @@ def shards(
             *server_command(), "batch", "--model-path", str(built.path),
             "--sha256", built.sha256, "--input", str(source), "--output", str(output),
             "--shard", f"{index}/{count}", "--batch-rows", str(batch_rows),
-            "--intra-op-threads", "1",
+            "--intra-op-threads", "1", "--format", file_format,
             "--termination-message-path", str(output / f"message-{index}.json"),
         ]  # fmt: skip
         processes.append(subprocess.Popen(argv, stderr=subprocess.PIPE))
@@ -155,12 +169,38 @@ def shards(
     }
 
 
+def npz_cells(
+    built: BuiltModel, work: Path, name: str, rows: int, args: argparse.Namespace, raw_cpu: float
+) -> dict[str, Any]:
+    """The same model on .npz input and output: 1 and 2 shards, and a shard's start cost (a
+    one-row file: imports, model sha256, probe), which the ratio after start leaves out."""
+    cell: dict[str, Any] = {"npz_rows": rows}
+    source = work / f"{name}.npz"
+    write_npz(source, built.features, 1)
+    start = shards(built, source, work / f"{name}-npz-start", 1, args.batch_rows, "npz")
+    cell["npz_start_cpu_seconds"] = start["cpu_seconds"]
+    write_npz(source, built.features, rows)
+    cell["npz_bytes"] = source.stat().st_size
+    for count in (1, 2):
+        out = work / f"{name}-npz-out-{count}"
+        cell[f"npz_shards_{count}"] = shards(built, source, out, count, args.batch_rows, "npz")
+    one = cell["npz_shards_1"]
+    cell["one_npz_shard_vs_raw_onnxruntime_cpu"] = round(one["rows_per_cpu_s"] / raw_cpu, 3)
+    after_start = rows / max(one["cpu_seconds"] - start["cpu_seconds"], 1e-9)
+    cell["one_npz_shard_vs_raw_onnxruntime_cpu_after_start"] = round(after_start / raw_cpu, 3)
+    source.unlink()
+    return cell
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows per model for speed")
     parser.add_argument("--rss-rows", type=int, default=10_000_000, help="rows for the RSS run")
     parser.add_argument("--batch-rows", type=int, default=8192)
     parser.add_argument("--models", default="iris,mlp")
+    parser.add_argument(
+        "--npz-rows-factor", type=int, default=10, help=".npz runs score this many times --rows"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "batch.json")
     args = parser.parse_args()
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
@@ -191,9 +231,10 @@ def main() -> int:
             cell["one_shard_vs_raw_onnxruntime_cpu"] = round(
                 cell["shards_1"]["rows_per_cpu_s"] / raw_cpu, 3
             )
+            source.unlink()
+            cell.update(npz_cells(built, work, name, rows * args.npz_rows_factor, args, raw_cpu))
             results[name] = cell
             print(name, json.dumps(cell), flush=True)
-            source.unlink()
         if args.rss_rows:
             built = build_iris_logreg(work)
             source = work / "big.csv"

@@ -167,7 +167,7 @@ class _HashingWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = path.open("w+b")
+        self._file = path.open("wb")
         self._digest = hashlib.sha256()
         self.bytes = 0
 
@@ -178,19 +178,6 @@ class _HashingWriter:
             raise BatchError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self._digest.update(data)
         self.bytes += len(data)
-
-    def write_with(self, write: Callable[[IO[bytes]], None]) -> None:
-        """Let `write` fill the file (it may seek back, as a zip writer does), then hash it."""
-        try:
-            write(self._file)
-            self._file.flush()
-            self._file.seek(0)
-            self._digest = hashlib.sha256()
-            while block := self._file.read(CHUNK_BYTES):
-                self._digest.update(block)
-            self.bytes = self._file.tell()
-        except OSError as exc:
-            raise BatchError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def commit(self, final: Path) -> FileDigest:
         """Flush to disk and rename into place."""
@@ -385,7 +372,7 @@ def _score_npz(
             # An empty part still names every output, with its dtype and row shape.
             template = model.run(model.synthetic_feed())
             writer.write({name: array[:0] for name, array in template.items()})
-        part.write_with(writer.finish)
+        writer.finish(part.write)
     return _Scored(*scored, data_rows=npz.rows > 0)
 
 

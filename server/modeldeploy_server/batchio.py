@@ -161,7 +161,7 @@ class DecodedChunk:
     that did not."""
 
     feed: dict[str, np.ndarray[Any, Any]]
-    lines: list[int]
+    lines: Sequence[int]
     skipped: list[SkippedRow]
 
 

@@ -18,7 +18,7 @@ import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -181,7 +181,7 @@ def decode_npz_chunk(
     bad rows (numbered from 0, as numpy indexes them)."""
     count = len(next(iter(arrays.values())))
     try:
-        return DecodedChunk(_feed(arrays, metadata, count), list(range(first, first + count)), [])
+        return DecodedChunk(_feed(arrays, metadata, count), range(first, first + count), [])
     except ServerError:
         pass
     feeds: list[dict[str, np.ndarray[Any, Any]]] = []
@@ -256,9 +256,11 @@ class NpzPartWriter:
             spool.segments.append((len(array), array.dtype))
         self.rows += len(next(iter(outputs.values())))
 
-    def finish(self, file: IO[bytes]) -> None:
-        """Write the .npz into `file` (seekable)."""
-        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED) as archive:
+    def finish(self, write: Callable[[bytes], object]) -> None:
+        """Write the .npz through `write`, in one pass: zipfile cannot seek back to patch sizes,
+        so it streams each member with a data descriptor, and a hash of what passes through
+        `write` is the part's sha256."""
+        with zipfile.ZipFile(_WriteOnly(write), "w", compression=zipfile.ZIP_STORED) as archive:
             for name in self._names:
                 spool = self._spools[name]
                 dtype = max((dtype for _, dtype in spool.segments), key=lambda d: d.itemsize)
@@ -277,6 +279,24 @@ class NpzPartWriter:
         """Remove the spooled rows."""
         for spool in self._spools.values():
             spool.file.close()
+
+
+class _WriteOnly:
+    """A sink with neither tell nor seek (zipfile then writes in one pass)."""
+
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self._write = write
+
+    def write(self, data: bytes, /) -> int:
+        """Pass the bytes on."""
+        self._write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing is buffered here."""
+
+    def close(self) -> None:
+        """The caller owns the file behind `write`."""
 
 
 def _copy_segments(spool: _Spool, dtype: np.dtype[Any], out: IO[bytes]) -> None:

@@ -135,6 +135,16 @@ def test_invalid_batch_predictions_name_the_field(
         assert (field, message) in errors
 
 
+@pytest.mark.parametrize("file_format", ["csv", "jsonl", "npz"])
+def test_every_batch_format_is_accepted_and_reaches_the_shards(file_format: str) -> None:
+    obj = manifest(input={"uri": "pvc://data/customers." + file_format, "format": file_format})
+    assert errors_of(obj) == []
+    bp = parse_batch_prediction(obj)
+    job = render_batch_job(bp, bp.model, server_image=IMAGE)
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MODELDEPLOY_BATCH_FORMAT"] == file_format
+
+
 def test_transition_rules_are_left_to_updates() -> None:
     # `self == oldSelf` (immutability) has no old object at creation, offline or at admission.
     spec_rules = load_schema(BATCH_KIND)["properties"]["spec"]["x-kubernetes-validations"]

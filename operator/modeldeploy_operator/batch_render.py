@@ -14,6 +14,7 @@ import copy
 from typing import Any
 
 from modeldeploy_operator import naming
+from modeldeploy_operator.contract import BATCH_RUN_ID_ENV, BATCH_RUN_NAME_ENV
 from modeldeploy_operator.render import (
     MODEL_DIR,
     MODEL_PATH,
@@ -144,6 +145,8 @@ def render_batch_job(bp: BatchPrediction, model: ModelSource, *, server_image: s
         ("MODELDEPLOY_BATCH_ROWS", str(bp.batch_rows)),
         ("MODELDEPLOY_BATCH_ON_ERROR", bp.on_error),
         ("MODELDEPLOY_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH),
+        # The run: the last shard to finish writes manifest.json from this uid's part manifests.
+        *([(BATCH_RUN_ID_ENV, bp.uid), (BATCH_RUN_NAME_ENV, bp.name)] if bp.uid else []),
     ]
     batch = {
         "name": CONTAINER,

@@ -32,3 +32,10 @@ ROUTER_SHADOW_LOG_MAX_BYTES_ENV = "MODELDEPLOY_ROUTER_SHADOW_LOG_MAX_BYTES"
 # onto it (kube-proxy, a gateway, the router) stops sending first: a plain SIGTERM drops nothing.
 # The operator counts it in each pod's terminationGracePeriodSeconds.
 SHUTDOWN_DELAY_S = 5
+
+# A BatchPrediction's run: its shards get its uid and name, write the uid into their part
+# manifests, and the last shard to finish writes the run's combined manifest (this file name) into
+# the output directory, from the part manifests of that uid only.
+BATCH_RUN_ID_ENV = "MODELDEPLOY_BATCH_RUN_ID"
+BATCH_RUN_NAME_ENV = "MODELDEPLOY_BATCH_RUN_NAME"
+BATCH_MANIFEST = "manifest.json"

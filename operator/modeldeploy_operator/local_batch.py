@@ -2,8 +2,8 @@
 
 The same YAML as on a cluster: each shard is `modeldeploy-server batch --shard I/N` (what the Job's
 pods run), at most `parallelism` at a time; pvc:// and file:// locations map to directories as in
-`modeldeploy run`. Once every shard has succeeded, `manifest.json` in the output directory joins
-the shards' manifests (no times in it: the same run gives the same bytes).
+`modeldeploy run`. As on a cluster, the last shard to finish writes `manifest.json` into the output
+directory, joining the shards' manifests (no times in it: the same run gives the same bytes).
 """
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from modeldeploy_operator.batch_render import UnresolvedModel, resolve_model
+from modeldeploy_operator.contract import BATCH_MANIFEST
 from modeldeploy_operator.local import Download, LocalFile, local_path, locate_model
 from modeldeploy_operator.spec import BatchPrediction, ModelDeployment
 
 SERVER_COMMAND = (sys.executable, "-P", "-m", "modeldeploy_server.cli")
-COMBINED_MANIFEST = "manifest.json"
 _POLL_S = 0.2
 
 
@@ -67,24 +68,6 @@ def shard_argv(
     return argv
 
 
-def combined_manifest(
-    bp: BatchPrediction, manifests: Sequence[Mapping[str, Any]]
-) -> dict[str, Any]:
-    """One manifest for all shards: the parts in order, the totals, the digests."""
-    first = manifests[0]
-    return {
-        "batchPrediction": bp.name,
-        "format": bp.file_format,
-        "shards": bp.shards,
-        "model": first["model"],
-        "input": first["input"],
-        "rowsIn": sum(m["rowsIn"] for m in manifests),
-        "rowsOut": sum(m["rowsOut"] for m in manifests),
-        "rowsSkipped": sum(m["rowsSkipped"] for m in manifests),
-        "parts": [{**m["part"], "rows": m["rowsOut"], "skipped": m["skipped"]} for m in manifests],
-    }
-
-
 def run_local_batch(
     bp: BatchPrediction,
     models: Sequence[ModelDeployment],
@@ -93,16 +76,19 @@ def run_local_batch(
 ) -> int:
     """Run every shard; 0 when all succeeded (and manifest.json is written), else 1."""
     try:
-        manifests = _run(bp, models, settings, out)
+        _run(bp, models, settings, out)
+        output = _output_dir(bp, settings)
+        document = _report(output / BATCH_MANIFEST)
+        if not document:
+            raise LocalBatchError(
+                f"every shard succeeded, but {output / BATCH_MANIFEST} is missing"
+            )
     except LocalBatchError as error:
         print(f"modeldeploy batch: error: {error}", file=sys.stderr)
         return 1
-    output = _output_dir(bp, settings)
-    document = combined_manifest(bp, manifests)
-    (output / COMBINED_MANIFEST).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     print(
         f"{bp.name}: {document['rowsOut']} rows predicted ({document['rowsSkipped']} skipped) in "
-        f"{bp.shards} shard(s); {output / COMBINED_MANIFEST}",
+        f"{bp.shards} shard(s); {output / BATCH_MANIFEST}",
         file=out,
     )
     return 0
@@ -144,17 +130,18 @@ def _run(
     models: Sequence[ModelDeployment],
     settings: LocalBatchSettings,
     out: TextIO,
-) -> list[dict[str, Any]]:
+) -> None:
     model, sha256 = _model_file(bp, models, settings)
     input_ = bp.input_uri
     if not input_.startswith(("http://", "https://")):
         input_ = str(local_path(input_, base_dir=settings.base_dir, claim_dirs=settings.claim_dirs))
     output = _output_dir(bp, settings)
-    (output / COMBINED_MANIFEST).unlink(missing_ok=True)
-    argv = shard_argv(bp, model, sha256, input_, output)
+    # A run id of its own (the uid when the YAML has one): part manifests of earlier runs in the
+    # same directory never count towards this run's manifest.json.
+    run = ["--run-id", bp.uid or f"local-{uuid.uuid4()}", "--run-name", bp.name]
+    argv = [*shard_argv(bp, model, sha256, input_, output), *run]
     pending = list(range(bp.shards))
     running: dict[int, subprocess.Popen[bytes]] = {}
-    manifests: dict[int, dict[str, Any]] = {}
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="modeldeploy-batch-") as scratch:
         messages = Path(scratch)
@@ -179,7 +166,6 @@ def _run(
                     del running[index]
                     report = _report(messages / f"{index}.json")
                     if process.returncode == 0 and "part" in report:
-                        manifests[index] = report
                         print(
                             f"  shard {index}/{bp.shards}: {report['rowsOut']} rows, "
                             f"{report['rowsPerSecond']:,.0f} rows/s, {report['part']['name']}",
@@ -196,7 +182,6 @@ def _run(
                 process.wait()
     if failures:
         raise LocalBatchError("; ".join(failures))
-    return [manifests[index] for index in range(bp.shards)]
 
 
 def _report(path: Path) -> dict[str, Any]:

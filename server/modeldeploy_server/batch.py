@@ -1,13 +1,16 @@
-"""`modeldeploy-server batch`: score a CSV or JSON-lines file with one model, one shard at a time.
+"""`modeldeploy-server batch`: score a CSV, JSON-lines or .npz file with one model, one shard at a
+time.
 
     modeldeploy-server batch --model-path M.onnx --sha256 HEX --input data.csv --output out/ \
-        [--format csv|jsonl] [--shard I/N] [--batch-rows N] [--on-error fail|skip]
+        [--format csv|jsonl|npz] [--shard I/N] [--batch-rows N] [--on-error fail|skip] \
+        [--run-id UID --run-name NAME]
 
 Streams the input (http(s)://, file:// or a path), verifying the model's sha256 before anything
 else and the input's (`--input-sha256`) as it goes. Writes into the output directory, for shard I
 of N: `part-0000I-of-0000N.<format>` (the predictions of the shard's rows, in input order),
 `part-...skipped.jsonl` (with `--on-error skip`, when rows were skipped) and, last,
-`part-...manifest.json`: a part is complete when its manifest exists. On failure nothing of the
+`part-...manifest.json`: a part is complete when its manifest exists. With `--run-id`, the last
+shard of the run to finish also writes the run's `manifest.json`. On failure nothing of the
 shard is left but the reason, on stderr and in `--termination-message-path`.
 """
 
@@ -28,7 +31,9 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 import numpy as np
+import orjson
 
+from modeldeploy_operator.contract import BATCH_MANIFEST, BATCH_RUN_ID_ENV, BATCH_RUN_NAME_ENV
 from modeldeploy_server.batching import probe_batching
 from modeldeploy_server.batchio import (
     FORMATS,
@@ -42,6 +47,7 @@ from modeldeploy_server.batchio import (
     ShardChunker,
     ShardResult,
     SkippedRow,
+    combined_manifest,
     decode_chunk,
     manifest_bytes,
     parse_csv_header,
@@ -87,6 +93,8 @@ class BatchConfig:
     intra_op_threads: int = 1
     timeout_s: float = 60.0
     termination_message_path: Path | None = None
+    run_id: str | None = None
+    run_name: str | None = None
 
 
 def _choice(*allowed: str) -> Any:
@@ -119,6 +127,13 @@ _OPTIONS: dict[str, tuple[str, Any, str]] = {
         "onnxruntime intra-op threads; default 1",
     ),
     "timeout_s": ("MODELDEPLOY_BATCH_TIMEOUT_S", parse_positive_float, "network timeout (s)"),
+    "run_id": (
+        BATCH_RUN_ID_ENV,
+        str,
+        "the run's id (a BatchPrediction's uid): the last shard of the run to finish writes "
+        f"{BATCH_MANIFEST}",
+    ),
+    "run_name": (BATCH_RUN_NAME_ENV, str, f"the run's name, for {BATCH_MANIFEST}"),
     "termination_message_path": (
         "MODELDEPLOY_TERMINATION_MESSAGE_PATH",
         Path,
@@ -259,7 +274,8 @@ def run_batch(config: BatchConfig, progress: bool) -> ShardResult:
     try:
         output.mkdir(parents=True, exist_ok=True)
         # What an earlier run left would present this run's output as complete.
-        for stale in (manifest_path, part_path, skipped_path):
+        # The run's manifest too: this shard is not done, so it cannot be this run's.
+        for stale in (manifest_path, part_path, skipped_path, output / BATCH_MANIFEST):
             stale.unlink(missing_ok=True)
         part = _HashingWriter(output / f".{part_path.name}.tmp")
         side = _HashingWriter(output / f".{skipped_path.name}.tmp")
@@ -447,11 +463,44 @@ def _run(
         rows_out=scored.rows_out,
         part=part_digest,
         skipped=skipped_digest,
+        run_id=config.run_id,
     )
     manifest = _HashingWriter(manifest_path.with_name(f".{manifest_path.name}.tmp"))
     manifest.write(manifest_bytes(result.manifest()))
     manifest.commit(manifest_path)
+    if config.run_id is not None:
+        _write_run_manifest(config)
     return result
+
+
+def _write_run_manifest(config: BatchConfig) -> None:
+    """Write the run's manifest.json when every shard of this run has written its manifest.
+
+    Each shard looks after writing its own (a rename), so the last to finish sees all of them;
+    shards finishing together each write the same bytes (each through its own temporary name,
+    then a rename), so the race is harmless. A manifest of another run (another uid) does not
+    count."""
+    count = config.shard.count
+    manifests = []
+    for index in range(count):
+        path = config.output / f"{Shard(index, count).name}.manifest.json"
+        try:
+            document = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return
+        if not isinstance(document, dict) or document.get("run") != config.run_id:
+            return
+        manifests.append(document)
+    combined = combined_manifest(config.run_name or config.run_id or "", manifests)
+    final = config.output / BATCH_MANIFEST
+    writer = _HashingWriter(final.with_name(f".{BATCH_MANIFEST}.{config.shard.index}.tmp"))
+    try:
+        writer.write(manifest_bytes(combined))
+        writer.commit(final)
+    except OSError as exc:
+        raise BatchError(f"cannot write {final}: {exc.strerror or exc}") from None
+    finally:
+        writer.discard()  # its temporary file, if the rename did not happen
 
 
 def _write_message(path: Path | None, document: Mapping[str, Any]) -> None:

@@ -340,10 +340,13 @@ class ShardResult:
     rows_out: int
     part: FileDigest
     skipped: FileDigest | None
+    run_id: str | None = None
 
     def manifest(self) -> dict[str, Any]:
-        """The shard's manifest: deterministic (no times), so reruns give identical bytes."""
+        """The shard's manifest: deterministic (no times), so reruns give identical bytes (but
+        for the run's id, when it has one)."""
         return {
+            **({"run": self.run_id} if self.run_id is not None else {}),
             "shard": {"index": self.shard.index, "count": self.shard.count},
             "format": self.file_format,
             "model": {"sha256": self.model_sha256},
@@ -358,6 +361,23 @@ class ShardResult:
             "part": self.part.as_json(),
             "skipped": None if self.skipped is None else self.skipped.as_json(),
         }
+
+
+def combined_manifest(name: str, manifests: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The run's manifest, from its shards' (in shard order): the parts in order, the totals, the
+    digests. No run id and no times: the same run gives the same bytes, on a cluster or here."""
+    first = manifests[0]
+    return {
+        "batchPrediction": name,
+        "format": first["format"],
+        "shards": len(manifests),
+        "model": first["model"],
+        "input": first["input"],
+        "rowsIn": sum(m["rowsIn"] for m in manifests),
+        "rowsOut": sum(m["rowsOut"] for m in manifests),
+        "rowsSkipped": sum(m["rowsSkipped"] for m in manifests),
+        "parts": [{**m["part"], "rows": m["rowsOut"], "skipped": m["skipped"]} for m in manifests],
+    }
 
 
 def manifest_bytes(document: Mapping[str, Any]) -> bytes:

@@ -12,6 +12,7 @@ import copy
 import csv
 import hashlib
 import io
+import json
 import math
 import os
 import shutil
@@ -973,6 +974,7 @@ def test_batch_prediction_in_4_shards_equals_the_local_run_byte_for_byte(
             [
                 *server_command(), "batch", "--model-path", str(model), "--input", str(source),
                 "--output", str(local), "--shard", f"{index}/4",
+                "--run-id", "local-run", "--run-name", "iris-batch",
             ],
             check=True,
             capture_output=True,
@@ -981,6 +983,12 @@ def test_batch_prediction_in_4_shards_equals_the_local_run_byte_for_byte(
         in_cluster = (work / "out" / output["name"]).read_bytes()
         assert in_cluster == (local / output["name"]).read_bytes(), output["name"]
         assert output["sha256"] == hashlib.sha256(in_cluster).hexdigest()
+    # The last shard pod to finish wrote the run's manifest.json: the local run's, but for where
+    # each side read the input (the pods from their mount of the claim).
+    manifests = [json.loads((out / "manifest.json").read_bytes()) for out in (work / "out", local)]
+    assert [m["input"].pop("uri") for m in manifests] == ["/input/batch/input.csv", str(source)]
+    assert manifests[0] == manifests[1]
+    assert manifests[0]["rowsOut"] == BATCH_ROWS and len(manifests[0]["parts"]) == 4
     models_pvc.kubectl("-n", NAMESPACE, "delete", "batchprediction", "iris-batch", timeout=120)
     poll(
         lambda: (

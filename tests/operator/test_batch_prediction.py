@@ -143,6 +143,8 @@ def test_every_batch_format_is_accepted_and_reaches_the_shards(file_format: str)
     job = render_batch_job(bp, bp.model, server_image=IMAGE)
     env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MODELDEPLOY_BATCH_FORMAT"] == file_format
+    # The run: the last shard to finish writes manifest.json from this uid's part manifests.
+    assert (env["MODELDEPLOY_BATCH_RUN_ID"], env["MODELDEPLOY_BATCH_RUN_NAME"]) == ("u-1", "weekly")
 
 
 def test_transition_rules_are_left_to_updates() -> None:

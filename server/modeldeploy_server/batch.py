@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import http.client
 import io
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -345,16 +344,49 @@ def _score_text(
         header = parse_csv_header(first, metadata)
         data_start = len(first)
     rows_per_run = config.batch_rows if _rows_share_runs(model) else 1
-    chunker = ShardChunker(bounds_of(data_start), rows_per_run, 2 if header else 1, data_start)
-    blocks = iter(functools.partial(reader.readlines, _BLOCK_BYTES), [])
+    start, end = bounds_of(data_start)
+    # Other shards' lines are only counted (and hashed), never split into lines.
+    before, offset, data_before = _count_lines(reader, data_start, start)
+    chunker = ShardChunker((start, end), rows_per_run, (2 if header else 1) + before, offset)
     chunks = (
         (len(chunk.lines), decode_chunk(chunk, config.format, header, metadata))
-        for chunk in chunker.chunks(blocks)
+        for chunk in chunker.chunks(_line_blocks(reader, offset, end))
     )
     encoder = PartEncoder(config.format)
     sink = lambda outputs: part.write(encoder.encode(outputs))  # noqa: E731
     scored = _score_chunks(config, model, chunks, sink, side, show, "line")
-    return _Scored(*scored, data_rows=chunker.data_lines)
+    _, _, data_after = _count_lines(reader, 0, 1 << 62)
+    return _Scored(*scored, data_rows=data_before or chunker.data_lines or data_after)
+
+
+def _count_lines(reader: IO[bytes], offset: int, start: int) -> tuple[int, int, bool]:
+    """Read from `offset` up to the first line that starts at or after `start` (or to the end),
+    in blocks: (lines read, the offset reached, whether any of them was not blank)."""
+    lines = 0
+    data = False
+    while offset < start:
+        # Up to the byte before `start`, then to the end of its line: a line that starts at
+        # `start` follows a newline at start - 1.
+        wanted = start - 1 - offset
+        block = reader.read(min(wanted, _BLOCK_BYTES)) if wanted else reader.readline()
+        if not block:
+            break
+        lines += block.count(b"\n")
+        data = data or bool(block.strip())
+        offset += len(block)
+        if not wanted:
+            break
+    return lines, offset, data
+
+
+def _line_blocks(reader: IO[bytes], offset: int, end: int) -> Iterator[list[bytes]]:
+    """Blocks of whole lines (about _BLOCK_BYTES each) until one reaches `end`."""
+    while offset < end:
+        block = reader.readlines(_BLOCK_BYTES)
+        if not block:
+            return
+        offset += sum(map(len, block))
+        yield block
 
 
 def _score_npz(

@@ -112,8 +112,8 @@ class ShardChunker:
         self.data_lines = False  # whether the input has a non-blank data line (in any shard)
 
     def chunks(self, blocks: Iterable[list[bytes]]) -> Iterator[Chunk]:
-        """The shard's chunks; reads `blocks` to the end, so that the caller sees (and hashes)
-        the whole input."""
+        """The shard's chunks; reads `blocks` to the end (the caller gives the blocks up to the
+        one that reaches the shard's end, and counts the lines before and after it)."""
         start, end = self._bounds
         numbers: list[int] = []
         lines: list[bytes] = []

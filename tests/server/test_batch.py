@@ -20,6 +20,7 @@ import onnxruntime as ort
 import orjson
 import pytest
 
+from modeldeploy_server import batch
 from modeldeploy_server.batch import BatchConfig, run_batch
 from modeldeploy_server.batchio import BatchError, Shard, decode_row
 from modeldeploy_server.errors import ServerError
@@ -561,3 +562,45 @@ def test_a_quoted_field_spanning_lines_is_refused_by_line_number_the_rest_is_quo
     part = (tmp_path / "out" / "part-00000-of-00001.csv").read_bytes()
     body = (header + quoted + 'york",pro,30,1000\nlille,free,50,1500\n').encode()
     assert part == server_answer(mixed_server, "mixed", "csv", body)
+
+
+@pytest.mark.parametrize("block_bytes", [7, 64, 1 << 20])
+def test_shards_count_the_other_shards_lines_and_still_name_every_line_exactly(
+    iris: BuiltModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
+    """Lines outside a shard's byte range are counted in blocks of any size, never split: line
+    numbers (of bad rows, in any shard) and the rows each shard scores stay exact."""
+    monkeypatch.setattr(batch, "_BLOCK_BYTES", block_bytes)
+    good = _iris_rows(iris, 400)
+    lines = [",".join(IRIS_COLUMNS)]
+    bad: list[int] = []
+    for index, row in enumerate(good):
+        lines.append(row)
+        if index % 37 == 5:
+            lines.append("")  # blank: skipped, but counted
+        if index % 53 == 11:
+            lines.append("1,2,x,4")
+            bad.append(len(lines))  # its 1-based line number
+    source = tmp_path / "input.csv"
+    source.write_bytes(("\r\n".join(lines[:200]) + "\r\n" + "\n".join(lines[200:])).encode())
+    whole = merge_parts(
+        run_shards(iris, str(source), tmp_path / "one", "csv", 1, on_error="skip"), "csv"
+    )
+    for shards in (1, 2, 3, 8):
+        out = tmp_path / f"of-{shards}"
+        parts = run_shards(iris, str(source), out, "csv", shards, on_error="skip")
+        assert merge_parts(parts, "csv") == whole
+        skipped = [
+            orjson.loads(line)["line"]
+            for i in range(shards)
+            if (out / f"{Shard(i, shards).name}.skipped.jsonl").exists()
+            for line in (out / f"{Shard(i, shards).name}.skipped.jsonl").read_bytes().splitlines()
+        ]
+        assert skipped == bad
+        digests = {
+            orjson.loads((out / f"{Shard(i, shards).name}.manifest.json").read_bytes())["input"][
+                "sha256"
+            ]
+            for i in range(shards)
+        }
+        assert digests == {hashlib.sha256(source.read_bytes()).hexdigest()}

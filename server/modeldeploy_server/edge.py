@@ -15,12 +15,12 @@ import json
 import logging
 import urllib.parse
 from asyncio import TimerHandle
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
-from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
+from uvicorn._types import ASGI3Application, ASGIReceiveEvent, ASGISendEvent, HTTPScope
 from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import (
@@ -74,6 +74,10 @@ class Edge:
     _sweep: TimerHandle | None = field(default=None, init=False, repr=False)
     # Answer heads held in this turn of the loop (HeadHolder).
     held_heads: list[HeadHolder] = field(default_factory=list, init=False, repr=False)
+    # Where requests go instead of the ASGI application (the router's proxy), if anywhere: every
+    # request but those for `local_paths` (the process's own endpoints).
+    forward: Forwarder | None = None
+    local_paths: frozenset[str] = frozenset()
 
     def watch(self, loop: asyncio.AbstractEventLoop, connections: Collection[object]) -> None:
         """Sweep `connections` (the server's EdgeProtocols) for timeouts while there are any."""
@@ -214,6 +218,8 @@ class EdgeCycle(RequestResponseCycle):
 
     holder: HeadHolder
     message_event: MessageEvent  # type: ignore[assignment]
+    # A forwarded request waiting for its body, to go to the forwarder's `start` (ForwardCycle).
+    deferred = False
 
     async def receive(self) -> ASGIReceiveEvent:
         """uvicorn's, without a call when the request's body is at hand already."""
@@ -240,88 +246,218 @@ class EdgeCycle(RequestResponseCycle):
         if not self.response_started:
             if message["type"] != "http.response.start":
                 raise RuntimeError(f"Expected 'http.response.start', got '{message['type']}'.")
-            self.response_started = True
-            self.waiting_for_100_continue = False
-            status_code = message["status"]
-            headers = self.default_headers + list(message.get("headers", []))
-            if self.access_log:
-                self.access_logger.info(
-                    '%s - "%s %s HTTP/%s" %d',
-                    get_client_addr(self.scope),
-                    self.scope["method"],
-                    get_path_with_query_string(self.scope),
-                    self.scope["http_version"],
-                    status_code,
-                )
-            content = [STATUS_LINE[status_code]]
-            has_connection_close = False
-            for name, value in headers:
-                name = name.lower()
-                if name == b"content-length" and self.chunked_encoding is None:
-                    self.expected_content_length = int(value.decode())
-                    self.chunked_encoding = False
-                elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                    self.expected_content_length = 0
-                    self.chunked_encoding = True
-                elif name == b"connection":
-                    connection = [token.lower().strip() for token in value.split(b",")]
-                    if b"close" in connection:
-                        self.keep_alive = False
-                        has_connection_close = True
-                content.extend((name, b": ", value, b"\r\n"))
-            # Names are content[1], [5], ...; values content[3], [7], ...
-            if b"".join(content[1::4]).translate(None, _NAME_BYTES):
-                raise RuntimeError("Invalid HTTP header name.")
-            if b"".join(content[3::4]).translate(None, _VALUE_BYTES):
-                raise RuntimeError("Invalid HTTP header value.")
-            if not self.keep_alive and not has_connection_close:
-                content.append(b"connection: close\r\n")
-            if (
-                self.chunked_encoding is None
-                and self.scope["method"] != "HEAD"
-                and status_code not in (204, 304)
-            ):
-                self.chunked_encoding = True
-                content.append(b"transfer-encoding: chunked\r\n")
-            content.append(b"\r\n")
-            self.holder.hold(b"".join(content))
+            self.holder.hold(self._head(message["status"], message.get("headers", [])))
         elif not self.response_complete:
             if message["type"] != "http.response.body":
                 raise RuntimeError(f"Expected 'http.response.body', got '{message['type']}'.")
-            body = message.get("body", b"")
-            more_body = message.get("more_body", False)
-            if self.scope["method"] == "HEAD":
-                self.expected_content_length = 0
-                body = b""
-            elif self.chunked_encoding:
-                chunk = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
-                if not more_body:
-                    chunk.append(b"0\r\n\r\n")
-                body = b"".join(chunk)
-            elif len(body) > self.expected_content_length:
-                raise RuntimeError("Response content longer than Content-Length")
-            else:
-                self.expected_content_length -= len(body)
-            holder = self.holder
-            held = holder.held
-            if held is not None:
-                holder.held = None
-                body = held + body
-            if body:
-                holder.transport.write(body)
-            if not more_body:
-                if self.expected_content_length != 0:
-                    raise RuntimeError("Response content shorter than Content-Length")
-                self.response_complete = True
-                event = self.message_event
-                event.flag = True
-                if event.waiters:  # a receive() waiting for the client to go
-                    event.set()
-                if not self.keep_alive:
-                    holder.close()
-                self.on_response()
+            self._write_body(message.get("body", b""), message.get("more_body", False))
         else:
             raise RuntimeError(f"Unexpected ASGI message '{message['type']}' after the answer.")
+
+    def _head(self, status_code: int, answer_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        """The answer's status line and headers, noting its framing."""
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        headers = [*self.default_headers, *answer_headers]
+        if self.access_log:
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(self.scope),
+                self.scope["method"],
+                get_path_with_query_string(self.scope),
+                self.scope["http_version"],
+                status_code,
+            )
+        content = [STATUS_LINE[status_code]]
+        has_connection_close = False
+        for name, value in headers:
+            name = name.lower()
+            if name == b"content-length" and self.chunked_encoding is None:
+                self.expected_content_length = int(value.decode())
+                self.chunked_encoding = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+            elif name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+                if b"close" in connection:
+                    self.keep_alive = False
+                    has_connection_close = True
+            content.extend((name, b": ", value, b"\r\n"))
+        # Names are content[1], [5], ...; values content[3], [7], ...
+        if b"".join(content[1::4]).translate(None, _NAME_BYTES):
+            raise RuntimeError("Invalid HTTP header name.")
+        if b"".join(content[3::4]).translate(None, _VALUE_BYTES):
+            raise RuntimeError("Invalid HTTP header value.")
+        if not self.keep_alive and not has_connection_close:
+            content.append(b"connection: close\r\n")
+        if (
+            self.chunked_encoding is None
+            and self.scope["method"] != "HEAD"
+            and status_code not in (204, 304)
+        ):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        return b"".join(content)
+
+    def _write_body(self, body: bytes, more_body: bool) -> None:
+        """Write a piece of the answer's body (after the head, if it is still held)."""
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+            body = b""
+        elif self.chunked_encoding:
+            chunk = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
+            if not more_body:
+                chunk.append(b"0\r\n\r\n")
+            body = b"".join(chunk)
+        elif len(body) > self.expected_content_length:
+            raise RuntimeError("Response content longer than Content-Length")
+        else:
+            self.expected_content_length -= len(body)
+        holder = self.holder
+        held = holder.held
+        if held is not None:
+            holder.held = None
+            body = held + body
+        if body:
+            holder.transport.write(body)
+        if not more_body:
+            if self.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            event = self.message_event
+            event.flag = True
+            if event.waiters:  # a receive() waiting for the client to go
+                event.set()
+            if not self.keep_alive:
+                holder.close()
+            self.on_response()
+
+
+class Forwarder(Protocol):
+    """Where the Edge sends requests instead of the ASGI application (the router's proxy)."""
+
+    def start(self, cycle: ForwardCycle) -> bool:
+        """Handle a request that arrived whole, without a task if it can (False: it cannot, and
+        the request goes to `__call__` in a task)."""
+
+    def __call__(self, cycle: ForwardCycle) -> Awaitable[None]:
+        """Handle a request (in a task, from its head on)."""
+
+
+# The scope state of every forwarded request: empty (a forwarder asks for no back-off).
+_FORWARD_STATE: dict[str, Any] = {}
+
+
+def _nothing() -> None:
+    pass
+
+
+class ForwardCycle(EdgeCycle):
+    """A request for the Edge's forwarder (the router's proxy) instead of the ASGI application.
+
+    The forwarder gets the cycle itself: no ASGI scope of uvicorn's, no `run_asgi` -> application
+    -> proxy chain of calls, and a whole answer goes out by one `answer_now` (or `answer`) call;
+    `receive` and `send` remain for bodies that stream. A request whose sized body is small
+    (or absent) is handed to the forwarder's `start` once it arrived whole, which needs no task
+    when the forwarder can answer from a callback (`answer_now`, `spawn` for what must wait,
+    `fail`); any other goes to the forwarder in a task from its head on, like an ASGI request.
+    `scope` holds only what the forwarder and the answer's framing read: method, path, raw_path,
+    query_string, client, headers, http_version (and root_path, state, empty). The connection's
+    rules are EdgeCycle's: the same framing, keep-alive, pipelining, limits, timeouts and drain.
+    """
+
+    # uvicorn's per-request state as class defaults: creating a cycle sets only the rest.
+    disconnected = False
+    response_started = False
+    response_complete = False
+    chunked_encoding = None
+    expected_content_length = 0
+    more_body = True
+    logger = logger
+
+    def __init__(
+        self, scope: HTTPScope, protocol: EdgeProtocol, forward: Forwarder, keep_alive: bool
+    ) -> None:
+        self.scope = scope
+        self.protocol = protocol
+        self.forward = forward
+        self.transport = self.holder = protocol._writer  # type: ignore[assignment]
+        self.flow = protocol.flow
+        self.access_logger = protocol.access_logger
+        self.access_log = protocol.access_log
+        self.default_headers = protocol.server_state.default_headers
+        self.message_event = MessageEvent()
+        self.on_response = protocol.on_response_complete
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = protocol.expect_100_continue
+        self.body = bytearray()
+
+    def answer_now(
+        self, status_code: int, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> bool:
+        """The whole answer, its head and body in one write, unless the client is not reading
+        what it was sent already (False: nothing was written; `answer` waits for it)."""
+        if self.flow.write_paused and not self.disconnected:
+            return False
+        self._write_answer(status_code, headers, body)
+        return True
+
+    async def answer(
+        self, status_code: int, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        """The whole answer, its head and body in one write."""
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        self._write_answer(status_code, headers, body)
+
+    def _write_answer(
+        self, status_code: int, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        if not self.disconnected:
+            self.holder.held = self._head(status_code, headers)
+            self._write_body(body, False)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Go on with the request in a task (one the server waits for at shutdown)."""
+        protocol = self.protocol
+        task = protocol.loop.create_task(self.run(work))
+        task.add_done_callback(protocol.tasks.discard)
+        protocol.tasks.add(task)
+
+    def fail(self, exc: BaseException) -> None:
+        """The forwarder failed outside a task: end the request as a failed task would."""
+        self.logger.error("Exception while forwarding a request\n", exc_info=exc)
+        if not self.response_started:
+            self.spawn(self.send_500_response())
+        else:
+            self.transport.close()
+
+    async def run_asgi(self, app: ASGI3Application) -> None:
+        """uvicorn's name, so that the protocol starts (and pipelines) both kinds alike; `app`
+        is not called: the forwarder is."""
+        await self.run(self.forward(self))
+
+    async def run(self, work: Awaitable[None]) -> None:
+        """Run the forwarder's `work` for this request; failures end as in uvicorn's run_asgi."""
+        try:
+            await work
+        except BaseException as exc:
+            self.logger.error("Exception while forwarding a request\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self.transport.close()
+        else:
+            if not self.response_started and not self.disconnected:
+                self.logger.error("The forwarder returned without starting an answer.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                # A streamed answer that broke off: the client sees it cut, not short and valid.
+                self.transport.close()
+        finally:
+            self.on_response = _nothing
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -378,6 +514,15 @@ class EdgeProtocol(HttpToolsProtocol):
         self._reading_since = self._idle_since = None
         self._release(everything=True)
         super().connection_lost(exc)
+        self._start_abandoned()
+
+    def _start_abandoned(self) -> None:
+        """A forwarded request whose body never arrived whole goes to the forwarder all the
+        same (in a task, as any request does that is not deferred): it sees the client go."""
+        cycle: EdgeCycle | None = self.cycle  # type: ignore[assignment]
+        if cycle is not None and cycle.deferred:
+            cycle.deferred = False
+            self._start_asgi_task(cycle, self.app)
 
     def check_timeouts(self, now: float) -> None:
         """The Edge's sweep: a request that took too long is refused, an idle connection closed."""
@@ -424,6 +569,12 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # -- parser callbacks ------------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        """uvicorn's, but the scope is built once the target is known (on_headers_complete)."""
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
     def on_header(self, name: bytes, value: bytes) -> None:
         """uvicorn's, for the head only (chunked trailers never become headers), noting the
         body's framing."""
@@ -453,7 +604,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # httptools has checked the number; it is charged unless it is over the whole budget (the
         # application's own size limit refuses it before reading: the server's 413; `serve`
         # keeps its limit within the budget).
-        size = int(declared) if declared else 0
+        size = small = int(declared) if declared else 0
         edge = self._edge
         budget = edge.settings.max_body_bytes_in_flight
         if size > budget:
@@ -463,11 +614,8 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         # uvicorn's, without websockets or its concurrency limit (this server uses neither).
         parser = self.parser
-        scope = self.scope
         http_version = parser.get_http_version()
-        scope["method"] = parser.get_method().decode("ascii")
-        if http_version != "1.1":
-            scope["http_version"] = http_version
+        method = parser.get_method().decode("ascii")
         try:
             url = httptools.parse_url(self.url)
             raw_path = url.path
@@ -478,29 +626,66 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         if "%" in path:
             path = urllib.parse.unquote(path)
-        scope["path"] = self.root_path + path
-        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
-        scope["query_string"] = url.query or b""
+        keep_alive = http_version != "1.0" and parser.should_keep_alive() and not edge.draining
         running = self.cycle
-        cycle = self.cycle = EdgeCycle(
-            scope=scope,
-            transport=self._writer,  # type: ignore[arg-type]
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            message_event=MessageEvent(),  # type: ignore[arg-type]
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and parser.should_keep_alive() and not edge.draining,
-            on_response=self.on_response_complete,
-        )
-        cycle.holder = self._writer
+        forward = edge.forward
+        cycle: EdgeCycle
+        defer = False
+        if forward is not None and path not in edge.local_paths:
+            scope: HTTPScope = {  # type: ignore[typeddict-item]
+                "method": method,
+                "http_version": http_version,
+                "path": path,
+                "raw_path": raw_path,
+                "query_string": url.query or b"",
+                "root_path": "",
+                "client": self.client,
+                "headers": self.headers,
+                "state": _FORWARD_STATE,
+            }
+            cycle = self.cycle = ForwardCycle(scope, self, forward, keep_alive)
+            # A small sized body (or none) is awaited here, then the request goes to `start`
+            # (on_message_complete); on_body never pauses reading for one (HIGH_WATER_LIMIT).
+            defer = not (self._chunked or self.expect_100_continue or small > HIGH_WATER_LIMIT)
+        else:
+            # uvicorn's scope (its on_message_begin's).
+            scope = self.scope = {
+                "type": "http",
+                "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+                "http_version": http_version,
+                "server": self.server,
+                "client": self.client,
+                "scheme": self.scheme,  # type: ignore[typeddict-item]
+                "method": method,
+                "root_path": self.root_path,
+                "path": self.root_path + path,
+                "raw_path": self.root_path.encode("ascii") + raw_path,
+                "query_string": url.query or b"",
+                "headers": self.headers,
+                "state": self.app_state.copy(),
+            }
+            cycle = self.cycle = EdgeCycle(
+                scope=scope,
+                transport=self._writer,  # type: ignore[arg-type]
+                flow=self.flow,
+                logger=self.logger,
+                access_logger=self.access_logger,
+                access_log=self.access_log,
+                default_headers=self.server_state.default_headers,
+                message_event=MessageEvent(),  # type: ignore[arg-type]
+                expect_100_continue=self.expect_100_continue,
+                keep_alive=keep_alive,
+                on_response=self.on_response_complete,
+            )
+            cycle.holder = self._writer
         if size:
             edge.body_bytes_in_flight += size
             self._charges.append((cycle, size))
         if running is None or running.response_complete:
-            self._start_asgi_task(cycle, self.app)
+            if defer:
+                cycle.deferred = True
+            else:
+                self._start_asgi_task(cycle, self.app)
         else:  # pipelined: after the running one
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))
@@ -534,14 +719,20 @@ class EdgeProtocol(HttpToolsProtocol):
         self._in_head = True
         self._chunked = False
         self._request_bytes = self._body_bytes = 0
-        cycle = self.cycle
+        cycle: EdgeCycle = self.cycle  # type: ignore[assignment]
         if self._refused or cycle.response_complete:
             return
         cycle.more_body = False
-        event: MessageEvent = cycle.message_event  # type: ignore[assignment]
+        event: MessageEvent = cycle.message_event
         event.flag = True
         if event.waiters:
             event.set()
+        if cycle.deferred:
+            cycle.deferred = False
+            forward = self._edge.forward
+            assert forward is not None
+            if not forward.start(cycle):  # type: ignore[arg-type]
+                self._start_asgi_task(cycle, self.app)
 
     def on_response_complete(self) -> None:
         """An answer went out: give its body bytes back to the budget, back off if asked; then
@@ -602,6 +793,7 @@ class EdgeProtocol(HttpToolsProtocol):
             # The application, if it is still reading, sees the client go.
             cycle.disconnected = True
             cycle.message_event.set()
+            self._start_abandoned()
 
     def _close_after(self, answer: bytes) -> None:
         self._refused = True

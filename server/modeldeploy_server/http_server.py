@@ -15,7 +15,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from modeldeploy_server.config import EdgeSettings
-from modeldeploy_server.edge import Edge, EdgeProtocol
+from modeldeploy_server.edge import Edge, EdgeProtocol, Forwarder
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -57,9 +57,13 @@ def build_server(
     on_drain: Callable[[], None],
     log_level: str | None = None,
     log_config: dict[str, Any] | None = LOGGING_CONFIG,
+    forward: Forwarder | None = None,
+    local_paths: frozenset[str] = frozenset(),
 ) -> DrainingServer:
-    """A uvicorn server for a pod behind a Service or the router (uvloop, httptools + limits)."""
-    shared = Edge(edge)
+    """A uvicorn server for a pod behind a Service or the router (uvloop, httptools + limits).
+
+    With `forward`, every request but those for `local_paths` goes to it instead of `app`."""
+    shared = Edge(edge, forward=forward, local_paths=local_paths)
     config = uvicorn.Config(
         app,
         host=host,

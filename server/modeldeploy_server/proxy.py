@@ -1,6 +1,7 @@
 """The router's request path: read the request, pick a variant, forward, pass the answer back.
 
-Plain ASGI (no Starlette Request/Response: a proxy needs none of their parsing). The decisions are
+The edge protocol hands each proxied request straight to `Proxy` as a `ForwardCycle` (edge.py):
+no ASGI application between them, and a whole answer leaves in one call. The decisions are
 `modeldeploy_server.routing` and `modeldeploy_server.health` (pure); the wire is
 `modeldeploy_server.upstream`. The rules this module keeps:
 
@@ -17,6 +18,7 @@ Plain ASGI (no Starlette Request/Response: a proxy needs none of their parsing).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -25,8 +27,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Message, Receive
 
+from modeldeploy_server.edge import ForwardCycle
 from modeldeploy_server.health import PassiveHealth
 from modeldeploy_server.mirror import Mirror, MirroredRequest
 from modeldeploy_server.routing import (
@@ -42,6 +45,7 @@ from modeldeploy_server.upstream import (
     BUFFER_LIMIT_BYTES,
     Answer,
     BodySourceError,
+    Connection,
     Upstream,
     UpstreamError,
 )
@@ -83,18 +87,55 @@ class ProxySettings:
     trusted: TrustedProxies
 
 
-async def send_json(send: Send, status: int, document: object, variant: str | None = None) -> None:
+async def answer_json(
+    cycle: ForwardCycle, status: int, document: object, variant: str | None = None
+) -> None:
     """Answer with a JSON document (errors are `{"error": "..."}`)."""
     body = orjson.dumps(document)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if variant is not None:
         headers.append((b"x-model-variant", variant.encode("latin-1")))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await cycle.answer(status, headers, body)
+
+
+class Job:
+    """One request being forwarded: the routing decision and what is sent."""
+
+    __slots__ = (
+        "body", "config", "cycle", "ejected", "head", "incoming", "method", "pinned", "rand",
+        "started", "target", "variant",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        cycle: ForwardCycle,
+        started: float,
+        config: RouterConfig,
+        incoming: IncomingRequest,
+        pinned: str | None,
+        rand: float,
+        ejected: frozenset[str],
+        variant: Variant,
+    ) -> None:
+        self.cycle = cycle
+        self.started = started
+        self.config = config
+        self.incoming = incoming
+        self.pinned = pinned
+        self.rand = rand
+        self.ejected = ejected
+        self.variant = variant
+        scope = cycle.scope
+        self.method: str = scope["method"]
+        query: bytes = scope["query_string"]
+        raw_path: bytes = scope["raw_path"]
+        self.target = raw_path + b"?" + query if query else raw_path
+        self.body: bytes | AsyncIterator[bytes] = b""
+        self.head = b""
 
 
 class Proxy:
-    """Forwards one request at a time per call; shares the pools, health and metrics."""
+    """Forwards requests; shares the pools, health and metrics."""
 
     def __init__(
         self,
@@ -120,13 +161,85 @@ class Proxy:
         finally:
             self._upstream.close()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Route, forward and answer one request."""
+    def start(self, cycle: ForwardCycle) -> bool:
+        """The edge's entry for a request that arrived whole: forward it now on an idle
+        connection, and answer from that connection's callback, without a task. False (the edge
+        then runs `__call__` as a task) when the request needs waiting: no idle connection to
+        its variant, a chunked body, or no variant to route it to (answered there)."""
+        job = self._route(cycle)
+        if isinstance(job, RoutingError) or job.incoming.chunked:
+            return False
+        pool = self._upstream.pool(job.variant.url)
+        connection = pool.take_idle()
+        if connection is None:
+            return False
+        job.body = body = bytes(cycle.body)
+        cycle.body.clear()
+        job.head = head = request_head(job.incoming, body)
+        method = job.method
+        connection.start(
+            pool.request_line(method.encode("ascii"), job.target) + head + body,
+            head_only=method == "HEAD",
+            timeout_s=self._settings.timeout_s,
+            done=functools.partial(self._answered, job),
+        )
+        return True
+
+    def _answered(self, job: Job, connection: Connection) -> None:
+        """The variant answered (or failed) a request `start` sent: answer the client."""
+        cycle = job.cycle
+        try:
+            try:
+                answer = connection.result()
+            except UpstreamError as exc:
+                # A kept-alive connection the variant closed as the request went out: sent again
+                # on a new connection to it (`fresh`), as `_exchange` does; other failures are
+                # handled as there.
+                fresh = exc.replayable
+                cycle.spawn(self._forward(job, fresh=fresh, failed=None if fresh else exc))
+                return
+            self.health.record_success(job.variant.name)
+            if answer.body is not None:
+                headers = returned_response_headers(answer.headers, job.variant.name)
+                if cycle.answer_now(answer.status, headers, answer.body):
+                    self._done(job, answer, answer.status)
+                    return
+            cycle.spawn(self._deliver(job, answer))
+        except Exception as exc:  # as in a task: the client must not wait for nothing
+            cycle.fail(exc)
+
+    async def _deliver(self, job: Job, answer: Answer) -> None:
+        """Pass on an answer that streams, or that waits for the client to read."""
+        status = await self._answer(job.cycle, answer, job.variant)
+        self._done(job, answer, status)
+
+    async def __call__(self, cycle: ForwardCycle) -> None:
+        """Route, forward and answer one request (the edge's forwarder, in a task)."""
+        job = self._route(cycle)
+        if isinstance(job, RoutingError):
+            self._metrics.count_unrouted(job.status)
+            await answer_json(cycle, job.status, {"error": str(job)})
+            return
+        receive: Receive = cycle.receive  # type: ignore[assignment]
+        try:
+            job.body = await self._request_body(receive, job.incoming)
+        except ClientGone:
+            self._observe(job, CLIENT_CLOSED_REQUEST)
+            return
+        job.head = request_head(job.incoming, job.body)
+        await self._forward(job, fresh=False)
+
+    def _route(self, cycle: ForwardCycle) -> Job | RoutingError:
+        """The routing decision for a request, or why none could be made."""
         started = time.perf_counter()
         config = self._current()  # one snapshot per request; a reload swaps it whole
-        client = scope.get("client")
+        scope = cycle.scope
+        client = scope["client"]
         incoming = read_request_headers(
-            scope["headers"], config, client[0] if client else None, self._settings.trusted
+            scope["headers"],  # type: ignore[arg-type]
+            config,
+            client[0] if client else None,
+            self._settings.trusted,
         )
         pinned = config.pinned_variant(scope["path"], incoming.override)
         rand = random.random()
@@ -134,66 +247,82 @@ class Proxy:
         try:
             variant = config.choose(pinned, rand, incoming.sticky, ejected)
         except RoutingError as exc:
-            self._metrics.count_unrouted(exc.status)
-            await send_json(send, exc.status, {"error": str(exc)})
-            return
+            return exc
+        return Job(cycle, started, config, incoming, pinned, rand, ejected, variant)
+
+    async def _forward(self, job: Job, *, fresh: bool, failed: UpstreamError | None = None) -> None:
+        """Exchange with the chosen variant (once more with another if it refused), answer.
+
+        `fresh`: the first exchange goes on a new connection; `failed`: the first exchange
+        already failed so (`start`'s)."""
+        cycle, config, variant, body = job.cycle, job.config, job.variant, job.body
         try:
-            body = await self._request_body(receive, incoming)
-            head = request_head(incoming, body)
             try:
-                answer = await self._exchange(variant, scope, head, body, incoming.chunked)
+                if failed is not None:
+                    raise failed
+                answer = await self._exchange(variant, job, fresh=fresh)
             except UpstreamError as exc:
                 self._count_failure(variant, exc)
-                other = config.choose(None, rand, incoming.sticky, ejected | {variant.name})
-                if not (exc.replayable and pinned is None and isinstance(body, bytes)):
+                avoid = job.ejected | {variant.name}
+                other = config.choose(None, job.rand, job.incoming.sticky, avoid)
+                if not (exc.replayable and job.pinned is None and isinstance(body, bytes)):
                     raise BackendError(variant, exc) from None
                 if other is variant:
                     raise BackendError(variant, exc) from None
                 self._metrics.count_retry(variant.name)
                 log.warning(
                     "%s %s: variant %r: %s; sent to %r instead",
-                    scope["method"],
-                    scope["path"],
+                    job.method,
+                    cycle.scope["path"],
                     variant.name,
                     exc,
                     other.name,
                 )
-                variant = other
+                variant = job.variant = other
                 try:
-                    answer = await self._exchange(variant, scope, head, body, incoming.chunked)
+                    answer = await self._exchange(variant, job, fresh=False)
                 except UpstreamError as again:
                     self._count_failure(variant, again)
                     raise BackendError(variant, again) from None
-            status = await self._answer(send, answer, variant)
-            shadow = config.shadow
-            if (
-                shadow is not None
-                and pinned is None
-                and not incoming.probe
-                and isinstance(body, bytes)
-                and answer.body is not None
-                and random.random() * 100 < shadow.percent
-            ):
-                self._mirror.offer(
-                    MirroredRequest(
-                        primary=variant.name,
-                        shadow=shadow,
-                        shadow_url=config.choose(shadow.variant, 0.0).url,
-                        method=scope["method"].encode("ascii"),
-                        target=_target(scope),
-                        head=head,
-                        body=body,
-                        answer=answer.body,
-                    )
-                )
+            status = await self._answer(cycle, answer, variant)
+            self._done(job, answer, status)
         except BackendError as exc:
             status = _STATUS_OF_REASON[exc.error.reason]
-            log.warning("%s %s: %s", scope["method"], scope["path"], exc)
-            await send_json(send, status, {"error": str(exc)}, variant.name)
+            log.warning("%s %s: %s", job.method, cycle.scope["path"], exc)
+            await answer_json(cycle, status, {"error": str(exc)}, variant.name)
+            self._observe(job, status)
         except ClientGone:
-            status = CLIENT_CLOSED_REQUEST
-        observe = self._metrics.observe_probe if incoming.probe else self._metrics.observe
-        observe(variant.name, status, time.perf_counter() - started)
+            self._observe(job, CLIENT_CLOSED_REQUEST)
+
+    def _done(self, job: Job, answer: Answer, status: int) -> None:
+        """After the answer: offer a copy to the shadow variant, if any; count the request."""
+        shadow = job.config.shadow
+        body = job.body
+        if (
+            shadow is not None
+            and job.pinned is None
+            and not job.incoming.probe
+            and isinstance(body, bytes)
+            and answer.body is not None
+            and random.random() * 100 < shadow.percent
+        ):
+            self._mirror.offer(
+                MirroredRequest(
+                    primary=job.variant.name,
+                    shadow=shadow,
+                    shadow_url=job.config.choose(shadow.variant, 0.0).url,
+                    method=job.method.encode("ascii"),
+                    target=job.target,
+                    head=job.head,
+                    body=body,
+                    answer=answer.body,
+                )
+            )
+        self._observe(job, status)
+
+    def _observe(self, job: Job, status: int) -> None:
+        observe = self._metrics.observe_probe if job.incoming.probe else self._metrics.observe
+        observe(job.variant.name, status, time.perf_counter() - job.started)
 
     def _count_failure(self, variant: Variant, exc: UpstreamError) -> None:
         """Count a variant's failure, and eject it if it was not already."""
@@ -237,18 +366,13 @@ class Proxy:
             raise ClientGone
         return message
 
-    async def _exchange(
-        self,
-        variant: Variant,
-        scope: Scope,
-        head: bytes,
-        body: bytes | AsyncIterator[bytes],
-        chunked: bool,
-    ) -> Answer:
+    async def _exchange(self, variant: Variant, job: Job, *, fresh: bool) -> Answer:
         pool = self._upstream.pool(variant.url)
-        connection = await pool.acquire()
-        request = pool.request_line(scope["method"].encode("ascii"), _target(scope)) + head
-        head_only = scope["method"] == "HEAD"
+        connection = await (pool.connect() if fresh else pool.acquire())
+        method = job.method
+        request = pool.request_line(method.encode("ascii"), job.target) + job.head
+        head_only = method == "HEAD"
+        body, chunked = job.body, job.incoming.chunked
         timeout_s = self._settings.timeout_s
         try:
             try:
@@ -271,19 +395,20 @@ class Proxy:
         self.health.record_success(variant.name)
         return answer
 
-    async def _answer(self, send: Send, answer: Answer, variant: Variant) -> int:
+    async def _answer(self, cycle: ForwardCycle, answer: Answer, variant: Variant) -> int:
         headers = returned_response_headers(answer.headers, variant.name)
-        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         if answer.body is not None:
-            await send({"type": "http.response.body", "body": answer.body})
+            await cycle.answer(answer.status, headers, answer.body)
             return answer.status
+        send = cycle.send
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         connection = answer.connection
         try:
             async for chunk in connection.chunks(self._settings.timeout_s):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
-            # The status line is gone already: returning without finishing the body makes uvicorn
-            # close the connection, so the client sees a cut answer rather than a short, valid one.
+            # The status line is gone already: returning without finishing the body makes the
+            # cycle close the connection, so the client sees a cut answer, not a short valid one.
             self._count_failure(variant, exc)
             log.warning("variant %r broke off its answer: %s", variant.name, exc)
             return answer.status
@@ -291,12 +416,6 @@ class Proxy:
             connection.release()
         await send({"type": "http.response.body", "body": b""})
         return answer.status
-
-
-def _target(scope: Scope) -> bytes:
-    raw_path: bytes = scope["raw_path"]
-    query: bytes = scope["query_string"]
-    return raw_path + b"?" + query if query else raw_path
 
 
 def request_head(incoming: IncomingRequest, body: bytes | AsyncIterator[bytes]) -> bytes:

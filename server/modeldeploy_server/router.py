@@ -74,7 +74,7 @@ log = logging.getLogger("modeldeploy.router")
 
 # Below Kubernetes' default 30 s termination grace period, so in-flight requests finish first.
 DRAIN_TIMEOUT_S = 25
-_OWN_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
+OWN_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
 _DIFFERENCE_BUCKETS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 0.5, 1.0)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -355,8 +355,8 @@ class RouterMetrics:
 class Router:
     """One router process: the current config, the client pool, metrics and the ASGI entry.
 
-    Proxied requests go to `Proxy` as plain ASGI; Starlette serves the router's own endpoints and
-    runs the lifespan.
+    The edge protocol hands proxied requests to `Proxy` directly (`build_server`'s `forward`);
+    the ASGI entry is Starlette, for the router's own endpoints and the lifespan.
     """
 
     def __init__(
@@ -399,11 +399,8 @@ class Router:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI entry: own paths and the lifespan go to Starlette, everything else is proxied."""
-        if scope["type"] != "http" or scope["path"] in _OWN_PATHS:
-            await self._own(scope, receive, send)
-        else:
-            await self.proxy(scope, receive, send)
+        """ASGI entry: the lifespan and the own paths (the edge forwards every other path)."""
+        await self._own(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -486,6 +483,8 @@ def main(argv: list[str]) -> int:
         graceful_shutdown_s=DRAIN_TIMEOUT_S,
         edge=settings.edge,
         on_drain=router.drain,
+        forward=router.proxy,
+        local_paths=OWN_PATHS,
         # Logging is set up above, for the router's own messages too.
         log_config=None,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
@@ -61,6 +61,9 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self._drain: asyncio.Future[None] | None = None
+        # `start`'s callback and its answer timer, while it waits.
+        self._done: Callable[[Connection], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._begin(head_only=False)
         self._active = False
 
@@ -185,7 +188,13 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
+        done = self._done
+        if done is not None:
+            self._done = None
+            assert self._timer is not None
+            self._timer.cancel()
+            done(self)
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def close(self) -> None:
@@ -230,6 +239,27 @@ class Connection(asyncio.Protocol):
             await self._send_streamed(body, chunked, timeout_s)
         while not (self.complete or self.error or self._streaming):
             await self._wait(timeout_s, "answer")
+        return self.result()
+
+    def start(
+        self,
+        request: bytes,
+        *,
+        head_only: bool,
+        timeout_s: float,
+        done: Callable[[Connection], None],
+    ) -> None:
+        """Send a request with its whole body (`request`: line, headers, body) and call
+        `done(self)` once the answer is complete, starts to stream or fails (then `result`)."""
+        assert self._transport is not None
+        self._begin(head_only)
+        self._done = done
+        self._timer = self._loop.call_later(timeout_s, self._expire, "answer")
+        self._transport.write(request)
+        self._sent_whole = True
+
+    def result(self) -> Answer:
+        """The answer the exchange got (the whole of it if small); raises its failure."""
         if self.error is not None:
             self.close()
             raise self.error
@@ -352,14 +382,19 @@ class Pool:
 
     async def acquire(self) -> Connection:
         """An idle connection that is still fresh, or a new one."""
-        now = self._loop.time()
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.closed and now - connection.idle_since < IDLE_TIMEOUT_S:
-                connection.reused = True
-                return connection
-            connection.close()
-        return await self.connect()
+        return self.take_idle() or await self.connect()
+
+    def take_idle(self) -> Connection | None:
+        """An idle connection that is still fresh, if there is one."""
+        if self._idle:
+            now = self._loop.time()
+            while self._idle:
+                connection = self._idle.pop()
+                if not connection.closed and now - connection.idle_since < IDLE_TIMEOUT_S:
+                    connection.reused = True
+                    return connection
+                connection.close()
+        return None
 
     async def connect(self) -> Connection:
         """A new connection."""

@@ -14,40 +14,22 @@ import io
 import json
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 
-from tests.models import BuiltModel, build_iris_logreg
-from tests.processes import LOOPBACK, RunningProcess, route, serve_model
+from tests.processes import LOOPBACK, RunningProcess, route
 from tests.router.scripted import read_request, scripted_server
-from tests.router.test_router import INFER, MODEL, SERVE_ARGS, infer_body, metric, routes
+from tests.router.test_router import INFER, infer_body, metric, routes
 
+Answer = tuple[int, dict[bytes, bytes], bytes]
 BODY = json.dumps(infer_body(np.zeros((1, 4), dtype=np.float32))).encode()
 WAIT_S = 30.0
 
 
-@pytest.fixture(scope="module")
-def iris(tmp_path_factory: pytest.TempPathFactory) -> BuiltModel:
-    return build_iris_logreg(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def backends(iris: BuiltModel) -> Iterator[dict[str, RunningProcess]]:
-    with ExitStack() as stack:
-        yield {
-            name: stack.enter_context(serve_model(iris.path, MODEL, name, SERVE_ARGS))
-            for name in ("v1", "v2")
-        }
-
-
-def read_answer(
-    reader: io.BufferedReader, head_only: bool = False
-) -> tuple[int, dict[bytes, bytes], bytes]:
+def read_answer(reader: io.BufferedReader, head_only: bool = False) -> Answer:
     """One answer from a client connection: status, headers (lower-case names), body (none
     after the head for a HEAD request's)."""
     status_line = reader.readline()
@@ -159,29 +141,40 @@ def test_a_client_leaving_before_its_answer_does_not_mix_up_later_answers(
                 assert read_answer(reader)[2] == b"after-%d" % n
 
 
-def test_a_kept_alive_connection_the_variant_closes_is_replaced_without_an_error(
-    tmp_path: Path,
-) -> None:
-    """The variant reads the second request on its kept-alive connection and closes it: the
-    router sends it again on a new connection to the same variant (nothing was answered)."""
+def three_requests(
+    tmp_path: Path, on_second: Callable[[], None], args: list[str]
+) -> tuple[list[Answer], str]:
+    """`first`, `second`, `third` on one client connection to a router (with `args`) in front of
+    a scripted variant that echoes each body, except on its first connection: there it reads
+    `second`, calls `on_second()` and closes the connection without answering. The answers
+    and the router's metrics."""
 
     def handler(conn: socket.socket, index: int) -> None:
         while request := read_request(conn):
             if index == 0 and b"second" in request:
-                return  # closes without a byte of an answer
+                on_second()
+                return
             conn.sendall(echo_answer(request.partition(b"\r\n\r\n")[2]))
 
     config = tmp_path / "routes.json"
     with scripted_server(handler) as (url, _):
         config.write_text(routes({"v1": (url, 100)}))
-        with route(config) as router:
+        with route(config, args) as router:
             with socket.create_connection((LOOPBACK, router.port), timeout=WAIT_S) as client:
                 reader = client.makefile("rb")
                 got = []
                 for body in (b"first", b"second", b"third"):
                     client.sendall(post(body))
                     got.append(read_answer(reader))
-            metrics = httpx.get(router.url + "/metrics").text
+            return got, httpx.get(router.url + "/metrics").text
+
+
+def test_a_kept_alive_connection_the_variant_closes_is_replaced_without_an_error(
+    tmp_path: Path,
+) -> None:
+    """The variant reads the second request on its kept-alive connection and closes it: the
+    router sends it again on a new connection to the same variant (nothing was answered)."""
+    got, metrics = three_requests(tmp_path, lambda: None, [])
     assert [(status, body) for status, _, body in got] == [
         (200, b"first"),
         (200, b"second"),
@@ -198,25 +191,7 @@ def test_a_variant_that_stops_answering_gets_a_504_and_the_client_keeps_its_conn
 ) -> None:
     """--timeout-s on a kept-alive variant connection: 504 in JSON, counted; the next request on
     the same client connection is answered (by a new variant connection)."""
-
-    def handler(conn: socket.socket, index: int) -> None:
-        while request := read_request(conn):
-            if index == 0 and b"second" in request:
-                time.sleep(3)  # never answers within the router's timeout
-                return
-            conn.sendall(echo_answer(request.partition(b"\r\n\r\n")[2]))
-
-    config = tmp_path / "routes.json"
-    with scripted_server(handler) as (url, _):
-        config.write_text(routes({"v1": (url, 100)}))
-        with route(config, ["--timeout-s", "0.5"]) as router:
-            with socket.create_connection((LOOPBACK, router.port), timeout=WAIT_S) as client:
-                reader = client.makefile("rb")
-                got = []
-                for body in (b"first", b"second", b"third"):
-                    client.sendall(post(body))
-                    got.append(read_answer(reader))
-            metrics = httpx.get(router.url + "/metrics").text
+    got, metrics = three_requests(tmp_path, lambda: time.sleep(3), ["--timeout-s", "0.5"])
     assert (got[0][0], got[0][2]) == (200, b"first")
     assert got[1][0] == 504 and got[1][1][b"x-model-variant"] == b"v1"
     assert "no answer in time" in json.loads(got[1][2])["error"]

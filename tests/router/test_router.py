@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.models import BuiltModel, build_iris_logreg
-from tests.processes import LOOPBACK, RunningProcess, free_port, route, serve_model, server_command
+from tests.models import BuiltModel
+from tests.processes import LOOPBACK, RunningProcess, free_port, route, server_command
 
 MODEL = "iris"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -110,21 +109,6 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     return 0.0
-
-
-@pytest.fixture(scope="module")
-def iris(tmp_path_factory: pytest.TempPathFactory) -> BuiltModel:
-    return build_iris_logreg(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def backends(iris: BuiltModel) -> Iterator[dict[str, RunningProcess]]:
-    """Two real servers, variants v1 and v2, of the same model."""
-    with ExitStack() as stack:
-        yield {
-            name: stack.enter_context(serve_model(iris.path, MODEL, name, SERVE_ARGS))
-            for name in ("v1", "v2")
-        }
 
 
 @pytest.fixture

@@ -1,16 +1,21 @@
 """Shadow traffic: copies of requests sent to a shadow variant after the user has their answer.
 
 `offer` never waits: it puts the copy on a bounded queue, or counts it dropped when the queue is
-full, so a slow or dead shadow variant can neither delay nor change what users get. A few worker
-tasks send the copies through the same connection pools, compare the answers
-(`modeldeploy_server.shadow`, pure), count the outcome per (primary, shadow), and write a sample
-of the disagreements to a size-bounded, rotated JSON-lines file from a background thread.
+full, so a slow or dead shadow variant can neither delay nor change what users get. One worker
+task sends the copies in rounds through the same connection pools: it lets copies gather for
+`ROUND_INTERVAL_S`, sends up to `ROUND_MAX` of them at once, waits for all their answers (one
+wake-up of the worker per round, and answers that arrive together), then compares them
+(`modeldeploy_server.shadow`, pure), counts the outcomes per (primary, shadow), and writes a
+sample of the disagreements to a size-bounded, rotated JSON-lines file from a background thread.
+Below saturation a copy answered on its own costs the router a wake-up of its own, several times
+the copy's instructions; in rounds, those wake-ups are shared.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import logging.handlers
 import queue
@@ -25,14 +30,16 @@ import orjson
 
 from modeldeploy_server.routing import ShadowConfig
 from modeldeploy_server.shadow import compare_answers
-from modeldeploy_server.upstream import Upstream, UpstreamError
+from modeldeploy_server.upstream import Answer, Connection, Upstream, UpstreamError
 
 if TYPE_CHECKING:
     from modeldeploy_server.router import RouterMetrics
 
 log = logging.getLogger("modeldeploy.router")
 
-WORKERS = 4
+# Copies sent together at most, and how long the first copy of a round waits for others.
+ROUND_MAX = 64
+ROUND_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -128,17 +135,16 @@ class Mirror:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Start the workers (and the log's thread); stop them, dropping what is queued."""
+        """Start the worker (and the log's thread); stop them, dropping what is queued."""
         self._queue = asyncio.Queue(self._settings.queue_size)
         if self._settings.log_path is not None:
             self._log = DisagreementLog(self._settings.log_path, self._settings.log_max_bytes)
-        workers = [asyncio.create_task(self._work()) for _ in range(WORKERS)]
+        worker = asyncio.create_task(self._work())
         try:
             yield
         finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
             if self._log is not None:
                 self._log.close()
 
@@ -152,38 +158,70 @@ class Mirror:
             self._metrics.count_shadow(request.primary, request.shadow.variant, "dropped")
 
     async def _work(self) -> None:
-        assert self._queue is not None
+        queue = self._queue
+        assert queue is not None
         while True:
-            request = await self._queue.get()
-            try:
-                await self._mirror(request)
-            except Exception:  # one bad exchange must not stop the worker
-                log.exception("shadow request to %r failed", request.shadow.variant)
-                self._metrics.count_shadow(request.primary, request.shadow.variant, "errors")
+            first = await queue.get()
+            if queue.qsize() < ROUND_MAX - 1:
+                await asyncio.sleep(ROUND_INTERVAL_S)  # others come meanwhile
+            batch = [first]
+            while len(batch) < ROUND_MAX and not queue.empty():
+                batch.append(queue.get_nowait())
+            results = await self._send_round(batch)
+            for index, request in enumerate(batch):
+                try:
+                    self._compare(request, results[index])
+                except Exception:  # one bad answer must not stop the worker
+                    log.exception("shadow answer from %r failed", request.shadow.variant)
+                    self._metrics.count_shadow(request.primary, request.shadow.variant, "errors")
 
-    async def _mirror(self, request: MirroredRequest) -> None:
-        primary, shadow = request.primary, request.shadow.variant
-        pool = self._upstream.pool(request.shadow_url)
-        line = pool.request_line(request.method, request.target)
-        try:
-            connection = await pool.acquire()
-            answer = await connection.exchange(
-                line + request.head,
-                request.body,
+    async def _send_round(self, batch: list[MirroredRequest]) -> dict[int, Answer | UpstreamError]:
+        """Send every copy of a round at once (each on its own connection); their answers by
+        index in `batch`."""
+        loop = asyncio.get_running_loop()
+        results: dict[int, Answer | UpstreamError] = {}
+        pending = len(batch)
+        finished = loop.create_future()
+
+        def collect(index: int, connection: Connection) -> None:
+            nonlocal pending
+            try:
+                results[index] = connection.result()
+            except UpstreamError as exc:
+                results[index] = exc
+            pending -= 1
+            if not pending and not finished.done():
+                finished.set_result(None)
+
+        for index, request in enumerate(batch):
+            pool = self._upstream.pool(request.shadow_url)
+            try:
+                connection = pool.take_idle() or await pool.connect()
+            except UpstreamError as exc:
+                results[index] = exc
+                pending -= 1
+                continue
+            connection.start(
+                pool.request_line(request.method, request.target) + request.head + request.body,
                 head_only=False,
-                chunked=False,
                 timeout_s=self._settings.timeout_s,
+                done=functools.partial(collect, index),
             )
-            body = answer.body
-            if body is None:  # too large to compare: read and drop it
-                async for _ in connection.chunks(self._settings.timeout_s):
-                    pass
-                connection.release()
-        except UpstreamError as exc:
-            log.warning("shadow variant %r did not answer: %s", shadow, exc)
+        if pending:
+            await finished
+        return results
+
+    def _compare(self, request: MirroredRequest, result: Answer | UpstreamError) -> None:
+        """Count one copy's outcome; log it if it disagrees (sampled)."""
+        primary, shadow = request.primary, request.shadow.variant
+        if isinstance(result, UpstreamError):
+            log.warning("shadow variant %r did not answer: %s", shadow, result)
             self._metrics.count_shadow(primary, shadow, "errors")
             return
-        if body is None or not 200 <= answer.status < 300:
+        body = result.body
+        if body is None:  # too large to compare: not read further
+            result.connection.close()
+        if body is None or not 200 <= result.status < 300:
             self._metrics.count_shadow(primary, shadow, "errors")
             return
         comparison = compare_answers(request.answer, body, request.shadow.tolerance)

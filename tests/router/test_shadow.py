@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from sklearn.datasets import load_iris
 
-from modeldeploy_server.mirror import WORKERS, DisagreementLog
+from modeldeploy_server.mirror import DisagreementLog
 from modeldeploy_server.routing import ConfigError, ShadowConfig, parse_router_config
 from modeldeploy_server.shadow import compare_answers
 from tests.processes import RunningProcess, route, serve_model
@@ -274,7 +274,8 @@ def test_shadow_disagreements_match_onnxruntime_and_primary_answers_are_unchange
 def test_full_shadow_queue_drops_and_counts_without_touching_users(
     example_variants: tuple[RunningProcess, RunningProcess], tmp_path: Path
 ) -> None:
-    """The shadow accepts connections and never answers: 4 workers hang, 2 copies wait."""
+    """The shadow accepts connections and never answers: the mirror's first round hangs (the
+    first copy and those queued while it gathered: 1 to 3), 2 copies wait, the rest drop."""
     v1, _ = example_variants
     body = row_request(load_iris().data[0].astype(np.float32))
     with socket.create_server(("127.0.0.1", 0), backlog=64) as hung:
@@ -288,5 +289,5 @@ def test_full_shadow_queue_drops_and_counts_without_touching_users(
             counts = shadow_counts(router)
     assert [a.status_code for a in answers] == [200] * 40
     assert counts["requests"] == 40
-    assert counts["dropped"] == 40 - 2 - WORKERS
+    assert 40 - 2 - 3 <= counts["dropped"] <= 40 - 2 - 1
     assert counts["agreements"] + counts["disagreements"] == 0

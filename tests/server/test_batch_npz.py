@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import orjson
 import pytest
+import skl2onnx
+from skl2onnx.common.data_types import FloatTensorType
 
 from modeldeploy_server.batch import BatchConfig, run_batch
 from modeldeploy_server.batchio import BatchError, Shard
-from tests.models import MIXED_FLOAT_COLUMNS, MIXED_STRING_COLUMNS, BuiltModel
+from tests.models import MIXED_FLOAT_COLUMNS, MIXED_STRING_COLUMNS, BuiltModel, write_graph
 from tests.server.test_batch import _Handler, assert_nothing_complete, http_input, run_cli
 from tests.server.test_differential import v2_outputs
 
@@ -269,3 +272,44 @@ def test_values_out_of_range_fail_by_row_or_are_skipped(iris: BuiltModel, tmp_pa
     session = ort.InferenceSession(str(iris.path), providers=["CPUExecutionProvider"])
     good = np.delete(x, [7, 70], axis=0).astype(np.float32)
     np.testing.assert_array_equal(labels, session.run(["label"], {"input": good})[0])
+
+
+def test_string_outputs_are_str_arrays_widened_across_chunks(tmp_path: Path) -> None:
+    """A string tensor out (onnxruntime's objects) becomes a numpy str array, no pickle; chunks
+    of longer strings widen the whole member, and the values are onnxruntime's."""
+    path = write_graph(
+        tmp_path,
+        "echo",
+        [onnx.helper.make_node("Identity", ["text"], ["same"])],
+        {"text": (onnx.TensorProto.STRING, ["n", 1])},
+        {"same": (onnx.TensorProto.STRING, ["n", 1])},
+    )
+    built = BuiltModel(path, hashlib.sha256(path.read_bytes()).hexdigest(), None, None, None)
+    text = np.array([["x" * (i % 40) + "é" * (i // 40)] for i in range(300)])  # widths grow
+    source = tmp_path / "text.npz"
+    np.savez(source, text=text)
+    parts = run_npz(built, source, tmp_path / "out", 2, batch_rows=16)
+    out = joined(parts)
+    assert out["same"].dtype.kind == "U"
+    np.testing.assert_array_equal(out["same"], text)
+
+
+def test_a_model_with_non_tensor_outputs_is_refused_by_name(
+    iris: BuiltModel, tmp_path: Path
+) -> None:
+    estimator = iris.estimator
+    onnx_model = skl2onnx.convert_sklearn(
+        estimator, initial_types=[("input", FloatTensorType([None, 4]))], target_opset=17
+    )  # zipmap on: the probabilities are a sequence of maps
+    path = tmp_path / "zipmap.onnx"
+    path.write_bytes(onnx_model.SerializeToString())
+    source = tmp_path / "input.npz"
+    np.savez(source, input=_iris_x(iris))
+    result = run_cli("--model-path", path, "--input", source, "--output", tmp_path / "out",
+                     "--format", "npz")  # fmt: skip
+    assert result.returncode == 1
+    assert "model tensor 'output_probability' has type seq(map(int64,tensor(float)))" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert_nothing_complete(tmp_path / "out")

@@ -22,9 +22,9 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 from starlette.types import Message, Receive
@@ -98,6 +98,12 @@ async def answer_json(
     await cycle.answer(status, headers, body)
 
 
+class Routed(Protocol):
+    """Where the current routes are (the router): read once per request."""
+
+    config: RouterConfig
+
+
 class Job:
     """One request being forwarded: the routing decision and what is sent."""
 
@@ -140,14 +146,14 @@ class Proxy:
     def __init__(
         self,
         settings: ProxySettings,
-        current: Callable[[], RouterConfig],
+        routes: Routed,
         upstream: Upstream,
         metrics: RouterMetrics,
         mirror: Mirror,
     ) -> None:
         self._settings = settings
         self._mirror = mirror
-        self._current = current
+        self._routes = routes
         self._upstream = upstream
         self._metrics = metrics
         self.health = PassiveHealth()
@@ -232,7 +238,7 @@ class Proxy:
     def _route(self, cycle: ForwardCycle) -> Job | RoutingError:
         """The routing decision for a request, or why none could be made."""
         started = time.perf_counter()
-        config = self._current()  # one snapshot per request; a reload swaps it whole
+        config = self._routes.config  # one snapshot per request; a reload swaps it whole
         scope = cycle.scope
         client = scope["client"]
         incoming = read_request_headers(
@@ -318,7 +324,8 @@ class Proxy:
                     answer=answer.body,
                 )
             )
-        self._observe(job, status)
+        observe = self._metrics.observe_probe if job.incoming.probe else self._metrics.observe
+        observe(job.variant.name, status, time.perf_counter() - job.started)
 
     def _observe(self, job: Job, status: int) -> None:
         observe = self._metrics.observe_probe if job.incoming.probe else self._metrics.observe
@@ -420,7 +427,9 @@ class Proxy:
 
 def request_head(incoming: IncomingRequest, body: bytes | AsyncIterator[bytes]) -> bytes:
     """The forwarded header lines and the body's framing, ending with the blank line."""
-    lines = [b"%s: %s\r\n" % header for header in incoming.forwarded_headers]
+    lines = []
+    for header in incoming.forwarded_headers:  # a loop: a comprehension is a call of its own
+        lines.append(b"%s: %s\r\n" % header)
     if isinstance(body, bytes):
         if body or incoming.content_length is not None:
             lines.append(b"content-length: %d\r\n" % len(body))

@@ -383,7 +383,7 @@ class Router:
         self._draining = False
         self.proxy = Proxy(
             ProxySettings(settings.timeout_s, settings.trusted_proxies),
-            lambda: self.config,
+            self,
             upstream,
             self.metrics,
             mirror,

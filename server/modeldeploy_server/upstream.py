@@ -174,7 +174,8 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if not self.complete and not self._stray:
-            self._finish()
+            self.complete = True
+            self._wake()
 
     # the exchange
 
@@ -344,9 +345,11 @@ class Connection(asyncio.Protocol):
         reusable = self._keep_alive and self._sent_whole and not self._stray
         if self.complete and reusable and not self.closed:
             self.idle_since = self._loop.time()
-            self._pool.put_back(self)
-        else:
-            self.close()
+            idle = self._pool.idle
+            if len(idle) < MAX_IDLE_PER_VARIANT:
+                idle.append(self)
+                return
+        self.close()
 
 
 class Answer:
@@ -373,7 +376,8 @@ class Pool:
         self.host_header = parts.netloc.encode("latin-1")
         self.prefix = parts.path.rstrip("/").encode("latin-1")
         self._connect_timeout_s = connect_timeout_s
-        self._idle: list[Connection] = []
+        # Connections kept for the next requests (Connection.release puts them back).
+        self.idle: list[Connection] = []
         self._loop = asyncio.get_running_loop()
 
     def request_line(self, method: bytes, target: bytes) -> bytes:
@@ -386,10 +390,10 @@ class Pool:
 
     def take_idle(self) -> Connection | None:
         """An idle connection that is still fresh, if there is one."""
-        if self._idle:
+        if self.idle:
             now = self._loop.time()
-            while self._idle:
-                connection = self._idle.pop()
+            while self.idle:
+                connection = self.idle.pop()
                 if not connection.closed and now - connection.idle_since < IDLE_TIMEOUT_S:
                     connection.reused = True
                     return connection
@@ -415,23 +419,16 @@ class Pool:
             raise UpstreamError("unreachable", f"cannot connect: {exc}", replayable=True) from None
         return protocol
 
-    def put_back(self, connection: Connection) -> None:
-        """Keep a connection for the next request, up to the idle limit."""
-        if len(self._idle) >= MAX_IDLE_PER_VARIANT:
-            connection.close()
-        else:
-            self._idle.append(connection)
-
     def forget(self, connection: Connection) -> None:
         """Drop a closed connection from the idle list."""
-        if connection in self._idle:
-            self._idle.remove(connection)
+        if connection in self.idle:
+            self.idle.remove(connection)
 
     def close(self) -> None:
         """Close every idle connection."""
-        for connection in list(self._idle):
+        for connection in list(self.idle):
             connection.close()
-        self._idle.clear()
+        self.idle.clear()
 
 
 class Upstream:

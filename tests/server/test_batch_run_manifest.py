@@ -97,7 +97,12 @@ def test_shards_finishing_together_write_one_identical_manifest(
         )
         for index in range(SHARDS)
     ]
-    assert [process.wait(timeout=120) for process in processes] == [0] * SHARDS
+    try:
+        assert [process.wait(timeout=120) for process in processes] == [0] * SHARDS
+    finally:
+        for process in processes:
+            process.kill()  # a no-op for those that ended
+            process.wait()
     # The same run's manifest whichever shard wrote it, and the run id is not in it.
     assert (together / "manifest.json").read_bytes() == (sequential / "manifest.json").read_bytes()
     assert not [p.name for p in together.iterdir() if p.name.endswith(".tmp")]

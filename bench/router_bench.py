@@ -51,6 +51,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wakeups(pid: int) -> int:
+    """Times the process's main thread (its event loop) went to sleep and was woken again."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no voluntary_ctxt_switches for process {pid}")
+
+
 def measure(
     url: str,
     body: Path,
@@ -59,11 +67,14 @@ def measure(
     pids: dict[str, int],
     pause_ms: float = 0,
 ) -> dict[str, float]:
-    """One wrk run, with the CPU time per request of each process in `pids`; fails on errors.
+    """One wrk run, with the CPU time and the wake-ups per request of each process in `pids`;
+    fails on errors.
 
-    CPU per request hardly moves when a neighbour takes CPU, unlike req/s and latency.
+    CPU per request moves less than req/s and latency when a neighbour takes CPU; wake-ups per
+    request say how often the process slept and was woken for the requests' events.
     """
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    woken = {name: wakeups(pid) for name, pid in pids.items()}
     stats = run_wrk(url, body, connections, duration_s, pause_ms)
     if stats["non2xx"] or stats["errors"]:
         raise RuntimeError(f"{url}: {stats['non2xx']} non-2xx, {stats['errors']} socket errors")
@@ -74,6 +85,7 @@ def measure(
     }
     for name, pid in pids.items():
         result[f"{name}_cpu_us"] = (cpu_seconds(pid) - before[name]) / stats["requests"] * 1e6
+        result[f"{name}_wakeups"] = (wakeups(pid) - woken[name]) / stats["requests"]
     return result
 
 
@@ -161,6 +173,10 @@ def measure_shadow(
     return result
 
 
+def _median(runs: dict[str, Any], key: str) -> float:
+    return statistics.median(run[key] for run in runs["paced"])
+
+
 def summarize_shadow(shadow: dict[str, Any]) -> str:
     """Users' latency through the router without and with shadow copies."""
     plain, mirrored = shadow["unmirrored"], shadow["mirrored"]
@@ -170,7 +186,11 @@ def summarize_shadow(shadow: dict[str, Any]) -> str:
         f"median of {shadow['rounds']} runs each, {plain['paced'][0]['req_s']:.0f} req/s): "
         f"p50 {plain['p50_ms']:.2f} -> {mirrored['p50_ms']:.2f} ms, "
         f"p99 {plain['p99_ms']:.2f} -> {mirrored['p99_ms']:.2f} ms "
-        f"({mirrored['p99_ms'] / plain['p99_ms']:.2f}x); full speed: req/s "
+        f"({mirrored['p99_ms'] / plain['p99_ms']:.2f}x), router CPU "
+        f"{_median(plain, 'router_cpu_us'):.0f} -> "
+        f"{_median(mirrored, 'router_cpu_us'):.0f} us/req, "
+        f"router wake-ups {_median(plain, 'router_wakeups'):.3f} -> "
+        f"{_median(mirrored, 'router_wakeups'):.3f} per request; full speed: req/s "
         f"{fast_plain['req_s']:.0f} -> {fast_mirrored['req_s']:.0f}, p99 "
         f"{fast_plain['p99_ms']:.2f} -> {fast_mirrored['p99_ms']:.2f} ms, router CPU "
         f"{fast_plain['router_cpu_us']:.0f} -> {fast_mirrored['router_cpu_us']:.0f} us/req"
@@ -182,6 +202,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "router.json")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        nargs="*",
+        default=list(CONCURRENCIES),
+        help="concurrencies of the direct/routed table (none: only the shadow runs)",
+    )
     parser.add_argument("--shadow-percent", type=int, default=10, help="0: no shadow runs")
     parser.add_argument(
         "--shadow-pause-ms",
@@ -214,7 +241,7 @@ def main(argv: list[str]) -> int:
                 assert check.headers["x-model-variant"] == "v1", check.headers
                 for target in (server.url, router.url):  # warm-up: pools open, code paths hot
                     run_wrk(target + INFER, body, 16, 1)
-                for connections in CONCURRENCIES:
+                for connections in args.connections:
                     server_pid = {"server": server.process.pid}
                     both_pids = {**server_pid, "router": router.process.pid}
                     row = {

@@ -3,8 +3,9 @@
 `offer` never waits: it puts the copy on a bounded queue, or counts it dropped when the queue is
 full, so a slow or dead shadow variant can neither delay nor change what users get. One worker
 task sends the copies in rounds through the same connection pools: it lets copies gather for
-`ROUND_INTERVAL_S`, sends up to `ROUND_MAX` of them at once, waits for all their answers (one
-wake-up of the worker per round, and answers that arrive together), then compares them
+`ROUND_INTERVAL_S`, sends up to `ROUND_MAX` of them at once, leaves their answers unread for
+`ANSWERS_WAIT_S` and then reads them together (in one turn of the loop rather than one wake-up
+each), waits for all (one wake-up of the worker per round), then compares them
 (`modeldeploy_server.shadow`, pure), counts the outcomes per (primary, shadow), and writes a
 sample of the disagreements to a size-bounded, rotated JSON-lines file from a background thread.
 Below saturation a copy answered on its own costs the router a wake-up of its own, several times
@@ -40,6 +41,9 @@ log = logging.getLogger("modeldeploy.router")
 # Copies sent together at most, and how long the first copy of a round waits for others.
 ROUND_MAX = 64
 ROUND_INTERVAL_S = 0.05
+# How long a round's answers are left unread after its copies went out, so that they are read
+# together (answers arriving one by one would each wake the router).
+ANSWERS_WAIT_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ class Mirror:
         index in `batch`."""
         loop = asyncio.get_running_loop()
         results: dict[int, Answer | UpstreamError] = {}
+        sent: list[Connection] = []
         pending = len(batch)
         finished = loop.create_future()
 
@@ -207,7 +212,12 @@ class Mirror:
                 timeout_s=self._settings.timeout_s,
                 done=functools.partial(collect, index),
             )
+            connection.hold_reading(True)
+            sent.append(connection)
         if pending:
+            await asyncio.sleep(ANSWERS_WAIT_S)
+            for connection in sent:
+                connection.hold_reading(False)
             await finished
         return results
 

@@ -339,6 +339,14 @@ class Connection(asyncio.Protocol):
                 raise self.error
             await self._wait(timeout_s, "data")
 
+    def hold_reading(self, hold: bool) -> None:
+        """Leave what the variant sends in the kernel's buffer for now (`hold`), or read on."""
+        if self._transport is not None and not self.closed:
+            if hold:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
+
     def release(self) -> None:
         """Return the connection to the pool if it can carry another exchange, else close it."""
         self._active = False

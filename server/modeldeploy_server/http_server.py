@@ -3,9 +3,12 @@ the same edge limits (edge.py) and the same drain on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -44,6 +47,41 @@ class DrainingServer(uvicorn.Server):
             timer.start()
             return
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, except that the connections waiting in the port's listen queue are taken
+        in before the port closes, instead of reset by the kernel when it does: a client that
+        connected and sent its request an instant before gets its answer (with Connection:
+        close, as every answer while draining)."""
+        queued = [connection for server in self.servers for connection in _queued(server)]
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        for connection in queued:
+            await loop.connect_accepted_socket(self._protocol, connection)
+        await super().shutdown(sockets)
+
+    def _protocol(self) -> asyncio.Protocol:
+        """A connection's protocol, as uvicorn's startup makes them."""
+        protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
+        return protocol
+
+
+def _queued(server: asyncio.base_events.Server) -> list[socket.socket]:
+    """Accept every connection waiting in `server`'s listen queues, without blocking."""
+    accepted = []
+    for listening in server.sockets:
+        with socket.socket(fileno=os.dup(listening.fileno())) as listener:
+            listener.setblocking(False)
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:  # the queue is empty (or no descriptor is left for more)
+                    break
+                accepted.append(connection)
+    return accepted
 
 
 def build_server(

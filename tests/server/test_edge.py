@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import uvloop
 
 from modeldeploy_server.config import EdgeSettings
 from modeldeploy_server.edge import BACKOFF_STATE_KEY
@@ -396,6 +397,40 @@ def test_a_request_reaching_an_idle_connection_at_shutdown_is_answered() -> None
         sock.sendall(request)
         answer = read_answer(sock)
     assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+
+
+def test_a_connection_in_the_listen_queue_when_the_port_closes_is_answered() -> None:
+    """A client whose connection the kernel accepted, with its request sent, but which the
+    server had not taken in yet when it closed its port, gets its answer: without the drain of
+    the listen queue, closing the port resets that connection and the request is lost."""
+    request = b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n"
+    answers: list[bytes] = []
+
+    async def scenario() -> None:
+        server = build_server(
+            backoff_app, host=LOOPBACK, port=0, access_log=False, graceful_shutdown_s=1,
+            edge=EdgeSettings(shutdown_delay_s=0), on_drain=lambda: None, log_config=None,
+        )  # fmt: skip
+        server.config.load()
+        server.lifespan = server.config.lifespan_class(server.config)
+        listening = socket.socket()
+        listening.bind((LOOPBACK, 0))
+        await server.startup(sockets=[listening])
+        server.edge.draining = True  # as SIGTERM does
+        # The event loop does not run between this connect and the shutdown below: the
+        # connection waits in the listen queue, its request sent.
+        client = socket.create_connection(listening.getsockname(), timeout=WAIT_S)
+        client.sendall(request)
+        reader = threading.Thread(target=lambda: answers.append(read_answer(client)))
+        reader.start()
+        await server.shutdown(sockets=[listening])
+        await asyncio.to_thread(reader.join, WAIT_S)
+        client.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+    assert answers and answers[0].startswith(b"HTTP/1.1 200 "), answers
+    assert b"connection: close" in answers[0].lower()
 
 
 def _accepts(port: int) -> bool:

@@ -118,9 +118,8 @@ def server_answer(server: RunningProcess, model: str, file_format: str, body: by
     return response.content
 
 
-@pytest.mark.parametrize("shards", [1, 3])
-@pytest.mark.parametrize("file_format", ["csv", "jsonl"])
-@pytest.mark.parametrize(
+# The models every batch format is checked on, each with its server fixture (conftest.py).
+EACH_MODEL = pytest.mark.parametrize(
     ("name", "model", "server"),
     [
         ("iris", "iris", "iris_server"),
@@ -128,6 +127,11 @@ def server_answer(server: RunningProcess, model: str, file_format: str, body: by
         ("mlp", "digits", "mlp_server"),
     ],
 )
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("file_format", ["csv", "jsonl"])
+@EACH_MODEL
 def test_every_row_equals_onnxruntime_and_the_server(
     name: str,
     model: str,

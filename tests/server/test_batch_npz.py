@@ -20,7 +20,13 @@ from skl2onnx.common.data_types import FloatTensorType
 from modeldeploy_server.batch import BatchConfig, run_batch
 from modeldeploy_server.batchio import BatchError, Shard
 from tests.models import MIXED_FLOAT_COLUMNS, MIXED_STRING_COLUMNS, BuiltModel, write_graph
-from tests.server.test_batch import _Handler, assert_nothing_complete, http_input, run_cli
+from tests.server.test_batch import (
+    EACH_MODEL,
+    _Handler,
+    assert_nothing_complete,
+    http_input,
+    run_cli,
+)
 from tests.server.test_differential import v2_outputs
 
 __all__ = ["http_input"]  # the fixture, shared with test_batch.py
@@ -68,14 +74,7 @@ def v2_inputs(arrays: dict[str, np.ndarray[Any, Any]], specs: dict[str, str]) ->
 
 @pytest.mark.parametrize("compressed", [False, True])
 @pytest.mark.parametrize("shards", [1, 3])
-@pytest.mark.parametrize(
-    ("name", "model", "server"),
-    [
-        ("iris", "iris", "iris_server"),
-        ("mixed", "mixed", "mixed_server"),
-        ("mlp", "digits", "mlp_server"),
-    ],
-)
+@EACH_MODEL
 def test_every_row_equals_onnxruntime_and_the_server_v2_answer(
     name: str,
     model: str,

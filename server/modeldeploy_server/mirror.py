@@ -201,7 +201,7 @@ class Mirror:
         for index, request in enumerate(batch):
             pool = self._upstream.pool(request.shadow_url)
             try:
-                connection = pool.take_idle() or await pool.connect()
+                connection = await pool.acquire()
             except UpstreamError as exc:
                 results[index] = exc
                 pending -= 1

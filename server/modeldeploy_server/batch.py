@@ -269,7 +269,7 @@ def run_batch(config: BatchConfig, progress: bool) -> ShardResult:
     output = config.output
     part_path = output / f"{shard.name}.{config.format}"
     skipped_path = output / f"{shard.name}.skipped.jsonl"
-    manifest_path = output / f"{shard.name}.manifest.json"
+    manifest_path = output / shard.manifest_name
     try:
         output.mkdir(parents=True, exist_ok=True)
         # What an earlier run left would present this run's output as complete.
@@ -515,7 +515,7 @@ def _write_run_manifest(config: BatchConfig) -> None:
     count = config.shard.count
     manifests = []
     for index in range(count):
-        path = config.output / f"{Shard(index, count).name}.manifest.json"
+        path = config.output / Shard(index, count).manifest_name
         try:
             document = orjson.loads(path.read_bytes())
         except (OSError, orjson.JSONDecodeError):

@@ -56,6 +56,11 @@ class Shard:
         """The shard's part of file names: part-00001-of-00004."""
         return f"part-{self.index:05d}-of-{self.count:05d}"
 
+    @property
+    def manifest_name(self) -> str:
+        """The file name of the shard's manifest (written last: the part is complete)."""
+        return f"{self.name}.manifest.json"
+
 
 ONE_SHARD = Shard(0, 1)
 

@@ -355,6 +355,10 @@ def _nothing() -> None:
     pass
 
 
+async def _raise(exc: BaseException) -> None:
+    raise exc
+
+
 class ForwardCycle(EdgeCycle):
     """A request for the Edge's forwarder (the router's proxy) instead of the ASGI application.
 
@@ -424,12 +428,9 @@ class ForwardCycle(EdgeCycle):
         protocol.tasks.add(task)
 
     def fail(self, exc: BaseException) -> None:
-        """The forwarder failed outside a task: end the request as a failed task would."""
-        self.logger.error("Exception while forwarding a request\n", exc_info=exc)
-        if not self.response_started:
-            self.spawn(self.send_500_response())
-        else:
-            self.transport.close()
+        """The forwarder failed outside a task: the request ends as a failed task's does (`run`
+        handles the failure, in a task)."""
+        self.spawn(_raise(exc))
 
     async def run_asgi(self, app: ASGI3Application) -> None:
         """uvicorn's name, so that the protocol starts (and pipelines) both kinds alike; `app`

@@ -261,14 +261,7 @@ class EdgeCycle(RequestResponseCycle):
         self.waiting_for_100_continue = False
         headers = [*self.default_headers, *answer_headers]
         if self.access_log:
-            self.access_logger.info(
-                '%s - "%s %s HTTP/%s" %d',
-                get_client_addr(self.scope),
-                self.scope["method"],
-                get_path_with_query_string(self.scope),
-                self.scope["http_version"],
-                status_code,
-            )
+            self._log_access(status_code)
         content = [STATUS_LINE[status_code]]
         has_connection_close = False
         for name, value in headers:
@@ -285,10 +278,11 @@ class EdgeCycle(RequestResponseCycle):
                     self.keep_alive = False
                     has_connection_close = True
             content.extend((name, b": ", value, b"\r\n"))
-        # Names are content[1], [5], ...; values content[3], [7], ...
-        if b"\0" in b"".join(content[1::4]).translate(_NAME_CHECK):
+        # Names are content[1], [5], ...; values content[3], [7], ... `0 in` (the byte NUL): a
+        # bytes needle would first be tried as an int, at the cost of raising a TypeError.
+        if 0 in b"".join(content[1::4]).translate(_NAME_CHECK):
             raise RuntimeError("Invalid HTTP header name.")
-        if b"\0" in b"".join(content[3::4]).translate(_VALUE_CHECK):
+        if 0 in b"".join(content[3::4]).translate(_VALUE_CHECK):
             raise RuntimeError("Invalid HTTP header value.")
         if not self.keep_alive and not has_connection_close:
             content.append(b"connection: close\r\n")
@@ -301,6 +295,16 @@ class EdgeCycle(RequestResponseCycle):
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
         return b"".join(content)
+
+    def _log_access(self, status_code: int) -> None:
+        self.access_logger.info(
+            '%s - "%s %s HTTP/%s" %d',
+            get_client_addr(self.scope),
+            self.scope["method"],
+            get_path_with_query_string(self.scope),
+            self.scope["http_version"],
+            status_code,
+        )
 
     def _write_body(self, body: bytes, more_body: bool) -> None:
         """Write a piece of the answer's body (after the head, if it is still held)."""
@@ -410,6 +414,24 @@ class ForwardCycle(EdgeCycle):
         if self.flow.write_paused:
             return False
         self.holder.held = self._head(status_code, headers)
+        self._write_body(body, False)
+        return True
+
+    def answer_passed(self, status_code: int, header_block: bytes, body: bytes) -> bool:
+        """`answer_now` with header lines ready to send (each ending in CRLF; they must give
+        the body's length and a Date): a variant's, which its server's parser has checked."""
+        if self.disconnected:
+            return True
+        if self.flow.write_paused:
+            return False
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        if self.access_log:
+            self._log_access(status_code)
+        close = b"" if self.keep_alive else b"connection: close\r\n"
+        self.holder.held = STATUS_LINE[status_code] + header_block + close + b"\r\n"
+        self.chunked_encoding = False
+        self.expected_content_length = len(body)
         self._write_body(body, False)
         return True
 

@@ -38,6 +38,7 @@ from modeldeploy_server.routing import (
     RoutingError,
     TrustedProxies,
     Variant,
+    passed_header_block,
     read_request_headers,
     returned_response_headers,
 )
@@ -205,9 +206,16 @@ class Proxy:
                 cycle.spawn(self._forward(job, fresh=fresh, failed=None if fresh else exc))
                 return
             self.health.record_success(job.variant.name)
-            if answer.body is not None:
-                headers = returned_response_headers(answer.headers, job.variant.name)
-                if cycle.answer_now(answer.status, headers, answer.body):
+            body = answer.body
+            if body is not None:
+                variant = job.variant
+                block = passed_header_block(answer.header_block, variant)
+                if block is not None:
+                    answered = cycle.answer_passed(answer.status, block, body)
+                else:
+                    headers = returned_response_headers(answer.headers, variant.name)
+                    answered = cycle.answer_now(answer.status, headers, body)
+                if answered:
                     self._done(job, answer, answer.status)
                     return
             cycle.spawn(self._deliver(job, answer))

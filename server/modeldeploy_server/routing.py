@@ -90,6 +90,12 @@ class Variant:
     name: str
     url: str
     weight: int
+    # The header line that tells the client which variant answered.
+    answer_line: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        line = b"x-model-variant: %s\r\n" % self.name.encode("latin-1")
+        object.__setattr__(self, "answer_line", line)
 
 
 @dataclass(frozen=True)
@@ -402,7 +408,7 @@ def parse_trusted_proxies(text: str) -> TrustedProxies:
     return TrustedProxies(tuple(networks))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a call per field
 class IncomingRequest:
     """What the proxy needs from a request's headers, read in one pass."""
 
@@ -470,6 +476,31 @@ def read_request_headers(
     if forwarded_for:
         forwarded.append((b"x-forwarded-for", b", ".join(forwarded_for)))
     return IncomingRequest(forwarded, override, sticky, content_length, chunked, probe)
+
+
+# Response headers that stop an answer's header lines from going to the client as the variant sent
+# them: those `returned_response_headers` drops (but Date, which it replaces by the router's own:
+# the variant's is as good), and one the router sets itself.
+_NOT_PASSED_AS_SENT = re.compile(
+    b"\r\n(?:%s):"
+    % b"|".join(map(re.escape, sorted((_NOT_RETURNED_RESPONSE - {b"date"}) | {b"x-model-variant"})))
+)
+
+
+def passed_header_block(block: bytes, variant: Variant) -> bytes | None:
+    """A variant's header lines (as sent, each ending in CRLF) for the client, with
+    `x-model-variant` added, when none needs to change: no hop-by-hop header, no Server, and a
+    Content-Length and a Date present. None otherwise (`returned_response_headers` then)."""
+    lowered = b"\r\n" + block.lower()
+    # find() rather than `in`: CPython 3.11's `bytes in bytes` first tries the needle as an int,
+    # and raising and clearing that TypeError costs more than the search.
+    if (
+        _NOT_PASSED_AS_SENT.search(lowered)
+        or lowered.find(b"\r\ncontent-length:") < 0
+        or lowered.find(b"\r\ndate:") < 0
+    ):
+        return None
+    return block + variant.answer_line
 
 
 def returned_response_headers(

@@ -223,3 +223,57 @@ def test_expect_100_continue_is_answered_through_the_router(
         second = read_answer(reader)
     assert first[0] == 200 and first[1][b"x-model-version"] == b"v1"
     assert second[0] == 200 and second[1][b"x-model-version"] == b"v1"
+
+
+def test_answer_heads_keep_the_variant_s_lines_once_each(tmp_path: Path) -> None:
+    """On the fast path the variant's header lines leave as it sent them (its Date too), with
+    `x-model-variant` added; an answer with lines that must change (Connection, Server) has them
+    rewritten (the router's own Date); a client that asks to close gets `connection: close`."""
+    variant_date = b"date: Sat, 21 Nov 2026 09:00:00 GMT"
+    plain = b"HTTP/1.1 200 OK\r\n%s\r\ncontent-length: 2\r\nx-custom: a\r\n\r\nok" % variant_date
+    hop = b"HTTP/1.1 200 OK\r\n%s\r\nserver: other\r\nconnection: keep-alive\r\n" % variant_date
+    hop += b"content-length: 2\r\nx-custom: b\r\n\r\nok"
+
+    def handler(conn: socket.socket, _index: int) -> None:
+        while request := read_request(conn):
+            conn.sendall(hop if request.endswith(b"hop") else plain)
+
+    def head_lines(reader: io.BufferedReader) -> list[bytes]:
+        lines = []
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            lines.append(line.rstrip(b"\r\n"))
+        assert reader.read(2) == b"ok"
+        return lines
+
+    config = tmp_path / "routes.json"
+    with scripted_server(handler) as (url, _):
+        config.write_text(routes({"v1": (url, 100)}))
+        with (
+            route(config) as router,
+            socket.create_connection((LOOPBACK, router.port), timeout=WAIT_S) as client,
+        ):
+            reader = client.makefile("rb")
+            client.sendall(post(b"warm"))  # no idle connection yet: the task path
+            head_lines(reader)
+            heads = []
+            for request in (post(b"plain"), post(b"hop"), post(b"plain", b"connection: close")):
+                client.sendall(request)  # one at a time: pipelined ones take the task path
+                heads.append(head_lines(reader))
+            passed, rewritten, closing = heads
+            assert reader.read() == b""  # closed after the last answer
+    assert passed == [
+        b"HTTP/1.1 200 OK",
+        variant_date,
+        b"content-length: 2",
+        b"x-custom: a",
+        b"x-model-variant: v1",
+    ]
+    assert rewritten[0] == b"HTTP/1.1 200 OK"
+    assert [line.partition(b":")[0] for line in rewritten[1:]] == [
+        b"date",
+        b"content-length",
+        b"x-custom",
+        b"x-model-variant",
+    ]
+    assert rewritten[1] != variant_date
+    assert closing == [*passed, b"connection: close"]

@@ -18,6 +18,7 @@ from modeldeploy_server.routing import (
     Variant,
     parse_router_config,
     parse_trusted_proxies,
+    passed_header_block,
     read_request_headers,
     returned_response_headers,
 )
@@ -371,6 +372,50 @@ def test_response_headers_keep_end_to_end_ones_and_name_the_variant() -> None:
         (b"set-cookie", b"b=2"),
         (b"x-model-variant", b"v2"),
     ]
+
+
+PLAIN_ANSWER_LINES = (
+    b"date: Sat, 21 Nov 2026 09:00:00 GMT\r\ncontent-type: application/json\r\n"
+    b"Content-Length: 17\r\nx-model-version: v2\r\n"
+)
+
+
+def test_a_plain_answer_s_header_lines_pass_as_sent_with_the_variant_named() -> None:
+    variant = Variant("v2", "http://v2", 10)
+    assert passed_header_block(PLAIN_ANSWER_LINES, variant) == (
+        PLAIN_ANSWER_LINES + b"x-model-variant: v2\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"Connection: close\r\n",
+        b"keep-alive: timeout=5\r\n",
+        b"transfer-encoding: chunked\r\n",
+        b"TE: trailers\r\n",
+        b"Trailer: x-checksum\r\n",
+        b"upgrade: h2c\r\n",
+        b"proxy-connection: keep-alive\r\n",
+        b"Server: uvicorn\r\n",
+        b"X-Model-Variant: v1\r\n",
+    ],
+)
+def test_answer_lines_that_must_change_are_not_passed_as_sent(line: bytes) -> None:
+    """Any of these, first or among the others, sends the answer through
+    `returned_response_headers` instead."""
+    variant = Variant("v2", "http://v2", 10)
+    assert passed_header_block(line + PLAIN_ANSWER_LINES, variant) is None
+    assert passed_header_block(PLAIN_ANSWER_LINES + line, variant) is None
+
+
+@pytest.mark.parametrize("name", [b"date", b"content-length"])
+def test_answer_lines_without_a_date_or_a_length_are_not_passed_as_sent(name: bytes) -> None:
+    lines = [line for line in PLAIN_ANSWER_LINES.split(b"\r\n") if line]
+    kept = b"".join(line + b"\r\n" for line in lines if not line.lower().startswith(name + b":"))
+    assert passed_header_block(kept, Variant("v2", "http://v2", 10)) is None
+    # A name that only starts like one of them does not count as it.
+    assert passed_header_block(kept + name + b"-x: 1\r\n", Variant("v2", "http://v2", 10)) is None
 
 
 def test_sticky_header_is_parsed_lower_case_and_read_from_requests() -> None:

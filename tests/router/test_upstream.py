@@ -143,6 +143,39 @@ def test_answer_ended_by_close_is_complete_and_the_connection_not_reused() -> No
     assert first.connection is not second.connection
 
 
+@pytest.mark.parametrize("piece_bytes", [0, 3])
+def test_interim_answers_are_skipped_and_the_final_head_is_kept_whole(piece_bytes: int) -> None:
+    """100 Continue and 103 Early Hints before the answer: neither is the answer, and none of
+    their header lines joins its headers; the bytes arrive in one write (0) or a few at a time."""
+    final = answer(b"final", b"content-type: text/plain", b"x-model-version: v1")
+    sent = b"HTTP/1.1 100 Continue\r\n\r\n"
+    sent += b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n" + final
+
+    step = piece_bytes or len(sent)
+    pieces = [sent[start : start + step] for start in range(0, len(sent), step)]
+
+    def handle(conn: socket.socket, _index: int) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(2):
+            read_request(conn)
+            for piece in pieces:
+                conn.sendall(piece)
+                time.sleep(0.002)
+        conn.recv(1)
+
+    with scripted_server(handle) as (url, _):
+        outcomes = run_steps(url, Step(), Step())
+    for outcome in outcomes:
+        assert outcome.answer is not None
+        assert (outcome.answer.status, outcome.body) == (200, b"final")
+        assert outcome.answer.headers == [
+            (b"content-length", b"5"),
+            (b"content-type", b"text/plain"),
+            (b"x-model-version", b"v1"),
+        ]
+    assert outcomes[0].connection is outcomes[1].connection
+
+
 @pytest.mark.parametrize("pause_s", [0.0, 0.1])
 def test_extra_bytes_after_an_answer_are_never_read_as_the_next_answer(pause_s: float) -> None:
     """A server that sends two answers to one request (a pipelining mix-up): the stray one
@@ -215,6 +248,51 @@ def test_silent_server_times_out_and_the_pool_recovers() -> None:
         failed, awake = run_steps(url, Step(timeout_s=0.2), Step())
     assert failure(failed) == ("timeout", False)
     assert awake.body == b"awake"
+
+
+def test_requests_sent_with_a_callback_time_out_by_the_shared_sweep() -> None:
+    """`Connection.start` on three connections to a server that answers only the one marked
+    `fast`: the other two fail for their timeout within a quarter of it; the answered one is
+    never expired afterwards."""
+    timeout_s = 0.4
+
+    def handle(conn: socket.socket, _index: int) -> None:
+        if read_request(conn).endswith(b"fast"):
+            conn.sendall(answer(b"done"))
+        conn.recv(1)
+
+    async def run(url: str) -> list[tuple[str, float]]:
+        upstream = Upstream(connect_timeout_s=5)
+        loop = asyncio.get_running_loop()
+        outcomes: list[tuple[str, float]] = []
+        finished = loop.create_future()
+        started = loop.time()
+
+        def done(connection: Connection) -> None:
+            try:
+                outcome = connection.result().body or b""
+                outcomes.append((outcome.decode(), loop.time() - started))
+            except UpstreamError as exc:
+                outcomes.append((exc.reason, loop.time() - started))
+            if len(outcomes) == 3:
+                finished.set_result(None)
+
+        pool = upstream.pool(url)
+        for body in (b"slow", b"fast", b"slow"):
+            connection = await pool.connect()
+            request = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n" + body
+            connection.start(request, head_only=False, timeout_s=timeout_s, done=done)
+        await finished
+        await asyncio.sleep(timeout_s)  # a sweep more: nothing else is reported
+        upstream.close()
+        return outcomes
+
+    with scripted_server(handle) as (url, _):
+        outcomes = asyncio.run(run(url))
+    assert sorted(what for what, _ in outcomes) == ["done", "timeout", "timeout"]
+    for what, after_s in outcomes:
+        if what == "timeout":
+            assert timeout_s <= after_s <= timeout_s * 1.25 + 1.0, outcomes  # slack: a busy CI
 
 
 def test_large_answer_streams_in_pieces_and_arrives_whole() -> None:

@@ -60,6 +60,20 @@ _NOT_FORWARDED_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 # uvicorn writes its own Date; Server would name the variant's web stack.
 _NOT_RETURNED_RESPONSE = HOP_BY_HOP | {b"date", b"server"}
 
+# Headers that say who the client is, or how it reached us: set by proxies in front. The router is
+# the edge, so from an untrusted peer they are lies or noise, and are dropped.
+FORWARDING_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+    }
+)
+_NOT_FORWARDED_FROM_UNTRUSTED = _NOT_FORWARDED_REQUEST | FORWARDING_HEADERS
+
 
 class ConfigError(ValueError):
     """The routing config is not valid; the message names the offending field."""
@@ -111,6 +125,11 @@ class ShadowConfig:
     tolerance: float = DEFAULT_SHADOW_TOLERANCE
 
 
+# The kinds of request_header_kinds.
+_DROPPED, _FORWARDING, _FORWARDED_FOR, _CONNECTION, _PROBE = range(5)
+_TRANSFER_ENCODING, _CONTENT_LENGTH, _STICKY, _OVERRIDE = range(5, 9)
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """A validated routing table; immutable so a reload swaps it whole.
@@ -131,6 +150,8 @@ class RouterConfig:
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _weighted: tuple[Variant, ...] = field(init=False, repr=False, compare=False)
     _versions_prefix: str = field(init=False, repr=False, compare=False)
+    # What read_request_headers does with each request header name that is not simply forwarded.
+    request_header_kinds: dict[bytes, int] = field(init=False, repr=False, compare=False)
     # The two headers' names as they arrive from the ASGI server (lower-case bytes).
     override_name: bytes = field(init=False, repr=False, compare=False)
     sticky_name: bytes | None = field(init=False, repr=False, compare=False)
@@ -147,6 +168,18 @@ class RouterConfig:
         object.__setattr__(self, "override_name", self.header_override.encode("latin-1"))
         sticky = self.sticky_header.encode("latin-1") if self.sticky_header else None
         object.__setattr__(self, "sticky_name", sticky)
+        # Later entries win, as the earlier branches of a chain of comparisons would.
+        kinds = dict.fromkeys(_NOT_FORWARDED_REQUEST, _DROPPED)
+        kinds.update(dict.fromkeys(FORWARDING_HEADERS, _FORWARDING))
+        kinds[b"x-forwarded-for"] = _FORWARDED_FOR
+        kinds[b"connection"] = _CONNECTION
+        kinds[_PROBE_NAME] = _PROBE
+        kinds[b"transfer-encoding"] = _TRANSFER_ENCODING
+        kinds[b"content-length"] = _CONTENT_LENGTH
+        if sticky is not None:
+            kinds[sticky] = _STICKY
+        kinds[self.override_name] = _OVERRIDE
+        object.__setattr__(self, "request_header_kinds", kinds)
 
     @property
     def routable(self) -> bool:
@@ -349,25 +382,8 @@ def _reject_unknown_keys(obj: dict[str, Any], allowed: frozenset[str], where: st
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
 
 
-# Headers that say who the client is, or how it reached us: set by proxies in front. The router is
-# the edge, so from an untrusted peer they are lies or noise, and are dropped.
-FORWARDING_HEADERS = frozenset(
-    {
-        b"forwarded",
-        b"x-forwarded-for",
-        b"x-forwarded-host",
-        b"x-forwarded-port",
-        b"x-forwarded-proto",
-        b"x-real-ip",
-    }
-)
-
-
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _TRUST_CACHE_SIZE = 4096
-
-
-_NOT_FORWARDED_FROM_UNTRUSTED = _NOT_FORWARDED_REQUEST | FORWARDING_HEADERS
 
 
 @dataclass(frozen=True)
@@ -433,12 +449,9 @@ def read_request_headers(
     (otherwise X-Forwarded-For is the peer alone). Header names arrive lower-cased from the ASGI
     server.
     """
-    if client_host and trusted and trusted.trusts(client_host):
-        dropped = _NOT_FORWARDED_REQUEST
-    else:
-        dropped = _NOT_FORWARDED_FROM_UNTRUSTED
-    override_name = config.override_name
-    sticky_name = config.sticky_name
+    from_trusted = bool(client_host and trusted and trusted.trusts(client_host))
+    dropped = _NOT_FORWARDED_REQUEST if from_trusted else _NOT_FORWARDED_FROM_UNTRUSTED
+    kinds = config.request_header_kinds
     forwarded: list[tuple[bytes, bytes]] = []
     forwarded_for: list[bytes] = []
     override = sticky = None
@@ -447,25 +460,34 @@ def read_request_headers(
     probe = False
     connection: list[bytes] = []  # Connection values: more hop-by-hop header names
     for name, value in raw:
-        if name == override_name:
-            override = value.decode("latin-1").strip()
-        elif name == sticky_name:
-            sticky = value.decode("latin-1").strip()
-        elif name == b"content-length":
-            content_length = int(value) if value.isdigit() else None
-        elif name == b"transfer-encoding":
-            chunked = True
-        elif name == _PROBE_NAME:
-            probe = True
-        elif name == b"connection":
-            connection.append(value)
-            continue
-        elif name == b"x-forwarded-for":
-            if name not in dropped:
-                forwarded_for.append(value)
-            continue
-        if name not in dropped:
+        # One dict lookup per header rather than a comparison with each name that matters.
+        kind = kinds.get(name)
+        if kind is None:
             forwarded.append((name, value))
+            continue
+        if kind == _DROPPED:
+            continue
+        if kind == _CONTENT_LENGTH:
+            content_length = int(value) if value.isdigit() else None
+        elif kind == _TRANSFER_ENCODING:
+            chunked = True
+        elif kind == _FORWARDING:
+            if from_trusted:
+                forwarded.append((name, value))
+        elif kind == _FORWARDED_FOR:
+            if from_trusted:
+                forwarded_for.append(value)
+        elif kind == _CONNECTION:
+            connection.append(value)
+        else:  # the override, sticky and probe headers are read and forwarded
+            if kind == _OVERRIDE:
+                override = value.decode("latin-1").strip()
+            elif kind == _STICKY:
+                sticky = value.decode("latin-1").strip()
+            else:
+                probe = True
+            if name not in dropped:
+                forwarded.append((name, value))
     if connection:  # rare in HTTP/1.1: filtered afterwards, they may name earlier headers
         named = {token.strip().lower() for value in connection for token in value.split(b",")}
         forwarded = [(name, value) for name, value in forwarded if name not in named]

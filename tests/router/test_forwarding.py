@@ -10,18 +10,19 @@ connection the variant closes, a variant that stops answering.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from tests.processes import LOOPBACK, RunningProcess, route
-from tests.router.scripted import read_request, scripted_server
+from tests.router.scripted import Handler, read_request, scripted_server
 from tests.router.test_router import INFER, infer_body, metric, routes
 
 Answer = tuple[int, dict[bytes, bytes], bytes]
@@ -107,6 +108,22 @@ def echo_answer(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
 
 
+@contextlib.contextmanager
+def client_of_router_to(
+    handler: Handler, tmp_path: Path, args: Sequence[str] = ()
+) -> Iterator[tuple[RunningProcess, socket.socket, io.BufferedReader]]:
+    """A router (with `args`) in front of one scripted variant (`handler`, all the weight), and
+    a client connection to the router with a reader of its answers."""
+    config = tmp_path / "routes.json"
+    with scripted_server(handler) as (url, _):
+        config.write_text(routes({"v1": (url, 100)}))
+        with (
+            route(config, args) as router,
+            socket.create_connection((LOOPBACK, router.port), timeout=WAIT_S) as client,
+        ):
+            yield router, client, client.makefile("rb")
+
+
 def test_a_client_leaving_before_its_answer_does_not_mix_up_later_answers(
     tmp_path: Path,
 ) -> None:
@@ -119,26 +136,19 @@ def test_a_client_leaving_before_its_answer_does_not_mix_up_later_answers(
                 time.sleep(0.3)
             conn.sendall(echo_answer(body))
 
-    config = tmp_path / "routes.json"
-    with scripted_server(handler) as (url, _):
-        config.write_text(routes({"v1": (url, 100)}))
-        with (
-            route(config) as router,
-            socket.create_connection((LOOPBACK, router.port), timeout=WAIT_S) as client,
-        ):
-            reader = client.makefile("rb")
-            for n in range(3):  # an idle connection to the variant
-                client.sendall(post(b"warm-%d" % n))
-                assert read_answer(reader)[2] == b"warm-%d" % n
-            for n in range(4):
-                with socket.create_connection((LOOPBACK, router.port)) as leaving:
-                    leaving.sendall(post(b"slow-%d" % n))
-                client.sendall(post(b"own-%d" % n))
-                assert read_answer(reader)[2] == b"own-%d" % n
-            time.sleep(0.5)  # the slow answers arrive and are dropped
-            for n in range(8):
-                client.sendall(post(b"after-%d" % n))
-                assert read_answer(reader)[2] == b"after-%d" % n
+    with client_of_router_to(handler, tmp_path) as (router, client, reader):
+        for n in range(3):  # an idle connection to the variant
+            client.sendall(post(b"warm-%d" % n))
+            assert read_answer(reader)[2] == b"warm-%d" % n
+        for n in range(4):
+            with socket.create_connection((LOOPBACK, router.port)) as leaving:
+                leaving.sendall(post(b"slow-%d" % n))
+            client.sendall(post(b"own-%d" % n))
+            assert read_answer(reader)[2] == b"own-%d" % n
+        time.sleep(0.5)  # the slow answers arrive and are dropped
+        for n in range(8):
+            client.sendall(post(b"after-%d" % n))
+            assert read_answer(reader)[2] == b"after-%d" % n
 
 
 def three_requests(
@@ -156,17 +166,12 @@ def three_requests(
                 return
             conn.sendall(echo_answer(request.partition(b"\r\n\r\n")[2]))
 
-    config = tmp_path / "routes.json"
-    with scripted_server(handler) as (url, _):
-        config.write_text(routes({"v1": (url, 100)}))
-        with route(config, args) as router:
-            with socket.create_connection((LOOPBACK, router.port), timeout=WAIT_S) as client:
-                reader = client.makefile("rb")
-                got = []
-                for body in (b"first", b"second", b"third"):
-                    client.sendall(post(body))
-                    got.append(read_answer(reader))
-            return got, httpx.get(router.url + "/metrics").text
+    with client_of_router_to(handler, tmp_path, args) as (router, client, reader):
+        got = []
+        for body in (b"first", b"second", b"third"):
+            client.sendall(post(body))
+            got.append(read_answer(reader))
+        return got, httpx.get(router.url + "/metrics").text
 
 
 def test_a_kept_alive_connection_the_variant_closes_is_replaced_without_an_error(
@@ -245,22 +250,15 @@ def test_answer_heads_keep_the_variant_s_lines_once_each(tmp_path: Path) -> None
         assert reader.read(2) == b"ok"
         return lines
 
-    config = tmp_path / "routes.json"
-    with scripted_server(handler) as (url, _):
-        config.write_text(routes({"v1": (url, 100)}))
-        with (
-            route(config) as router,
-            socket.create_connection((LOOPBACK, router.port), timeout=WAIT_S) as client,
-        ):
-            reader = client.makefile("rb")
-            client.sendall(post(b"warm"))  # no idle connection yet: the task path
-            head_lines(reader)
-            heads = []
-            for request in (post(b"plain"), post(b"hop"), post(b"plain", b"connection: close")):
-                client.sendall(request)  # one at a time: pipelined ones take the task path
-                heads.append(head_lines(reader))
-            passed, rewritten, closing = heads
-            assert reader.read() == b""  # closed after the last answer
+    with client_of_router_to(handler, tmp_path) as (_, client, reader):
+        client.sendall(post(b"warm"))  # no idle connection yet: the task path
+        head_lines(reader)
+        heads = []
+        for request in (post(b"plain"), post(b"hop"), post(b"plain", b"connection: close")):
+            client.sendall(request)  # one at a time: pipelined ones take the task path
+            heads.append(head_lines(reader))
+        passed, rewritten, closing = heads
+        assert reader.read() == b""  # closed after the last answer
     assert passed == [
         b"HTTP/1.1 200 OK",
         variant_date,

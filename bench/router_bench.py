@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -122,9 +123,9 @@ def measure_shadow(
     at full speed.
 
     The shadow server runs on the primary server's core at SCHED_IDLE: it gets only the CPU the
-    primary leaves unused, as it would have a node of its own in a cluster, so the difference is
-    what mirroring costs the router (its queue, the copies, the comparisons), not a server
-    competing with the primary server for one core.
+    primary leaves unused, as it would have a node of its own in a cluster. The router's shadow
+    worker (which sends the copies and compares the answers, also at SCHED_IDLE) inherits the
+    router's core, shared with wrk; its CPU per request is measured apart.
     """
     pin_router = ["taskset", "-c", CLIENT_CPU]
     pin_shadow = ["taskset", "-c", SERVER_CPU, "chrt", "--idle", "0"]
@@ -148,21 +149,21 @@ def measure_shadow(
             path.write_text(json.dumps({"model": MODEL, "variants": dark, **extra}))
             routers[name] = stack.enter_context(route(path, prefix=pin_router))
             run_wrk(routers[name].url + INFER, body, 16, 1)
+        pids = {name: {"router": router.process.pid} for name, router in routers.items()}
+        # The mirrored router started its shadow worker with the warm-up's first copy.
+        (worker,) = psutil.Process(routers["mirrored"].process.pid).children()
+        pids["mirrored"]["worker"] = worker.pid
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in routers}
         for round_ in range(rounds):
             for name in sorted(routers, reverse=round_ % 2 == 1):
-                router = routers[name]
-                pids = {"router": router.process.pid}
-                runs[name].append(
-                    measure(router.url + INFER, body, 16, duration_s, pids, pause_ms=pause_ms)
-                )
+                url = routers[name].url + INFER
+                runs[name].append(measure(url, body, 16, duration_s, pids[name], pause_ms=pause_ms))
         for name, router in routers.items():
-            pids = {"router": router.process.pid}
             result[name] = {
                 "paced": runs[name],
                 "p50_ms": statistics.median(run["p50_ms"] for run in runs[name]),
                 "p99_ms": statistics.median(run["p99_ms"] for run in runs[name]),
-                "full_speed": measure(router.url + INFER, body, 16, duration_s, pids),
+                "full_speed": measure(router.url + INFER, body, 16, duration_s, pids[name]),
             }
         metrics = httpx.get(routers["mirrored"].url + "/metrics").text
         result["shadow_metrics"] = [
@@ -190,7 +191,8 @@ def summarize_shadow(shadow: dict[str, Any]) -> str:
         f"{_median(plain, 'router_cpu_us'):.0f} -> "
         f"{_median(mirrored, 'router_cpu_us'):.0f} us/req, "
         f"router wake-ups {_median(plain, 'router_wakeups'):.3f} -> "
-        f"{_median(mirrored, 'router_wakeups'):.3f} per request; full speed: req/s "
+        f"{_median(mirrored, 'router_wakeups'):.3f} per request, shadow worker CPU "
+        f"{_median(mirrored, 'worker_cpu_us'):.0f} us/req; full speed: req/s "
         f"{fast_plain['req_s']:.0f} -> {fast_mirrored['req_s']:.0f}, p99 "
         f"{fast_plain['p99_ms']:.2f} -> {fast_mirrored['p99_ms']:.2f} ms, router CPU "
         f"{fast_plain['router_cpu_us']:.0f} -> {fast_mirrored['router_cpu_us']:.0f} us/req"

@@ -125,7 +125,8 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
         "MODELDEPLOY_ROUTER_SHADOW_QUEUE",
         parse_positive_int,
         "256",
-        "shadow copies waiting to be sent; more are dropped (and counted)",
+        "shadow copies in the shadow worker's hands (waiting, or sent and not answered yet); "
+        "more are dropped (and counted)",
     ),
     "shadow_log": (
         ROUTER_SHADOW_LOG_ENV,
@@ -373,11 +374,11 @@ class Router:
             MirrorSettings(
                 queue_size=settings.shadow_queue,
                 timeout_s=settings.timeout_s,
+                connect_timeout_s=settings.connect_timeout_s,
                 log_path=settings.shadow_log,
                 log_sample=settings.shadow_log_sample,
                 log_max_bytes=settings.shadow_log_max_bytes,
             ),
-            upstream,
             self.metrics,
         )
         self._draining = False

@@ -13,12 +13,14 @@ from typing import Any
 import httpx
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pytest
 from sklearn.datasets import load_iris
 
-from modeldeploy_server.mirror import DisagreementLog
+from modeldeploy_server.mirror import RESTART_DELAY_S
 from modeldeploy_server.routing import ConfigError, ShadowConfig, parse_router_config
 from modeldeploy_server.shadow import compare_answers
+from modeldeploy_server.shadow_worker import DisagreementLog
 from tests.processes import RunningProcess, route, serve_model
 from tests.router.test_router import metric
 
@@ -274,8 +276,8 @@ def test_shadow_disagreements_match_onnxruntime_and_primary_answers_are_unchange
 def test_full_shadow_queue_drops_and_counts_without_touching_users(
     example_variants: tuple[RunningProcess, RunningProcess], tmp_path: Path
 ) -> None:
-    """The shadow accepts connections and never answers: the mirror's first round hangs (the
-    first copy and those queued while it gathered: 1 to 3), 2 copies wait, the rest drop."""
+    """The shadow accepts connections and never answers: the first 2 copies stay in the shadow
+    worker's hands (sent, unanswered), the other 38 drop."""
     v1, _ = example_variants
     body = row_request(load_iris().data[0].astype(np.float32))
     with socket.create_server(("127.0.0.1", 0), backlog=64) as hung:
@@ -289,5 +291,54 @@ def test_full_shadow_queue_drops_and_counts_without_touching_users(
             counts = shadow_counts(router)
     assert [a.status_code for a in answers] == [200] * 40
     assert counts["requests"] == 40
-    assert 40 - 2 - 3 <= counts["dropped"] <= 40 - 2 - 1
+    assert counts["dropped"] == 40 - 2
     assert counts["agreements"] + counts["disagreements"] == 0
+
+
+def applied_reloads(router: RunningProcess) -> float:
+    text = httpx.get(router.url + "/metrics").text
+    return metric(text, "modeldeploy_router_config_reloads_total", result="applied")
+
+
+def test_killed_shadow_worker_is_replaced_and_its_copies_counted(
+    example_variants: tuple[RunningProcess, RunningProcess], tmp_path: Path
+) -> None:
+    """SIGKILL the worker process with copies in its hands (the shadow never answers): users
+    still get v1's answers, the copies it held count as errors, and a copy after the restart
+    delay starts a new worker that compares again."""
+    v1, v2 = example_variants
+    body = row_request(load_iris().data[0].astype(np.float32))
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as hung:
+        config = tmp_path / "routes.json"
+        hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        config.write_text(shadow_routes(v1.url, hung_url, {"variant": "v2", "percent": 100}))
+        with route(config, ["--shadow-queue", "3"]) as router, httpx.Client(timeout=30) as client:
+            url = router.url + "/v2/models/iris/infer"
+            reloads = applied_reloads(router)
+            before = [client.post(url, content=body) for _ in range(5)]
+            (worker,) = psutil.Process(router.process.pid).children()
+            assert "modeldeploy_server.shadow_worker" in " ".join(worker.cmdline())
+            worker.kill()
+            deadline = time.monotonic() + 10
+            while shadow_counts(router)["errors"] < 3:
+                assert time.monotonic() < deadline, router.output()
+                time.sleep(0.05)
+            # Point the shadow at a live v2: the replacement compares its copies.
+            config.write_text(shadow_routes(v1.url, v2.url, {"variant": "v2", "percent": 100}))
+            while applied_reloads(router) <= reloads:
+                assert time.monotonic() < deadline + 10, router.output()
+                time.sleep(0.05)
+            time.sleep(RESTART_DELAY_S)  # no worker starts before it has passed
+            after = [client.post(url, content=body) for _ in range(5)]
+            while (counts := shadow_counts(router))["compared"] < 3:
+                assert time.monotonic() < deadline + 20, (counts, router.output())
+                time.sleep(0.05)
+            (replacement,) = psutil.Process(router.process.pid).children()
+    assert replacement.pid != worker.pid
+    assert [a.status_code for a in before + after] == [200] * 10
+    assert {a.headers["x-model-variant"] for a in before + after} == {"v1"}
+    assert counts["requests"] == 10
+    assert counts["errors"] == 3  # the copies the killed worker held
+    assert counts["dropped"] == 2 + 2  # offered while a worker held 3
+    assert counts["agreements"] + counts["disagreements"] == 3
+    assert "the shadow worker exited" in router.output()

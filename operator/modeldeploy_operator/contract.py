@@ -27,6 +27,10 @@ ROUTER_DEFAULT_TIMEOUT_S = 60
 ROUTER_SHADOW_LOG_ENV = "MODELDEPLOY_ROUTER_SHADOW_LOG"
 ROUTER_SHADOW_LOG_MAX_BYTES_ENV = "MODELDEPLOY_ROUTER_SHADOW_LOG_MAX_BYTES"
 
+# A rollout's probe Job sends this token in the probe header (`x-modeldeploy-probe`); the router
+# counts a request as probe traffic only with the token of its routes (`probeToken`).
+PROBE_TOKEN_ENV = "MODELDEPLOY_PROBE_TOKEN"
+
 # After SIGTERM a server or router fails readiness at once but keeps its port open this long
 # (answering with `Connection: close`) before it stops accepting, so that whoever balances load
 # onto it (kube-proxy, a gateway, the router) stops sending first: a plain SIGTERM drops nothing.

@@ -99,6 +99,8 @@ def probe_args(md: ModelDeployment, probes: ProbeRun, router_url: str) -> list[s
     """`modeldeploy-server probe` arguments for one window's probe traffic through the router."""
     args = ["probe", *dataset_args(probe_dataset(md, probes)), "--url", router_url]
     args += ["--model-name", md.name, "--header-override", md.routing.header_override]
+    if md.uid is not None:
+        args += ["--probe-token", naming.probe_token(md.uid)]
     for name in probes.variants:
         args += ["--variant", name]
     return [

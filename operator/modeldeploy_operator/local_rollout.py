@@ -192,7 +192,8 @@ class LocalRollout:
             )
             return
         generation = self.md.generation + 1
-        self.md = dataclasses.replace(md, generation=generation)
+        # The run's uid stays: the routes' probe token derives from it.
+        self.md = dataclasses.replace(md, generation=generation, uid=self.md.uid)
         self.next_look = 0.0
         self.say(f"  edit: generation {generation}, spec weights {_show(md.spec_weights)}")
         if md.rollout is None:

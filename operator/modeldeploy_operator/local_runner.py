@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +178,9 @@ def run_local(md: ModelDeployment, settings: LocalRunSettings, out: TextIO, err:
 
     Progress goes to `out`, the reason for a failure to `err`.
     """
+    if md.uid is None:
+        # A uid of this run's own: the routes' probe token derives from it.
+        md = dataclasses.replace(md, uid=f"local-{uuid.uuid4()}")
     run_dir = Path(tempfile.mkdtemp(prefix=f"modeldeploy-{md.name}-"))
     supervisor = Supervisor(run_dir, out)
     try:

@@ -3,6 +3,8 @@ child watch always agree on them."""
 
 from __future__ import annotations
 
+import hashlib
+
 FIELD_MANAGER = "modeldeploy-operator"
 # Earlier versions let kopf keep this finalizer on ModelDeployments and BatchPredictions; one left
 # there would block their deletion, so the operator removes it wherever it sees it.
@@ -63,6 +65,12 @@ def variant_service_url(md_name: str, variant: str, namespace: str) -> str:
 
 def router_url(md_name: str, namespace: str) -> str:
     return f"http://{router_object_name(md_name)}.{namespace}.svc"
+
+
+def probe_token(uid: str) -> str:
+    """The token a ModelDeployment's probe traffic carries, and its routers expect: derived from
+    its uid, which only readers of the API (never the model's HTTP clients) can see."""
+    return hashlib.sha256(f"modeldeploy-probe/{uid}".encode()).hexdigest()[:32]
 
 
 def owned_selector(md_name: str) -> str:

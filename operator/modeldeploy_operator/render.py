@@ -137,6 +137,8 @@ def render_routes_config(
     }
     if md.routing.sticky_header is not None:
         routes["stickyHeader"] = md.routing.sticky_header
+    if md.uid is not None:
+        routes["probeToken"] = naming.probe_token(md.uid)
     shadow = mirror or md.routing.shadow
     if shadow is not None:
         routes["shadow"] = {"variant": shadow.variant, "percent": shadow.percent}

@@ -6,7 +6,8 @@ would leave short of samples.
 
 Sends the dataset's rows (read as `gate` reads them, expected answers left aside) one row a
 request to the router's records endpoint, each pinned to a variant by the override header and
-marked with the probe header, so the router counts them apart from users' requests
+marked with the probe header carrying the routes' `probeToken` (`--probe-token`, or
+`$MODELDEPLOY_PROBE_TOKEN`), so the router counts them apart from users' requests
 (`modeldeploy_router_probe_*`). The variants take turns on the same rows (like for like: the
 candidate and the stable variants answer the same inputs), at most `--rate` requests a second in
 all, for at most `--duration-s` seconds. A failed or refused request is counted, never retried:
@@ -17,6 +18,7 @@ when the dataset cannot be read.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -28,6 +30,7 @@ from pathlib import Path
 import httpx
 import orjson
 
+from modeldeploy_operator.contract import PROBE_TOKEN_ENV
 from modeldeploy_server.gate import (
     Endpoint,
     GateError,
@@ -57,6 +60,7 @@ class ProbeConfig:
     variants: tuple[str, ...]
     rate_per_s: float
     duration_s: float
+    probe_token: str
     header_override: str = DEFAULT_HEADER_OVERRIDE
     timeout_s: float = 10.0
 
@@ -77,7 +81,10 @@ def run_probe(config: ProbeConfig, workdir: Path) -> dict[str, dict[str, int]]:
     with httpx.Client(timeout=httpx.Timeout(config.timeout_s)) as client:
         endpoints = {
             variant: Endpoint(
-                client, url, inputs, headers={config.header_override: variant, PROBE_HEADER: "1"}
+                client,
+                url,
+                inputs,
+                headers={config.header_override: variant, PROBE_HEADER: config.probe_token},
             )
             for variant in config.variants
         }
@@ -124,6 +131,13 @@ def parse_probe_config(argv: Sequence[str]) -> ProbeConfig:
     parser.add_argument(
         "--header-override", default=DEFAULT_HEADER_OVERRIDE, help="the router's variant header"
     )
+    token = os.environ.get(PROBE_TOKEN_ENV)
+    parser.add_argument(
+        "--probe-token",
+        default=token,
+        required=token is None,
+        help=f"the routes' probeToken, sent in the probe header (default: ${PROBE_TOKEN_ENV})",
+    )
     args = parse_dataset_arguments(parser, argv)
     return ProbeConfig(
         dataset=args.dataset,
@@ -134,6 +148,7 @@ def parse_probe_config(argv: Sequence[str]) -> ProbeConfig:
         variants=tuple(dict.fromkeys(args.variant)),
         rate_per_s=args.rate,
         duration_s=args.duration_s,
+        probe_token=args.probe_token,
         header_override=args.header_override,
     )
 

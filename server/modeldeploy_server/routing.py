@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import hmac
 import ipaddress
 import json
 import re
@@ -17,8 +18,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_HEADER_OVERRIDE = "x-model-variant"
-# A request carrying this header is probe traffic (a rollout's `modeldeploy-server probe`): served
-# as any other, counted apart from users' requests (modeldeploy_router_probe_* metrics).
+# A request carrying this header with the routes' `probeToken` is probe traffic (a rollout's
+# `modeldeploy-server probe`): served as any other, counted apart from users' requests
+# (modeldeploy_router_probe_* metrics, which a rollout judges). Without the token the header is
+# dropped, so a user cannot have requests counted as probes.
 PROBE_HEADER = "x-modeldeploy-probe"
 _PROBE_NAME = PROBE_HEADER.encode("latin-1")
 TOTAL_WEIGHT = 100
@@ -31,10 +34,11 @@ _VARIANT_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 # An HTTP header name is an RFC 9110 token.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _CONFIG_KEYS = frozenset(
-    {"version", "model", "headerOverride", "stickyHeader", "shadow", "variants"}
+    {"version", "model", "headerOverride", "stickyHeader", "shadow", "variants", "probeToken"}
 )
 _SHADOW_KEYS = frozenset({"variant", "percent", "tolerance"})
 DEFAULT_SHADOW_TOLERANCE = 1e-4
+_PROBE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 # The routes' version (the operator's content hash) becomes a metric label and an annotation value.
 _VERSION = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.:]{0,127}$")
 _VARIANT_KEYS = frozenset({"name", "url", "weight"})
@@ -145,6 +149,8 @@ class RouterConfig:
     # What the routes' author says they are (the operator's content hash); None in a file without.
     version: str | None = None
     shadow: ShadowConfig | None = None
+    # What the probe header must carry for a request to count as probe traffic (None: none does).
+    probe_token: str | None = None
     _by_name: dict[str, Variant] = field(init=False, repr=False, compare=False)
     # Cumulative weights of the variants with weight > 0, for a binary search per request.
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -155,6 +161,7 @@ class RouterConfig:
     # The two headers' names as they arrive from the ASGI server (lower-case bytes).
     override_name: bytes = field(init=False, repr=False, compare=False)
     sticky_name: bytes | None = field(init=False, repr=False, compare=False)
+    probe_token_bytes: bytes | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         weighted = tuple(v for v in self.variants if v.weight > 0)
@@ -168,6 +175,8 @@ class RouterConfig:
         object.__setattr__(self, "override_name", self.header_override.encode("latin-1"))
         sticky = self.sticky_header.encode("latin-1") if self.sticky_header else None
         object.__setattr__(self, "sticky_name", sticky)
+        token = self.probe_token.encode("ascii") if self.probe_token else None
+        object.__setattr__(self, "probe_token_bytes", token)
         # Later entries win, as the earlier branches of a chain of comparisons would.
         kinds = dict.fromkeys(_NOT_FORWARDED_REQUEST, _DROPPED)
         kinds.update(dict.fromkeys(FORWARDING_HEADERS, _FORWARDING))
@@ -302,6 +311,11 @@ def parse_router_config(text: str | bytes) -> RouterConfig:
         )
     raw_shadow = obj.get("shadow")
     shadow = None if raw_shadow is None else _parse_shadow(raw_shadow, variants)
+    probe_token = obj.get("probeToken")
+    if probe_token is not None and not (
+        isinstance(probe_token, str) and _PROBE_TOKEN.match(probe_token)
+    ):
+        raise ConfigError("probeToken: must be 16-128 of [A-Za-z0-9_-]")
     return RouterConfig(
         model=model,
         header_override=header,
@@ -309,6 +323,7 @@ def parse_router_config(text: str | bytes) -> RouterConfig:
         sticky_header=sticky,
         version=version,
         shadow=shadow,
+        probe_token=probe_token,
     )
 
 
@@ -479,13 +494,16 @@ def read_request_headers(
                 forwarded_for.append(value)
         elif kind == _CONNECTION:
             connection.append(value)
-        else:  # the override, sticky and probe headers are read and forwarded
+        elif kind == _PROBE:
+            token = config.probe_token_bytes
+            probe = token is not None and hmac.compare_digest(value.strip(), token)
+            if probe:  # the variant counts it apart too; the token stays here
+                forwarded.append((name, b"1"))
+        else:  # the override and sticky headers are read and forwarded
             if kind == _OVERRIDE:
                 override = value.decode("latin-1").strip()
-            elif kind == _STICKY:
-                sticky = value.decode("latin-1").strip()
             else:
-                probe = True
+                sticky = value.decode("latin-1").strip()
             if name not in dropped:
                 forwarded.append((name, value))
     if connection:  # rare in HTTP/1.1: filtered afterwards, they may name earlier headers

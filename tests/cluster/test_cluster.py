@@ -803,6 +803,77 @@ def test_rollout_on_the_routers_own_metrics_counts_its_window_across_an_operator
     assert not old_operator & {pod["metadata"]["name"] for pod in operator_pods(iris.cluster)}
 
 
+def router_metrics(cluster: Cluster) -> list[str]:
+    """Each router pod's /metrics, read from its pod IP (this host routes to the pod network)."""
+    pods = cluster.get(
+        "-n", NAMESPACE, "pods", "-l", "modeldeploy.dev/model-deployment=iris,"
+        "app.kubernetes.io/component=router",
+    )["items"]  # fmt: skip
+    return [
+        httpx.get(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10).text
+        for pod in pods
+        if pod["status"].get("podIP")
+    ]
+
+
+def shadow_total(texts: list[str], kind: str) -> float:
+    """A shadow counter of primary v1 and shadow v2, summed over the router pods."""
+    name = f"modeldeploy_router_shadow_{kind}_total"
+    label = '{primary="v1",shadow="v2"} '
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for text in texts
+        for line in text.splitlines()
+        if line.startswith(name + label)
+    )
+
+
+def test_shadow_copies_are_compared_by_the_router_pods(edited_iris: Iris) -> None:
+    """`routing.shadow` copies every request to v2 (weight 0). Users get only v1's answers; the
+    shadow workers (processes of their own in the router pods, under the pods' restricted
+    security) compare each copy, and their verdicts match what onnxruntime says of the two
+    models: with tolerance 1, a row disagrees exactly when the labels differ."""
+    iris = edited_iris
+    document = iris_document(weights=(100, 0))
+    document["spec"]["routing"]["shadow"] = {"variant": "v2", "percent": 100, "tolerance": 1}
+    iris.apply(document)
+    iris.wait_settled()
+    iris.wait_servable()
+    rows = ROWS * 25
+    v1_labels, _ = reference(MODELS / "iris-v1.onnx", rows)
+    v2_labels, _ = reference(MODELS / "iris-v2.onnx", rows)
+    differing = sum(a != b for a, b in zip(v1_labels, v2_labels, strict=True))
+    before = router_metrics(iris.cluster)
+    counted = {kind: shadow_total(before, kind) for kind in SHADOW_KINDS}
+    with httpx.Client(timeout=10) as client:
+        answers = [send(client, iris.url, v2_body([row])) for row in rows]
+    sent = time.monotonic()
+
+    def compared() -> dict[str, float] | None:
+        texts = router_metrics(iris.cluster)
+        now = {kind: shadow_total(texts, kind) - counted[kind] for kind in SHADOW_KINDS}
+        done = now["agreements"] + now["disagreements"] + now["errors"] + now["dropped"]
+        return now if done >= len(rows) else None
+
+    counts = poll(compared, 60, "every copy compared", interval=0.5)
+    MEASURED.append(
+        f"shadow 100%: {len(rows)} copies compared by the router pods' workers "
+        f"{time.monotonic() - sent:.1f} s after the last answer; {counts}"
+    )
+    assert [a.status for a in answers] == [200] * len(rows)
+    assert {a.variant for a in answers} == {"v1"}
+    assert counts == {
+        "requests": len(rows),
+        "dropped": 0,
+        "errors": 0,
+        "agreements": len(rows) - differing,
+        "disagreements": differing,
+    }
+
+
+SHADOW_KINDS = ("requests", "dropped", "errors", "agreements", "disagreements")
+
+
 def test_wrong_sha256_never_ready_never_served_and_status_says_why(edited_iris: Iris) -> None:
     iris = edited_iris
     served_sha = sha256_of(MODELS / "iris-v2.onnx")

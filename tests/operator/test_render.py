@@ -13,7 +13,9 @@ import yaml
 
 from modeldeploy_operator import naming
 from modeldeploy_operator.contract import MAX_MODEL_BYTES
+from modeldeploy_operator.gate_jobs import probe_args
 from modeldeploy_operator.render import render_objects, routes_version
+from modeldeploy_operator.rollout import ProbeRun
 from modeldeploy_operator.spec import ModelDeployment, parse_model_deployment
 from modeldeploy_operator.traffic import compute_effective_weights
 from tests.operator.builders import SHA_V1, model_deployment, variant
@@ -358,11 +360,33 @@ def test_router_config_has_effective_weights_and_service_urls(
     assert rendered == {
         "model": "iris",
         "headerOverride": "x-model-variant",
+        "probeToken": naming.probe_token("0c4b7a4e-1f0e-4d8a-9a59-0d6f6a1e2b3c"),
         "variants": [
             {"name": "v1", "url": "http://iris-v1.ml.svc:8080", "weight": weights[0]},
             {"name": "v2", "url": "http://iris-v2.ml.svc:8080", "weight": weights[1]},
         ],
     }
+
+
+def test_probe_token_is_the_uid_s_own_and_the_probe_job_carries_it() -> None:
+    """Two ModelDeployments never share a token; an offline render (no uid) has none, so no
+    request counts as probe traffic there; the probe Job sends its routes' token."""
+    first, second, offline = (
+        routes(render(model_deployment(uid=uid)))
+        for uid in (
+            "0c4b7a4e-1f0e-4d8a-9a59-0d6f6a1e2b3c",
+            "a1b2c3d4-0000-4000-8000-000000000001",
+            None,
+        )
+    )
+    assert re.fullmatch("[0-9a-f]{32}", first["probeToken"])
+    assert first["probeToken"] != second["probeToken"]
+    assert "probeToken" not in offline
+    gate = {"dataset": {"uri": "https://data.example/golden.csv", "sha256": "c" * 64}}
+    gated = [variant("v1", 90), variant("v2", 10, gate=gate)]
+    md = parse_model_deployment(model_deployment(variants=gated))
+    args = probe_args(md, ProbeRun("k", ("v1", "v2"), 60, 5), "http://iris-router.ml.svc")
+    assert args[args.index("--probe-token") + 1] == first["probeToken"]
 
 
 def test_router_config_carries_the_sticky_header_lower_case() -> None:

@@ -133,6 +133,9 @@ def _variant(**changes: Any) -> str:
         (_variant(weight=99.5), "variants[0].weight: 99.5 is not an integer in 0..100"),
         (_variant(weight=True), "variants[0].weight: True is not an integer in 0..100"),
         (_variant(weight="100"), "variants[0].weight: '100' is not an integer in 0..100"),
+        (config_json(probeToken="short"), "probeToken: must be 16-128 of [A-Za-z0-9_-]"),
+        (config_json(probeToken="x" * 15 + "!"), "probeToken: must be 16-128 of [A-Za-z0-9_-]"),
+        (config_json(probeToken=12345678901234567), "probeToken: must be 16-128 of"),
         (variants_json(90, 20), "variants: weights sum to 110; they must sum to 100"),
         (variants_json(50), "variants: weights sum to 50; they must sum to 100"),
         (
@@ -347,6 +350,39 @@ def test_request_routing_facts(
         chunked,
     )
     assert all(name != b"x-forwarded-for" for name, _ in incoming.forwarded_headers)
+
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("routes_token", "sent", "probe"),
+    [
+        (TOKEN, TOKEN.encode(), True),
+        (TOKEN, b" " + TOKEN.encode() + b" ", True),  # optional whitespace around a value
+        (TOKEN, b"1", False),
+        (TOKEN, TOKEN.encode()[:-1], False),
+        (TOKEN, TOKEN.encode() + b"0", False),
+        (TOKEN, b"", False),
+        (None, b"1", False),  # routes without a token: no request is probe traffic
+        (None, TOKEN.encode(), False),
+    ],
+)
+def test_probe_header_counts_only_with_the_routes_token(
+    routes_token: str | None, sent: bytes, probe: bool
+) -> None:
+    """Only the rollout's probe Job knows the token: a user who sends the header stays a user,
+    and the variant never sees it; a probe reaches the variant marked, without the token."""
+    config = parse_router_config(config_json(probeToken=routes_token))
+    raw = [(b"x-modeldeploy-probe", sent), (b"accept", b"*/*")]
+    incoming = read_request_headers(raw, config, "127.0.0.1", NO_TRUST)
+    assert incoming.probe is probe
+    marked = [(b"x-modeldeploy-probe", b"1")] if probe else []
+    assert incoming.forwarded_headers == [
+        *marked,
+        (b"accept", b"*/*"),
+        (b"x-forwarded-for", b"127.0.0.1"),
+    ]
 
 
 def test_response_headers_keep_end_to_end_ones_and_name_the_variant() -> None:

@@ -22,6 +22,9 @@ USER_REQUEST = {
 }
 
 
+PROBE_TOKEN = "3f1c0de5a1b2c3d4e5f60718293a4b5c"
+
+
 def test_probes_are_pinned_paced_and_counted_apart(
     iris: BuiltModel, iris_server: RunningProcess, tmp_path: Path
 ) -> None:
@@ -36,11 +39,17 @@ def test_probes_are_pinned_paced_and_counted_apart(
             {"name": "v1", "url": iris_server.url, "weight": 100},
             {"name": "v2", "url": candidate.url, "weight": 0},  # no user traffic
         ]
-        routes.write_text(json.dumps({"model": "iris", "variants": variants}))
+        routes.write_text(
+            json.dumps({"model": "iris", "variants": variants, "probeToken": PROBE_TOKEN})
+        )
         with route(routes) as router:
-            users = [httpx.post(f"{router.url}/v2/models/iris/infer", json=USER_REQUEST)]
-            users += [httpx.post(f"{router.url}/v2/models/iris/infer", json=USER_REQUEST)]
-            assert [answer.status_code for answer in users] == [200, 200]
+            infer = f"{router.url}/v2/models/iris/infer"
+            users = [httpx.post(infer, json=USER_REQUEST) for _ in range(2)]
+            # Users who send the probe header without the routes' token are users still.
+            for spoofed in ("1", PROBE_TOKEN[:-1] + "x", ""):
+                headers = {"x-modeldeploy-probe": spoofed}
+                users.append(httpx.post(infer, json=USER_REQUEST, headers=headers))
+            assert [answer.status_code for answer in users] == [200] * 5
             probe = subprocess.run(
                 [
                     *server_command(),
@@ -61,6 +70,8 @@ def test_probes_are_pinned_paced_and_counted_apart(
                     "20",
                     "--duration-s",
                     "1",
+                    "--probe-token",
+                    PROBE_TOKEN,
                 ],
                 capture_output=True,
                 text=True,
@@ -75,7 +86,7 @@ def test_probes_are_pinned_paced_and_counted_apart(
     assert 0 < sum(sent.values()) <= 20 and abs(sent["v1"] - sent["v2"]) <= 1
     assert {name: c["answered"] for name, c in counts.items()} == sent
     # Users' counters hold the users' requests only; the probes are counted apart, per variant.
-    assert (counters["v1"].requests, counters["v2"].requests) == (2, 0)
+    assert (counters["v1"].requests, counters["v2"].requests) == (5, 0)
     for name in ("v1", "v2"):
         probes = counters[name].probes
         assert probes is not None and (probes.requests, probes.errors) == (sent[name], 0)
@@ -92,7 +103,7 @@ def test_probes_are_pinned_paced_and_counted_apart(
 def test_an_unreadable_dataset_exits_2(tmp_path: Path) -> None:
     missing = tmp_path / "none.csv"
     args = ["--dataset", str(missing), "--url", "http://127.0.0.1:9", "--model-name", "iris"]
-    args += ["--variant", "v1", "--rate", "1", "--duration-s", "1"]
+    args += ["--variant", "v1", "--rate", "1", "--duration-s", "1", "--probe-token", PROBE_TOKEN]
     probe = subprocess.run(
         [*server_command(), "probe", *args], capture_output=True, text=True, timeout=60
     )

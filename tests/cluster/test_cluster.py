@@ -828,6 +828,15 @@ def shadow_total(texts: list[str], kind: str) -> float:
     )
 
 
+def settled_shadow_counts(cluster: Cluster) -> dict[str, float] | None:
+    """The shadow counters summed over the router pods, once every copy offered so far has an
+    outcome (compared, failed or dropped); None while some are still in the workers' hands."""
+    texts = router_metrics(cluster)
+    counts = {kind: shadow_total(texts, kind) for kind in SHADOW_KINDS}
+    outcomes = sum(counts[kind] for kind in SHADOW_KINDS if kind != "requests")
+    return counts if outcomes == counts["requests"] else None
+
+
 def test_shadow_copies_are_compared_by_the_router_pods(edited_iris: Iris) -> None:
     """`routing.shadow` copies every request to v2 (weight 0). Users get only v1's answers; the
     shadow workers (processes of their own in the router pods, under the pods' restricted
@@ -843,17 +852,19 @@ def test_shadow_copies_are_compared_by_the_router_pods(edited_iris: Iris) -> Non
     v1_labels, _ = reference(MODELS / "iris-v1.onnx", rows)
     v2_labels, _ = reference(MODELS / "iris-v2.onnx", rows)
     differing = sum(a != b for a, b in zip(v1_labels, v2_labels, strict=True))
-    before = router_metrics(iris.cluster)
-    counted = {kind: shadow_total(before, kind) for kind in SHADOW_KINDS}
+    # The copies of the requests sent so far (wait_servable's) are all accounted for first.
+    counted = poll(
+        lambda: settled_shadow_counts(iris.cluster), 60, "earlier copies compared", interval=0.5
+    )
     with httpx.Client(timeout=10) as client:
         answers = [send(client, iris.url, v2_body([row])) for row in rows]
     sent = time.monotonic()
 
     def compared() -> dict[str, float] | None:
-        texts = router_metrics(iris.cluster)
-        now = {kind: shadow_total(texts, kind) - counted[kind] for kind in SHADOW_KINDS}
-        done = now["agreements"] + now["disagreements"] + now["errors"] + now["dropped"]
-        return now if done >= len(rows) else None
+        now = settled_shadow_counts(iris.cluster)
+        if now is None or now["requests"] - counted["requests"] < len(rows):
+            return None
+        return {kind: now[kind] - counted[kind] for kind in SHADOW_KINDS}
 
     counts = poll(compared, 60, "every copy compared", interval=0.5)
     MEASURED.append(

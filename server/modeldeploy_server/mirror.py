@@ -241,7 +241,6 @@ class Mirror:
         self._stopping = False
         # Copies in the worker's hands, by (primary, shadow).
         self._held: Counter[tuple[str, str]] = Counter()
-        self._held_total = 0
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -259,14 +258,13 @@ class Mirror:
         pair = (request.primary, request.shadow.variant)
         self._metrics.count_shadow(*pair, "requests")
         worker = self._worker
-        if self._held_total >= self._settings.queue_size or (
+        if self._held.total() >= self._settings.queue_size or (
             worker is None and (worker := self._start_worker()) is None
         ):
             self._metrics.count_shadow(*pair, "dropped")
             return
         worker.send(encode_copy(request))
         self._held[pair] += 1
-        self._held_total += 1
 
     def _start_worker(self) -> _WorkerProcess | None:
         now = time.monotonic()
@@ -286,16 +284,14 @@ class Mirror:
             else:
                 self._metrics.observe_shadow(primary, shadow, kind == "agreements", difference)
             self._held[(primary, shadow)] -= 1
-            self._held_total -= 1
 
     def _worker_exited(self, code: int | None) -> None:
         self._worker = None
-        lost = self._held_total
+        lost = self._held.total()
         for (primary, shadow), count in self._held.items():
-            for _ in range(count):
-                self._metrics.count_shadow(primary, shadow, "errors")
+            if count:
+                self._metrics.count_shadow(primary, shadow, "errors", count)
         self._held.clear()
-        self._held_total = 0
         log.warning(
             "the shadow worker exited (code %s); %d copies it held are counted as errors; "
             "another starts with a copy after %g s",

@@ -292,14 +292,14 @@ class RouterMetrics:
             registry=self.registry,
         )
 
-    def count_shadow(self, primary: str, shadow: str, kind: str) -> None:
-        """Count a shadow copy by kind: `requests` (offered), `dropped` (queue full), `errors`,
+    def count_shadow(self, primary: str, shadow: str, kind: str, copies: int = 1) -> None:
+        """Count shadow copies by kind: `requests` (offered), `dropped` (queue full), `errors`,
         `agreements` or `disagreements`."""
         key = (kind, primary, shadow)
         child = self._shadow_children.get(key)
         if child is None:
             child = self._shadow_children[key] = self._shadow[kind].labels(primary, shadow)
-        child.inc()
+        child.inc(copies)
 
     def observe_shadow(
         self, primary: str, shadow: str, agree: bool, difference: float | None

@@ -38,6 +38,7 @@ from tests.cluster.conftest import MEASURED, REPO_ROOT, Cluster
 from tests.controlplane.harness import expected_binaries, start_prometheus
 from tests.models import write_graph
 from tests.processes import server_command, stop
+from tests.router.test_router import metric
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -819,13 +820,7 @@ def router_metrics(cluster: Cluster) -> list[str]:
 def shadow_total(texts: list[str], kind: str) -> float:
     """A shadow counter of primary v1 and shadow v2, summed over the router pods."""
     name = f"modeldeploy_router_shadow_{kind}_total"
-    label = '{primary="v1",shadow="v2"} '
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for text in texts
-        for line in text.splitlines()
-        if line.startswith(name + label)
-    )
+    return sum(metric(text, name, primary="v1", shadow="v2") for text in texts)
 
 
 def settled_shadow_counts(cluster: Cluster) -> dict[str, float] | None:

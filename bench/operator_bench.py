@@ -24,9 +24,10 @@ Measured, per count:
 The harness itself watches (the operator's own index and informer, as the admin) instead of
 listing every object on each poll, so its cost stays linear in the objects it sees.
 Shapes: `full` is the realistic one (two variants 90/10 behind the router: 11 children, 3 of them
-Services); `minimal` is one variant with routing `none` (a Deployment and a Service). Every Service
-takes a ClusterIP from the test control plane's 10.0.0.0/16: at most about 21,600 full
-ModelDeployments (65,000 addresses / 3); the script refuses counts that cannot fit.
+Services, of which only the router's has a ClusterIP: the variants' are headless); `minimal` is one
+variant with routing `none` (a Deployment and a Service with a ClusterIP). ClusterIPs come from the
+test control plane's 10.0.0.0/16: at most about 65,000 full ModelDeployments, or 65,000 minimal
+ones; the script refuses counts that cannot fit.
 `--operator-path DIR` runs the operator from another source tree (e.g. `git archive REF operator |
 tar -x -C DIR` and DIR/operator) to compare code versions in one sitting.
 The control plane, the operator and this script share the machine: numbers include contention.
@@ -81,9 +82,9 @@ from tests.operator.harness import (  # noqa: E402
     running_operator,
 )
 
-# shape -> (variants, routing, Services per ModelDeployment).
+# shape -> (variants, routing, ClusterIPs per ModelDeployment).
 SHAPES: dict[str, tuple[list[dict[str, Any]], str, int]] = {
-    "full": ([variant("v1", 90), variant("v2", 10)], "router", 3),
+    "full": ([variant("v1", 90), variant("v2", 10)], "router", 1),
     "minimal": ([variant("v1", 100)], "none", 1),
 }
 SERVICE_IPS = 65_000  # 10.0.0.0/16 less the `kubernetes` Service and reserved addresses
@@ -497,9 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     crds = [*(REPO / "crds").glob("*.yaml"), *binaries.gateway_crds.glob("*.yaml")]
     for count in args.count:
-        services = (count + args.singles + 3) * SHAPES[args.shape][2]
-        if services > SERVICE_IPS:
-            print(f"{services} Services would not fit the control plane's {SERVICE_IPS} ClusterIPs")
+        addresses = (count + args.singles + 3) * SHAPES[args.shape][2]
+        if addresses > SERVICE_IPS:
+            print(f"{addresses} ClusterIPs would not fit the control plane's {SERVICE_IPS}")
             return 2
     runs = []
     for count in args.count:

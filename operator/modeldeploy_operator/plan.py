@@ -304,6 +304,8 @@ def recreate_reason(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> 
             return "selector edited: keys added by another field manager cannot be removed"
         if have.get("type", "ClusterIP") != want.get("type", "ClusterIP"):
             return f"type {have.get('type')} cannot be changed back to {want.get('type')}"
+        if (have.get("clusterIP") == "None") != (want.get("clusterIP") == "None"):
+            return "spec.clusterIP is immutable (headless behind the router, a ClusterIP otherwise)"
     elif kind == "Deployment":
         if have.get("selector") != want.get("selector"):
             return "spec.selector is immutable"

@@ -105,7 +105,11 @@ def render_objects(
         selector = naming.variant_selector(md.name, variant.name)
         labels = naming.variant_labels(md.name, variant.name, variant.model.sha256)
         objects.append(render_variant_deployment(md, variant, image))
-        objects.append(_service(md, name, selector, labels, naming.SERVER_PORT))
+        # Behind the router a variant's Service is headless: the router picks among its pods'
+        # addresses itself (upstream.Pool.connect), and a ClusterIP per variant would cost the
+        # cluster an address and the API server an allocation that scans every one allocated.
+        headless = md.routing.mode == "router"
+        objects.append(_service(md, name, selector, labels, naming.SERVER_PORT, headless=headless))
         if variant.min_replicas > 1:
             objects.append(_pod_disruption_budget(md, name, selector, labels))
         if variant.autoscaling is not None:
@@ -417,13 +421,22 @@ def _http_route(md: ModelDeployment, weights: Mapping[str, int]) -> Manifest:
 
 
 def _service(
-    md: ModelDeployment, name: str, selector: dict[str, str], labels: dict[str, str], port: int
+    md: ModelDeployment,
+    name: str,
+    selector: dict[str, str],
+    labels: dict[str, str],
+    port: int,
+    *,
+    headless: bool = False,
 ) -> Manifest:
-    spec = {
+    spec: dict[str, Any] = {
         "type": "ClusterIP",
         "selector": selector,
         "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
     }
+    if headless:
+        # Clients connect to the pods' own port then, not the Service's: they are the same.
+        spec["clusterIP"] = "None"
     return _object(md, "v1", "Service", name, labels, spec)
 
 

@@ -21,7 +21,10 @@ them needs changing, which is the usual answer of a modeldeploy server.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
+import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Literal, cast
@@ -454,6 +457,7 @@ class Pool:
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._literal_address = _is_address(self.host)
         # Host header and the path prefix every target starts with.
         self.host_header = parts.netloc.encode("latin-1")
         self.prefix = parts.path.rstrip("/").encode("latin-1")
@@ -484,23 +488,46 @@ class Pool:
         return None
 
     async def connect(self) -> Connection:
-        """A new connection."""
+        """A new connection, to one of the host's addresses picked at random.
+
+        In router mode a variant's Service is headless: its name resolves to the addresses of
+        the variant's ready pods. Picking one per connection spreads the pooled connections over
+        the pods as kube-proxy does for a ClusterIP (resolvers return the addresses in one order),
+        and an address that refuses (a pod just gone) is followed by the next one.
+        """
+        failure: OSError | None = None
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, protocol = await self._loop.create_connection(
-                    lambda: Connection(self),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl else None,
-                )
+                for address in await self._addresses():
+                    try:
+                        _, protocol = await self._loop.create_connection(
+                            lambda: Connection(self),
+                            address,
+                            self.port,
+                            ssl=self.ssl,
+                            server_hostname=self.host if self.ssl else None,
+                        )
+                    except OSError as exc:
+                        failure = exc
+                    else:
+                        return protocol
         except TimeoutError:
             raise UpstreamError(
                 "unreachable", "cannot connect: no connection in time", replayable=True
             ) from None
-        except OSError as exc:
-            raise UpstreamError("unreachable", f"cannot connect: {exc}", replayable=True) from None
-        return protocol
+        except OSError as exc:  # the name did not resolve
+            failure = exc
+        reason = failure or "the name has no address"
+        raise UpstreamError("unreachable", f"cannot connect: {reason}", replayable=True)
+
+    async def _addresses(self) -> list[str]:
+        """The host's addresses in random order (an address as given is its own)."""
+        if self._literal_address:
+            return [self.host]
+        found = await self._loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in found))
+        random.shuffle(addresses)
+        return addresses
 
     def forget(self, connection: Connection) -> None:
         """Drop a closed connection from the idle list."""
@@ -512,6 +539,14 @@ class Pool:
         for connection in list(self.idle):
             connection.close()
         self.idle.clear()
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class Upstream:

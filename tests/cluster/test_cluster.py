@@ -30,9 +30,11 @@ import onnx
 import onnxruntime
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from modeldeploy_operator.render import MODEL_SOURCE_DIR
 from modeldeploy_operator.spec import EXAMPLE_ANNOTATION
+from modeldeploy_server.upstream import IDLE_TIMEOUT_S
 from tests.cluster.cluster import NODE_IP
 from tests.cluster.conftest import MEASURED, REPO_ROOT, Cluster
 from tests.controlplane.harness import expected_binaries, start_prometheus
@@ -878,6 +880,47 @@ def test_shadow_copies_are_compared_by_the_router_pods(edited_iris: Iris) -> Non
 
 
 SHADOW_KINDS = ("requests", "dropped", "errors", "agreements", "disagreements")
+
+
+def test_the_routers_spread_a_variants_connections_over_its_pods(edited_iris: Iris) -> None:
+    """Behind the router a variant's Service is headless: each router pod resolves it to the
+    ready pods' addresses (this cluster's DNS always lists them in one order) and picks one per
+    new connection. With v1 at 2 replicas, both pods answer a share of the load."""
+    iris = edited_iris
+    document = iris_document(weights=(100, 0))
+    document["spec"]["variants"][0]["replicas"] = 2
+    iris.apply(document)
+    iris.wait_settled()
+    service = _service(iris.cluster, "iris-v1")
+    assert service is not None and service["spec"]["clusterIP"] == "None"
+    sha256 = sha256_of(MODELS / "iris-v1.onnx")
+
+    def two_ready() -> list[dict[str, Any]] | None:
+        ready = [p for p in installed_pods(iris.cluster, "v1", sha256) if _ready(p)]
+        return ready if len(ready) == 2 else None
+
+    pods = poll(two_ready, READY_TIMEOUT_S, "2 ready v1 pods")
+    # Connections the routers opened before the second pod was ready are dropped once idle.
+    time.sleep(IDLE_TIMEOUT_S + 1)
+    before = {p["metadata"]["name"]: served(p) for p in pods}
+    with Load(iris.url, concurrency=16) as load:
+        poll(lambda: len(load.answers) >= 800, 120, "800 answers", interval=0.2)
+    shares = {p["metadata"]["name"]: served(p) - before[p["metadata"]["name"]] for p in pods}
+    MEASURED.append(f"v1 at 2 replicas behind the routers: requests per pod {shares}")
+    assert load.failures() == []
+    assert sum(shares.values()) >= 800
+    assert min(shares.values()) >= 0.1 * sum(shares.values()), shares
+
+
+def served(pod: dict[str, Any]) -> float:
+    """The inference requests a variant pod has answered (its /metrics, from its pod IP)."""
+    text = httpx.get(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "modeldeploy_requests_total"
+    )
 
 
 def test_wrong_sha256_never_ready_never_served_and_status_says_why(edited_iris: Iris) -> None:

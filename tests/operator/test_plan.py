@@ -35,7 +35,8 @@ def stored(obj: dict[str, Any], uid: str = "uid-1") -> dict[str, Any]:
     obj["metadata"].update(uid=f"{uid}-{obj['kind']}-{obj['metadata']['name']}")
     obj["metadata"]["resourceVersion"] = "7"
     if obj["kind"] == "Service":
-        obj["spec"].update(clusterIP="10.0.0.9", sessionAffinity="None", ipFamilies=["IPv4"])
+        obj["spec"].setdefault("clusterIP", "10.0.0.9")  # "None" stays: a headless Service
+        obj["spec"].update(sessionAffinity="None", ipFamilies=["IPv4"])
     return obj
 
 
@@ -186,6 +187,23 @@ def test_recreate_decisions(kind: str, edit: Any, expected: str) -> None:
     reason = recreate_reason(observed, desired)
     assert (expected in reason) if expected else reason == "", reason
     assert bool(reason) == bool(expected)
+
+
+@pytest.mark.parametrize(("before", "after"), [(None, {"mode": "none"}), ({"mode": "none"}, None)])
+def test_variant_services_are_recreated_when_headless_changes(
+    before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> None:
+    """Behind the router the variant Services are headless (no ClusterIP), in the other modes
+    they have one: clusterIP is immutable, so a change of mode (or an upgrade from a release
+    whose variant Services all had one) recreates them."""
+    observed = children(model_deployment(routing=before))
+    md = model_deployment(routing=after)
+    planned = plan(Snapshot(md, observed), server_image=IMAGE, now=T0)
+    assert sorted(describe(r.observed) for r in planned.recreate) == [
+        "Service/iris-v1",
+        "Service/iris-v2",
+    ]
+    assert all("clusterIP is immutable" in r.reason for r in planned.recreate)
 
 
 def test_unchanged_children_need_no_recreate() -> None:

@@ -283,6 +283,28 @@ def test_pvc_model_is_mounted_read_only_and_fetched_from_the_mount() -> None:
     assert "model-source" not in json.dumps(pod["containers"])
 
 
+@pytest.mark.parametrize(
+    ("routing", "headless"),
+    [
+        (None, True),
+        ({"mode": "gateway", "gateway": {"parentRefs": [{"name": "gw"}]}}, False),
+        ({"mode": "none"}, False),
+    ],
+    ids=["router", "gateway", "none"],
+)
+def test_variant_services_are_headless_only_behind_the_router(
+    routing: dict[str, Any] | None, headless: bool
+) -> None:
+    objects = by_kind_name(render(model_deployment(routing=routing)))
+    for name in ("iris-v1", "iris-v2"):
+        spec = objects[("Service", name)]["spec"]
+        assert (spec.get("clusterIP") == "None") is headless
+        # Without a ClusterIP nothing maps ports: clients reach the pods' port as the Service's.
+        assert spec["ports"][0]["port"] == naming.SERVER_PORT
+    if routing is None:
+        assert "clusterIP" not in objects[("Service", "iris")]["spec"]  # what users call
+
+
 def test_labels_selectors_and_model_digest() -> None:
     objects = by_kind_name(render(model_deployment(pod={"labels": {"team": "risk"}})))
     deployment = objects[("Deployment", "iris-v1")]

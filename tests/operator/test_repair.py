@@ -117,6 +117,43 @@ def test_service_port_edit_is_repaired_with_every_other_drifted_child(watched: C
     assert status["traffic"] == "v1=100,v2=0"
 
 
+def test_a_change_of_routing_mode_recreates_the_variant_services(watched: Cluster) -> None:
+    """Behind the router the variant Services are headless; with routing `none` users call them,
+    through a ClusterIP. clusterIP cannot change on a Service, so a switch recreates them (as an
+    upgrade from a release whose variant Services all had one does), both ways."""
+    cluster = watched
+    cluster.create(iris())
+    cluster.wait_owned("iris", ROUTER_KEYS)
+
+    def variant_cluster_ips() -> list[str | None]:
+        services = [cluster.child("Service", f"iris-{name}") for name in ("v1", "v2")]
+        return [s["spec"].get("clusterIP") if s else None for s in services]
+
+    assert variant_cluster_ips() == ["None", "None"]
+    cluster.patch_spec("iris", {"routing": {"mode": "none"}})
+    wait_for(
+        lambda: all(ip not in (None, "None") for ip in variant_cluster_ips()),
+        "variant Services with ClusterIPs",
+        check=cluster.operator.check_alive,
+    )
+    cluster.patch_spec("iris", {"routing": {"mode": "router"}})
+    wait_for(
+        lambda: variant_cluster_ips() == ["None", "None"],
+        "headless variant Services again",
+        check=cluster.operator.check_alive,
+    )
+    cluster.wait_owned("iris", ROUTER_KEYS)
+    assert_matches_render(cluster, "iris")
+    events = cluster.core.list_namespaced_event(
+        cluster.namespace, field_selector="involvedObject.name=iris,reason=Recreated"
+    ).items
+    assert {e.message for e in events} == {
+        f"recreated Service/iris-{name}: spec.clusterIP is immutable "
+        "(headless behind the router, a ClusterIP otherwise)"
+        for name in ("v1", "v2")
+    }
+
+
 @pytest.mark.parametrize("how", HOWS)
 def test_every_owned_kind_is_restored_within_2s(watched: Cluster, how: str) -> None:
     cluster = watched

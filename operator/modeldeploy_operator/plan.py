@@ -147,7 +147,7 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
     traffic = compute_effective_weights(routed, ready)
     # A gated variant's gate runs once it serves (against its Service), for its current digest.
     desired = tuple(
-        with_applied_hash(o)
+        with_applied_hash(keep_cluster_ip(o, owned.get(key(o))))
         for o in render_with_gates(
             md,
             server_image=server_image,
@@ -238,6 +238,23 @@ def settle(plan: Plan, failures: Sequence[Failure]) -> Settled:
     return Settled(status, tuple(events), new)
 
 
+def keep_cluster_ip(desired: Manifest, observed: Mapping[str, Any] | None) -> Manifest:
+    """`desired` without its headless `clusterIP: None` when the Service already has a ClusterIP.
+
+    The variant Services are rendered headless in router mode, where the router reaches the pods
+    through either kind, so one created with a ClusterIP (by a release before that, or in another
+    mode) keeps it: clusterIP cannot change, and recreating the Service would leave its name
+    without an address for a moment, and in DNS caches for longer. Only a Service that needs a
+    ClusterIP and has none is recreated (`recreate_reason`).
+    """
+    if desired["kind"] != "Service" or desired["spec"].get("clusterIP") != "None":
+        return desired
+    if (observed or {}).get("spec", {}).get("clusterIP") in (None, "None"):
+        return desired
+    spec = {k: v for k, v in desired["spec"].items() if k != "clusterIP"}
+    return {**desired, "spec": spec}
+
+
 def with_applied_hash(manifest: Manifest) -> Manifest:
     """`manifest` annotated with a hash of itself: the next reconcile knows what it last applied."""
     digest = hashlib.sha256(
@@ -304,8 +321,8 @@ def recreate_reason(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> 
             return "selector edited: keys added by another field manager cannot be removed"
         if have.get("type", "ClusterIP") != want.get("type", "ClusterIP"):
             return f"type {have.get('type')} cannot be changed back to {want.get('type')}"
-        if (have.get("clusterIP") == "None") != (want.get("clusterIP") == "None"):
-            return "spec.clusterIP is immutable (headless behind the router, a ClusterIP otherwise)"
+        if have.get("clusterIP") == "None" and want.get("clusterIP") != "None":
+            return "a headless Service cannot be given a ClusterIP (spec.clusterIP is immutable)"
     elif kind == "Deployment":
         if have.get("selector") != want.get("selector"):
             return "spec.selector is immutable"

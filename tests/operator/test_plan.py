@@ -18,6 +18,7 @@ from modeldeploy_operator.plan import (
     plan_inputs,
     recreate_reason,
     settle,
+    with_applied_hash,
 )
 from modeldeploy_operator.render import render_objects
 from modeldeploy_operator.spec import parse_model_deployment
@@ -189,21 +190,34 @@ def test_recreate_decisions(kind: str, edit: Any, expected: str) -> None:
     assert bool(reason) == bool(expected)
 
 
-@pytest.mark.parametrize(("before", "after"), [(None, {"mode": "none"}), ({"mode": "none"}, None)])
-def test_variant_services_are_recreated_when_headless_changes(
-    before: dict[str, Any] | None, after: dict[str, Any] | None
-) -> None:
-    """Behind the router the variant Services are headless (no ClusterIP), in the other modes
-    they have one: clusterIP is immutable, so a change of mode (or an upgrade from a release
-    whose variant Services all had one) recreates them."""
-    observed = children(model_deployment(routing=before))
-    md = model_deployment(routing=after)
+def test_a_headless_variant_service_is_recreated_when_it_needs_a_cluster_ip() -> None:
+    """Behind the router the variant Services are headless; with routing `none` users call them
+    through a ClusterIP, which a Service cannot be given: the switch recreates them."""
+    observed = children(model_deployment())
+    md = model_deployment(routing={"mode": "none"})
     planned = plan(Snapshot(md, observed), server_image=IMAGE, now=T0)
     assert sorted(describe(r.observed) for r in planned.recreate) == [
         "Service/iris-v1",
         "Service/iris-v2",
     ]
-    assert all("clusterIP is immutable" in r.reason for r in planned.recreate)
+    assert all("headless Service cannot be given a ClusterIP" in r.reason for r in planned.recreate)
+
+
+def test_a_variant_service_with_a_cluster_ip_keeps_it_behind_the_router() -> None:
+    """A variant Service created with a ClusterIP (routing `none`, or a release before headless
+    ones) serves the router as well: it is neither recreated nor sent `clusterIP: None`, which
+    the API server would refuse."""
+    before = parse_model_deployment(model_deployment(routing={"mode": "none"}))
+    observed = [stored(with_applied_hash(o)) for o in render_objects(before, server_image=IMAGE)]
+    md = model_deployment()
+    planned = plan(Snapshot(md, observed), server_image=IMAGE, now=T0)
+    assert planned.recreate == ()
+    services = [o for o in planned.desired if o["kind"] == "Service"]
+    assert [o["metadata"]["name"] for o in services] == ["iris-v1", "iris-v2", "iris"]
+    assert all("clusterIP" not in o["spec"] for o in services)
+    # The same Services as the ones observed: nothing to send them.
+    applied = {describe(o) for o in planned.apply}
+    assert applied.isdisjoint({"Service/iris-v1", "Service/iris-v2"}), applied
 
 
 def test_unchanged_children_need_no_recreate() -> None:

@@ -16,6 +16,9 @@ primary server leaves idle (in a cluster it has pods of its own). Two routers, w
 the shadow, take turns (3 runs each) under a paced load: 16 connections, each pausing
 `--shadow-pause-ms` after every answer, below saturation, so the users' p50/p99 compare latency
 rather than queueing; then each runs once at full speed (req/s, router CPU per request).
+The router's shadow worker runs on the router's core (as in its pod); `--shadow-worker-cpu server`
+moves it to the primary server's core, beside the shadow server, to tell its CPU's share of the
+users' latency from the router's own.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ def measure_shadow(
     duration_s: float,
     pause_ms: float,
     rounds: int,
+    worker_cpu: str,
 ) -> dict[str, Any]:
     """Routed runs at 16 connections without and with a shadow variant on `percent`, paced (each
     connection pauses `pause_ms` after every answer), alternated `rounds` times; then once each
@@ -125,7 +129,9 @@ def measure_shadow(
     The shadow server runs on the primary server's core at SCHED_IDLE: it gets only the CPU the
     primary leaves unused, as it would have a node of its own in a cluster. The router's shadow
     worker (which sends the copies and compares the answers, also at SCHED_IDLE) inherits the
-    router's core, shared with wrk; its CPU per request is measured apart.
+    router's core, shared with wrk, unless `worker_cpu` is "server": it then joins the shadow
+    server on the primary's core, as if the router pod had a core to spare for it. Its CPU per
+    request is measured apart.
     """
     pin_router = ["taskset", "-c", CLIENT_CPU]
     pin_shadow = ["taskset", "-c", SERVER_CPU, "chrt", "--idle", "0"]
@@ -134,6 +140,7 @@ def measure_shadow(
         "connections": 16,
         "pause_ms": pause_ms,
         "rounds": rounds,
+        "worker_cpu": worker_cpu,
     }
     with contextlib.ExitStack() as stack:
         shadow_server = stack.enter_context(
@@ -153,6 +160,8 @@ def measure_shadow(
         # The mirrored router started its shadow worker with the warm-up's first copy.
         (worker,) = psutil.Process(routers["mirrored"].process.pid).children()
         pids["mirrored"]["worker"] = worker.pid
+        if worker_cpu == "server":
+            worker.cpu_affinity([int(SERVER_CPU)])
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in routers}
         for round_ in range(rounds):
             for name in sorted(routers, reverse=round_ % 2 == 1):
@@ -183,7 +192,8 @@ def summarize_shadow(shadow: dict[str, Any]) -> str:
     plain, mirrored = shadow["unmirrored"], shadow["mirrored"]
     fast_plain, fast_mirrored = plain["full_speed"], mirrored["full_speed"]
     return (
-        f"shadow {shadow['percent']}% at 16 connections, paced ({shadow['pause_ms']:g} ms pause, "
+        f"shadow {shadow['percent']}% at 16 connections, worker on the {shadow['worker_cpu']}'s "
+        f"core, paced ({shadow['pause_ms']:g} ms pause, "
         f"median of {shadow['rounds']} runs each, {plain['paced'][0]['req_s']:.0f} req/s): "
         f"p50 {plain['p50_ms']:.2f} -> {mirrored['p50_ms']:.2f} ms, "
         f"p99 {plain['p99_ms']:.2f} -> {mirrored['p99_ms']:.2f} ms "
@@ -220,6 +230,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--shadow-rounds", type=int, default=5, help="paced runs of each router, alternated"
+    )
+    parser.add_argument(
+        "--shadow-worker-cpu",
+        choices=("router", "server"),
+        default="router",
+        help="the shadow worker's core: the router's (as in its pod) or the primary server's",
     )
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
@@ -267,6 +283,7 @@ def main(argv: list[str]) -> int:
                     args.duration,
                     args.shadow_pause_ms,
                     args.shadow_rounds,
+                    args.shadow_worker_cpu,
                 )
                 print(json.dumps({"shadow": shadow}), flush=True)
     # The machine is shared: a busy neighbour shows here and makes the run worth repeating.

@@ -39,6 +39,8 @@ class RunOptions(TypedDict, total=False):
     ready_path: str | None  # default /v2/health/ready; None: do not wait for readiness
     env: Mapping[str, str]  # added to os.environ
     prefix: Sequence[str]  # goes before the command, for example ["taskset", "-c", "1"]
+    host: str  # default 127.0.0.1; another loopback address gives a name several (tests/router)
+    port: int  # default: a free one, chosen again if it was taken meanwhile
 
 
 class ProcessStartError(RuntimeError):
@@ -104,12 +106,14 @@ def stop(
 
 @contextlib.contextmanager
 def running(args: Sequence[str], **options: Unpack[RunOptions]) -> Iterator[RunningProcess]:
-    """Run `modeldeploy-server ARGS --host 127.0.0.1 --port P` until the block ends."""
+    """Run `modeldeploy-server ARGS --host 127.0.0.1 --port P` (or `host`, `port`) until the block
+    ends."""
     prefix = options.get("prefix", ())
     env = options.get("env", {})
+    host = options.get("host", LOOPBACK)
     for attempt in range(1, _BIND_ATTEMPTS + 1):
-        port = free_port()
-        command = [*prefix, *server_command(), *args, "--host", LOOPBACK, "--port", str(port)]
+        port = options.get("port") or free_port()
+        command = [*prefix, *server_command(), *args, "--host", host, "--port", str(port)]
         fd, log_name = tempfile.mkstemp(prefix="modeldeploy-", suffix=".log")
         log_path = Path(log_name)
         with os.fdopen(fd, "wb") as log_file:
@@ -127,7 +131,7 @@ def running(args: Sequence[str], **options: Unpack[RunOptions]) -> Iterator[Runn
                     **env,
                 },
             )
-        url = f"http://{LOOPBACK}:{port}"
+        url = f"http://{host}:{port}"
         started = RunningProcess(process, " ".join(command), url, port, log_path)
         ready_path = options.get("ready_path", READY_PATH)
         try:
@@ -135,7 +139,8 @@ def running(args: Sequence[str], **options: Unpack[RunOptions]) -> Iterator[Runn
                 _wait_ready(started, ready_path, options.get("ready_timeout_s", 60.0))
         except ProcessStartError:
             started.close()
-            if "address already in use" in started.output().lower() and attempt < _BIND_ATTEMPTS:
+            taken = "address already in use" in started.output().lower()
+            if taken and "port" not in options and attempt < _BIND_ATTEMPTS:
                 continue
             raise
         try:

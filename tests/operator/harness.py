@@ -30,6 +30,9 @@ MANIFESTS = REPO_ROOT / "manifests"
 KOPF = Path(sys.executable).parent / "kopf"
 GROUP, VERSION, PLURAL = "modeldeploy.dev", "v1alpha1", "modeldeployments"
 SERVER_IMAGE = "registry.example/modeldeploy-server:test"
+# Starts of the operator on a new metrics port when the chosen one was taken meanwhile.
+PORT_ATTEMPTS = 3
+STARTUP_TIMEOUT_S = 60.0
 TEST_MANAGER = "modeldeploy-tests"
 APPLY = "application/apply-patch+yaml"
 
@@ -93,6 +96,39 @@ class OperatorProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start it and wait until it serves its metrics. Their port was free when chosen, but
+        another process (a test's server) may take it before the operator binds it; kopf then
+        retries that startup activity only a minute later, with no reconcile meanwhile. So a
+        taken port means a new port and a new start."""
+        for _ in range(PORT_ATTEMPTS):
+            log_size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._launch()
+            if self._serves_metrics(log_size):
+                return
+            self.stop()
+            self.metrics_port = free_port()
+        raise AssertionError(f"the operator's metrics port was taken {PORT_ATTEMPTS} times")
+
+    def _serves_metrics(self, log_size: int) -> bool:
+        """True once the metrics answer; False if the port was taken (per the log since
+        `log_size`)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                self.metrics()
+            except OSError:
+                pass
+            else:
+                return True
+            with self.log_path.open("rb") as log:
+                log.seek(log_size)
+                if b"Address already in use" in log.read():
+                    return False
+            time.sleep(0.1)
+        raise AssertionError(f"operator never served its metrics:\n{self.log()[-3000:]}")
+
+    def _launch(self) -> None:
         assert self.process is None or self.process.poll() is not None
         argv = [str(KOPF), "run", "--standalone", "-m", "modeldeploy_operator.main"]
         if self.verbose:

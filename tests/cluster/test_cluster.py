@@ -30,7 +30,6 @@ import onnx
 import onnxruntime
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from modeldeploy_operator.render import MODEL_SOURCE_DIR
 from modeldeploy_operator.spec import EXAMPLE_ANNOTATION
@@ -40,7 +39,7 @@ from tests.cluster.conftest import MEASURED, REPO_ROOT, Cluster
 from tests.controlplane.harness import expected_binaries, start_prometheus
 from tests.models import write_graph
 from tests.processes import server_command, stop
-from tests.router.test_router import metric
+from tests.router.test_router import metric, requests_answered
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -913,14 +912,8 @@ def test_the_routers_spread_a_variants_connections_over_its_pods(edited_iris: Ir
 
 
 def served(pod: dict[str, Any]) -> float:
-    """The inference requests a variant pod has answered (its /metrics, from its pod IP)."""
-    text = httpx.get(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "modeldeploy_requests_total"
-    )
+    """The inference requests a variant pod has answered (read from its pod IP)."""
+    return requests_answered(f"http://{pod['status']['podIP']}:8080")
 
 
 def test_wrong_sha256_never_ready_never_served_and_status_says_why(edited_iris: Iris) -> None:

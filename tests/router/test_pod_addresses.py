@@ -17,11 +17,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.models import BuiltModel
 from tests.processes import RunningProcess, free_port, route, serve_model
-from tests.router.test_router import INFER, MODEL, SERVE_ARGS, infer_body
+from tests.router.test_router import INFER, MODEL, SERVE_ARGS, infer_body, requests_answered
 
 NAME = "pods.variant.test"
 ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -71,16 +70,6 @@ def pods(iris: BuiltModel) -> Iterator[tuple[int, dict[str, RunningProcess]]]:
         )
 
 
-def served(pod: RunningProcess) -> float:
-    text = httpx.get(pod.url + "/metrics").text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "modeldeploy_requests_total"
-    )
-
-
 def statuses(url: str, requests: int) -> list[int]:
     """The status of each of `requests` requests, CLIENTS at a time, a connection per client."""
     rows = np.tile(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32), (ROWS, 1))
@@ -101,12 +90,12 @@ def test_connections_spread_over_the_addresses_and_skip_those_that_refuse(
         # Every connection the router opens tries the addresses in a new random order: a third
         # of the time the refusing one comes first, and the next one is tried.
         assert statuses(router.url, 480) == [200] * 480
-        shares = {address: served(server) for address, server in servers.items()}
+        shares = {address: requests_answered(server.url) for address, server in servers.items()}
         assert sum(shares.values()) == 480
         assert min(shares.values()) > 0, shares
         # One pod gone as well: the only address left serves every new connection.
         first, second = servers.values()
         first.close()
-        before = served(second)
+        before = requests_answered(second.url)
         assert statuses(router.url, 96) == [200] * 96
-        assert served(second) - before == 96
+        assert requests_answered(second.url) - before == 96

@@ -111,6 +111,18 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def requests_answered(server_url: str) -> float:
+    """The inference requests a model server has answered, whatever their protocol and status
+    (its own /metrics)."""
+    text = httpx.get(server_url + "/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "modeldeploy_requests_total"
+    )
+
+
 @pytest.fixture
 def volume(tmp_path: Path) -> ConfigMapVolume:
     return ConfigMapVolume(tmp_path)

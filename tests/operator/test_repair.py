@@ -142,14 +142,25 @@ def test_variant_services_are_headless_behind_the_router_until_they_need_a_clust
         check=cluster.operator.check_alive,
     )
     with_ips = variant_services()
-    events = cluster.core.list_namespaced_event(
-        cluster.namespace, field_selector="involvedObject.name=iris,reason=Recreated"
-    ).items
-    assert {e.message for e in events} == {
+    expected_events = {
         f"recreated Service/iris-{name}: a headless Service cannot be given a ClusterIP "
         "(spec.clusterIP is immutable)"
         for name in ("v1", "v2")
     }
+
+    def recreated_events() -> set[str]:
+        events = cluster.core.list_namespaced_event(
+            cluster.namespace, field_selector="involvedObject.name=iris,reason=Recreated"
+        ).items
+        return {e.message for e in events}
+
+    # The reconcile posts its events after its writes: the Services can be seen first.
+    wait_for(
+        lambda: recreated_events() >= expected_events,
+        lambda: f"the Recreated events; seen: {recreated_events()}",
+        check=cluster.operator.check_alive,
+    )
+    assert recreated_events() == expected_events
     cluster.patch_spec("iris", {"routing": {"mode": "router"}})
     cluster.wait_owned("iris", ROUTER_KEYS)
     cluster.wait_routes("iris", {"v1": 0, "v2": 0})

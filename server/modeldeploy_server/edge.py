@@ -379,6 +379,8 @@ class ForwardCycle(EdgeCycle):
 
     # uvicorn's per-request state as class defaults: creating a cycle sets only the rest.
     disconnected = False
+    # What the forwarder's `start` decided before it handed the request on to `__call__`.
+    routed: Any = None
     response_started = False
     response_complete = False
     chunked_encoding = None

@@ -173,7 +173,9 @@ class Proxy:
         connection, and answer from that connection's callback, without a task. False (the edge
         then runs `__call__` as a task) when the request needs waiting: no idle connection to
         its variant, a chunked body, or no variant to route it to (answered there)."""
-        job = self._route(cycle)
+        # `__call__` goes on with this decision: drawing again there would favour the variants
+        # that have idle connections (the busy ones) over the weights.
+        job = cycle.routed = self._route(cycle)
         if isinstance(job, RoutingError) or job.incoming.chunked:
             return False
         pool = self._upstream.pool(job.variant.url)
@@ -228,8 +230,9 @@ class Proxy:
         self._done(job, answer, status)
 
     async def __call__(self, cycle: ForwardCycle) -> None:
-        """Route, forward and answer one request (the edge's forwarder, in a task)."""
-        job = self._route(cycle)
+        """Route (unless `start` did), forward and answer one request (the edge's forwarder, in
+        a task)."""
+        job = self._route(cycle) if cycle.routed is None else cycle.routed
         if isinstance(job, RoutingError):
             self._metrics.count_unrouted(job.status)
             await answer_json(cycle, job.status, {"error": str(job)})

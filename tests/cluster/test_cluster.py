@@ -30,6 +30,7 @@ import onnx
 import onnxruntime
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from modeldeploy_operator.render import MODEL_SOURCE_DIR
 from modeldeploy_operator.spec import EXAMPLE_ANNOTATION
@@ -446,6 +447,10 @@ def test_split_override_and_answers_equal_onnxruntime(iris: Iris) -> None:
     assert not [a for a in answers if a.status != 200]
     v2 = sum(a.variant == "v2" for a in answers)
     assert sum(a.variant == "v1" for a in answers) + v2 == n
+    by_pod = router_pod_split(iris.cluster)
+    MEASURED.append(
+        f"split 90/10: v2 answered {v2} of {n}; router pods since they started {by_pod}"
+    )
     assert within_binomial(v2, n, 0.10), f"v2 answered {v2} of {n}, expected about {n // 10}"
 
     with httpx.Client(timeout=10) as client:
@@ -816,6 +821,27 @@ def router_metrics(cluster: Cluster) -> list[str]:
         for pod in pods
         if pod["status"].get("podIP")
     ]
+
+
+def router_pod_split(cluster: Cluster) -> list[dict[str, float]]:
+    """Per router pod: its weights, requests answered, and retries (to another variant after a
+    failure), by variant."""
+    rows = []
+    for text in router_metrics(cluster):
+        row: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                variant = sample.labels.get("variant")
+                if sample.name == "modeldeploy_router_variant_weight":
+                    row[f"weight {variant}"] = sample.value
+                elif sample.name in (
+                    "modeldeploy_router_requests_total",
+                    "modeldeploy_router_retries_total",
+                ):
+                    key = f"{sample.name.split('_')[2]} {variant}"
+                    row[key] = row.get(key, 0) + sample.value
+        rows.append(row)
+    return rows
 
 
 def shadow_total(texts: list[str], kind: str) -> float:

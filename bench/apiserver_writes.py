@@ -27,22 +27,13 @@ sys.path.append(str(REPO))
 
 from kubernetes import client  # noqa: E402
 
-from modeldeploy_operator.kube import KubeApi, _collection_path  # noqa: E402
+from modeldeploy_operator import naming  # noqa: E402
+from modeldeploy_operator.kube import RESOURCES, KubeApi, _collection_path  # noqa: E402
 from modeldeploy_operator.render import render_objects  # noqa: E402
 from modeldeploy_operator.spec import parse_model_deployment  # noqa: E402
 from tests.controlplane import harness  # noqa: E402
 from tests.operator.builders import model_deployment, variant  # noqa: E402
 from tests.operator.harness import install_operator_identity  # noqa: E402
-
-PLURALS = {
-    "ConfigMap": "configmaps",
-    "Deployment": "deployments",
-    "PodDisruptionBudget": "poddisruptionbudgets",
-    "Role": "roles",
-    "RoleBinding": "rolebindings",
-    "Service": "services",
-    "ServiceAccount": "serviceaccounts",
-}
 
 
 def children(index: int, namespace: str) -> list[dict[str, Any]]:
@@ -57,19 +48,12 @@ def children(index: int, namespace: str) -> list[dict[str, Any]]:
     return render_objects(parse_model_deployment(md), server_image="modeldeploy/server:bench")
 
 
-def post(api: client.ApiClient, obj: dict[str, Any]) -> None:
-    path = _collection_path(obj["apiVersion"], PLURALS[obj["kind"]], obj["metadata"]["namespace"])
-    headers = {"Accept": "application/json", "Content-Type": "application/json"}
-    _, url, headers, _, _ = api.param_serialize(
-        "POST",
-        f"{path}?fieldManager=modeldeploy",
-        header_params=headers,
-        auth_settings=["BearerToken"],
-    )
-    response = api.call_api("POST", url, header_params=headers, body=obj)
-    response.read()  # type: ignore[no-untyped-call]
-    if response.status >= 300:
-        raise RuntimeError(f"POST {path}: HTTP {response.status}")
+def post(kube: KubeApi, obj: dict[str, Any]) -> None:
+    """Create `obj` by POST under the operator's field manager (what apply would otherwise do)."""
+    plural = RESOURCES[(obj["apiVersion"], obj["kind"])]
+    path = _collection_path(obj["apiVersion"], plural, obj["metadata"]["namespace"])
+    query = {"fieldManager": naming.FIELD_MANAGER}
+    kube._request("POST", path, query, body=obj, content_type="application/json")
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -103,7 +87,7 @@ def main() -> None:
             for kind, objects in by_kind.items():
                 api_cpu, etcd_cpu, started = cpu_seconds(apiserver), cpu_seconds(etcd), time.time()
                 for obj in objects:
-                    kube.apply(obj) if how == "apply" else post(api, obj)
+                    kube.apply(obj) if how == "apply" else post(kube, obj)
                 per = 1000 / len(objects)
                 print(
                     f"{kind:20s} {how:6s} {(cpu_seconds(apiserver) - api_cpu) * per:12.1f}"

@@ -40,7 +40,7 @@ from tests.cluster.conftest import MEASURED, REPO_ROOT, Cluster
 from tests.controlplane.harness import expected_binaries, start_prometheus
 from tests.models import write_graph
 from tests.processes import server_command, stop
-from tests.router.test_router import metric, requests_answered
+from tests.router.test_router import metric, requests_answered, within_binomial
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -215,11 +215,6 @@ def send(
         response.headers.get("x-model-sha256"),
         "" if response.status_code == 200 else response.text[:200],
     )
-
-
-def within_binomial(count: int, n: int, p: float) -> bool:
-    sigma = math.sqrt(n * p * (1 - p))
-    return abs(count - n * p) <= BINOMIAL_SIGMAS * sigma
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -451,7 +446,9 @@ def test_split_override_and_answers_equal_onnxruntime(iris: Iris) -> None:
     MEASURED.append(
         f"split 90/10: v2 answered {v2} of {n}; router pods since they started {by_pod}"
     )
-    assert within_binomial(v2, n, 0.10), f"v2 answered {v2} of {n}, expected about {n // 10}"
+    assert within_binomial(v2, n, 0.10, BINOMIAL_SIGMAS), (
+        f"v2 answered {v2} of {n}, expected about {n // 10}"
+    )
 
     with httpx.Client(timeout=10) as client:
         for variant, model in (("v1", "iris-v1.onnx"), ("v2", "iris-v2.onnx")):
@@ -516,7 +513,7 @@ def test_weight_change_by_apply_shows_within_5s_without_failures(edited_iris: Ir
     v2 = sum(a.variant == "v2" for a in after)
     MEASURED.append(f"weight change by apply: {_first_new_split(load, applied)}")
     assert not load.failures(), [(a.status, a.error) for a in load.failures()[:10]]
-    assert within_binomial(v2, len(after), 0.5), (
+    assert within_binomial(v2, len(after), 0.5, BINOMIAL_SIGMAS), (
         f"{v2} of {len(after)} requests sent 5 s or more after the apply went to v2; "
         f"50/50 expected ({_first_new_split(load, applied)})"
     )
@@ -823,6 +820,12 @@ def router_metrics(cluster: Cluster) -> list[str]:
     ]
 
 
+ROUTER_COUNTS = {
+    "modeldeploy_router_requests_total": "requests",
+    "modeldeploy_router_retries_total": "retries",
+}
+
+
 def router_pod_split(cluster: Cluster) -> list[dict[str, float]]:
     """Per router pod: its weights, requests answered, and retries (to another variant after a
     failure), by variant."""
@@ -834,12 +837,9 @@ def router_pod_split(cluster: Cluster) -> list[dict[str, float]]:
                 variant = sample.labels.get("variant")
                 if sample.name == "modeldeploy_router_variant_weight":
                     row[f"weight {variant}"] = sample.value
-                elif sample.name in (
-                    "modeldeploy_router_requests_total",
-                    "modeldeploy_router_retries_total",
-                ):
-                    key = f"{sample.name.split('_')[2]} {variant}"
-                    row[key] = row.get(key, 0) + sample.value
+                elif counted := ROUTER_COUNTS.get(sample.name):
+                    key = f"{counted} {variant}"
+                    row[key] = row.get(key, 0) + sample.value  # summed over status codes
         rows.append(row)
     return rows
 

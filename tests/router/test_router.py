@@ -118,6 +118,11 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def within_binomial(count: int, n: int, p: float, sigmas: float) -> bool:
+    """Whether `count` of `n` is within `sigmas` standard deviations of Binomial(n, p)'s mean."""
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
 def requests_answered(server_url: str) -> float:
     """The inference requests a model server has answered, whatever their protocol and status
     (its own /metrics)."""
@@ -177,8 +182,7 @@ def test_2000_requests_split_90_10_within_binomial_bounds(
     counts = served_by(answers)
     # Five standard deviations of Binomial(2000, 0.1) is 67 requests: a fair router fails this
     # about once in two million runs, while 85/15 (+100) or 95/5 (-100) always fail.
-    sigma = math.sqrt(n * 0.1 * 0.9)
-    assert abs(counts["v2"] - n * 0.1) <= 5 * sigma, counts
+    assert within_binomial(counts["v2"], n, 0.1, sigmas=5), counts
     assert counts["v1"] + counts["v2"] == n
     # The right answers came back: the model's predictions, row by row.
     assert [labels_of(a)[0] for a in answers] == iris.estimator.predict(rows).tolist()
@@ -210,8 +214,7 @@ def test_the_split_holds_when_a_variant_has_no_idle_connection(
         with route(volume.path) as router, httpx.Client(timeout=30) as client:
             answers = [client.post(router.url + INFER, json=body) for _ in range(n)]
     counts = served_by(answers)
-    sigma = math.sqrt(n * 0.1 * 0.9)
-    assert abs(counts["v2"] - n * 0.1) <= 5 * sigma, counts
+    assert within_binomial(counts["v2"], n, 0.1, sigmas=5), counts
 
 
 def test_override_header_and_versioned_path_pin_a_dark_variant(

@@ -55,10 +55,11 @@ sys.path.append(str(REPO))
 
 from kubernetes import client, config  # noqa: E402
 
-from modeldeploy_operator import contract, naming  # noqa: E402
+from modeldeploy_operator import naming  # noqa: E402
 from modeldeploy_operator.index import Index  # noqa: E402
 from modeldeploy_operator.informer import NamespaceInformer  # noqa: E402
 from modeldeploy_operator.kube import KubeApi  # noqa: E402
+from modeldeploy_operator.readiness import route_table_key, routes_acks  # noqa: E402
 from modeldeploy_operator.render import render_objects  # noqa: E402
 from modeldeploy_operator.spec import parse_model_deployment  # noqa: E402
 from tests.controlplane import harness  # noqa: E402
@@ -156,10 +157,9 @@ class Tracker:
         self.routes.pop(name, None)
         for obj in children:
             meta = obj["metadata"]
-            if obj["kind"] == "ConfigMap" and meta["name"] == naming.routes_config_map_name(name):
-                version = json.loads(obj["data"][contract.ROUTES_KEY]).get("version", "")
-                acks = meta.get("annotations") or {}
-                if acks.get(f"{contract.ROUTES_ACK_ANNOTATION_PREFIX}{name}-router") != version:
+            if (obj["kind"], meta["name"]) == route_table_key(name):
+                version = obj["spec"]["routes"].get("version", "")
+                if routes_acks(obj).get(f"{name}-router") != version:
                     self.routes[name] = version
 
 
@@ -241,7 +241,7 @@ class Bench:
         list(self.players.map(add, names))
 
     def play_routers(self, cluster: Cluster) -> None:
-        """Each router pod acknowledges the routes version its ConfigMap carries now, as known
+        """Each router pod acknowledges the routes version its RouteTable carries now, as known
         from the watch (as a router knows it)."""
         news = [(n, v) for n, v in self.tracker.unacked().items() if self.acked.get(n) != v]
 

@@ -23,6 +23,7 @@ from modeldeploy_operator.gate_jobs import render_with_gates
 from modeldeploy_operator.kubeyaml import Document, KubeYAMLError, load_documents
 from modeldeploy_operator.local_batch import LocalBatchSettings, run_local_batch
 from modeldeploy_operator.local_runner import LocalRunSettings, run_local
+from modeldeploy_operator.render import render_router_identity
 from modeldeploy_operator.spec import (
     BATCH_KIND,
     KIND,
@@ -211,6 +212,7 @@ def _stamp(path: str) -> tuple[int, int]:
 def render(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> int:
     """`modeldeploy render`: what the operator applies, as one YAML stream, every variant Ready."""
     objects = []
+    identities: set[str] = set()  # namespaces whose router identity is rendered
     models = {v.md.name: v.md for v in verdicts if isinstance(v, Loaded)}
     for loaded in verdicts:
         if isinstance(loaded, LoadedBatch):
@@ -232,8 +234,12 @@ def render(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> in
         md = loaded.md
         if args.namespace is not None:
             md = dataclasses.replace(md, namespace=args.namespace)
+        if md.routing.mode == "router" and md.namespace not in identities:
+            # What the operator creates with a namespace's first router (owned by none).
+            identities.add(md.namespace)
+            objects += render_router_identity(md.namespace)
         objects += render_with_gates(md, server_image=args.server_image)
-    yaml.dump_all(objects, out, Dumper=_BlockStringDumper, sort_keys=False)
+    yaml.safe_dump_all(objects, out, sort_keys=False)
     return 0
 
 
@@ -276,18 +282,6 @@ def validate(args: argparse.Namespace, verdicts: list[Verdict], out: TextIO) -> 
                 flush=True,
             )
     return 0 if not any(isinstance(v, Refused) for v in verdicts) else 1
-
-
-class _BlockStringDumper(yaml.SafeDumper):
-    """Multi-line strings (the router's routes.json) as literal blocks, readable in reviews."""
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_BlockStringDumper.add_representer(str, _represent_str)
 
 
 def _claim_dir(text: str) -> tuple[str, Path]:

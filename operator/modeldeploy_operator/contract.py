@@ -10,15 +10,22 @@ from __future__ import annotations
 # anything larger instead of filling the pod's disk.
 MAX_MODEL_BYTES = 2 * 1024 * 1024 * 1024
 
-# The router's routes: the data key of the `<md>-routes` ConfigMap, and the JSON format of a routes
-# file in local mode. The routes carry a `version` (the operator's content hash).
-ROUTES_KEY = "routes.json"
-# After serving routes version V, each router pod sets annotation `<prefix><pod name>: V` on the
-# routes ConfigMap (a JSON merge patch under its own field manager); the operator reads them.
-ROUTES_ACK_ANNOTATION_PREFIX = "acks.modeldeploy.dev/"
+# The router's routes live in a RouteTable (a custom resource of ours, `<md>-routes`): the
+# operator applies its `spec.routes`, a JSON object in the format of a routes file in local mode,
+# carrying a `version` (the operator's content hash). Routers need no other object, so they share
+# one identity per namespace (ServiceAccount `modeldeploy-router`, bound to the ClusterRole of the
+# same name: read RouteTables, patch their status) instead of a Role per ModelDeployment, which
+# costs the API server an RBAC escalation check per write.
+ROUTE_TABLE_API_VERSION = "modeldeploy.dev/v1alpha1"
+ROUTE_TABLE_KIND = "RouteTable"
+ROUTE_TABLE_PLURAL = "routetables"
+ROUTER_IDENTITY = "modeldeploy-router"
+# After serving routes version V, each router pod sets `status.acks[<pod name>] = V` on its
+# RouteTable (a JSON merge patch of the status subresource under its own field manager); the
+# operator reads them.
 ROUTER_FIELD_MANAGER = "modeldeploy-router"
-# The router pod's env: which ConfigMap to watch (NAMESPACE/NAME) and its own pod name.
-ROUTES_CONFIGMAP_ENV = "MODELDEPLOY_ROUTES_CONFIGMAP"
+# The router pod's env: which RouteTable to watch (NAMESPACE/NAME) and its own pod name.
+ROUTE_TABLE_ENV = "MODELDEPLOY_ROUTE_TABLE"
 POD_NAME_ENV = "MODELDEPLOY_POD_NAME"
 # The router's wait for a variant's answer (`routing.timeoutSeconds`), and its disagreement log
 # of shadow answers (a file and the size at which it rotates), all set by the operator's render.

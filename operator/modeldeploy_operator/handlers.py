@@ -27,11 +27,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from modeldeploy_operator import naming
 from modeldeploy_operator.config import OperatorConfig
-from modeldeploy_operator.index import Index, MdKey
+from modeldeploy_operator.index import Index, MdKey, is_router_identity
 from modeldeploy_operator.informer import NamespaceInformer, trim
 from modeldeploy_operator.kube import WATCHED, ApiError, KubeApi, TransientApiError
 from modeldeploy_operator.metrics import OperatorMetrics
-from modeldeploy_operator.plan import Key, Snapshot, describe, plan_inputs
+from modeldeploy_operator.plan import Key, Snapshot, describe, identity_intact, plan_inputs
 from modeldeploy_operator.pod_problems import pod_problem
 from modeldeploy_operator.reconcile import Outcome, reconcile
 from modeldeploy_operator.rollout_control import command_of
@@ -137,11 +137,18 @@ class Controller:
     def changed(self, kind: str, type_: str, obj: Mapping[str, Any]) -> None:
         key = self.index.update(kind, type_, obj)
         if key is None:
+            if is_router_identity(kind, obj) and (type_ == "DELETED" or not identity_intact(obj)):
+                # Not our own write (that leaves it intact): every router of the namespace
+                # relies on it, and the reconcile of any of its ModelDeployments repairs it.
+                namespace = obj["metadata"].get("namespace", "")
+                for md in self.index.model_deployments(namespace):
+                    self.enqueue(md, f"{describe(obj)} {type_.lower()}", delay=CHILD_NEWS_DELAY_S)
             return
         meta = obj.get("metadata", {})
         if kind == KIND:
             if type_ == "DELETED":
                 self.forget(key)
+                self._release_router_identity(key[0])
                 return
             # A status write of ours, or a label edit, changes neither the uid nor the
             # generation; a rollout command (an annotation) is news.
@@ -165,6 +172,23 @@ class Controller:
         if not self.is_echo(key, obj, type_):
             cause = f"{describe(obj)} {type_.lower()}"
             self.enqueue(key, cause, (obj, type_), delay=CHILD_NEWS_DELAY_S)
+
+    def _release_router_identity(self, namespace: str) -> None:
+        """Delete the namespace's router identity once its last ModelDeployment that may run a
+        router is gone (no owner does it: it is shared). One created meanwhile is another uid,
+        which the delete's precondition spares, and its deletion event has it applied again."""
+        unused = self.index.unused_router_identity(namespace)
+        if unused and self.api is not None:
+            loop = asyncio.get_running_loop()
+            for obj in unused:
+                loop.run_in_executor(self._executor, self._delete_quietly, obj)
+
+    def _delete_quietly(self, obj: Mapping[str, Any]) -> None:
+        assert self.api is not None
+        try:
+            self.api.delete(obj)
+        except ApiError as error:  # the next deletion in the namespace tries again
+            log.warning(f"{describe(obj)} in {obj['metadata'].get('namespace')}: {error}")
 
     # --- the queue ---
 

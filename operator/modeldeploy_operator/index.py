@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from modeldeploy_operator import naming
+from modeldeploy_operator.contract import ROUTER_IDENTITY
 from modeldeploy_operator.plan import Snapshot, pods_worth_reading
 from modeldeploy_operator.spec import KIND
 
@@ -22,6 +23,18 @@ ENDPOINT_SLICE = "EndpointSlice"
 POD = "Pod"
 DELETED_UIDS_KEPT = 100_000
 NOT_CHILDREN = frozenset({KIND, ENDPOINT_SLICE, POD})  # kept here, but not applied by us
+# The kinds of a namespace's router identity (render_router_identity), named ROUTER_IDENTITY.
+IDENTITY_KINDS = ("ServiceAccount", "RoleBinding")
+
+
+def is_router_identity(kind: str, obj: Mapping[str, Any]) -> bool:
+    """Whether `obj` is (a part of) its namespace's router identity: no ModelDeployment owns it."""
+    meta = obj.get("metadata", {})
+    return (
+        kind in IDENTITY_KINDS
+        and meta.get("name") == ROUTER_IDENTITY
+        and naming.MODEL_DEPLOYMENT not in (meta.get("labels") or {})
+    )
 
 
 class Index:
@@ -77,22 +90,37 @@ class Index:
         fresh = {(kind, namespace, o["metadata"]["name"]): o for o in objects}
         stale = [k for k in self._objects if k[0] == kind and k[1] == namespace and k not in fresh]
         changed: set[MdKey] = set()
+        identity_changed = False
         for okey in stale:
             owner = self._owner.get(okey)
             if owner is not None:
                 changed.add(owner)
+            identity_changed |= is_router_identity(kind, self._objects[okey])
             self._remove(okey)
         for okey, obj in fresh.items():
             old = self._objects.get(okey)
             before = self._owner.get(okey)
             if old is not None and _version(old) == _version(obj):
                 continue
+            identity_changed |= is_router_identity(kind, obj)
             after = self._store(okey, obj)
             changed.update(k for k in (before, after) if k is not None)
+        if identity_changed:
+            # Every ModelDeployment of the namespace relies on it; each reconcile repairs it.
+            changed.update(self.model_deployments(namespace))
         return changed
 
     def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
         return self._objects.get((kind, namespace, name))
+
+    def unused_router_identity(self, namespace: str) -> list[Mapping[str, Any]]:
+        """The namespace's router identity, once no ModelDeployment there may run a router."""
+        for ns, name in self._by_owner:
+            md = self._objects.get((KIND, ns, name)) if ns == namespace else None
+            routing = ((md or {}).get("spec") or {}).get("routing") or {}
+            if md is not None and routing.get("mode", "router") not in ("gateway", "none"):
+                return []
+        return list(self._router_identity(namespace))
 
     def snapshot(self, key: MdKey) -> Snapshot | None:
         """What a reconcile of `key` observes, as `plan` takes it; None when it does not exist."""
@@ -119,6 +147,15 @@ class Index:
             # As the plan wants them: only while some variant is not fully rolled out.
             pods=variant_pods if pods_worth_reading(children) else (),
             gate_pods=gate_pods,
+            router_identity=self._router_identity(key[0]),
+        )
+
+    def _router_identity(self, namespace: str) -> tuple[Mapping[str, Any], ...]:
+        return tuple(
+            o
+            for kind in IDENTITY_KINDS
+            if (o := self._objects.get((kind, namespace, ROUTER_IDENTITY))) is not None
+            and is_router_identity(kind, o)
         )
 
     def _store(self, okey: ObjectKey, obj: Mapping[str, Any]) -> MdKey | None:

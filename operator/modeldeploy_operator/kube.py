@@ -9,7 +9,7 @@ Errors become two domain exceptions: `TransientApiError` (worth retrying) and `R
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -18,6 +18,11 @@ from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
 from modeldeploy_operator import naming
+from modeldeploy_operator.contract import (
+    ROUTE_TABLE_API_VERSION,
+    ROUTE_TABLE_KIND,
+    ROUTE_TABLE_PLURAL,
+)
 from modeldeploy_operator.spec import (
     BATCH_KIND,
     BATCH_PLURAL,
@@ -33,9 +38,9 @@ Manifest = dict[str, Any]
 RESOURCES: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "deployments",
     ("v1", "Service"): "services",
-    ("v1", "ConfigMap"): "configmaps",
+    (ROUTE_TABLE_API_VERSION, ROUTE_TABLE_KIND): ROUTE_TABLE_PLURAL,
+    # The routers' identity of each namespace (owned by no ModelDeployment).
     ("v1", "ServiceAccount"): "serviceaccounts",
-    ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
@@ -266,14 +271,17 @@ class KubeApi:
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
             raise TransientApiError(f"watch {path}: {error}") from error
 
-    def remove_annotations(self, obj: Mapping[str, Any], keys: list[str]) -> None:
-        """Remove annotations `keys` from `obj` (a JSON merge patch; the same object only)."""
-        meta = obj["metadata"]
-        path = _object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-        body = {"metadata": {"uid": meta["uid"], "annotations": dict.fromkeys(keys)}}
+    def remove_acks(self, route_table: Mapping[str, Any], pods: Sequence[str]) -> None:
+        """Remove the acks of `pods` from a RouteTable's status (a JSON merge patch of the status
+        subresource; the same object only)."""
+        meta = route_table["metadata"]
+        path = _object_path(
+            ROUTE_TABLE_API_VERSION, ROUTE_TABLE_KIND, meta["namespace"], meta["name"]
+        )
+        body = {"metadata": {"uid": meta["uid"]}, "status": {"acks": dict.fromkeys(pods)}}
         self._request(
             "PATCH",
-            path,
+            path + "/status",
             {"fieldManager": naming.FIELD_MANAGER},
             body=body,
             content_type="application/merge-patch+json",

@@ -50,13 +50,9 @@ def router_object_name(md_name: str) -> str:
     return md_name
 
 
-def routes_config_map_name(md_name: str) -> str:
+def route_table_name(md_name: str) -> str:
+    """The router's RouteTable."""
     return f"{md_name}-routes"
-
-
-def router_service_account_name(md_name: str) -> str:
-    """The router pods' ServiceAccount, and its Role and RoleBinding."""
-    return f"{md_name}-router"
 
 
 def variant_service_url(md_name: str, variant: str, namespace: str) -> str:

@@ -16,15 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modeldeploy_operator import naming, readiness
+from modeldeploy_operator.contract import ROUTE_TABLE_KIND
 from modeldeploy_operator.gate_jobs import gate_verdicts, render_with_gates
 from modeldeploy_operator.pod_problems import rollout_incomplete, variant_pod_problems
 from modeldeploy_operator.readiness import (
     Verdict,
     gateway_verdict,
+    route_table_key,
     router_verdict,
     routes_version,
     stale_acks,
 )
+from modeldeploy_operator.render import render_router_identity
 from modeldeploy_operator.rollout import VariantMetrics
 from modeldeploy_operator.rollout_control import plan_md_rollout
 from modeldeploy_operator.rollout_metrics import RouterCounters
@@ -61,6 +64,9 @@ class Snapshot:
     counters: RouterCounters | None = None
     # The pods of its gate Jobs (their termination messages hold the verdicts).
     gate_pods: Sequence[Mapping[str, Any]] = ()
+    # The router identity of its namespace (render_router_identity) as it stands: shared by the
+    # namespace's routers, owned by no ModelDeployment.
+    router_identity: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)
@@ -84,14 +90,14 @@ class Failure:
 class Plan:
     name: str  # of the ModelDeployment
     generation: int
-    # Every desired child, carrying the hash of its manifest (APPLIED_HASH), and those of them
-    # that applying would change (the others are skipped: an unchanged ModelDeployment's
-    # reconcile writes nothing).
+    # Every desired child, carrying the hash of its manifest (APPLIED_HASH), and what applying
+    # would change: those of them, and first the namespace's router identity where it is missing
+    # or edited (the others are skipped: an unchanged ModelDeployment's reconcile writes nothing).
     desired: tuple[Manifest, ...]
     apply: tuple[Manifest, ...]
     recreate: tuple[Recreate, ...]
     prune: tuple[Mapping[str, Any], ...]
-    # Router pods whose routes ack stays on the ConfigMap although they are no endpoint any more.
+    # Router pods whose routes ack stays on the RouteTable although they are no endpoint any more.
     prune_acks: tuple[str, ...]
     traffic: Mapping[str, int]  # effective weights, as the routing objects and status carry them
     status: Status  # the status if every object is applied
@@ -158,21 +164,30 @@ def plan(snapshot: Snapshot, *, server_image: str, now: str) -> Plan:
         )
     )
     wanted = {key(o) for o in desired}
+    # The router pods' ServiceAccount must exist before their Deployment's pods are created.
+    identity: tuple[Manifest, ...] = ()
+    if md.routing.mode == "router":
+        identity = tuple(with_applied_hash(o) for o in render_router_identity(md.namespace))
+    observed_identity = {key(o): o for o in snapshot.router_identity}
+    # Each desired object with what stands of it now.
+    pairs = (
+        *((o, observed_identity.get(key(o))) for o in identity),
+        *((o, owned.get(key(o))) for o in desired),
+    )
     recreate = tuple(
         Recreate(observed, reason)
-        for manifest in desired
-        if (observed := owned.get(key(manifest))) is not None
-        and (reason := recreate_reason(observed, manifest))
+        for manifest, observed in pairs
+        if observed is not None and (reason := recreate_reason(observed, manifest))
     )
     recreated = {key(r.observed) for r in recreate}
-    apply = tuple(o for o in desired if key(o) in recreated or not up_to_date(owned.get(key(o)), o))
+    apply = tuple(o for o, observed in pairs if key(o) in recreated or not up_to_date(observed, o))
     serving: Verdict | None = None
     prune_acks: tuple[str, ...] = ()
     if md.routing.mode == "router":
         version = routes_version(desired, md)
         serving = router_verdict(md, owned, snapshot.endpoint_slices, version)
         prune_acks = stale_acks(
-            owned.get(("ConfigMap", naming.routes_config_map_name(md.name))),
+            owned.get(route_table_key(md.name)),
             owned.get(("Service", naming.router_object_name(md.name))),
             snapshot.endpoint_slices,
         )
@@ -294,6 +309,9 @@ def _holds(observed: Any, desired: Any) -> bool:
             and len(observed) == len(desired)
             and all(_holds(o, d) for o, d in zip(observed, desired, strict=True))
         )
+    if type(desired) in (int, float):
+        # A custom resource's integral float comes back from the API server as an int.
+        return type(observed) in (int, float) and bool(observed == desired)
     return bool(observed == desired and type(observed) is type(desired))
 
 
@@ -326,13 +344,25 @@ def recreate_reason(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> 
     elif kind == "Deployment":
         if have.get("selector") != want.get("selector"):
             return "spec.selector is immutable"
-    elif kind == "ConfigMap" and observed.get("immutable"):
-        return "marked immutable"
     elif kind == "RoleBinding" and observed.get("roleRef") != desired.get("roleRef"):
         return "roleRef is immutable"
     elif kind == "Job" and _template_differs(have.get("template", {}), want["template"]):
         return "a Job's pod template is immutable"
     return ""
+
+
+def identity_intact(observed: Mapping[str, Any]) -> bool:
+    """Whether an object of a namespace's router identity is as the operator applies it (the watch
+    event of our own write, not drift to repair)."""
+    wanted = {
+        key(o): with_applied_hash(o)
+        for o in render_router_identity(observed["metadata"].get("namespace", ""))
+    }.get(key(observed))
+    return (
+        wanted is not None
+        and up_to_date(observed, wanted)
+        and not recreate_reason(observed, wanted)
+    )
 
 
 def plan_inputs(kind: str, obj: Mapping[str, Any] | None) -> Any:
@@ -346,7 +376,7 @@ def plan_inputs(kind: str, obj: Mapping[str, Any] | None) -> Any:
         # Its parents' conditions, and the generation they must have observed.
         meta = (obj or {}).get("metadata", {})
         return meta.get("generation"), (obj or {}).get("status")
-    if kind == "ConfigMap":
+    if kind == ROUTE_TABLE_KIND:
         return readiness.routes_acks(obj)
     return None
 
@@ -395,8 +425,8 @@ def _template_differs(have: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
 
 
 def _routing_keys(desired: Sequence[Mapping[str, Any]]) -> set[Key]:
-    """The objects that carry the traffic split: the routes ConfigMap or the HTTPRoute."""
-    return {key(o) for o in desired if o["kind"] in ("ConfigMap", "HTTPRoute")}
+    """The objects that carry the traffic split: the RouteTable or the HTTPRoute."""
+    return {key(o) for o in desired if o["kind"] in (ROUTE_TABLE_KIND, "HTTPRoute")}
 
 
 def _keep_previous_traffic(status: Status, previous: Mapping[str, Any] | None) -> None:

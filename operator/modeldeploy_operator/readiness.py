@@ -1,14 +1,13 @@
 """Is the ModelDeployment's URL servable as the status says? The routing half of `Ready`.
 
 Router mode: the router Deployment has an available replica and every ready endpoint of the
-router Service (its EndpointSlices) runs a pod that acknowledged the current routes version on the
-routes ConfigMap. Gateway mode: every parent Gateway listed in the HTTPRoute's status accepted it
-and resolved its backends, for the route's current generation.
+router Service (its EndpointSlices) runs a pod that acknowledged the current routes version in the
+status of the RouteTable. Gateway mode: every parent Gateway listed in the HTTPRoute's status
+accepted it and resolved its backends, for the route's current generation.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ def router_verdict(
     pods = endpoint_pods(owned.get(("Service", name)), slices, ready_only=True)
     if not pods:
         return "False", "RoutesPending", f"router Service {name} has no ready endpoint yet"
-    acks = routes_acks(owned.get(("ConfigMap", naming.routes_config_map_name(md.name))))
+    acks = routes_acks(owned.get(route_table_key(md.name)))
     pending = sorted(pod for pod in pods if acks.get(pod) != routes_version)
     if pending:
         return (
@@ -83,12 +82,17 @@ def gateway_verdict(route: Mapping[str, Any] | None) -> Verdict | None:
     return None
 
 
+def route_table_key(md_name: str) -> tuple[str, str]:
+    """(kind, name) of the ModelDeployment's RouteTable among its children."""
+    return contract.ROUTE_TABLE_KIND, naming.route_table_name(md_name)
+
+
 def stale_acks(
-    config_map: Mapping[str, Any] | None,
+    route_table: Mapping[str, Any] | None,
     service: Mapping[str, Any] | None,
     slices: Sequence[Mapping[str, Any]],
 ) -> tuple[str, ...]:
-    """Pods whose ack is on the routes ConfigMap but that are no endpoint of the router Service.
+    """Pods whose ack is on the RouteTable but that are no endpoint of the router Service.
 
     Decided only while the Service has EndpointSlices: right after a Service is recreated its
     slices are not there yet, and every ack would look stale.
@@ -96,23 +100,22 @@ def stale_acks(
     if not _current_slices(service, slices):
         return ()
     endpoints = endpoint_pods(service, slices, ready_only=False)
-    return tuple(sorted(pod for pod in routes_acks(config_map) if pod not in endpoints))
+    return tuple(sorted(pod for pod in routes_acks(route_table) if pod not in endpoints))
 
 
 def routes_version(desired: Sequence[Mapping[str, Any]], md: ModelDeployment) -> str:
-    """The version the routes ConfigMap about to be applied carries (router mode)."""
-    name = naming.routes_config_map_name(md.name)
+    """The version the RouteTable about to be applied carries (router mode)."""
+    wanted = route_table_key(md.name)
     for obj in desired:
-        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == name:
-            return str(json.loads(obj["data"][contract.ROUTES_KEY]).get("version", ""))
+        if (obj["kind"], obj["metadata"]["name"]) == wanted:
+            return str(obj["spec"]["routes"].get("version", ""))
     return ""
 
 
-def routes_acks(config_map: Mapping[str, Any] | None) -> dict[str, str]:
-    """Pod name -> routes version it acknowledged, from the routes ConfigMap's annotations."""
-    annotations = ((config_map or {}).get("metadata") or {}).get("annotations") or {}
-    prefix = contract.ROUTES_ACK_ANNOTATION_PREFIX
-    return {k.removeprefix(prefix): v for k, v in annotations.items() if k.startswith(prefix)}
+def routes_acks(route_table: Mapping[str, Any] | None) -> dict[str, str]:
+    """Pod name -> routes version it acknowledged, from the RouteTable's status."""
+    acks = ((route_table or {}).get("status") or {}).get("acks") or {}
+    return {str(pod): str(version) for pod, version in acks.items()}
 
 
 def endpoint_pods(

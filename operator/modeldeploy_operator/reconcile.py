@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from modeldeploy_operator import contract, naming
 from modeldeploy_operator.config import OperatorConfig
 from modeldeploy_operator.kube import ApiError, KubeApi, RejectedError, TransientApiError
 from modeldeploy_operator.plan import (
@@ -28,6 +27,7 @@ from modeldeploy_operator.plan import (
     plan,
     settle,
 )
+from modeldeploy_operator.readiness import route_table_key
 from modeldeploy_operator.rollout_control import window_query
 from modeldeploy_operator.rollout_metrics import MetricsSource
 from modeldeploy_operator.spec import InvalidSpecError, parse_model_deployment
@@ -111,12 +111,14 @@ def act(api: KubeApi, planned: Plan, observed: Mapping[Key, Mapping[str, Any]]) 
         if attempt(stale, lambda stale=stale: api.delete(stale)):
             deleted.add(stale["metadata"]["uid"])
             pruned.append(describe(stale))
-    routes_key = ("ConfigMap", naming.routes_config_map_name(planned.name))
+    routes_key = route_table_key(planned.name)
     routes = written.get(routes_key, observed.get(routes_key))
-    if planned.prune_acks and routes is not None:
-        keys = [contract.ROUTES_ACK_ANNOTATION_PREFIX + pod for pod in planned.prune_acks]
-        if attempt(routes, lambda: api.remove_annotations(routes, keys)):
-            pruned.extend(f"ack of pod {pod}" for pod in planned.prune_acks)
+    if (
+        planned.prune_acks
+        and routes is not None
+        and attempt(routes, lambda: api.remove_acks(routes, planned.prune_acks))
+    ):
+        pruned.extend(f"ack of pod {pod}" for pod in planned.prune_acks)
     return Outcome(
         failures=tuple(failures),
         written=written,

@@ -18,12 +18,14 @@ from modeldeploy_operator import naming
 from modeldeploy_operator.contract import (
     MAX_MODEL_BYTES,
     POD_NAME_ENV,
+    ROUTE_TABLE_API_VERSION,
+    ROUTE_TABLE_ENV,
+    ROUTE_TABLE_KIND,
     ROUTER_DEFAULT_TIMEOUT_S,
+    ROUTER_IDENTITY,
     ROUTER_SHADOW_LOG_ENV,
     ROUTER_SHADOW_LOG_MAX_BYTES_ENV,
     ROUTER_TIMEOUT_ENV,
-    ROUTES_CONFIGMAP_ENV,
-    ROUTES_KEY,
     SHUTDOWN_DELAY_S,
 )
 from modeldeploy_operator.spec import (
@@ -275,14 +277,18 @@ def _router_objects(
 ) -> list[Manifest]:
     labels = naming.common_labels(md.name, naming.COMPONENT_ROUTER)
     name = naming.router_object_name(md.name)
-    config_map_name = naming.routes_config_map_name(md.name)
-    config_map = _object(md, "v1", "ConfigMap", config_map_name, labels, None)
-    config_map["data"] = {
-        ROUTES_KEY: json.dumps(render_routes_config(md, weights, mirror=mirror), indent=2) + "\n"
-    }
-    # The router watches its ConfigMap through the API (a mounted one reaches the pod only at the
-    # kubelet's next sync, about a minute) and acknowledges the version it serves on it: weight
-    # changes never restart a pod, so no config-hash annotation.
+    table_name = naming.route_table_name(md.name)
+    route_table = _object(
+        md,
+        ROUTE_TABLE_API_VERSION,
+        ROUTE_TABLE_KIND,
+        table_name,
+        labels,
+        {"routes": render_routes_config(md, weights, mirror=mirror)},
+    )
+    # The router watches its RouteTable through the API (a mounted ConfigMap reaches the pod only
+    # at the kubelet's next sync, about a minute) and acknowledges the version it serves in its
+    # status: weight changes never restart a pod, so no config-hash annotation.
     settings = render_router_settings_env(md, f"{SHADOW_LOG_DIR}/{SHADOW_LOG_FILE}")
     volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
     mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}]
@@ -295,7 +301,7 @@ def _router_objects(
         "command": ["modeldeploy-server"],
         "args": ["route"],
         "env": [
-            {"name": ROUTES_CONFIGMAP_ENV, "value": f"{md.namespace}/{config_map_name}"},
+            {"name": ROUTE_TABLE_ENV, "value": f"{md.namespace}/{table_name}"},
             {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             *({"name": name, "value": value} for name, value in settings.items()),
         ],
@@ -306,7 +312,6 @@ def _router_objects(
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }
-    account = naming.router_service_account_name(md.name)
     selector = naming.router_selector(md.name)
     deployment_spec = {
         "replicas": ROUTER_REPLICAS,
@@ -323,41 +328,45 @@ def _router_objects(
                 containers=[router],
                 volumes=volumes,
                 drain_seconds=ROUTER_DRAIN_SECONDS,
-                service_account=account,
+                service_account=ROUTER_IDENTITY,
             ),
         },
     }
     return [
-        config_map,
-        *_router_access(md, account, config_map_name, labels),
+        route_table,
         _object(md, "apps/v1", "Deployment", name, labels, deployment_spec),
         _service(md, name, selector, labels, naming.ROUTER_SERVICE_PORT),
         _pod_disruption_budget(md, name, selector, labels),
     ]
 
 
-def _router_access(
-    md: ModelDeployment, account: str, config_map_name: str, labels: dict[str, str]
-) -> list[Manifest]:
-    """The router pods' ServiceAccount, bound to a Role that reaches only the routes ConfigMap.
+def render_router_identity(namespace: str) -> list[Manifest]:
+    """The one identity of every router pod in `namespace`: ServiceAccount modeldeploy-router, bound
+    to the ClusterRole of that name (manifests/rbac.yaml: read RouteTables, patch their status).
 
-    list and watch with resourceNames are allowed for requests that select that one name
-    (fieldSelector=metadata.name=...); patch writes the router's ack annotation.
+    Shared by the namespace's ModelDeployments and owned by none of them, so it outlives each one;
+    one Role per ModelDeployment would cost the API server an escalation check at every creation.
     """
-    service_account = _object(md, "v1", "ServiceAccount", account, labels, None)
-    role = _object(md, "rbac.authorization.k8s.io/v1", "Role", account, labels, None)
-    role["rules"] = [
-        {
-            "apiGroups": [""],
-            "resources": ["configmaps"],
-            "resourceNames": [config_map_name],
-            "verbs": ["get", "list", "watch", "patch"],
-        }
-    ]
-    binding = _object(md, "rbac.authorization.k8s.io/v1", "RoleBinding", account, labels, None)
-    binding["roleRef"] = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account}
-    binding["subjects"] = [{"kind": "ServiceAccount", "name": account, "namespace": md.namespace}]
-    return [service_account, role, binding]
+    labels = {
+        naming.NAME: ROUTER_IDENTITY,
+        naming.COMPONENT: naming.COMPONENT_ROUTER,
+        naming.PART_OF_LABEL: naming.PART_OF,
+        naming.MANAGED_BY: naming.FIELD_MANAGER,
+    }
+    metadata = {"name": ROUTER_IDENTITY, "namespace": namespace, "labels": labels}
+    account: Manifest = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
+    binding: Manifest = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": copy.deepcopy(metadata),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": ROUTER_IDENTITY,
+        },
+        "subjects": [{"kind": "ServiceAccount", "name": ROUTER_IDENTITY, "namespace": namespace}],
+    }
+    return [account, binding]
 
 
 def _http_route(md: ModelDeployment, weights: Mapping[str, int]) -> Manifest:

@@ -4,7 +4,7 @@ The routing decision and the header rules are `modeldeploy_server.routing` (pure
 path is `modeldeploy_server.proxy` and the client that talks to the variants
 `modeldeploy_server.upstream`; this module is the shell around them: settings, the ASGI entry
 (Starlette for the router's own endpoints), the Prometheus metrics and the process entry point.
-Where the routes come from (a file, or the ConfigMap through the API) is
+Where the routes come from (a file, or the RouteTable through the API) is
 `modeldeploy_server.routes_source`.
 """
 

@@ -1,14 +1,17 @@
-"""Where the router's routes come from: a file (local mode) or its ConfigMap, through the API.
+"""Where the router's routes come from: a file (local mode) or its RouteTable, through the API.
 
-In a cluster the router lists and watches its routes ConfigMap through the Kubernetes API (by a
-`metadata.name` field selector, which a Role limited to that one name allows), applies each change
-as the watch delivers it, and acknowledges the version it applied with a JSON merge patch of one
-annotation on that ConfigMap, which the operator reads to tell whether every router has the current
-routes:
+In a cluster the router lists and watches its RouteTable (a custom resource the operator writes,
+`<md>-routes`, whose `spec.routes` is a routes document in the format of a local routes file)
+through the Kubernetes API, by a `metadata.name` field selector; it applies each change as the
+watch delivers it, and acknowledges the version it applied with a JSON merge patch of the
+RouteTable's status subresource, which the operator reads to tell whether every router has the
+current routes:
 
-    metadata.annotations["acks.modeldeploy.dev/<pod name>"] = "<routes version>"
+    status.acks["<pod name>"] = "<routes version>"
 
-A kubelet-mounted ConfigMap volume would reach the pod only at the kubelet's next sync (about a
+The pod runs as its namespace's ServiceAccount `modeldeploy-router`, bound to the ClusterRole of
+that name: it may read the namespace's RouteTables and patch their status, nothing else. A
+kubelet-mounted ConfigMap volume would reach the pod only at the kubelet's next sync (about a
 minute); the watch takes well under a second. Locally (`modeldeploy run`) the routes are a file,
 re-read when it changes.
 """
@@ -32,10 +35,10 @@ import orjson
 
 from modeldeploy_operator.contract import (
     POD_NAME_ENV,
+    ROUTE_TABLE_API_VERSION,
+    ROUTE_TABLE_ENV,
+    ROUTE_TABLE_PLURAL,
     ROUTER_FIELD_MANAGER,
-    ROUTES_ACK_ANNOTATION_PREFIX,
-    ROUTES_CONFIGMAP_ENV,
-    ROUTES_KEY,
 )
 from modeldeploy_server.config import parse_positive_float
 from modeldeploy_server.errors import ConfigError as SettingsError
@@ -48,7 +51,7 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN_REFRESH_S = 60.0
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
-# A watch event is one JSON line holding a whole ConfigMap (at most 1 MiB of data).
+# A watch event is one JSON line holding a whole RouteTable (etcd stores at most about 1.5 MiB).
 MAX_EVENT_BYTES = 4 << 20
 # Beyond the watch's own timeout, before the client gives up on a silent connection.
 WATCH_GRACE_S = 30.0
@@ -59,8 +62,8 @@ _DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
-class ConfigMapRef:
-    """A ConfigMap's namespace and name."""
+class RouteTableRef:
+    """A RouteTable's namespace and name."""
 
     namespace: str
     name: str
@@ -69,28 +72,28 @@ class ConfigMapRef:
         return f"{self.namespace}/{self.name}"
 
 
-def parse_config_map_ref(value: str) -> ConfigMapRef:
+def parse_route_table_ref(value: str) -> RouteTableRef:
     """NAMESPACE/NAME, each a valid Kubernetes name."""
     namespace, slash, name = value.partition("/")
     if not slash or not _DNS_1123_LABEL.match(namespace) or not _DNS_1123_SUBDOMAIN.match(name):
-        raise ValueError("must be NAMESPACE/NAME of a ConfigMap")
-    return ConfigMapRef(namespace, name)
+        raise ValueError("must be NAMESPACE/NAME of a RouteTable")
+    return RouteTableRef(namespace, name)
 
 
 def _pod_name(value: str) -> str:
-    # The name becomes the name part of an annotation key: at most 63 characters.
-    if not _DNS_1123_LABEL.match(value):
-        raise ValueError("must be a pod name of at most 63 characters")
+    # The name becomes a key of the RouteTable's status.acks.
+    if not _DNS_1123_SUBDOMAIN.match(value):
+        raise ValueError("must be a pod name (lowercase, at most 253 characters)")
     return value
 
 
 @dataclass(frozen=True)
 class RoutesSettings:
-    """Where the routes come from: exactly one of `config` (a file) and `config_map`."""
+    """Where the routes come from: exactly one of `config` (a file) and `route_table`."""
 
     config: Path | None
     reload_interval_s: float
-    config_map: ConfigMapRef | None
+    route_table: RouteTableRef | None
     pod_name: str | None
     api_server: str | None
     service_account_dir: Path
@@ -107,17 +110,18 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
         "1",
         "seconds between checks of the routes file",
     ),
-    "routes_configmap": (
-        ROUTES_CONFIGMAP_ENV,
-        parse_config_map_ref,
+    "route_table": (
+        ROUTE_TABLE_ENV,
+        parse_route_table_ref,
         None,
-        "NAMESPACE/NAME of the routes ConfigMap, watched through the Kubernetes API",
+        "NAMESPACE/NAME of the RouteTable holding the routes, watched through the Kubernetes API",
     ),
     "pod_name": (
         POD_NAME_ENV,
         _pod_name,
         None,
-        "this pod's name, under which the applied routes version is acknowledged",
+        "this pod's name, under which the applied routes version is acknowledged in the "
+        "RouteTable's status",
     ),
     "service_account_dir": (
         "MODELDEPLOY_SERVICE_ACCOUNT_DIR",
@@ -136,28 +140,28 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any], str | None, str]] = {
 
 def build_routes_settings(values: Mapping[str, Any], environ: Mapping[str, str]) -> RoutesSettings:
     """The routes settings from parsed option values; raises SettingsError if they do not fit."""
-    config, config_map = values.get("config"), values.get("routes_configmap")
-    if (config is None) == (config_map is None):
+    config, route_table = values.get("config"), values.get("route_table")
+    if (config is None) == (route_table is None):
         raise SettingsError(
-            "exactly one of --config (MODELDEPLOY_ROUTER_CONFIG) and --routes-configmap "
-            "(MODELDEPLOY_ROUTES_CONFIGMAP) is required"
+            "exactly one of --config (MODELDEPLOY_ROUTER_CONFIG) and --route-table "
+            f"({ROUTE_TABLE_ENV}) is required"
         )
     api_server = None
-    if config_map is not None:
+    if route_table is not None:
         if values.get("pod_name") is None:
-            raise SettingsError("--routes-configmap needs --pod-name (or MODELDEPLOY_POD_NAME)")
+            raise SettingsError(f"--route-table needs --pod-name (or {POD_NAME_ENV})")
         host = environ.get("KUBERNETES_SERVICE_HOST")
         port = environ.get("KUBERNETES_SERVICE_PORT")
         if not host or not port:
             raise SettingsError(
-                "--routes-configmap needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT "
+                "--route-table needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT "
                 "(set in every pod)"
             )
         api_server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
     return RoutesSettings(
         config=config,
         reload_interval_s=values["reload_interval_s"],
-        config_map=config_map,
+        route_table=route_table,
         pod_name=values.get("pod_name"),
         api_server=api_server,
         service_account_dir=values["service_account_dir"],
@@ -189,7 +193,7 @@ def offer_routes(
     try:
         config = parse_router_config(data)
         if require_version and config.version is None:
-            raise ConfigError("version: required in a ConfigMap (the router acknowledges it)")
+            raise ConfigError("version: required in a RouteTable (the router acknowledges it)")
     except ConfigError as exc:
         target.reject_routes(origin, exc)
         return None
@@ -200,11 +204,11 @@ def offer_routes(
 def load_initial_routes(settings: RoutesSettings) -> tuple[RoutesSource, RouterConfig | None]:
     """The routes source, and the routes to start with (a file must hold valid ones).
 
-    Raises OSError or ConfigError when the file cannot be read or is invalid. A ConfigMap source
+    Raises OSError or ConfigError when the file cannot be read or is invalid. A RouteTable source
     starts with no routes: the router is not ready until the first list applied some.
     """
-    if settings.config_map is not None:
-        return ConfigMapRoutes(settings), None
+    if settings.route_table is not None:
+        return RouteTableRoutes(settings), None
     assert settings.config is not None, "build_routes_settings requires one of the two"
     data = settings.config.read_bytes()
     return FileRoutes(settings.config, settings.reload_interval_s, data), parse_router_config(data)
@@ -277,12 +281,13 @@ class KubernetesApi:
         return {"Authorization": f"Bearer {self._token}"}
 
     @staticmethod
-    def _path(ref: ConfigMapRef, named: bool) -> str:
-        path = f"/api/v1/namespaces/{quote(ref.namespace)}/configmaps"
+    def _path(ref: RouteTableRef, named: bool) -> str:
+        path = f"/apis/{ROUTE_TABLE_API_VERSION}/namespaces/{quote(ref.namespace)}"
+        path += f"/{ROUTE_TABLE_PLURAL}"
         return path + (f"/{quote(ref.name)}" if named else "")
 
-    async def list_config_map(self, ref: ConfigMapRef) -> tuple[dict[str, Any] | None, str]:
-        """The ConfigMap (None if it does not exist) and the list's resourceVersion."""
+    async def list_route_table(self, ref: RouteTableRef) -> tuple[dict[str, Any] | None, str]:
+        """The RouteTable (None if it does not exist) and the list's resourceVersion."""
         assert self._client is not None
         response = await self._client.get(
             self._path(ref, False),
@@ -293,8 +298,8 @@ class KubernetesApi:
         items = body.get("items") or []
         return (items[0] if items else None), body["metadata"]["resourceVersion"]
 
-    async def watch_config_map(
-        self, ref: ConfigMapRef, resource_version: str, timeout_s: float
+    async def watch_route_table(
+        self, ref: RouteTableRef, resource_version: str, timeout_s: float
     ) -> AsyncIterator[dict[str, Any]]:
         """The watch events after `resource_version`, until the API server ends the watch."""
         assert self._client is not None
@@ -325,12 +330,12 @@ class KubernetesApi:
                     if line.strip():
                         yield orjson.loads(line)
 
-    async def annotate_config_map(self, ref: ConfigMapRef, key: str, value: str) -> None:
-        """Set one annotation by JSON merge patch."""
+    async def acknowledge(self, ref: RouteTableRef, pod: str, version: str) -> None:
+        """Set `status.acks[pod] = version` by JSON merge patch of the status subresource."""
         assert self._client is not None
-        patch = {"metadata": {"annotations": {key: value}}}
+        patch = {"status": {"acks": {pod: version}}}
         response = await self._client.patch(
-            self._path(ref, True),
+            self._path(ref, True) + "/status",
             params={"fieldManager": ROUTER_FIELD_MANAGER},
             content=orjson.dumps(patch),
             headers={**await self._headers(), "Content-Type": "application/merge-patch+json"},
@@ -355,16 +360,18 @@ def _json_body(status: int, body: bytes) -> dict[str, Any]:
 _EXPECTED_FAILURES = (ApiError, httpx.HTTPError, OSError, ValueError)
 
 
-class ConfigMapRoutes:
-    """Routes from the ConfigMap: list, then watch from the list's version; list again on errors."""
+class RouteTableRoutes:
+    """Routes from a RouteTable: list, then watch from the list's version; list again on errors."""
 
     def __init__(self, settings: RoutesSettings) -> None:
-        assert settings.config_map is not None and settings.pod_name is not None
+        assert settings.route_table is not None and settings.pod_name is not None
         assert settings.api_server is not None
         self._settings = settings
-        self._ref = settings.config_map
-        self._ack_key = ROUTES_ACK_ANNOTATION_PREFIX + settings.pod_name
-        self._seen: str | None = None
+        self._ref = settings.route_table
+        self._pod = settings.pod_name
+        # The canonical bytes of the last spec.routes seen (keys sorted), so that a status-only
+        # change (another router's ack) or a re-encoding is no new routes.
+        self._seen: bytes | None = None
         self._applied_version: str | None = None
         self._delay_s = BACKOFF_FIRST_S
 
@@ -378,14 +385,14 @@ class ConfigMapRoutes:
                     await self._follow(api, target)
             except _EXPECTED_FAILURES as exc:
                 log.warning(
-                    "routes from ConfigMap %s: %s; listing again in %.1f s",
+                    "routes from RouteTable %s: %s; listing again in %.1f s",
                     self._ref,
                     exc or type(exc).__name__,
                     self._delay_s,
                 )
             except Exception:
                 # A bug must not stop the routes from coming: say so loudly and keep trying.
-                log.exception("routes from ConfigMap %s: unexpected error", self._ref)
+                log.exception("routes from RouteTable %s: unexpected error", self._ref)
             await asyncio.sleep(self._delay_s * random.uniform(0.8, 1.2))
             self._delay_s = min(self._delay_s * 2, BACKOFF_MAX_S)
 
@@ -400,20 +407,20 @@ class ConfigMapRoutes:
                 log.info("routes watch on %s expired; listing again", self._ref)
 
     async def _list_and_watch(self, api: KubernetesApi, target: RoutesTarget) -> None:
-        config_map, version = await api.list_config_map(self._ref)
+        route_table, version = await api.list_route_table(self._ref)
         self._delay_s = BACKOFF_FIRST_S
-        if config_map is None:
-            log.warning("routes ConfigMap %s does not exist (yet)", self._ref)
+        if route_table is None:
+            log.warning("routes RouteTable %s does not exist (yet)", self._ref)
         else:
-            await self._observe(api, target, config_map)
+            await self._observe(api, target, route_table)
         while True:
             # The API server ends each watch after the timeout; the next one resumes from the last
-            # version seen (bookmarks keep it fresh while the ConfigMap does not change).
+            # version seen (bookmarks keep it fresh while the RouteTable does not change).
             version = await self._watch(api, target, version)
 
     async def _watch(self, api: KubernetesApi, target: RoutesTarget, version: str) -> str:
         timeout_s = self._settings.watch_timeout_s
-        async for event in api.watch_config_map(self._ref, version, timeout_s):
+        async for event in api.watch_route_table(self._ref, version, timeout_s):
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
                 raise ApiError(obj.get("code", 0), str(obj.get("message", obj)))
@@ -421,24 +428,30 @@ class ConfigMapRoutes:
             if kind in ("ADDED", "MODIFIED"):
                 await self._observe(api, target, obj)
             elif kind == "DELETED":
-                log.warning("routes ConfigMap %s deleted; keeping the current routes", self._ref)
+                log.warning("routes RouteTable %s deleted; keeping the current routes", self._ref)
         return version
 
     async def _observe(
-        self, api: KubernetesApi, target: RoutesTarget, config_map: dict[str, Any]
+        self, api: KubernetesApi, target: RoutesTarget, route_table: dict[str, Any]
     ) -> None:
-        """Apply the ConfigMap's routes if they changed; acknowledge the applied version."""
-        data = (config_map.get("data") or {}).get(ROUTES_KEY, "")
+        """Apply the RouteTable's routes if they changed; acknowledge the applied version."""
+        spec = route_table.get("spec")
+        routes = spec.get("routes") if isinstance(spec, dict) else None
+        # Whatever orjson.loads decoded it encodes again (an integer beyond 64 bits became a float).
+        data = orjson.dumps(routes, option=orjson.OPT_SORT_KEYS)
         if data != self._seen:
             self._seen = data
-            applied = offer_routes(
-                target, data.encode(), f"ConfigMap {self._ref}", require_version=True
-            )
-            if applied is not None:
-                self._applied_version = applied.version
-        annotations = config_map.get("metadata", {}).get("annotations") or {}
-        if self._applied_version is not None and annotations.get(self._ack_key) != (
-            self._applied_version
-        ):
-            # Also when the operator dropped the ack or the ConfigMap was recreated.
-            await api.annotate_config_map(self._ref, self._ack_key, self._applied_version)
+            origin = f"RouteTable {self._ref}"
+            if not isinstance(routes, dict):
+                problem = "missing" if routes is None else "not a JSON object"
+                target.reject_routes(origin, ConfigError(f"spec.routes: {problem}"))
+            else:
+                applied = offer_routes(target, data, origin, require_version=True)
+                if applied is not None:
+                    self._applied_version = applied.version
+        status = route_table.get("status")
+        acks = status.get("acks") if isinstance(status, dict) else None
+        acked = acks.get(self._pod) if isinstance(acks, dict) else None
+        if self._applied_version is not None and acked != self._applied_version:
+            # Also when the operator pruned the ack or the RouteTable was recreated.
+            await api.acknowledge(self._ref, self._pod, self._applied_version)

@@ -39,7 +39,7 @@ _CONFIG_KEYS = frozenset(
 _SHADOW_KEYS = frozenset({"variant", "percent", "tolerance"})
 DEFAULT_SHADOW_TOLERANCE = 1e-4
 _PROBE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
-# The routes' version (the operator's content hash) becomes a metric label and an annotation value.
+# The routes' version (the operator's content hash) becomes a metric label and a RouteTable ack.
 _VERSION = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.:]{0,127}$")
 _VARIANT_KEYS = frozenset({"name", "url", "weight"})
 
@@ -138,7 +138,7 @@ _TRANSFER_ENCODING, _CONTENT_LENGTH, _STICKY, _OVERRIDE = range(5, 9)
 class RouterConfig:
     """A validated routing table; immutable so a reload swaps it whole.
 
-    One without variants stands for "no routes yet" (a router watching its ConfigMap, before the
+    One without variants stands for "no routes yet" (a router watching its RouteTable, before the
     first list): it routes nothing.
     """
 
@@ -272,12 +272,12 @@ def sticky_bucket(value: str) -> int:
     return int.from_bytes(digest, "big") % STICKY_BUCKETS
 
 
-# What a router watching its ConfigMap serves with before its first routes arrive.
+# What a router watching its RouteTable serves with before its first routes arrive.
 NO_ROUTES = RouterConfig(model="", header_override=DEFAULT_HEADER_OVERRIDE, variants=())
 
 
 def parse_router_config(text: str | bytes) -> RouterConfig:
-    """Parse and validate the router's JSON config (the `routes.json` key of its ConfigMap)."""
+    """Parse and validate the router's JSON config (a routes file, a RouteTable's spec.routes)."""
     try:
         raw = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -1057,8 +1057,8 @@ def _get_or_none(cluster: Cluster, kind: str, name: str) -> dict[str, Any] | Non
 
 
 CHILD_KINDS = (
-    "deployments,replicasets,pods,services,configmaps,poddisruptionbudgets,"
-    "horizontalpodautoscalers,httproutes,serviceaccounts,roles,rolebindings"
+    "deployments,replicasets,pods,services,routetables,poddisruptionbudgets,"
+    "horizontalpodautoscalers,httproutes"
 )
 
 
@@ -1157,6 +1157,12 @@ def test_uninstall_as_the_readme_says_leaves_nothing(installed: Cluster) -> None
     `kubectl delete -k manifests/`."""
     installed.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
     installed.kubectl("delete", "mdep,bpred", "--all", "-A", "--timeout=120s", timeout=150)
+    identity = ("-A", "-l", "app.kubernetes.io/name=modeldeploy-router")
+    poll(
+        lambda: not installed.get("serviceaccount,rolebinding", *identity)["items"],
+        60,
+        "the operator to delete the namespace's router identity",
+    )
     installed.kubectl("delete", "-k", str(REPO_ROOT / "manifests"), "--timeout=120s", timeout=150)
     crds = installed.get("crd")["items"]
     assert not [c for c in crds if c["spec"]["group"] == "modeldeploy.dev"]

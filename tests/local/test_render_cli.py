@@ -16,6 +16,7 @@ from modeldeploy_operator.batch_render import render_batch_job, resolve_model
 from modeldeploy_operator.cli import main
 from modeldeploy_operator.config import DEFAULT_SERVER_IMAGE
 from modeldeploy_operator.gate_jobs import render_with_gates
+from modeldeploy_operator.render import render_router_identity
 from modeldeploy_operator.spec import BATCH_KIND, parse_batch_prediction, parse_model_deployment
 from modeldeploy_operator.validation import default_model_deployment
 from tests.invalid_manifests import VALID_MANIFESTS
@@ -29,9 +30,9 @@ VERSIONS = dict(
     if "=" in line and not line.startswith("#")
 )
 KUBERNETES_VERSION = VERSIONS["KUBERNETES_VERSION"].removeprefix("v").rsplit(".", 1)[0] + ".0"
-# kubernetes-validate ships schemas for built-in kinds only; the HTTPRoute (Gateway API CRD) is
-# checked by the real API server with the Gateway API CRDs installed in tests/operator.
-NO_OFFLINE_SCHEMA = {"HTTPRoute"}
+# kubernetes-validate ships schemas for built-in kinds only; the HTTPRoute (Gateway API CRD) and
+# our RouteTable are checked by the real API server with the CRDs installed in tests/operator.
+NO_OFFLINE_SCHEMA = {"HTTPRoute", "RouteTable"}
 
 
 def manifests() -> list[Any]:
@@ -53,12 +54,14 @@ def render_with_cli(
 
 def operator_objects(manifest: dict[str, Any], image: str = DEFAULT_SERVER_IMAGE) -> list[Any]:
     """What the operator applies: render_with_gates of the object as the API server stores it
-    (CRD defaults filled in), every variant Ready."""
+    (CRD defaults filled in), every variant Ready, after its namespace's router identity when it
+    has a router."""
     if manifest["kind"] == BATCH_KIND:
         bp = parse_batch_prediction(default_model_deployment(manifest, BATCH_KIND))
         return [render_batch_job(bp, resolve_model(bp, None), server_image=image)]
-    stored = default_model_deployment(manifest)
-    return render_with_gates(parse_model_deployment(stored), server_image=image)
+    md = parse_model_deployment(default_model_deployment(manifest))
+    identity = render_router_identity(md.namespace) if md.routing.mode == "router" else []
+    return identity + render_with_gates(md, server_image=image)
 
 
 @pytest.mark.parametrize("manifest", manifests())
@@ -82,7 +85,8 @@ def test_every_object_is_valid_for_the_kubernetes_api(
 
 def test_an_invalid_object_fails_the_offline_schema_check() -> None:
     # The check above can fail: a Deployment with a misspelt field is refused.
-    (deployment, *_) = operator_objects(VALID_MANIFESTS["minimal"]("iris"))
+    objects = operator_objects(VALID_MANIFESTS["minimal"]("iris"))
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
     deployment["spec"]["template"]["spec"]["contianers"] = []
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
@@ -105,11 +109,10 @@ def test_namespace_and_server_image_options(
     assert {o["metadata"]["namespace"] for o in printed} == {"team-a"}
 
 
-def test_routes_config_is_a_readable_block(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_routes_are_readable_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = render_with_cli(VALID_MANIFESTS["two-variants"]("iris"), tmp_path, capsys)
-    assert "  routes.json: |\n    {\n" in text
+    assert "kind: RouteTable\n" in text
+    assert "spec:\n  routes:\n    version: " in text
 
 
 def test_invalid_manifest_renders_nothing(
@@ -152,4 +155,7 @@ def test_a_multi_document_file_renders_every_model_deployment_in_order(
     captured = capsys.readouterr()
     assert exit_code == 0, captured.err
     rendered = list(yaml.safe_load_all(captured.out))
-    assert rendered == operator_objects(first) + operator_objects(second)
+    # Both in one namespace: its router identity once, before the first.
+    identity = render_router_identity("default")
+    assert operator_objects(first)[:2] == operator_objects(second)[:2] == identity
+    assert rendered == operator_objects(first) + operator_objects(second)[2:]

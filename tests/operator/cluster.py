@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from modeldeploy_operator import contract, naming
 from modeldeploy_operator.kube import RESOURCES
@@ -34,9 +33,7 @@ from tests.operator.harness import (
 KINDS = {
     "Deployment": ("apps/v1", "list_namespaced_deployment"),
     "Service": ("v1", "list_namespaced_service"),
-    "ConfigMap": ("v1", "list_namespaced_config_map"),
     "ServiceAccount": ("v1", "list_namespaced_service_account"),
-    "Role": ("rbac.authorization.k8s.io/v1", "list_namespaced_role"),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "list_namespaced_role_binding"),
     "PodDisruptionBudget": ("policy/v1", "list_namespaced_pod_disruption_budget"),
     "HorizontalPodAutoscaler": ("autoscaling/v2", "list_namespaced_horizontal_pod_autoscaler"),
@@ -154,15 +151,28 @@ class Cluster:
                     "kind": kind,
                     **item,
                 }
-        routes = self.custom.list_namespaced_custom_object(
-            "gateway.networking.k8s.io",
-            "v1",
-            self.namespace,
-            "httproutes",
-            label_selector=naming.owned_selector(md_name),
-        )
-        for item in cast(dict[str, Any], routes)["items"]:
-            found[("HTTPRoute", item["metadata"]["name"])] = item
+        for group, version, plural in (
+            ("gateway.networking.k8s.io", "v1", "httproutes"),
+            (GROUP, VERSION, contract.ROUTE_TABLE_PLURAL),
+        ):
+            listed = self.custom.list_namespaced_custom_object(
+                group,
+                version,
+                self.namespace,
+                plural,
+                label_selector=naming.owned_selector(md_name),
+            )
+            for item in cast(dict[str, Any], listed)["items"]:
+                found[(item["kind"], item["metadata"]["name"])] = item
+        return found
+
+    def router_identity(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """The namespace's router ServiceAccount and RoleBinding that exist now, by (kind, name)."""
+        found = {}
+        for kind in ("ServiceAccount", "RoleBinding"):
+            obj = self.child(kind, contract.ROUTER_IDENTITY)
+            if obj is not None:
+                found[(kind, contract.ROUTER_IDENTITY)] = obj
         return found
 
     def deployment(self, name: str) -> dict[str, Any]:
@@ -174,15 +184,10 @@ class Cluster:
         return obj
 
     def routes(self, md_name: str) -> dict[str, int] | None:
-        """The weights the routes ConfigMap carries; None while it is missing or hand-edited
-        into something without variants."""
-        try:
-            config_map = self.core.read_namespaced_config_map(
-                naming.routes_config_map_name(md_name), self.namespace
-            )
-        except ApiException:
-            return None
-        config = json.loads((config_map.data or {})[contract.ROUTES_KEY])
+        """The weights the RouteTable carries; None while it is missing or hand-edited into
+        something without variants."""
+        table = self.child(contract.ROUTE_TABLE_KIND, naming.route_table_name(md_name))
+        config = ((table or {}).get("spec") or {}).get("routes") or {}
         if "variants" not in config:
             return None
         return {v["name"]: v["weight"] for v in config["variants"]}
@@ -257,29 +262,26 @@ class Cluster:
 
     def ack_routes(self, md_name: str, pods: list[str], version: str | None = None) -> str:
         """Play the routers: each pod acknowledges routes `version` (by default the one the
-        ConfigMap carries now), by a JSON merge patch under the router's field manager, as the
-        routes contract says (a router knows the version from its watch: no read first)."""
-        path = self.child_path("ConfigMap", naming.routes_config_map_name(md_name))
+        RouteTable carries now), by a JSON merge patch of its status under the router's field
+        manager, as the routes contract says (a router knows the version from its watch)."""
+        path = self.child_path(contract.ROUTE_TABLE_KIND, naming.route_table_name(md_name))
         if version is None:
-            config_map = self.request("GET", path)
-            assert config_map is not None, f"{path} does not exist"
-            version = str(json.loads(config_map["data"][contract.ROUTES_KEY]).get("version", ""))
-        annotations = {contract.ROUTES_ACK_ANNOTATION_PREFIX + pod: version for pod in pods}
+            table = self.request("GET", path)
+            assert table is not None, f"{path} does not exist"
+            version = str(table["spec"]["routes"].get("version", ""))
         self.request(
             "PATCH",
-            f"{path}?fieldManager={contract.ROUTER_FIELD_MANAGER}",
-            {"metadata": {"annotations": annotations}},
+            f"{path}/status?fieldManager={contract.ROUTER_FIELD_MANAGER}",
+            {"status": {"acks": dict.fromkeys(pods, version)}},
             "application/merge-patch+json",
         )
         return version
 
     def routes_acks(self, md_name: str) -> dict[str, str]:
-        """Router pod -> acknowledged routes version, as on the routes ConfigMap now."""
-        name = naming.routes_config_map_name(md_name)
-        config_map = self.core.read_namespaced_config_map(name, self.namespace)
-        annotations = (config_map.metadata.annotations if config_map.metadata else None) or {}
-        prefix = contract.ROUTES_ACK_ANNOTATION_PREFIX
-        return {k.removeprefix(prefix): v for k, v in annotations.items() if k.startswith(prefix)}
+        """Router pod -> acknowledged routes version, as in the RouteTable's status now."""
+        table = self.child(contract.ROUTE_TABLE_KIND, naming.route_table_name(md_name))
+        assert table is not None, f"RouteTable {naming.route_table_name(md_name)} does not exist"
+        return dict((table.get("status") or {}).get("acks") or {})
 
     def serve(self, md_name: str, pods: tuple[str, ...] = ("router-a", "router-b")) -> None:
         """The router Deployment ready, its pods ready endpoints serving the current routes."""
@@ -384,20 +386,19 @@ def assert_matches_render(cluster: Cluster, name: str) -> None:
         )
 
 
-# The router pods' ServiceAccount and what lets it read its routes ConfigMap.
-ROUTER_ACCESS = {
-    ("ServiceAccount", "iris-router"),
-    ("Role", "iris-router"),
-    ("RoleBinding", "iris-router"),
+# The router pods' identity: the namespace's, owned by no ModelDeployment.
+ROUTER_IDENTITY_KEYS = {
+    ("ServiceAccount", contract.ROUTER_IDENTITY),
+    ("RoleBinding", contract.ROUTER_IDENTITY),
 }
-ROUTER_KEYS = ROUTER_ACCESS | {
+ROUTER_KEYS = {
     ("Deployment", "iris-v1"),
     ("Service", "iris-v1"),
     ("PodDisruptionBudget", "iris-v1"),
     ("Deployment", "iris-v2"),
     ("Service", "iris-v2"),
     ("HorizontalPodAutoscaler", "iris-v2"),
-    ("ConfigMap", "iris-routes"),
+    ("RouteTable", "iris-routes"),
     ("Deployment", "iris"),
     ("Service", "iris"),
     ("PodDisruptionBudget", "iris"),
@@ -439,28 +440,23 @@ DRIFTS = (
         lambda o: [p["port"] for p in o["spec"]["ports"]] == [naming.SERVER_PORT],
     ),
     Drift(
-        "ConfigMap",
+        "RouteTable",
         "iris-routes",
-        [{"op": "replace", "path": "/data/routes.json", "value": "{}"}],
-        lambda o: "variants" in json.loads(o["data"][contract.ROUTES_KEY]),
+        [{"op": "replace", "path": "/spec/routes", "value": {}}],
+        lambda o: "variants" in o["spec"]["routes"],
     ),
+    # The namespace's router identity: no ModelDeployment owns it, each one repairs it.
     Drift(
         "ServiceAccount",
-        "iris-router",
+        contract.ROUTER_IDENTITY,
         [{"op": "remove", "path": "/metadata/labels/app.kubernetes.io~1part-of"}],
         lambda o: o["metadata"]["labels"].get(naming.PART_OF_LABEL) == naming.PART_OF,
     ),
     Drift(
-        "Role",
-        "iris-router",
-        [{"op": "replace", "path": "/rules/0/verbs", "value": ["get", "list", "watch", "delete"]}],
-        lambda o: o["rules"][0]["verbs"] == ["get", "list", "watch", "patch"],
-    ),
-    Drift(
         "RoleBinding",
-        "iris-router",
+        contract.ROUTER_IDENTITY,
         [{"op": "replace", "path": "/subjects/0/name", "value": "someone-else"}],
-        lambda o: [s["name"] for s in o["subjects"]] == ["iris-router"],
+        lambda o: [s["name"] for s in o["subjects"]] == [contract.ROUTER_IDENTITY],
     ),
     Drift(
         "PodDisruptionBudget",

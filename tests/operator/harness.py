@@ -42,9 +42,10 @@ def manifest_documents(name: str) -> list[dict[str, Any]]:
 
 
 def install_operator_identity(plane: ControlPlane, namespace: str) -> str:
-    """The shipped ServiceAccount (in `namespace`), ClusterRole and a binding; its kubeconfig."""
+    """The shipped ServiceAccount (in `namespace`), ClusterRoles (the operator's, and the routers'
+    that it binds in each namespace) and a binding; its kubeconfig."""
     (account,) = manifest_documents("serviceaccount.yaml")
-    role, binding = manifest_documents("rbac.yaml")
+    role, binding, router_role = manifest_documents("rbac.yaml")
     account = copy.deepcopy(account)
     account["metadata"]["namespace"] = namespace
     binding = copy.deepcopy(binding)
@@ -58,7 +59,8 @@ def install_operator_identity(plane: ControlPlane, namespace: str) -> str:
             "force": True,
             "_content_type": APPLY,
         }
-        rbac.patch_cluster_role(role["metadata"]["name"], role, **apply_kwargs)
+        for cluster_role in (role, router_role):
+            rbac.patch_cluster_role(cluster_role["metadata"]["name"], cluster_role, **apply_kwargs)
         rbac.patch_cluster_role_binding(binding["metadata"]["name"], binding, **apply_kwargs)
         client.CoreV1Api(api).patch_namespaced_service_account(
             account["metadata"]["name"], namespace, account, **apply_kwargs
@@ -67,7 +69,7 @@ def install_operator_identity(plane: ControlPlane, namespace: str) -> str:
 
 
 def remove_operator_identity(plane: ControlPlane, namespace: str) -> None:
-    _, binding = manifest_documents("rbac.yaml")
+    _, binding, _ = manifest_documents("rbac.yaml")
     with plane.api_client() as api, contextlib.suppress(ApiException):
         client.RbacAuthorizationV1Api(api).delete_cluster_role_binding(
             f"{binding['metadata']['name']}-{namespace}"

@@ -66,14 +66,14 @@ def test_a_relist_drops_objects_deleted_while_no_watch_ran_and_names_their_owner
     index = Index()
     index.replace(KIND, "ns", [md("a"), md("b")])
     index.replace(
-        "ConfigMap",
+        "RouteTable",
         "ns",
-        [child("ConfigMap", "a-routes", "a"), child("ConfigMap", "b-routes", "b")],
+        [child("RouteTable", "a-routes", "a"), child("RouteTable", "b-routes", "b")],
     )
-    changed = index.replace("ConfigMap", "ns", [child("ConfigMap", "b-routes", "b")])
+    changed = index.replace("RouteTable", "ns", [child("RouteTable", "b-routes", "b")])
     assert changed == {("ns", "a")}  # b's is unchanged (same resourceVersion)
-    assert names(index, "a") == [] and names(index, "b") == ["ConfigMap/b-routes"]
-    changed = index.replace("ConfigMap", "ns", [child("ConfigMap", "b-routes", "b", "7")])
+    assert names(index, "a") == [] and names(index, "b") == ["RouteTable/b-routes"]
+    changed = index.replace("RouteTable", "ns", [child("RouteTable", "b-routes", "b", "7")])
     assert changed == {("ns", "b")}
     assert index.replace(KIND, "ns", [md("b")]) == {("ns", "a")}
     assert index.model_deployments("ns") == [("ns", "b")]
@@ -124,3 +124,40 @@ def test_the_deletion_of_a_recreated_objects_predecessor_keeps_the_new_one() -> 
     index.update("Service", "MODIFIED", new)  # our write, through
     index.update("Service", "DELETED", old)  # the watch, late
     assert index.get("Service", "ns", "a-v1") is new
+
+
+def identity(kind: str, version: str = "1") -> dict[str, Any]:
+    meta = {
+        "name": "modeldeploy-router",
+        "namespace": "ns",
+        "resourceVersion": version,
+        "labels": {naming.MANAGED_BY: naming.FIELD_MANAGER},
+    }
+    return {"kind": kind, "metadata": meta}
+
+
+def test_the_router_identity_is_every_model_deployment_s_and_released_with_the_last() -> None:
+    index = Index()
+    index.replace(KIND, "ns", [md("a"), md("b")])
+    account, binding = identity("ServiceAccount"), identity("RoleBinding")
+    # Owned by none: its events name no ModelDeployment, every snapshot shows it.
+    assert index.update("ServiceAccount", "ADDED", account) is None
+    assert index.update("RoleBinding", "ADDED", binding) is None
+    for name in ("a", "b"):
+        snapshot = index.snapshot(("ns", name))
+        assert snapshot is not None and list(snapshot.router_identity) == [account, binding]
+        assert snapshot.children == ()
+    # A relist that finds it changed (a watch missed the edit) concerns every ModelDeployment.
+    assert index.replace("RoleBinding", "ns", [identity("RoleBinding", "2")]) == {
+        ("ns", "a"),
+        ("ns", "b"),
+    }
+    assert index.unused_router_identity("ns") == []
+    gateway = md("b", "2")
+    gateway["spec"] = {"routing": {"mode": "gateway"}}
+    index.update(KIND, "MODIFIED", gateway)
+    index.update(KIND, "DELETED", md("a"))
+    assert [o["kind"] for o in index.unused_router_identity("ns")] == [
+        "ServiceAccount",
+        "RoleBinding",
+    ]

@@ -15,7 +15,7 @@ from modeldeploy_operator.kube import RESOURCES
 from tests.conftest import PROJECT_CRDS
 from tests.controlplane import harness
 from tests.operator.builders import model_deployment, variant
-from tests.operator.cluster import Cluster, assert_matches_render, condition
+from tests.operator.cluster import ROUTER_IDENTITY_KEYS, Cluster, assert_matches_render, condition
 from tests.operator.harness import GROUP, PLURAL, VERSION, wait_for
 
 pytestmark = pytest.mark.controlplane
@@ -35,13 +35,10 @@ def keys_of(name: str) -> set[tuple[str, str]]:
         ("Service", f"{name}-v1"),
         ("Deployment", f"{name}-v2"),
         ("Service", f"{name}-v2"),
-        ("ConfigMap", f"{name}-routes"),
+        ("RouteTable", f"{name}-routes"),
         ("Deployment", name),
         ("Service", name),
         ("PodDisruptionBudget", name),
-        ("ServiceAccount", f"{name}-router"),
-        ("Role", f"{name}-router"),
-        ("RoleBinding", f"{name}-router"),
     }
 
 
@@ -103,13 +100,16 @@ def test_ten_kills_during_thirty_reconciles_converge_with_zero_orphans(cluster: 
         )
         assert condition(status, "Degraded") == ("False", "AsExpected")
     # Zero orphans: every labelled object is a wanted child of an existing ModelDeployment,
-    # owned by it, and there is exactly one of each.
-    wanted = {key for name in names for key in keys_of(name)}
+    # owned by it, and there is exactly one of each; besides them, one router identity.
+    wanted = {key for name in names for key in keys_of(name)} | ROUTER_IDENTITY_KEYS
     uids = {name: cluster.get(name)["metadata"]["uid"] for name in names}
     found = labelled_objects(cluster)
     keys = [(o["kind"], o["metadata"]["name"]) for o in found]
     assert sorted(keys) == sorted(wanted)
     for obj in found:
+        if (obj["kind"], obj["metadata"]["name"]) in ROUTER_IDENTITY_KEYS:
+            assert "ownerReferences" not in obj["metadata"]
+            continue
         md_name = obj["metadata"]["labels"][naming.MODEL_DEPLOYMENT]
         (owner,) = obj["metadata"]["ownerReferences"]
         assert owner["uid"] == uids[md_name], obj["metadata"]["name"]

@@ -43,7 +43,14 @@ def test_manifests_are_valid_kubernetes_objects() -> None:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         kinds.append(doc["kind"])
     assert sorted(kinds) == sorted(
-        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "ClusterRole",
+        ]
     )
 
 
@@ -64,7 +71,7 @@ def granted_verbs(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 
 
 def test_operator_may_apply_and_prune_every_kind_it_renders() -> None:
-    role, _ = manifest_documents("rbac.yaml")
+    role, _, _ = manifest_documents("rbac.yaml")
     granted = granted_verbs(role)
     for (api_version, _kind), plural in RESOURCES.items():
         group = api_version.rpartition("/")[0]
@@ -72,8 +79,8 @@ def test_operator_may_apply_and_prune_every_kind_it_renders() -> None:
 
 
 def test_rbac_is_least_privilege() -> None:
-    role, binding = manifest_documents("rbac.yaml")
-    for rule in role["rules"]:
+    role, binding, router_role = manifest_documents("rbac.yaml")
+    for rule in [*role["rules"], *router_role["rules"]]:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], rule
         assert not {"secrets", "pods/exec", "pods/log"} & set(rule["resources"]), rule
@@ -85,12 +92,19 @@ def test_rbac_is_least_privilege() -> None:
     granted = granted_verbs(role)
     # Read-only where the operator only observes (the router Service's endpoints).
     assert granted[("discovery.k8s.io", "endpointslices")] == {"get", "list", "watch"}
-    # The router's Role grants configmaps get/list/watch/patch: RBAC lets the operator create it
-    # only because it holds those verbs itself (no escalate, no bind).
-    assert {"get", "list", "watch", "patch"} <= granted[("", "configmaps")]
-    for kind in [("", "serviceaccounts"), ("rbac.authorization.k8s.io", "roles")]:
-        assert {"create", "patch", "delete", "list"} <= granted[kind]
-    assert granted[("rbac.authorization.k8s.io", "rolebindings")] == granted[kind]
+    # No ConfigMaps and no Roles at all: routes are RouteTables, and the routers' identity is a
+    # RoleBinding to the shipped ClusterRole modeldeploy-router, which RBAC lets the operator
+    # create only because it holds everything that ClusterRole grants (no escalate, no bind).
+    assert not {("", "configmaps"), ("rbac.authorization.k8s.io", "roles")} & set(granted)
+    routers = granted_verbs(router_role)
+    assert routers == {
+        ("modeldeploy.dev", "routetables"): {"get", "list", "watch"},
+        ("modeldeploy.dev", "routetables/status"): {"patch"},
+    }
+    for resource, verbs in routers.items():
+        assert verbs <= granted[resource]
+    for kind in [("", "serviceaccounts"), ("rbac.authorization.k8s.io", "rolebindings")]:
+        assert {"create", "patch", "delete", "list", "watch"} == granted[kind]
     (account,) = manifest_documents("serviceaccount.yaml")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [

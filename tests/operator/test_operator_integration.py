@@ -13,7 +13,7 @@ from kubernetes import client
 from tests.controlplane.harness import api_client_from_kubeconfig
 from tests.operator.builders import model_deployment, variant
 from tests.operator.cluster import (
-    ROUTER_ACCESS,
+    ROUTER_IDENTITY_KEYS,
     ROUTER_KEYS,
     Cluster,
     assert_matches_render,
@@ -35,6 +35,11 @@ def test_create_then_readiness_drives_traffic_and_status(cluster: Cluster) -> No
             "iris",
             created["metadata"]["uid"],
         )
+    # The routers' identity is the namespace's: no ModelDeployment owns it, so deleting one
+    # leaves the others' routers their token.
+    identity = cluster.router_identity()
+    assert set(identity) == ROUTER_IDENTITY_KEYS
+    assert not any("ownerReferences" in o["metadata"] for o in identity.values())
     # Nothing is ready yet: no traffic anywhere, and the status says why.
     cluster.wait_routes("iris", {"v1": 0, "v2": 0})
     status = cluster.wait_status(
@@ -198,11 +203,10 @@ def test_add_and_remove_variants_and_switch_routing(cluster: Cluster) -> None:
         ("PodDisruptionBudget", "iris-v1"),
         ("Deployment", "iris-v3"),
         ("Service", "iris-v3"),
-        ("ConfigMap", "iris-routes"),
+        ("RouteTable", "iris-routes"),
         ("Deployment", "iris"),
         ("Service", "iris"),
         ("PodDisruptionBudget", "iris"),
-        *ROUTER_ACCESS,
     }
     cluster.wait_owned("iris", keys)
     cluster.wait_routes("iris", {"v1": 0, "v3": 0})
@@ -222,8 +226,7 @@ def test_add_and_remove_variants_and_switch_routing(cluster: Cluster) -> None:
             }
         },
     )
-    variant_keys = {k for k in keys if k[1] != "iris"} - {("ConfigMap", "iris-routes")}
-    variant_keys -= ROUTER_ACCESS
+    variant_keys = {k for k in keys if k[1] != "iris"} - {("RouteTable", "iris-routes")}
     found = cluster.wait_owned("iris", variant_keys | {("HTTPRoute", "iris")})
     split = found[("HTTPRoute", "iris")]["spec"]["rules"][-1]["backendRefs"]
     assert [(b["name"], b["weight"]) for b in split] == [("iris-v1", 0), ("iris-v3", 100)]
@@ -270,11 +273,8 @@ def test_edited_and_deleted_children_are_restored(cluster: Cluster) -> None:
         {"spec": {"template": {"spec": {"containers": [{"name": "server", "image": "evil:1"}]}}}},
         field_manager="kubectl-edit",
     )
-    cluster.core.patch_namespaced_config_map(
-        "iris-routes",
-        cluster.namespace,
-        {"data": {"routes.json": "{}"}},
-        field_manager="kubectl-edit",
+    cluster.edit_child(
+        "RouteTable", "iris-routes", [{"op": "replace", "path": "/spec/routes", "value": {}}]
     )
     cluster.core.delete_namespaced_service("iris-v2", cluster.namespace)
 
@@ -308,10 +308,9 @@ def test_spec_the_api_refuses_is_degraded_without_a_retry_storm(cluster: Cluster
     assert set(cluster.owned("iris")) == {
         ("Service", "iris-v1"),
         ("Service", "iris-v2"),
-        ("ConfigMap", "iris-routes"),
+        ("RouteTable", "iris-routes"),
         ("Service", "iris"),
         ("PodDisruptionBudget", "iris"),
-        *ROUTER_ACCESS,
     }
     version = cluster.get("iris")["metadata"]["resourceVersion"]
     cluster.wait_resyncs("iris", 2)
@@ -341,6 +340,39 @@ def test_delete_garbage_collects_every_child(cluster: Cluster) -> None:
         GROUP, VERSION, cluster.namespace, PLURAL, "iris"
     )
     wait_for(lambda: not cluster.owned("iris"), "garbage collection", timeout=60)
+
+
+def test_the_router_identity_goes_with_the_namespace_s_last_router(cluster: Cluster) -> None:
+    """Shared by the namespace's routers, owned by none: it stays while one may run a router, and
+    the operator deletes it after the last one (a namespace keeps nothing after uninstall)."""
+    cluster.create(iris())
+    other = iris()
+    other["metadata"]["name"] = "other"
+    cluster.create(other)
+    cluster.wait_owned("other", {(k, n.replace("iris", "other")) for k, n in ROUTER_KEYS})
+    first = cluster.router_identity()
+    assert set(first) == ROUTER_IDENTITY_KEYS
+
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "other"
+    )
+    wait_for(lambda: not cluster.owned("other"), "other's children collected", timeout=60)
+    # iris still runs a router: its identity is untouched (the same objects, not recreated).
+    assert {k: o["metadata"]["uid"] for k, o in cluster.router_identity().items()} == {
+        k: o["metadata"]["uid"] for k, o in first.items()
+    }
+
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "iris"
+    )
+    wait_for(lambda: not cluster.router_identity(), "the router identity deleted", timeout=60)
+    # A new router in the namespace gets it back.
+    cluster.create(iris())
+    wait_for(
+        lambda: set(cluster.router_identity()) == ROUTER_IDENTITY_KEYS,
+        "the router identity created again",
+        timeout=60,
+    )
 
 
 def test_operator_killed_mid_reconcile_converges_without_duplicates_or_leaks(

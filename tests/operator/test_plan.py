@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 import pytest
@@ -14,13 +13,14 @@ from modeldeploy_operator.plan import (
     Plan,
     Snapshot,
     describe,
+    identity_intact,
     plan,
     plan_inputs,
     recreate_reason,
     settle,
     with_applied_hash,
 )
-from modeldeploy_operator.render import render_objects
+from modeldeploy_operator.render import render_objects, render_router_identity
 from modeldeploy_operator.spec import parse_model_deployment
 from tests.operator.builders import model_deployment, variant
 
@@ -62,8 +62,8 @@ def children(md: dict[str, Any], ready: dict[str, int] | None = None) -> list[di
 def routed_weights(objects: tuple[dict[str, Any], ...]) -> dict[str, int]:
     """The split the routing object carries: routes.json or the HTTPRoute's weighted rule."""
     for obj in objects:
-        if obj["kind"] == "ConfigMap":
-            routes = json.loads(obj["data"]["routes.json"])
+        if obj["kind"] == "RouteTable":
+            routes = obj["spec"]["routes"]
             return {v["name"]: v["weight"] for v in routes["variants"]}
         if obj["kind"] == "HTTPRoute":
             split = obj["spec"]["rules"][-1]["backendRefs"]
@@ -110,15 +110,15 @@ def test_one_snapshot_gives_one_plan() -> None:
 
 def test_nothing_observed_yet_plans_every_child_and_no_traffic() -> None:
     planned = plan(Snapshot(model_deployment()), server_image=IMAGE, now=T0)
+    # The namespace's router identity first: the router pods need their ServiceAccount.
     assert [describe(o) for o in planned.apply] == [
+        "ServiceAccount/modeldeploy-router",
+        "RoleBinding/modeldeploy-router",
         "Deployment/iris-v1",
         "Service/iris-v1",
         "Deployment/iris-v2",
         "Service/iris-v2",
-        "ConfigMap/iris-routes",
-        "ServiceAccount/iris-router",
-        "Role/iris-router",
-        "RoleBinding/iris-router",
+        "RouteTable/iris-routes",
         "Deployment/iris",
         "Service/iris",
         "PodDisruptionBudget/iris",
@@ -167,20 +167,22 @@ def test_service_port_edit_is_recreated_other_edits_are_applied() -> None:
             "ports",
         ),
         ("Deployment", lambda o: o["spec"]["selector"]["matchLabels"].update(x="y"), "immutable"),
-        ("ConfigMap", lambda o: o.update(immutable=True), "immutable"),
         ("RoleBinding", lambda o: o["roleRef"].update(name="admin"), "immutable"),
         ("RoleBinding", lambda o: o["subjects"][0].update(name="x"), ""),
         ("Service", lambda o: o["spec"]["ports"][0].update(name="web"), ""),
         ("Service", lambda o: o["spec"]["ports"][0].pop("protocol"), ""),
         ("Deployment", lambda o: o["spec"].update(replicas=5), ""),
-        ("ConfigMap", lambda o: o["data"].update({"routes.json": "{}"}), ""),
+        ("RouteTable", lambda o: o["spec"]["routes"].update(variants=[]), ""),
     ],
 )
 def test_recreate_decisions(kind: str, edit: Any, expected: str) -> None:
     md = model_deployment()
     desired = next(
         o
-        for o in render_objects(parse_model_deployment(md), server_image=IMAGE)
+        for o in (
+            *render_objects(parse_model_deployment(md), server_image=IMAGE),
+            *render_router_identity("ml"),
+        )
         if o["kind"] == kind
     )
     observed = stored(desired)
@@ -242,20 +244,20 @@ def test_settle_names_each_refused_object_and_keeps_rows_and_traffic() -> None:
     md = model_deployment()
     before = plan(Snapshot(md, children(md, {"iris-v1": 1})), server_image=IMAGE, now=T0)
     md["status"] = before.status
-    # v2 became ready: the new plan moves traffic, but the routes ConfigMap is refused.
+    # v2 became ready: the new plan moves traffic, but the RouteTable is refused.
     planned = plan(
         Snapshot(md, children(md, {"iris-v1": 1, "iris-v2": 1})), server_image=IMAGE, now=T1
     )
     assert planned.traffic == {"v1": 90, "v2": 10}
     failures = [
         Failure("Service/iris-v1", 'spec.ports[1].name: Duplicate value: "http"'),
-        Failure("ConfigMap/iris-routes", "admission webhook denied it"),
+        Failure("RouteTable/iris-routes", "admission webhook denied it"),
     ]
     settled = settle(planned, failures)
     degraded = next(c for c in settled.status["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "ApplyRejected")
     assert 'Service/iris-v1: spec.ports[1].name: Duplicate value: "http"' in degraded["message"]
-    assert "ConfigMap/iris-routes: admission webhook denied it" in degraded["message"]
+    assert "RouteTable/iris-routes: admission webhook denied it" in degraded["message"]
     assert conditions(settled.status)["Ready"] == ("False", "ApplyRejected")
     # The routes were not written: the traffic shown is what they still carry.
     assert settled.status["traffic"] == before.status["traffic"] == "v1=100,v2=0"
@@ -337,10 +339,8 @@ def endpoint_slice(
 
 
 def acked(objects: list[dict[str, Any]], acks: dict[str, str]) -> None:
-    config_map = next(o for o in objects if o["kind"] == "ConfigMap")
-    config_map["metadata"]["annotations"] = {
-        f"acks.modeldeploy.dev/{pod}": version for pod, version in acks.items()
-    }
+    route_table = next(o for o in objects if o["kind"] == "RouteTable")
+    route_table["status"] = {"acks": dict(acks)}
 
 
 def ready_reason(md: dict[str, Any], objects: list[dict[str, Any]], slices: Any = ()) -> Any:
@@ -364,9 +364,9 @@ def test_router_mode_ready_needs_routers_serving_the_current_routes() -> None:
     slices = [endpoint_slice(service, {"router-a": True, "router-b": True, "router-c": False})]
     (ready, planned) = ready_reason(md, objects, slices)
     assert ready == ("False", "RoutesPending")
-    version = json.loads(
-        next(o for o in planned.apply if o["kind"] == "ConfigMap")["data"]["routes.json"]
-    ).get("version", "")
+    version = next(o for o in planned.apply if o["kind"] == "RouteTable")["spec"]["routes"][
+        "version"
+    ]
     # One router still serves an older version: not Ready, and the message says which.
     acked(objects, {"router-a": version, "router-b": "old"})
     (ready, planned) = ready_reason(md, objects, slices)
@@ -450,11 +450,11 @@ def test_gateway_mode_ready_reflects_the_parents_conditions(
 
 def test_a_router_ack_is_news_for_the_plan() -> None:
     md = model_deployment()
-    config_map = next(o for o in children(md) if o["kind"] == "ConfigMap")
-    with_ack = copy.deepcopy(config_map)
-    with_ack["metadata"]["annotations"] = {"acks.modeldeploy.dev/router-a": "abc"}
-    assert plan_inputs("ConfigMap", None) == plan_inputs("ConfigMap", config_map)
-    assert plan_inputs("ConfigMap", with_ack) != plan_inputs("ConfigMap", config_map)
+    route_table = next(o for o in children(md) if o["kind"] == "RouteTable")
+    with_ack = copy.deepcopy(route_table)
+    with_ack["status"] = {"acks": {"router-a": "abc"}}
+    assert plan_inputs("RouteTable", None) == plan_inputs("RouteTable", route_table)
+    assert plan_inputs("RouteTable", with_ack) != plan_inputs("RouteTable", route_table)
 
 
 def applied(planned: Plan) -> list[dict[str, Any]]:
@@ -465,12 +465,44 @@ def applied(planned: Plan) -> list[dict[str, Any]]:
     return objects
 
 
+def applied_identity(planned: Plan) -> tuple[dict[str, Any], ...]:
+    """The namespace's router identity as the API server holds it once `planned` was applied."""
+    return tuple(stored(o) for o in planned.apply if o["kind"] in ("ServiceAccount", "RoleBinding"))
+
+
 def test_an_unchanged_model_deployment_applies_nothing() -> None:
     md = model_deployment()
     first = plan(Snapshot(md), server_image=IMAGE, now=T0)
-    again = plan(Snapshot(md, applied(first)), server_image=IMAGE, now=T1)
-    assert len(again.desired) == len(first.apply) == 11
+    observed = Snapshot(md, applied(first), router_identity=applied_identity(first))
+    again = plan(observed, server_image=IMAGE, now=T1)
+    assert len(again.desired) == len(first.apply) - 2 == 8
     assert again.apply == () and again.recreate == () and again.prune == ()
+
+
+def test_the_router_identity_is_the_namespace_s_repaired_by_any_of_its_model_deployments() -> None:
+    md = model_deployment()
+    first = plan(Snapshot(md), server_image=IMAGE, now=T0)
+    account, binding = applied_identity(first)
+    assert identity_intact(account) and identity_intact(binding)
+    # Another ModelDeployment of the namespace finds it in place and writes nothing for it.
+    other = model_deployment(name="other")
+    assert [describe(o) for o in plan(Snapshot(other), server_image=IMAGE, now=T0).apply][:2] == [
+        "ServiceAccount/modeldeploy-router",
+        "RoleBinding/modeldeploy-router",
+    ]
+    planned = plan(Snapshot(other, router_identity=(account, binding)), server_image=IMAGE, now=T0)
+    assert not any(o["kind"] in ("ServiceAccount", "RoleBinding") for o in planned.apply)
+    assert planned.prune == ()
+    # A hand edit of its roleRef (immutable) is drift: delete and create it again.
+    edited = copy.deepcopy(binding)
+    edited["roleRef"]["name"] = "admin"
+    assert not identity_intact(edited)
+    planned = plan(Snapshot(other, router_identity=(account, edited)), server_image=IMAGE, now=T1)
+    assert [describe(r.observed) for r in planned.recreate] == ["RoleBinding/modeldeploy-router"]
+    assert [describe(o) for o in planned.apply][:1] == ["RoleBinding/modeldeploy-router"]
+    # Without a router there is no identity to keep.
+    gateway = plan(Snapshot(model_deployment(routing=GATEWAY)), server_image=IMAGE, now=T0)
+    assert not any(o["kind"] in ("ServiceAccount", "RoleBinding") for o in gateway.apply)
 
 
 def test_a_hand_edited_or_stripped_child_is_applied_again_and_only_it() -> None:
@@ -478,10 +510,15 @@ def test_a_hand_edited_or_stripped_child_is_applied_again_and_only_it() -> None:
     observed = applied(plan(Snapshot(md), server_image=IMAGE, now=T0))
     deployment = next(o for o in observed if describe(o) == "Deployment/iris-v1")
     deployment["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1"
-    config_map = next(o for o in observed if describe(o) == "ConfigMap/iris-routes")
-    del config_map["data"]  # a field we set, removed by hand
+    route_table = next(o for o in observed if describe(o) == "RouteTable/iris-routes")
+    del route_table["spec"]["routes"]["variants"]  # a field we set, removed by hand
     planned = plan(Snapshot(md, observed), server_image=IMAGE, now=T1)
-    assert [describe(o) for o in planned.apply] == ["Deployment/iris-v1", "ConfigMap/iris-routes"]
+    assert [
+        describe(o) for o in planned.apply if o["kind"] not in ("ServiceAccount", "RoleBinding")
+    ] == [
+        "Deployment/iris-v1",
+        "RouteTable/iris-routes",
+    ]
 
 
 def test_a_new_spec_applies_what_it_changes_and_what_no_longer_sets_a_field() -> None:
@@ -491,12 +528,15 @@ def test_a_new_spec_applies_what_it_changes_and_what_no_longer_sets_a_field() ->
     for obj in observed:
         # Without the hash that says what was applied last, nothing proves a field we stopped
         # setting is gone (server-side apply removes such fields): apply again.
-        if describe(obj) == "ServiceAccount/iris-router":
+        if describe(obj) == "Service/iris":
             del obj["metadata"]["annotations"][naming.APPLIED_HASH]
     changed = model_deployment(variants=[variant("v1", 50), variant("v2", 50)])
-    planned = plan(Snapshot(changed, observed), server_image=IMAGE, now=T1)
+    identity = applied_identity(first)
+    planned = plan(
+        Snapshot(changed, observed, router_identity=identity), server_image=IMAGE, now=T1
+    )
     new = {describe(o) for o in planned.desired} - {describe(o) for o in first.desired}
     different = {describe(o) for o in planned.desired if o not in first.desired} - new
     assert different  # the weights show on some children
-    assert "ServiceAccount/iris-router" not in different
-    assert {describe(o) for o in planned.apply} == different | {"ServiceAccount/iris-router"}
+    assert "Service/iris" not in different
+    assert {describe(o) for o in planned.apply} == different | {"Service/iris"}

@@ -125,14 +125,14 @@ def test_after_an_api_server_restart_drift_is_repaired_and_the_index_holds_no_st
     control_plane.restart_apiserver()
     # Right away, while the operator's watches are still reconnecting: a child deleted, a child
     # edited, and a whole ModelDeployment deleted (the garbage collector removes its children).
-    cluster.delete_child("ConfigMap", "iris-routes")
+    cluster.delete_child("RouteTable", "iris-routes")
     cluster.edit_child(
         "Service", "iris", [{"op": "replace", "path": "/spec/ports/0/port", "value": 81}]
     )
     cluster.custom.delete_namespaced_custom_object(
         "modeldeploy.dev", "v1alpha1", NAMESPACE, "modeldeployments", "other"
     )
-    wait_for(lambda: cluster.child("ConfigMap", "iris-routes"), "iris-routes restored", timeout=60)
+    wait_for(lambda: cluster.child("RouteTable", "iris-routes"), "iris-routes restored", timeout=60)
 
     def service_repaired() -> bool:
         service = cluster.child("Service", "iris")  # absent for a moment: it is recreated
@@ -167,6 +167,7 @@ def _index_counts(cluster: Cluster) -> dict[str, int]:
 def _live_counts(cluster: Cluster) -> dict[str, int]:
     counts = Counter(kind for kind, _ in cluster.owned("iris"))
     counts.update(kind for kind, _ in cluster.owned("other"))
+    counts.update(kind for kind, _ in cluster.router_identity())
     selector = f"{naming.MANAGED_BY}={naming.FIELD_MANAGER},{naming.COMPONENT}=router"
     slices = cluster.request(
         "GET",

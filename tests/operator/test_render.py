@@ -14,7 +14,7 @@ import yaml
 from modeldeploy_operator import naming
 from modeldeploy_operator.contract import MAX_MODEL_BYTES
 from modeldeploy_operator.gate_jobs import probe_args
-from modeldeploy_operator.render import render_objects, routes_version
+from modeldeploy_operator.render import render_objects, render_router_identity, routes_version
 from modeldeploy_operator.rollout import ProbeRun
 from modeldeploy_operator.spec import ModelDeployment, parse_model_deployment
 from modeldeploy_operator.traffic import compute_effective_weights
@@ -71,10 +71,7 @@ def test_rendering_is_deterministic_and_returns_fresh_objects() -> None:
                 ("Service", "iris-v1"),
                 ("Deployment", "iris-v2"),
                 ("Service", "iris-v2"),
-                ("ConfigMap", "iris-routes"),
-                ("ServiceAccount", "iris-router"),
-                ("Role", "iris-router"),
-                ("RoleBinding", "iris-router"),
+                ("RouteTable", "iris-routes"),
                 ("Deployment", "iris"),
                 ("Service", "iris"),
                 ("PodDisruptionBudget", "iris"),
@@ -155,8 +152,10 @@ def test_every_kubernetes_object_is_valid_for_the_api() -> None:
     for routing in (None, {"mode": "none"}):
         if routing:
             obj["spec"]["routing"] = routing
-        for manifest in render(obj):
-            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+        for manifest in (*render(obj), *render_router_identity("ml")):
+            # Our own RouteTable meets its CRD on a real API server (the control-plane tests).
+            if manifest["kind"] != "RouteTable":
+                kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
 
 
 def test_pods_pass_the_restricted_pod_security_standard() -> None:
@@ -166,7 +165,7 @@ def test_pods_pass_the_restricted_pod_security_standard() -> None:
         assert isinstance(pod["securityContext"]["runAsUser"], int)
         assert pod["securityContext"]["runAsUser"] > 0
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        # Only the router, which watches its routes ConfigMap, holds an API token.
+        # Only the router, which watches its RouteTable, holds an API token.
         is_router = template["metadata"]["labels"][naming.COMPONENT] == naming.COMPONENT_ROUTER
         assert pod["automountServiceAccountToken"] is is_router
         for volume in pod["volumes"]:
@@ -355,7 +354,7 @@ def test_pod_settings_and_image_override() -> None:
         assert {c["image"] for c in pod["containers"]} == {"mirror.example/server:2"}
         assert pod["imagePullSecrets"] == [{"name": "pull"}]
         router = template["metadata"]["labels"][naming.COMPONENT] == naming.COMPONENT_ROUTER
-        assert pod["serviceAccountName"] == ("iris-router" if router else "models-reader")
+        assert pod["serviceAccountName"] == ("modeldeploy-router" if router else "models-reader")
         assert pod["nodeSelector"] == {"pool": "cpu"}
         assert pod["tolerations"] == pod_settings["tolerations"]
         assert pod["affinity"] == {"podAntiAffinity": {}}
@@ -364,8 +363,7 @@ def test_pod_settings_and_image_override() -> None:
 
 
 def routes(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    config_map = by_kind_name(objects)[("ConfigMap", "iris-routes")]
-    parsed: dict[str, Any] = json.loads(config_map["data"]["routes.json"])
+    parsed: dict[str, Any] = by_kind_name(objects)[("RouteTable", "iris-routes")]["spec"]["routes"]
     return parsed
 
 
@@ -512,40 +510,42 @@ def test_weight_changes_touch_only_the_router_config() -> None:
     before = by_kind_name(render(model_deployment(), {"v1", "v2"}))
     after = by_kind_name(render(model_deployment(), {"v1"}))
     changed = [key for key in before if before[key] != after[key]]
-    assert changed == [("ConfigMap", "iris-routes")]
+    assert changed == [("RouteTable", "iris-routes")]
 
 
-def test_router_watches_its_config_map_as_its_own_least_privileged_account() -> None:
+def test_router_watches_its_route_table_as_the_namespace_router_identity() -> None:
     objects = by_kind_name(render(model_deployment()))
     template = objects[("Deployment", "iris")]["spec"]["template"]
     pod = template["spec"]
     (container,) = pod["containers"]
     assert container["args"] == ["route"]
     assert container["env"] == [
-        {"name": "MODELDEPLOY_ROUTES_CONFIGMAP", "value": "ml/iris-routes"},
+        {"name": "MODELDEPLOY_ROUTE_TABLE", "value": "ml/iris-routes"},
         {"name": "MODELDEPLOY_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
     # No ConfigMap volume: the kubelet would deliver changes only at its next sync.
     assert pod["volumes"] == [{"name": "tmp", "emptyDir": {}}]
-    assert pod["serviceAccountName"] == "iris-router"
+    assert pod["serviceAccountName"] == "modeldeploy-router"
     assert pod["automountServiceAccountToken"] is True
-    assert objects[("Role", "iris-router")]["rules"] == [
-        {
-            "apiGroups": [""],
-            "resources": ["configmaps"],
-            "resourceNames": ["iris-routes"],
-            "verbs": ["get", "list", "watch", "patch"],
-        }
-    ]
-    binding = objects[("RoleBinding", "iris-router")]
+    # The identity is the namespace's, owned by no ModelDeployment, and bound to the ClusterRole
+    # that manifests/rbac.yaml installs (read RouteTables, patch their status: nothing else).
+    identity = by_kind_name(render_router_identity("ml"))
+    assert set(identity) == {
+        ("ServiceAccount", "modeldeploy-router"),
+        ("RoleBinding", "modeldeploy-router"),
+    }
+    for obj in identity.values():
+        assert obj["metadata"]["namespace"] == "ml"
+        assert "ownerReferences" not in obj["metadata"]
+        assert naming.MODEL_DEPLOYMENT not in obj["metadata"]["labels"]
+    binding = identity[("RoleBinding", "modeldeploy-router")]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "Role",
-        "name": "iris-router",
+        "kind": "ClusterRole",
+        "name": "modeldeploy-router",
     }
-    account = {"kind": "ServiceAccount", "name": "iris-router", "namespace": "ml"}
+    account = {"kind": "ServiceAccount", "name": "modeldeploy-router", "namespace": "ml"}
     assert binding["subjects"] == [account]
-    assert objects[("ServiceAccount", "iris-router")]["metadata"]["namespace"] == "ml"
     # Weight changes never restart a router pod.
     assert not any(
         "hash" in key or "checksum" in key for key in template["metadata"]["annotations"]

@@ -62,7 +62,7 @@ def test_service_port_edit_is_repaired_with_every_other_drifted_child(watched: C
     cluster.edit_child(
         "Service", "iris-v1", [{"op": "replace", "path": "/spec/ports/0/port", "value": 9090}]
     )
-    cluster.delete_child("ConfigMap", "iris-routes")
+    cluster.delete_child("RouteTable", "iris-routes")
     cluster.edit_child(
         "Deployment",
         "iris-v1",

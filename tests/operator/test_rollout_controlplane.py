@@ -4,7 +4,7 @@ router while real servers answer real requests on loopback; and the `modeldeploy
 steering it by annotation.
 
 What the missing kubelet, kube-proxy and DNS would do, the tests do: the Deployments are marked
-ready, and the routes the operator writes into its ConfigMap reach the router as a file whose
+ready, and the routes the operator writes into its RouteTable reach the router as a file whose
 variant URLs are the loopback servers (the router re-reads its file when it changes). Prometheus
 scrapes the router every second with the labels its Kubernetes service discovery would give it
 (namespace, modeldeployment).
@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from modeldeploy_operator import cli, contract, naming
+from modeldeploy_operator import cli, naming
 from modeldeploy_operator.rollout_control import COMMAND_ANNOTATION
 from tests.controlplane.harness import ControlPlane, start_prometheus
 from tests.models import build_iris_logreg, build_iris_stump, write_graph
@@ -184,11 +184,11 @@ class Loopback(Background):
     routed: list[dict[str, int]] = field(default_factory=list)  # every split written, in order
 
     def sync(self) -> bool:
-        name = naming.routes_config_map_name(self.md_name)
-        config_map = self.cluster.child("ConfigMap", name)
-        if config_map is None:
+        name = naming.route_table_name(self.md_name)
+        table = self.cluster.child("RouteTable", name)
+        if table is None:
             return False
-        routes = json.loads(config_map["data"][contract.ROUTES_KEY])
+        routes = table["spec"]["routes"]
         for variant in routes["variants"]:
             variant["url"] = self.servers[variant["name"]]
         text = json.dumps(routes)
@@ -206,7 +206,7 @@ class Loopback(Background):
                 self.sync()
 
     def start(self) -> None:
-        wait_for(self.sync, "the routes ConfigMap", timeout=60)
+        wait_for(self.sync, "the RouteTable", timeout=60)
         super().start()
 
 
@@ -771,9 +771,9 @@ def test_a_shadow_step_judges_the_candidate_on_its_disagreement_before_any_weigh
             if candidate == "stump":
                 done = wait_phase(cluster, "RolledBack", 2, timeout=120)
             else:
-                routes = cluster.child("ConfigMap", naming.routes_config_map_name("iris"))
-                assert routes is not None
-                mirrored = json.loads(routes["data"][contract.ROUTES_KEY])["shadow"]
+                table = cluster.child("RouteTable", naming.route_table_name("iris"))
+                assert table is not None
+                mirrored = table["spec"]["routes"]["shadow"]
                 assert (mirrored["variant"], mirrored["percent"]) == ("v2", 100)
                 done = wait_phase(cluster, "Progressing", 2, timeout=120)
                 cluster.wait_routes("iris", {"v1": 80, "v2": 20})

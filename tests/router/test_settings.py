@@ -8,7 +8,7 @@ import pytest
 
 from modeldeploy_server.config import EdgeSettings
 from modeldeploy_server.router import RouterSettings, parse_settings
-from modeldeploy_server.routes_source import ConfigMapRef, RoutesSettings
+from modeldeploy_server.routes_source import RoutesSettings, RouteTableRef
 from modeldeploy_server.routing import TrustedProxies, parse_trusted_proxies
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -20,7 +20,7 @@ def test_defaults_need_only_the_config() -> None:
         routes=RoutesSettings(
             config=Path("/etc/router/routes.json"),
             reload_interval_s=1.0,
-            config_map=None,
+            route_table=None,
             pod_name=None,
             api_server=None,
             service_account_dir=SERVICE_ACCOUNT_DIR,
@@ -47,12 +47,12 @@ def test_edge_limits_come_from_the_same_flags_and_env_as_the_server() -> None:
     )
 
 
-def test_in_a_pod_the_routes_come_from_the_config_map_through_the_api() -> None:
-    env = {**IN_POD, "MODELDEPLOY_ROUTES_CONFIGMAP": "ml/iris-routes", "MODELDEPLOY_POD_NAME": "p"}
+def test_in_a_pod_the_routes_come_from_the_route_table_through_the_api() -> None:
+    env = {**IN_POD, "MODELDEPLOY_ROUTE_TABLE": "ml/iris-routes", "MODELDEPLOY_POD_NAME": "p"}
     assert parse_settings([], env).routes == RoutesSettings(
         config=None,
         reload_interval_s=1.0,
-        config_map=ConfigMapRef("ml", "iris-routes"),
+        route_table=RouteTableRef("ml", "iris-routes"),
         pod_name="p",
         api_server="https://10.0.0.1:443",
         service_account_dir=SERVICE_ACCOUNT_DIR,
@@ -89,13 +89,14 @@ def test_env_sets_and_flags_override() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        ([], {}, "exactly one of --config (MODELDEPLOY_ROUTER_CONFIG) and --routes-configmap"),
-        (["--config", "c", "--routes-configmap", "ns/n"], {}, "exactly one of --config"),
-        (["--routes-configmap", "ns"], IN_POD, "--routes-configmap='ns': must be NAMESPACE/NAME"),
-        (["--routes-configmap", "Ns/n", "--pod-name", "p"], IN_POD, "must be NAMESPACE/NAME"),
-        (["--routes-configmap", "ns/n"], IN_POD, "--routes-configmap needs --pod-name"),
-        (["--routes-configmap", "ns/n", "--pod-name", "p"], {}, "needs KUBERNETES_SERVICE_HOST"),
-        (["--routes-configmap", "ns/n", "--pod-name", "x" * 64], IN_POD, "at most 63 characters"),
+        ([], {}, "exactly one of --config (MODELDEPLOY_ROUTER_CONFIG) and --route-table"),
+        (["--config", "c", "--route-table", "ns/n"], {}, "exactly one of --config"),
+        (["--route-table", "ns"], IN_POD, "--route-table='ns': must be NAMESPACE/NAME"),
+        (["--route-table", "Ns/n", "--pod-name", "p"], IN_POD, "must be NAMESPACE/NAME"),
+        (["--route-table", "ns/n"], IN_POD, "--route-table needs --pod-name"),
+        (["--route-table", "ns/n", "--pod-name", "p"], {}, "needs KUBERNETES_SERVICE_HOST"),
+        (["--route-table", "ns/n", "--pod-name", "x" * 254], IN_POD, "at most 253 characters"),
+        (["--route-table", "ns/n", "--pod-name", "P"], IN_POD, "must be a pod name"),
         (["--config", "c", "--port", "70000"], {}, "--port='70000': must be a port number"),
         (["--config", "c"], {"MODELDEPLOY_PORT": "http"}, "MODELDEPLOY_PORT='http': invalid"),
         (["--config", "c", "--timeout-s", "0"], {}, "--timeout-s='0': must be a positive"),

@@ -410,7 +410,9 @@ class RouteTableRoutes:
         route_table, version = await api.list_route_table(self._ref)
         self._delay_s = BACKOFF_FIRST_S
         if route_table is None:
-            log.warning("routes RouteTable %s does not exist (yet)", self._ref)
+            # A deletion that happened while no watch ran (a relist after 410 or an error).
+            gone = "deleted; keeping the current routes" if self._seen else "does not exist (yet)"
+            log.warning("routes RouteTable %s %s", self._ref, gone)
         else:
             await self._observe(api, target, route_table)
         while True:

@@ -206,7 +206,13 @@ class Cluster:
     def wait_logged(self, text: str, timeout_s: float = 30.0) -> None:
         """Wait until every router has logged `text` (a log line is no propagation bound: the
         bound is asserted on what the routers serve and acknowledge)."""
-        poll(lambda: all(text in r.output() for r in self.routers.values()), timeout_s)
+        try:
+            poll(lambda: all(text in r.output() for r in self.routers.values()), timeout_s)
+        except AssertionError as error:
+            silent = {
+                p: r.output()[-1500:] for p, r in self.routers.items() if text not in r.output()
+            }
+            raise AssertionError(f"{text!r} not logged by {list(silent)}: {silent}") from error
 
     def serves(self, pod: str, version: str) -> bool:
         return self.served_version(pod) == version

@@ -410,8 +410,10 @@ class RouteTableRoutes:
         route_table, version = await api.list_route_table(self._ref)
         self._delay_s = BACKOFF_FIRST_S
         if route_table is None:
-            # A deletion that happened while no watch ran (a relist after 410 or an error).
-            gone = "deleted; keeping the current routes" if self._seen else "does not exist (yet)"
+            # A deletion that happened while no watch ran (a relist after 410 or an error): said
+            # as the watch says it once routes were applied, which are kept.
+            applied = self._applied_version is not None
+            gone = "deleted; keeping the current routes" if applied else "does not exist (yet)"
             log.warning("routes RouteTable %s %s", self._ref, gone)
         else:
             await self._observe(api, target, route_table)

@@ -3,7 +3,8 @@ pruning, and reads of ModelDeployments and their children.
 
 Every call blocks (the `kubernetes` client is synchronous); callers run them off the event loop.
 The `kubernetes` client gives the credentials, the TLS settings and the connection pool; requests
-go to the pool directly, in orjson, which takes a third of the operator's CPU off each write.
+go to the pool directly, in orjson: the client's own path re-read its configuration and ran the
+standard json module on every call.
 Errors become two domain exceptions: `TransientApiError` (worth retrying) and `RejectedError`
 (the API server refused what we sent; retrying the same thing cannot help).
 """

@@ -40,6 +40,25 @@ KINDS = {
 }
 
 
+def send(
+    api: client.ApiClient, method: str, path: str, body: Any, content_type: str
+) -> tuple[int, bytes]:
+    """One raw API call as `api`'s user: (HTTP status, body)."""
+    headers = {"Accept": "application/json", "Content-Type": content_type}
+    _, url, headers, _, _ = api.param_serialize(
+        method, path, header_params=headers, auth_settings=["BearerToken"]
+    )
+    response = api.call_api(method, url, header_params=headers, body=body)
+    return response.status, response.read()  # type: ignore[no-untyped-call]
+
+
+def object_path(namespace: str, kind: str, name: str) -> str:
+    """The API path of the object of `kind` (one the operator renders) named `name`."""
+    api_version, plural = next((v, p) for (v, k), p in RESOURCES.items() if k == kind)
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{plural}/{name}"
+
+
 class Cluster:
     """Admin-side view of one test namespace: what a user and kubectl would do."""
 
@@ -62,22 +81,15 @@ class Cluster:
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> dict[str, Any] | None:
         """One raw API call as the admin; the JSON answer, or None for 404."""
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        _, url, headers, _, _ = self.api.param_serialize(
-            method, path, header_params=headers, auth_settings=["BearerToken"]
-        )
-        response = self.api.call_api(method, url, header_params=headers, body=body)
-        data = response.read()  # type: ignore[no-untyped-call]
-        if response.status == 404:
+        status, data = send(self.api, method, path, body, content_type)
+        if status == 404:
             return None
-        assert response.status < 400, f"{method} {path}: {response.status} {data[:300]!r}"
+        assert status < 400, f"{method} {path}: {status} {data[:300]!r}"
         return cast(dict[str, Any], json.loads(data))
 
     def child_path(self, kind: str, name: str) -> str:
         """The API path of a child of `kind` named `name` in this namespace."""
-        api_version, plural = next((v, p) for (v, k), p in RESOURCES.items() if k == kind)
-        prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-        return f"{prefix}/namespaces/{self.namespace}/{plural}/{name}"
+        return object_path(self.namespace, kind, name)
 
     def child(self, kind: str, name: str) -> dict[str, Any] | None:
         return self.request("GET", self.child_path(kind, name))

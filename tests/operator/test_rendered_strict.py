@@ -23,13 +23,14 @@ from kubernetes import client
 from modeldeploy_operator import naming
 from modeldeploy_operator.batch_render import render_batch_job
 from modeldeploy_operator.gate_jobs import render_with_gates
-from modeldeploy_operator.kube import RESOURCES, ApiError, KubeApi
+from modeldeploy_operator.kube import ApiError, KubeApi
 from modeldeploy_operator.render import render_router_identity
 from modeldeploy_operator.rollout import ProbeRun
 from modeldeploy_operator.spec import BATCH_KIND, parse_batch_prediction, parse_model_deployment
 from modeldeploy_operator.validation import default_model_deployment
 from tests.controlplane.harness import ControlPlane
 from tests.operator.builders import model_deployment, variant
+from tests.operator.cluster import object_path, send
 
 IMAGE = "registry.example/modeldeploy-server:1.0"
 GATE = {"dataset": {"uri": "https://data.example/golden.csv", "sha256": "c" * 64}}
@@ -47,22 +48,18 @@ def strict_dry_run_apply(
 ) -> tuple[int, dict[str, Any]]:
     """Server-side apply `manifest` as the operator's field manager, with strict field
     validation and nothing stored: (HTTP status, response body)."""
-    api_version, meta = manifest["apiVersion"], manifest["metadata"]
-    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    plural = RESOURCES[(api_version, manifest["kind"])]
+    meta = manifest["metadata"]
     query = {
         "fieldManager": naming.FIELD_MANAGER,
         "force": "true",
         "fieldValidation": "Strict",
         "dryRun": "All",
     }
-    path = f"{prefix}/namespaces/{meta['namespace']}/{plural}/{meta['name']}?{urlencode(query)}"
-    headers = {"Accept": "application/json", "Content-Type": "application/apply-patch+yaml"}
-    _, url, headers, _, _ = api.param_serialize(
-        "PATCH", path, header_params=headers, auth_settings=["BearerToken"]
+    path = object_path(meta["namespace"], manifest["kind"], meta["name"])
+    status, data = send(
+        api, "PATCH", f"{path}?{urlencode(query)}", manifest, "application/apply-patch+yaml"
     )
-    response = api.call_api("PATCH", url, header_params=headers, body=manifest)
-    return response.status, json.loads(response.read() or b"{}")
+    return status, json.loads(data or b"{}")
 
 
 def rendered(namespace: str) -> list[dict[str, Any]]:
@@ -103,6 +100,7 @@ def rendered(namespace: str) -> list[dict[str, Any]]:
         },
     }
     bp = parse_batch_prediction(default_model_deployment(batch, BATCH_KIND))
+    assert bp.model is not None  # its own model, not a ModelDeployment's variant
     objects.append(render_batch_job(bp, bp.model, server_image=IMAGE))
     return [*objects, *render_router_identity(namespace)]
 

@@ -20,7 +20,10 @@ Measured, per count:
   to its restoration (watch-driven; the resync is an hour), with all of the above present;
 - restart: the operator killed and started again; time until it has reconciled all of them
   again (its reconciles counter), and what it wrote meanwhile (nothing is the target);
-- operator memory: idle, peak and after the restart, and per ModelDeployment.
+- operator memory: idle, peak and after the restart, and per ModelDeployment;
+- with `--waves SIZE`: the bulk created SIZE at a time, each wave to all of its children before
+  the next, and the seconds per 100 of each wave: the cost of 100 more as the namespace grows,
+  from one run (a straight line through the waves gives it at 200 and at `--count`).
 The harness itself watches (the operator's own index and informer, as the admin) instead of
 listing every object on each poll, so its cost stays linear in the objects it sees.
 Shapes: `full` is the realistic one (two variants 90/10 behind the router: 11 children, 3 of them
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -320,12 +324,16 @@ class Cpu:
         self._pids = pids
         self._start: dict[str, float] = {}
 
-    def mark(self) -> None:
-        self._start = {name: cpu_seconds(pid) for name, pid in self._pids().items()}
+    def reading(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self._pids().items()}
 
-    def spent(self) -> dict[str, float]:
-        now = {name: cpu_seconds(pid) for name, pid in self._pids().items()}
-        return {name: round(now[name] - self._start.get(name, 0.0), 2) for name in now}
+    def mark(self) -> None:
+        self._start = self.reading()
+
+    def spent(self, since: Mapping[str, float] | None = None) -> dict[str, float]:
+        start = self._start if since is None else since
+        now = self.reading()
+        return {name: round(now[name] - start.get(name, 0.0), 2) for name in now}
 
 
 def admin_client(plane: harness.ControlPlane) -> client.ApiClient:
@@ -423,9 +431,13 @@ def run_phases(
     cpu.mark()
     before = reconciles(operator)
     start = created = time.monotonic()
-    for name in names:
-        bench.create(name)
-    results["bulk_create_requests_s"] = time.monotonic() - start
+    if args.waves:
+        results["waves"] = create_in_waves(bench, names, args.waves, cpu, timeout, sample)
+        results["waves_per_100_s"] = wave_growth(results["waves"], count)
+    else:
+        for name in names:
+            bench.create(name)
+        results["bulk_create_requests_s"] = time.monotonic() - start
     wait("all children", lambda: bench.all_children(wanted), timeout, sample)
     results["bulk_children_s"] = time.monotonic() - start
     wait("all statuses", lambda: bench.all_status(wanted), timeout, sample)
@@ -477,6 +489,56 @@ def run_phases(
     return results
 
 
+def create_in_waves(
+    bench: Bench,
+    names: Sequence[str],
+    size: int,
+    cpu: Cpu,
+    timeout: float,
+    sample: Callable[[], None],
+) -> list[dict[str, Any]]:
+    """Grow the namespace `size` ModelDeployments at a time, each wave to all of its children
+    before the next starts: what 100 more cost with 0, `size`, 2 x `size`... present, measured in
+    one run, so the machine's drift between runs does not enter the comparison."""
+    waves = []
+    for first in range(0, len(names), size):
+        wave = names[first : first + size]
+        cpu_before = cpu.reading()
+        start = time.monotonic()
+        for name in wave:
+            bench.create(name)
+        wanted = functools.partial(bench.all_children, set(wave))
+        wait(f"children of wave {first}", wanted, timeout, sample)
+        spent = cpu.spent(cpu_before)
+        waves.append(
+            {
+                "present": first,
+                "count": len(wave),
+                "children_s": round(time.monotonic() - start, 3),
+                "cpu_ms_per_model_deployment": {
+                    name: round(1000 * seconds / len(wave), 1) for name, seconds in spent.items()
+                },
+            }
+        )
+    return waves
+
+
+def wave_growth(waves: Sequence[Mapping[str, Any]], count: int) -> dict[str, float]:
+    """Seconds per 100 at 200 and at `count` present, from a least-squares line through every
+    wave (one wave is noisy: a few seconds on a shared machine), and the growth between them."""
+    present = [w["present"] + w["count"] / 2 for w in waves]
+    per_100 = [100 * w["children_s"] / w["count"] for w in waves]
+    slope, intercept = statistics.linear_regression(present, per_100)
+    at_200, at_count = intercept + slope * 200, intercept + slope * count
+    return {
+        "fit_at_200": round(at_200, 3),
+        f"fit_at_{count}": round(at_count, 3),
+        "growth": round(at_count / at_200 - 1, 3),
+        "first_wave": round(per_100[0], 3),
+        "last_wave": round(per_100[-1], 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, nargs="+", default=[200])
@@ -488,6 +550,13 @@ def main(argv: list[str] | None = None) -> int:
         "--no-restart", action="store_true", help="skip the restart (code without its metrics)"
     )
     parser.add_argument("--operator-path", type=Path, help="import the operator from here")
+    parser.add_argument(
+        "--waves",
+        type=int,
+        default=0,
+        help="create the ModelDeployments this many at a time, each wave to all of its children "
+        "before the next (cost per 100 as the namespace grows, in one run); 0: all at once",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "operator.json")
     args = parser.parse_args(argv)
 

@@ -98,9 +98,12 @@ class Controller:
         loop = asyncio.get_running_loop()
         self._workers = [loop.create_task(self._work_loop()) for _ in range(self.config.workers)]
 
+    def watches(self, namespace: str) -> bool:
+        return namespace in self._informers
+
     def watch_namespace(self, namespace: str) -> None:
         """Keep the index of `namespace` from now on (once per namespace)."""
-        if namespace in self._informers:
+        if self.watches(namespace):
             return
         assert self._watch_api is not None  # set at startup, before kopf's watches start
         loop = asyncio.get_running_loop()
@@ -406,8 +409,16 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
 
     # kopf watches the ModelDeployments in the namespaces it was told to serve; the index of each
     # namespace (ModelDeployments, their children, the router slices) is kept by our informer
-    # from the first ModelDeployment seen there, and every reconcile is triggered from it.
-    @kopf.on.event(API_GROUP, API_VERSION, PLURAL, id="discover-namespaces", registry=registry)
+    # from the first ModelDeployment seen there, and every reconcile is triggered from it. The
+    # filter keeps kopf from invoking (and logging at INFO) this handler for every later event.
+    @kopf.on.event(
+        API_GROUP,
+        API_VERSION,
+        PLURAL,
+        id="discover-namespaces",
+        registry=registry,
+        when=lambda namespace, **_: not controller.watches(namespace),
+    )
     async def model_deployment_seen(*, namespace: str | None, **_: Any) -> None:
         # ModelDeployments are namespaced: kopf always passes a namespace.
         assert namespace is not None

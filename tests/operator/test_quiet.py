@@ -86,6 +86,18 @@ def test_an_unchanged_model_deployment_is_reconciled_without_a_single_write(
     assert audit.lists() == []
 
 
+def test_kopf_runs_the_namespace_discovery_once_not_for_every_event(
+    quiet: tuple[Cluster, Audit],
+) -> None:
+    cluster, _ = quiet
+    # By now iris has been created, had its status written several times and been resynced:
+    # each of those reached kopf as an event of the ModelDeployment.
+    cluster.wait_resyncs("iris", 1)
+    log = cluster.operator.log().splitlines()
+    runs = [line for line in log if "'discover-namespaces' succeeded" in line]
+    assert len(runs) == 1, runs
+
+
 def test_a_hand_edited_child_is_still_repaired_and_it_alone_is_written(
     quiet: tuple[Cluster, Audit],
 ) -> None:

@@ -26,7 +26,7 @@ Measured, per count:
   from one run (a straight line through the waves gives it at 200 and at `--count`).
 The harness itself watches (the operator's own index and informer, as the admin) instead of
 listing every object on each poll, so its cost stays linear in the objects it sees.
-Shapes: `full` is the realistic one (two variants 90/10 behind the router: 11 children, 3 of them
+Shapes: `full` is the realistic one (two variants 90/10 behind the router: 8 children, 3 of them
 Services, of which only the router's has a ClusterIP: the variants' are headless); `minimal` is one
 variant with routing `none` (a Deployment and a Service with a ClusterIP). ClusterIPs come from the
 test control plane's 10.0.0.0/16: at most about 65,000 full ModelDeployments, or 65,000 minimal

@@ -507,8 +507,8 @@ def create_in_waves(
         start = time.monotonic()
         for name in wave:
             bench.create(name)
-        wanted = functools.partial(bench.all_children, set(wave))
-        wait(f"children of wave {first}", wanted, timeout, sample)
+        wave_done = functools.partial(bench.all_children, set(wave))
+        wait(f"children of wave {first}", wave_done, timeout, sample)
         spent = cpu.spent(cpu_before)
         waves.append(
             {

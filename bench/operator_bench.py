@@ -20,7 +20,9 @@ Measured, per count:
   to its restoration (watch-driven; the resync is an hour), with all of the above present;
 - restart: the operator killed and started again; time until it has reconciled all of them
   again (its reconciles counter), and what it wrote meanwhile (nothing is the target);
-- operator memory: idle, peak and after the restart, and per ModelDeployment;
+- operator memory: idle, peak and after the restart, and per ModelDeployment (with `--pods`, each
+  Deployment also gets its pods, running as a kubelet reports them, when it is marked ready: in a
+  cluster the operator watches every variant pod);
 - with `--waves SIZE`: the bulk created SIZE at a time, each wave to all of its children before
   the next, and the seconds per 100 of each wave: the cost of 100 more as the namespace grows,
   from one run (a straight line through the waves gives it at 200 and at `--count`).
@@ -182,7 +184,12 @@ def manifest(name: str, shape: str) -> dict[str, Any]:
 
 class Bench:
     def __init__(
-        self, api: client.ApiClient, shape: str, tracker: Tracker, players: ThreadPoolExecutor
+        self,
+        api: client.ApiClient,
+        shape: str,
+        tracker: Tracker,
+        players: ThreadPoolExecutor,
+        pods: bool,
     ) -> None:
         self.api = api
         self.shape = shape
@@ -191,6 +198,7 @@ class Bench:
         self.custom = client.CustomObjectsApi(api)
         self.acked: dict[str, str] = {}
         self.players = players
+        self.pods = pods
 
     def create(self, name: str) -> None:
         self.custom.create_namespaced_custom_object(
@@ -217,6 +225,9 @@ class Bench:
 
         def mark(d: Mapping[str, Any]) -> None:
             replicas = d["spec"].get("replicas", 1)
+            if self.pods:
+                for i in range(replicas):
+                    self.run_pod(cluster, d, f"{d['metadata']['name']}-{i:05x}")
             status = {
                 "observedGeneration": d["metadata"]["generation"],
                 "replicas": replicas,
@@ -233,6 +244,27 @@ class Bench:
 
         list(self.players.map(mark, listing["items"]))
         return len(listing["items"])
+
+    def run_pod(self, cluster: Cluster, deployment: Mapping[str, Any], name: str) -> None:
+        """One pod of `deployment`, created as its ReplicaSet would and running as the kubelet
+        reports it: the operator watches every variant pod, so memory per ModelDeployment in a
+        real cluster includes them."""
+        template = deployment["spec"]["template"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": template["metadata"]["labels"]},
+            "spec": template["spec"],
+        }
+        path = f"/api/v1/namespaces/{NAMESPACE}/pods"
+        pod = cluster.request("POST", path, body)
+        assert pod is not None
+        cluster.request(
+            "PATCH",
+            f"{path}/{name}/status",
+            {"status": kubelet_status(pod)},
+            "application/merge-patch+json",
+        )
 
     def add_router_endpoints(self, cluster: Cluster, names: Sequence[str]) -> None:
         """One ready endpoint (pod `<name>-router`) behind each router Service in `names`."""
@@ -254,6 +286,66 @@ class Bench:
 
         list(self.players.map(ack, news))
         self.acked.update(news)
+
+
+def kubelet_status(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """A running pod's status as a kubelet (1.35) reports it (the real-cluster suite's pods show
+    the same fields: tests/operator/golden/variant_pod_running.json)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    spec = pod["spec"]
+    uid = pod["metadata"]["uid"]
+
+    def container(c: Mapping[str, Any], state: dict[str, Any], ready: bool) -> dict[str, Any]:
+        return {
+            "name": c["name"],
+            "image": c["image"],
+            "imageID": f"{c['image']}@sha256:{'0' * 64}",
+            "containerID": f"containerd://{uid.replace('-', '')}{c['name']}",
+            "ready": ready,
+            "started": ready,
+            "restartCount": 0,
+            "state": state,
+            "lastState": {},
+            "volumeMounts": [
+                {**m, "recursiveReadOnly": "Disabled"} if m.get("readOnly") else m
+                for m in c.get("volumeMounts", [])
+            ],
+            "resources": c.get("resources", {}),
+        }
+
+    done = {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}
+    conditions = [
+        "PodReadyToStartContainers",
+        "Initialized",
+        "Ready",
+        "ContainersReady",
+        "PodScheduled",
+    ]
+    return {
+        "observedGeneration": 1,
+        "phase": "Running",
+        "conditions": [
+            {
+                "type": t,
+                "status": "True",
+                "lastProbeTime": None,
+                "lastTransitionTime": now,
+                "observedGeneration": 1,
+            }
+            for t in conditions
+        ],
+        "hostIP": "10.1.0.1",
+        "hostIPs": [{"ip": "10.1.0.1"}],
+        "podIP": "10.2.0.2",
+        "podIPs": [{"ip": "10.2.0.2"}],
+        "startTime": now,
+        "initContainerStatuses": [
+            container(c, {"terminated": done}, True) for c in spec.get("initContainers", [])
+        ],
+        "containerStatuses": [
+            container(c, {"running": {"startedAt": now}}, True) for c in spec["containers"]
+        ],
+    }
 
 
 def wait(what: str, done: Callable[[], bool], timeout: float, sample: Callable[[], None]) -> float:
@@ -381,7 +473,7 @@ def run_count(
                         "bench": os.getpid(),
                     }
                 )
-                bench = Bench(api, args.shape, tracker, players)
+                bench = Bench(api, args.shape, tracker, players, args.pods)
                 results.update(run_phases(bench, operator, audit, cpu, count, timeout, args))
             watch_api.close()
     results["loadavg_after"] = os.getloadavg()
@@ -548,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-repair", action="store_true", help="skip the per-kind repair runs")
     parser.add_argument(
         "--no-restart", action="store_true", help="skip the restart (code without its metrics)"
+    )
+    parser.add_argument(
+        "--pods",
+        action="store_true",
+        help="give each Deployment its pods when it is marked ready (as its ReplicaSet and the "
+        "kubelet would): the operator watches the variant pods",
     )
     parser.add_argument("--operator-path", type=Path, help="import the operator from here")
     parser.add_argument(

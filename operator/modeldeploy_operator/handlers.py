@@ -256,7 +256,8 @@ class Controller:
         # status would post the same transition's event twice.
         for written in (*outcome.written.values(), outcome.status_written):
             if written is not None:
-                self.index.update(str(written.get("kind", "")), "MODIFIED", trim(written))
+                kind = str(written.get("kind", ""))
+                self.index.update(kind, "MODIFIED", trim(written, kind))
         # Remembered before the next reconcile of this key may start and look for echoes.
         self._remember(key, outcome)
         self._report(key, outcome, cause)

@@ -15,6 +15,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from modeldeploy_operator.kube import WATCHED, ApiError, KubeApi
@@ -22,6 +23,11 @@ from modeldeploy_operator.kube import WATCHED, ApiError, KubeApi
 WATCH_TIMEOUT_S = 240
 RETRY_MAX_S = 30.0
 UNSERVED_RETRY_S = 60.0
+# What is kept of a pod (trim): what pod_problems, the gate verdicts and the index read.
+POD_METADATA_KEPT = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
+POD_STATUS_KEPT = ("conditions", "initContainerStatuses", "containerStatuses")
+POD_CONDITION_KEPT = ("type", "status", "reason", "message")
+CONTAINER_STATUS_KEPT = ("name", "state", "lastState", "restartCount")
 log = logging.getLogger("modeldeploy_operator")
 
 
@@ -79,7 +85,7 @@ class NamespaceInformer:
         while not self._stopped.is_set():
             try:
                 objects, version = self._api.list_objects(
-                    api_version, plural, kind, self.namespace, selector
+                    api_version, plural, kind, self.namespace, selector, partial(trim, kind=kind)
                 )
             except ApiError as error:
                 if error.status == 404:
@@ -101,7 +107,7 @@ class NamespaceInformer:
                     ):
                         version = obj.get("metadata", {}).get("resourceVersion", version)
                         if type_ in ("ADDED", "MODIFIED", "DELETED"):
-                            self._change(kind, type_, trim(obj))
+                            self._change(kind, type_, trim(obj, kind))
             except ApiError as error:
                 # Relist: events may have been missed (410 Gone says so; a restarted API
                 # server may not say it).
@@ -115,14 +121,37 @@ class NamespaceInformer:
         self._stopped.wait(delay)
 
     def _replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
-        trimmed = [trim(o) for o in objects]
-        self._deliver(lambda: self._sink.replaced(kind, self.namespace, trimmed))
+        self._deliver(lambda: self._sink.replaced(kind, self.namespace, objects))
 
     def _change(self, kind: str, type_: str, obj: Mapping[str, Any]) -> None:
         self._deliver(lambda: self._sink.changed(kind, type_, obj))
 
 
-def trim(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """The object without its managedFields: nothing reads them and they are most of its size."""
+def trim(obj: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """What the operator keeps of a watched object: all of it but its managedFields (nothing reads
+    them and they are most of its size), and of a pod only what is read of it. Pods are the most
+    numerous objects watched (one per replica) and the largest: a spec with everything the API
+    server defaults, and a kubelet's status; a quarter of a pod is left."""
+    if kind == "Pod":
+        return {
+            "apiVersion": obj.get("apiVersion", "v1"),
+            "kind": kind,
+            "metadata": _pick(obj.get("metadata") or {}, POD_METADATA_KEPT),
+            "status": _pod_status(obj.get("status") or {}),
+        }
     meta = {k: v for k, v in obj.get("metadata", {}).items() if k != "managedFields"}
     return {**obj, "metadata": meta}
+
+
+def _pod_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    kept = _pick(status, POD_STATUS_KEPT)
+    if "conditions" in kept:
+        kept["conditions"] = [_pick(c, POD_CONDITION_KEPT) for c in kept["conditions"]]
+    for key in ("initContainerStatuses", "containerStatuses"):
+        if key in kept:
+            kept[key] = [_pick(c, CONTAINER_STATUS_KEPT) for c in kept[key]]
+    return kept
+
+
+def _pick(obj: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {k: obj[k] for k in keys if k in obj}

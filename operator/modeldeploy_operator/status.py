@@ -153,9 +153,13 @@ def compute_failed_status(
 
 
 def compute_events(previous: Mapping[str, Any] | None, status: Mapping[str, Any]) -> list[Event]:
-    """Events worth telling a human: condition changes and traffic shifts."""
+    """Events worth telling a human: condition changes and traffic shifts.
+
+    Conditions that change for one cause (a refused spec turns Ready False and Degraded True
+    with the same reason and message) make one event, not one per condition.
+    """
     before = {c["type"]: c for c in (previous or {}).get("conditions", [])}
-    events = []
+    changes: dict[tuple[str, str], list[tuple[str, bool]]] = {}
     for condition in status["conditions"]:
         old = before.get(condition["type"])
         degraded = (condition["type"], condition["status"]) == ("Degraded", "True")
@@ -166,13 +170,16 @@ def compute_events(previous: Mapping[str, Any] | None, status: Mapping[str, Any]
             old is not None and old["status"] == condition["status"]
         ):
             continue
-        events.append(
-            Event(
-                type="Warning" if bad else "Normal",
-                reason=condition["reason"],
-                message=f"{condition['type']}={condition['status']}: {condition['message']}",
-            )
+        cause = (condition["reason"], condition["message"])
+        changes.setdefault(cause, []).append((f"{condition['type']}={condition['status']}", bad))
+    events = [
+        Event(
+            type="Warning" if any(bad for _, bad in changed) else "Normal",
+            reason=reason,
+            message=f"{', '.join(what for what, _ in changed)}: {message}",
         )
+        for (reason, message), changed in changes.items()
+    ]
     old_traffic = (previous or {}).get("traffic")
     new_traffic = status.get("traffic")
     if old_traffic and new_traffic and old_traffic != new_traffic:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
 from typing import Any
 
+import orjson
+
 from modeldeploy_operator import naming
+from modeldeploy_operator.informer import trim
 from modeldeploy_operator.plan import Snapshot, plan, pods_worth_reading
 from modeldeploy_operator.pod_problems import (
     MESSAGE_LIMIT,
@@ -14,6 +20,11 @@ from modeldeploy_operator.pod_problems import (
 )
 from tests.operator.builders import model_deployment, variant
 
+# A variant pod of examples/iris.yaml as the real-cluster suite's kubelet (1.35.4) reports it
+# (`kubectl get -o json`: without managedFields, which the operator never keeps either).
+RUNNING_POD = json.loads(
+    (Path(__file__).parent / "golden" / "variant_pod_running.json").read_text()
+)
 SHA_MISMATCH = (
     "modeldeploy-server fetch: error: sha256 mismatch for /model-source/iris-v2.onnx: "
     "expected 1111, got 2222"
@@ -168,3 +179,42 @@ def test_the_plan_says_why_a_variant_does_not_roll_out() -> None:
     healthy = plan(Snapshot(md, pods=[pod("iris-v2-a")]), server_image="img", now="t")
     degraded = next(c for c in healthy.status["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "False"
+
+
+def test_the_operator_keeps_a_fifth_of_a_pod_and_all_it_reads_of_one() -> None:
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+    pulling = {"name": "server", "state": {"waiting": {"reason": "ErrImagePull", "message": "no"}}}
+    failing = []
+    for key, status in (
+        ("initContainerStatuses", fetch_failed()),
+        ("containerStatuses", pulling),
+        ("conditions", {**unschedulable, "message": "0/1 nodes are available"}),
+    ):
+        broken = copy.deepcopy(RUNNING_POD)
+        broken["status"][key] = [*broken["status"][key], status]
+        failing.append(broken)
+    deleting = copy.deepcopy(failing[0])
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-03T08:30:00Z"
+    for full in (RUNNING_POD, *failing, deleting):
+        kept = trim(full, "Pod")
+        assert "spec" not in kept
+        assert pod_problem(kept) == pod_problem(full)
+        assert variant_pod_problems([kept]) == variant_pod_problems([full])
+        for field in ("name", "uid", "resourceVersion", "labels"):  # what the index reads
+            assert kept["metadata"][field] == full["metadata"][field]
+    assert pod_problem(RUNNING_POD) == ""
+    assert [pod_problem(p).split(" ")[:2] for p in failing] == [
+        ["init", "container"],
+        ["container", "server"],
+        ["cannot", "be"],
+    ]
+    assert variant_pod_problems([trim(deleting, "Pod")]) == {}
+    assert len(orjson.dumps(trim(RUNNING_POD, "Pod"))) * 5 < len(orjson.dumps(RUNNING_POD))
+    # The other kinds lose only their managedFields: the operator compares them with what it
+    # applied.
+    deployment = {"kind": "Deployment", "metadata": {"name": "d", "managedFields": [{}]}, "x": 1}
+    assert trim(deployment, "Deployment") == {
+        "kind": "Deployment",
+        "metadata": {"name": "d"},
+        "x": 1,
+    }

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from modeldeploy_operator.gate_jobs import gate_labels
+from modeldeploy_operator.informer import trim
 from modeldeploy_operator.plan import Plan, Snapshot, plan
 from modeldeploy_operator.reconcile import observe_metrics
 from modeldeploy_operator.rollout import VariantMetrics
@@ -244,6 +245,9 @@ def test_a_gated_candidate_gets_no_weight_until_its_gate_passed_for_its_digest()
         assert step(spec, gating.status, at(10), gate_pods=(pod,)).status == gating.status
     passed = step(spec, gating.status, at(20), gate_pods=(gate_pod(SHA_V2, 0, PASSED),))
     assert routed_weights(passed.apply) == {"v1": 90, "v2": 10}
+    # The verdict is in what the operator keeps of a watched pod.
+    kept = trim(gate_pod(SHA_V2, 0, PASSED), "Pod")
+    assert step(spec, gating.status, at(20), gate_pods=(kept,)).status == passed.status
     failed = step(spec, gating.status, at(20), gate_pods=(gate_pod(SHA_V2, 1, FAILED),))
     assert failed.status["rollout"]["phase"] == "RolledBack"
     assert "98/150 rows agree" in failed.status["rollout"]["message"]

@@ -280,10 +280,14 @@ def test_events_on_transitions_only() -> None:
         ("Normal", "RolloutComplete"),
         ("Normal", "TrafficShifted"),
     ]
+    # One cause, one event: the conditions it turned are named together.
     failed = compute_failed_status(2, "InvalidSpec", "bad", previous=full, now=T1)
-    assert [(e.type, e.reason) for e in compute_events(full, failed)] == [
-        ("Warning", "InvalidSpec"),
-        ("Warning", "InvalidSpec"),
+    assert compute_events(full, failed) == [
+        Event("Warning", "InvalidSpec", "Ready=False, Degraded=True: bad")
+    ]
+    failed_midway = compute_failed_status(2, "InvalidSpec", "bad", previous=half, now=T1)
+    assert compute_events(half, failed_midway) == [
+        Event("Warning", "InvalidSpec", "Progressing=False, Degraded=True: bad")
     ]
 
 

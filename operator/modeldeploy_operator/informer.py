@@ -131,7 +131,7 @@ def trim(obj: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """What the operator keeps of a watched object: all of it but its managedFields (nothing reads
     them and they are most of its size), and of a pod only what is read of it. Pods are the most
     numerous objects watched (one per replica) and the largest: a spec with everything the API
-    server defaults, and a kubelet's status; a quarter of a pod is left."""
+    server defaults, and a kubelet's status; a fifth of a pod is left."""
     if kind == "Pod":
         return {
             "apiVersion": obj.get("apiVersion", "v1"),

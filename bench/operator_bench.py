@@ -295,14 +295,14 @@ def kubelet_status(pod: Mapping[str, Any]) -> dict[str, Any]:
     spec = pod["spec"]
     uid = pod["metadata"]["uid"]
 
-    def container(c: Mapping[str, Any], state: dict[str, Any], ready: bool) -> dict[str, Any]:
+    def container(c: Mapping[str, Any], state: dict[str, Any], started: bool) -> dict[str, Any]:
         return {
             "name": c["name"],
             "image": c["image"],
             "imageID": f"{c['image']}@sha256:{'0' * 64}",
             "containerID": f"containerd://{uid.replace('-', '')}{c['name']}",
-            "ready": ready,
-            "started": ready,
+            "ready": True,
+            "started": started,  # a finished init container is ready and no longer started
             "restartCount": 0,
             "state": state,
             "lastState": {},
@@ -340,7 +340,7 @@ def kubelet_status(pod: Mapping[str, Any]) -> dict[str, Any]:
         "podIPs": [{"ip": "10.2.0.2"}],
         "startTime": now,
         "initContainerStatuses": [
-            container(c, {"terminated": done}, True) for c in spec.get("initContainers", [])
+            container(c, {"terminated": done}, False) for c in spec.get("initContainers", [])
         ],
         "containerStatuses": [
             container(c, {"running": {"startedAt": now}}, True) for c in spec["containers"]

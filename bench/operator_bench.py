@@ -226,8 +226,11 @@ class Bench:
         def mark(d: Mapping[str, Any]) -> None:
             replicas = d["spec"].get("replicas", 1)
             if self.pods:
+                # As its ReplicaSet and the kubelet would: the operator watches every variant pod.
+                template = d["spec"]["template"]
                 for i in range(replicas):
-                    self.run_pod(cluster, d, f"{d['metadata']['name']}-{i:05x}")
+                    name = f"{d['metadata']['name']}-{i:05x}"
+                    cluster.run_pod(name, template, kubelet_status(template["spec"], name))
             status = {
                 "observedGeneration": d["metadata"]["generation"],
                 "replicas": replicas,
@@ -244,27 +247,6 @@ class Bench:
 
         list(self.players.map(mark, listing["items"]))
         return len(listing["items"])
-
-    def run_pod(self, cluster: Cluster, deployment: Mapping[str, Any], name: str) -> None:
-        """One pod of `deployment`, created as its ReplicaSet would and running as the kubelet
-        reports it: the operator watches every variant pod, so memory per ModelDeployment in a
-        real cluster includes them."""
-        template = deployment["spec"]["template"]
-        body = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name, "labels": template["metadata"]["labels"]},
-            "spec": template["spec"],
-        }
-        path = f"/api/v1/namespaces/{NAMESPACE}/pods"
-        pod = cluster.request("POST", path, body)
-        assert pod is not None
-        cluster.request(
-            "PATCH",
-            f"{path}/{name}/status",
-            {"status": kubelet_status(pod)},
-            "application/merge-patch+json",
-        )
 
     def add_router_endpoints(self, cluster: Cluster, names: Sequence[str]) -> None:
         """One ready endpoint (pod `<name>-router`) behind each router Service in `names`."""
@@ -288,19 +270,17 @@ class Bench:
         self.acked.update(news)
 
 
-def kubelet_status(pod: Mapping[str, Any]) -> dict[str, Any]:
+def kubelet_status(spec: Mapping[str, Any], pod_name: str) -> dict[str, Any]:
     """A running pod's status as a kubelet (1.35) reports it (the real-cluster suite's pods show
     the same fields: tests/operator/golden/variant_pod_running.json)."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    spec = pod["spec"]
-    uid = pod["metadata"]["uid"]
 
     def container(c: Mapping[str, Any], state: dict[str, Any], started: bool) -> dict[str, Any]:
         return {
             "name": c["name"],
             "image": c["image"],
             "imageID": f"{c['image']}@sha256:{'0' * 64}",
-            "containerID": f"containerd://{uid.replace('-', '')}{c['name']}",
+            "containerID": f"containerd://{pod_name}-{c['name']}",
             "ready": True,
             "started": started,  # a finished init container is ready and no longer started
             "restartCount": 0,

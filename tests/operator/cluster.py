@@ -223,6 +223,31 @@ class Cluster:
             _content_type="application/merge-patch+json",
         )
 
+    def run_pod(
+        self,
+        name: str,
+        template: Mapping[str, Any],
+        status: Mapping[str, Any],
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Play the controller that owns `template` and the kubelet (the test control plane runs
+        neither): pod `name` from the template (its labels, and `labels`), then its status as the
+        kubelet reports it."""
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "labels": {**template["metadata"]["labels"], **(labels or {})},
+            },
+            "spec": template["spec"],
+        }
+        pods = f"/api/v1/namespaces/{self.namespace}/pods"
+        self.request("POST", pods, pod)
+        self.request(
+            "PATCH", f"{pods}/{name}/status", {"status": status}, "application/merge-patch+json"
+        )
+
     def set_router_endpoints(
         self, md_name: str, pods: dict[str, bool], service: Mapping[str, Any] | None = None
     ) -> None:

@@ -197,14 +197,6 @@ def test_a_failing_variant_pod_is_named_in_degraded_and_cleared_when_it_goes(
     cluster = watched
     cluster.create(iris())
     deployment = cluster.wait_child("Deployment", "iris-v2")
-    template = deployment["spec"]["template"]
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "iris-v2-abc12", "labels": template["metadata"]["labels"]},
-        "spec": template["spec"],
-    }
-    cluster.request("POST", f"/api/v1/namespaces/{cluster.namespace}/pods", pod)
     mismatch = "modeldeploy-server fetch: sha256 mismatch for /m/iris.onnx: expected 11, got 22"
     init_status = {
         "name": "fetch-model",
@@ -212,12 +204,8 @@ def test_a_failing_variant_pod_is_named_in_degraded_and_cleared_when_it_goes(
         "state": {"waiting": {"reason": "CrashLoopBackOff"}},
         "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": mismatch}},
     }
-    cluster.request(
-        "PATCH",
-        f"/api/v1/namespaces/{cluster.namespace}/pods/iris-v2-abc12/status",
-        {"status": {"initContainerStatuses": [init_status]}},
-        "application/merge-patch+json",
-    )
+    status = {"initContainerStatuses": [init_status]}
+    cluster.run_pod("iris-v2-abc12", deployment["spec"]["template"], status)
     status = cluster.wait_status(
         "iris",
         "Degraded naming the refused model",

@@ -512,23 +512,12 @@ def test_the_operator_killed_mid_rollout_resumes_at_the_same_step(
 
 def play_gate_pod(cluster: Cluster, job_name: str, loopback: Loopback, tmp_path: Path) -> int:
     """Play the Job controller and the kubelet for the gate Job (the test control plane runs
-    neither): create its pod from the Job's template, run the container's command here (the
-    variant Services' URLs being the loopback servers), and report the exit code and the
-    termination message in the pod's status, as the kubelet would."""
+    neither): run the container's command here (the variant Services' URLs being the loopback
+    servers), then create its pod from the Job's template with the exit code and the
+    termination message in its status, as the kubelet would report them."""
     job = cluster.child("Job", job_name)
     assert job is not None
     template = job["spec"]["template"]
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": f"{job_name}-0",
-            "labels": {**template["metadata"]["labels"], "job-name": job_name},
-        },
-        "spec": template["spec"],
-    }
-    pods = f"/api/v1/namespaces/{cluster.namespace}/pods"
-    cluster.request("POST", pods, pod)
     (container,) = template["spec"]["containers"]
     services = {
         naming.variant_service_url("iris", v, cluster.namespace): url
@@ -556,9 +545,7 @@ def play_gate_pod(cluster: Cluster, job_name: str, loopback: Loopback, tmp_path:
             }
         ],
     }
-    cluster.request(
-        "PATCH", f"{pods}/{job_name}-0/status", {"status": status}, "application/merge-patch+json"
-    )
+    cluster.run_pod(f"{job_name}-0", template, status, labels={"job-name": job_name})
     return code
 
 
